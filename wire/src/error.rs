@@ -1,0 +1,95 @@
+//! Errors of the codec and the wire error codes every subsystem maps to.
+
+use thiserror::Error;
+
+/// Why a batch was refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BatchError {
+    #[error("batch truncated: need {needed} bytes, have {have}")]
+    Truncated { needed: usize, have: usize },
+    #[error("unknown batch format magic {0}")]
+    BadMagic(u8),
+    #[error("invalid batch length {0}")]
+    BadLength(u32),
+    #[error("batch of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("batch has no records")]
+    Empty,
+    #[error("unsupported batch attributes {0:#x}")]
+    UnsupportedAttributes(u16),
+    #[error("batch CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    BadCrc { stored: u32, computed: u32 },
+    #[error("malformed record: {0}")]
+    BadRecord(&'static str),
+}
+
+/// Error codes carried in responses. Stable numbers: they are part of the
+/// protocol contract (`wire/PROTOCOL.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    None = 0,
+    Unknown = 1,
+    MalformedRequest = 2,
+    UnsupportedApi = 3,
+    UnsupportedVersion = 4,
+    FrameTooLarge = 5,
+    InvalidTopicName = 10,
+    UnknownTopic = 11,
+    UnknownPartition = 12,
+    TopicExists = 13,
+    InvalidConfig = 14,
+    CorruptBatch = 20,
+    BatchTooLarge = 21,
+    OffsetOutOfRange = 22,
+    OutOfOrderSequence = 23,
+    InvalidOffset = 24,
+    StorageError = 30,
+    ShuttingDown = 31,
+    NotOwner = 32,
+    Timeout = 33,
+    ResourceLimit = 34,
+}
+
+impl ErrorCode {
+    pub fn from_u16(v: u16) -> ErrorCode {
+        use ErrorCode::*;
+        match v {
+            0 => None,
+            2 => MalformedRequest,
+            3 => UnsupportedApi,
+            4 => UnsupportedVersion,
+            5 => FrameTooLarge,
+            10 => InvalidTopicName,
+            11 => UnknownTopic,
+            12 => UnknownPartition,
+            13 => TopicExists,
+            14 => InvalidConfig,
+            20 => CorruptBatch,
+            21 => BatchTooLarge,
+            22 => OffsetOutOfRange,
+            23 => OutOfOrderSequence,
+            24 => InvalidOffset,
+            30 => StorageError,
+            31 => ShuttingDown,
+            32 => NotOwner,
+            33 => Timeout,
+            34 => ResourceLimit,
+            _ => Unknown,
+        }
+    }
+
+    /// Whether a client may retry the same request and expect success.
+    pub fn is_retriable(self) -> bool {
+        matches!(self, ErrorCode::ShuttingDown | ErrorCode::NotOwner | ErrorCode::Timeout | ErrorCode::StorageError)
+    }
+}
+
+impl BatchError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BatchError::TooLarge { .. } => ErrorCode::BatchTooLarge,
+            _ => ErrorCode::CorruptBatch,
+        }
+    }
+}
