@@ -1,1 +1,35 @@
-//! shard
+//! `shoal-shard`: what one core owns on disk.
+//!
+//! Each partition is a [`PartitionLog`]: a directory of segments
+//! (`<base offset>.log`, `.index`, `.timeindex`) plus a recovery checkpoint.
+//! Everything here runs on the owning shard's glommio executor and is
+//! single-threaded on purpose (`Rc`, `RefCell`): cores never share a log.
+//!
+//! # Tour
+//! - [`log`]: append (direct I/O, group commit), read (whole batches as a
+//!   file range for sendfile or an mmap view), roll, retention, recovery.
+//! - [`segment`]: one segment's read side: file, mapping, indexes.
+//! - [`index`]: sparse offset and time indexes (in memory for the active
+//!   segment, memory-mapped files for closed ones).
+//! - [`checkpoint`]: the recovery point that bounds a restart's work.
+//! - [`producers`]: idempotent-producer state (no duplicate on retry).
+//! - [`config`]: [`LogConfig`] and the [`SyncMode`]s with their guarantees.
+//! - [`limits`]: every bound, with compile-time checks of their relations.
+//!
+//! The batch format itself lives in `shoal-wire` (`wire/FORMAT.md`): the
+//! bytes on disk are the bytes on the wire.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod index;
+pub mod limits;
+pub mod log;
+pub mod notify;
+pub mod producers;
+pub mod segment;
+
+pub use config::{LogConfig, SyncMode};
+pub use error::{Error, Result};
+pub use log::{Appended, PartitionLog, ReadSlice};
+pub use notify::Notify;

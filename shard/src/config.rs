@@ -1,0 +1,132 @@
+//! Per-partition log configuration and the sync modes (S3).
+
+use crate::limits::*;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// When appended data reaches stable storage.
+///
+/// What a returned [`crate::PartitionLog::append_acked`] guarantees:
+/// - `Always`: the batch is on stable storage (fdatasync done). Survives a
+///   power cut. Concurrent appends share one fdatasync (group commit).
+/// - `Interval(d)`: the batch is in the file (survives a crash of the
+///   process, visible to readers); a background fdatasync runs every `d`,
+///   so a power cut loses at most about `d` of acknowledged data.
+/// - `None`: the batch is in the file; the kernel decides when it reaches
+///   the disk (a power cut can lose anything not yet written back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    Always,
+    Interval(Duration),
+    None,
+}
+
+impl fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SyncMode::Always => write!(f, "always"),
+            SyncMode::Interval(d) => write!(f, "interval:{}", d.as_millis()),
+            SyncMode::None => write!(f, "none"),
+        }
+    }
+}
+
+impl FromStr for SyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SyncMode, String> {
+        match s {
+            "always" => Ok(SyncMode::Always),
+            "none" => Ok(SyncMode::None),
+            _ => {
+                let ms = s
+                    .strip_prefix("interval:")
+                    .ok_or_else(|| format!("invalid sync mode {s:?}: expected always, none or interval:<ms>"))?;
+                let ms: u64 = ms
+                    .parse()
+                    .map_err(|_| format!("invalid sync interval {ms:?}: expected milliseconds"))?;
+                if ms == 0 || ms > 3_600_000 {
+                    return Err(format!("sync interval {ms} ms out of range 1..=3600000"));
+                }
+                Ok(SyncMode::Interval(Duration::from_millis(ms)))
+            }
+        }
+    }
+}
+
+/// Configuration of one partition log.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub sync: SyncMode,
+    /// Roll the active segment when it would grow beyond this.
+    pub segment_bytes: u64,
+    /// Roll the active segment when it is older than this (and not empty).
+    pub segment_age: Duration,
+    /// Delete closed segments whose newest record is older than this.
+    pub retention_age: Option<Duration>,
+    /// Delete the oldest closed segments while the log is larger than this.
+    pub retention_bytes: Option<u64>,
+    /// Largest batch accepted.
+    pub batch_bytes_max: usize,
+    /// Buffered bytes before appenders wait for the writer.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            sync: SyncMode::Interval(Duration::from_millis(100)),
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+            segment_age: Duration::from_secs(7 * 24 * 3600),
+            retention_age: Some(Duration::from_millis(RETENTION_AGE_DEFAULT_MS)),
+            retention_bytes: None,
+            batch_bytes_max: BATCH_BYTES_MAX_DEFAULT,
+            write_buffer_bytes: WRITE_BUFFER_BYTES_DEFAULT,
+        }
+    }
+}
+
+impl LogConfig {
+    /// Checks the relations between the bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch_bytes_max < wire_header() {
+            return Err("batch_bytes_max is smaller than a batch header".into());
+        }
+        if self.segment_bytes < DIRECT_IO_ALIGN {
+            return Err(format!("segment_bytes must be at least {DIRECT_IO_ALIGN}"));
+        }
+        if self.segment_bytes + self.batch_bytes_max as u64 > SEGMENT_BYTES_LIMIT {
+            return Err(format!(
+                "segment_bytes + batch_bytes_max must not exceed {SEGMENT_BYTES_LIMIT}"
+            ));
+        }
+        if self.write_buffer_bytes < 2 * self.batch_bytes_max + CHUNK_BYTES {
+            return Err("write_buffer_bytes must hold two maximal batches and a chunk".into());
+        }
+        Ok(())
+    }
+}
+
+fn wire_header() -> usize {
+    shoal_wire::BATCH_HEADER_BYTES
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn sync_mode_parses_and_prints() {
+        for s in ["always", "none", "interval:250"] {
+            assert_eq!(s.parse::<SyncMode>().unwrap().to_string(), s);
+        }
+        assert!("interval:".parse::<SyncMode>().is_err());
+        assert!("interval:0".parse::<SyncMode>().is_err());
+        assert!("sometimes".parse::<SyncMode>().is_err());
+    }
+    #[test]
+    fn default_config_is_valid() {
+        LogConfig::default().validate().unwrap();
+        let c = LogConfig { segment_bytes: u64::from(u32::MAX), ..LogConfig::default() };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,31 @@
+//! Every bound the storage engine works within, in one place.
+
+/// O_DIRECT alignment of file positions, lengths and buffers.
+pub const DIRECT_IO_ALIGN: u64 = 4096;
+/// Size of one DMA write buffer; a flush writes a run of them concurrently.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+/// Default bytes an append may leave buffered before appenders wait for
+/// the writer (the bound on a partition's write memory).
+pub const WRITE_BUFFER_BYTES_DEFAULT: usize = 16 * 1024 * 1024;
+/// Default largest batch accepted.
+pub const BATCH_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
+/// Default segment size before a roll.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 1024 * 1024 * 1024;
+/// Index positions are `u32`: a segment (plus one batch) must fit.
+pub const SEGMENT_BYTES_LIMIT: u64 = u32::MAX as u64;
+/// A sparse index entry every this many bytes of log.
+pub const INDEX_INTERVAL_BYTES: u64 = 4096;
+/// A recovery point is checkpointed after this many new bytes, bounding
+/// the bytes a crash recovery has to scan.
+pub const RECOVERY_CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+/// Producer ids remembered per partition for idempotence.
+pub const PRODUCERS_MAX: usize = 4096;
+/// Recent batches remembered per producer to answer retries.
+pub const PRODUCER_BATCHES_KEPT: usize = 5;
+/// Default retention by age: 30 days (seed 001).
+pub const RETENTION_AGE_DEFAULT_MS: u64 = 30 * 24 * 3600 * 1000;
+
+const _: () = assert!(CHUNK_BYTES as u64 % DIRECT_IO_ALIGN == 0);
+const _: () = assert!(WRITE_BUFFER_BYTES_DEFAULT >= 2 * BATCH_BYTES_MAX_DEFAULT);
+const _: () = assert!(SEGMENT_BYTES_DEFAULT + BATCH_BYTES_MAX_DEFAULT as u64 <= SEGMENT_BYTES_LIMIT);
+const _: () = assert!(INDEX_INTERVAL_BYTES >= DIRECT_IO_ALIGN);
