@@ -4,6 +4,8 @@
 pub const DIRECT_IO_ALIGN: u64 = 4096;
 /// Size of one DMA write buffer; a flush writes a run of them concurrently.
 pub const CHUNK_BYTES: usize = 256 * 1024;
+/// Write rounds a partition keeps in flight (pipelining the disk).
+pub const ROUNDS_IN_FLIGHT_MAX: usize = 4;
 /// Default bytes an append may leave buffered before appenders wait for
 /// the writer (the bound on a partition's write memory).
 pub const WRITE_BUFFER_BYTES_DEFAULT: usize = 16 * 1024 * 1024;

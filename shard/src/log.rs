@@ -8,8 +8,11 @@
 //! O_DIRECT at their file positions (the last one zero-padded to the block),
 //! then, if the round must be durable, one `fdatasync` covers every batch in
 //! it (group commit). The partially filled last block is copied to the front
-//! of the next round, which rewrites that block with the same leading bytes;
-//! rounds never overlap, so those rewrites cannot reorder.
+//! of the next round, which rewrites that block with the same leading bytes.
+//! Up to `ROUNDS_IN_FLIGHT_MAX` rounds are in flight; a round's first chunk
+//! (the only one overlapping its predecessor) is submitted only after every
+//! earlier round's writes completed, so overlapping writes never reorder and
+//! rounds complete in order.
 //!
 //! # Visibility
 //! Readers see a segment up to `Segment::len`, which only ever covers whole
@@ -25,7 +28,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::{LogConfig, SyncMode};
 use crate::error::{Error, Result};
 use crate::index::{IndexBytes, SegmentIndex};
-use crate::limits::{CHUNK_BYTES, DIRECT_IO_ALIGN, RECOVERY_CHECKPOINT_BYTES};
+use crate::limits::{CHUNK_BYTES, DIRECT_IO_ALIGN, RECOVERY_CHECKPOINT_BYTES, ROUNDS_IN_FLIGHT_MAX};
 use crate::notify::Notify;
 use crate::producers::ProducerTable;
 use crate::segment::{self, Segment};
@@ -143,6 +146,12 @@ struct State {
     poisoned: Option<String>,
     producers: ProducerTable,
     ckpt_pos: u64,
+    ckpt_running: bool,
+    /// Sequence number the next round gets.
+    round_seq: u64,
+    /// Rounds whose writes have all completed (they complete in order).
+    rounds_written: u64,
+    rounds_in_flight: usize,
 }
 
 struct Inner {
@@ -185,6 +194,18 @@ async fn dma_probe(dir: &Path) -> std::io::Result<()> {
     let _ = f.read_at_aligned(0, DIRECT_IO_ALIGN as usize).await?;
     f.close().await?;
     Ok(())
+}
+
+/// Reserves the active segment's blocks and sets its length to the full
+/// capacity. Appends then never extend the file: an extending O_DIRECT
+/// write takes the inode lock exclusively (ext4) and serialises the writes
+/// a round keeps in flight. The length past the log end reads as zeros,
+/// which recovery stops at; roll and close truncate to the exact end.
+/// Best effort: where fallocate is unsupported the file grows as written.
+async fn preallocate(dma: &DmaFile, bytes: u64) {
+    if let Err(e) = dma.pre_allocate(bytes, false).await {
+        tracing::debug!(error = %e, "segment preallocation unavailable");
+    }
 }
 
 fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
@@ -374,6 +395,7 @@ impl PartitionLog {
         *active.index.borrow_mut() = idx;
         active.set_visible(end, next_offset);
         let dma = Rc::new(OpenOptions::new().read(true).write(true).dma_open(&path).await?);
+        preallocate(&dma, capacity).await;
         let mut pending = Pending {
             chunks: Vec::new(),
             file_pos: align_down(end),
@@ -410,6 +432,10 @@ impl PartitionLog {
                 poisoned: None,
                 producers,
                 ckpt_pos: end,
+                ckpt_running: false,
+                round_seq: 0,
+                rounds_written: 0,
+                rounds_in_flight: 0,
             }),
             config,
             progress: Notify::default(),
@@ -730,10 +756,11 @@ impl PartitionLog {
 
         let path = segment::log_path(&inner.dir, next_offset);
         let new_dma = Rc::new(OpenOptions::new().read(true).write(true).create(true).dma_open(&path).await?);
+        let capacity = align_up(inner.config.segment_bytes + inner.config.batch_bytes_max as u64);
+        preallocate(&new_dma, capacity).await;
         let d = glommio::io::Directory::open(&inner.dir).await?;
         d.sync().await?;
         d.close().await?;
-        let capacity = align_up(inner.config.segment_bytes + inner.config.batch_bytes_max as u64);
         let seg = Rc::new(Segment::open(path, next_offset, capacity)?);
         seg.set_visible(0, next_offset);
         let producers = inner.st.borrow().producers.clone();
@@ -901,6 +928,18 @@ fn take_round(st: &mut State) -> Option<Round> {
         return None;
     }
     st.sync_requested = false;
+    if !st.pending.has_new_bytes() {
+        // Sync only: rewriting the tail block would gain nothing.
+        return Some(Round {
+            chunks: Vec::new(),
+            file_pos: st.pending.file_pos,
+            len: st.pending.prefix,
+            next_offset: st.pending.next_offset,
+            sync,
+            dma: st.dma.clone(),
+            segment: st.active.clone(),
+        });
+    }
     let p = &mut st.pending;
     let len = p.len;
     let file_pos = p.file_pos;
@@ -931,20 +970,39 @@ fn take_round(st: &mut State) -> Option<Round> {
     })
 }
 
-async fn run_round(round: Round, always: bool) -> std::io::Result<bool> {
-    let Round { chunks, file_pos, len, sync, dma, .. } = round;
+/// Waits until every round before `seq` has completed its writes.
+async fn wait_predecessors(inner: &Inner, seq: u64) -> std::io::Result<()> {
+    loop {
+        let changed = inner.progress.changed();
+        {
+            let st = inner.st.borrow();
+            if st.rounds_written >= seq {
+                return Ok(());
+            }
+            if let Some(why) = &st.poisoned {
+                return Err(std::io::Error::other(why.clone()));
+            }
+        }
+        changed.await;
+    }
+}
+
+/// Writes one round. Its first chunk rewrites the previous round's tail
+/// block, so it is submitted only after every earlier round's writes are
+/// done; the other chunks go at once. Rounds therefore complete in order.
+async fn write_round(inner: &Inner, chunks: Vec<DmaBuffer>, file_pos: u64, len: usize, dma: &Rc<DmaFile>, seq: u64) -> std::io::Result<()> {
     let mut writes = Vec::with_capacity(chunks.len());
     for (i, mut chunk) in chunks.into_iter().enumerate() {
         let valid = (len - i * CHUNK_BYTES).min(CHUNK_BYTES);
-        if valid == 0 {
-            continue;
-        }
         let aligned = align_up(valid as u64) as usize;
         chunk.as_bytes_mut()[valid..aligned].fill(0);
         chunk.trim_to_size(aligned);
         let pos = file_pos + (i * CHUNK_BYTES) as u64;
         let dma = dma.clone();
         writes.push(async move {
+            if i == 0 {
+                wait_predecessors(inner, seq).await?;
+            }
             let n = dma.write_at(chunk, pos).await?;
             if n != aligned {
                 return Err(std::io::Error::new(
@@ -958,66 +1016,90 @@ async fn run_round(round: Round, always: bool) -> std::io::Result<bool> {
     for r in futures::future::join_all(writes).await {
         r?;
     }
-    let do_sync = sync || always;
-    if do_sync {
-        dma.fdatasync().await?;
+    wait_predecessors(inner, seq).await
+}
+
+async fn round_task(inner: Rc<Inner>, round: Round, seq: u64) {
+    let always = inner.config.sync == SyncMode::Always;
+    let Round { chunks, file_pos, len, next_offset: next, sync, dma, segment } = round;
+    let end = file_pos + len as u64;
+    let mut result = write_round(&inner, chunks, file_pos, len, &dma, seq).await;
+    if result.is_ok() {
+        {
+            let mut st = inner.st.borrow_mut();
+            debug_assert_eq!(st.rounds_written, seq, "rounds complete in order");
+            st.rounds_written = seq + 1;
+            segment.set_visible(end.max(segment.len()), next.max(segment.next_offset()));
+            st.written_next = st.written_next.max(next);
+        }
+        inner.progress.notify_all();
+        inner.space.notify_all();
+        if sync || always {
+            result = dma.fdatasync().await.map_err(Into::into);
+            if result.is_ok() {
+                let mut st = inner.st.borrow_mut();
+                st.durable_next = st.durable_next.max(next);
+            }
+        }
     }
-    Ok(do_sync)
+    match result {
+        Ok(()) => {
+            let ckpt_due = {
+                let mut st = inner.st.borrow_mut();
+                let due = !st.ckpt_running
+                    && Rc::ptr_eq(&st.active, &segment)
+                    && end >= st.ckpt_pos + RECOVERY_CHECKPOINT_BYTES;
+                st.ckpt_running |= due;
+                due
+            };
+            if ckpt_due {
+                if let Err(e) = write_recovery_point(&inner, &segment, end, next).await {
+                    tracing::warn!(error = %e, "recovery checkpoint failed; a crash recovery will scan more");
+                }
+                inner.st.borrow_mut().ckpt_running = false;
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, dir = %inner.dir.display(), "log write failed; refusing further appends");
+            inner.st.borrow_mut().poisoned.get_or_insert_with(|| e.to_string());
+        }
+    }
+    inner.st.borrow_mut().rounds_in_flight -= 1;
+    inner.progress.notify_all();
+    inner.space.notify_all();
+    inner.wake_writer.notify_all();
 }
 
 async fn writer_loop(inner: Rc<Inner>) {
-    let always = inner.config.sync == SyncMode::Always;
     loop {
         let wake = inner.wake_writer.changed();
         let round = {
             let mut st = inner.st.borrow_mut();
-            if st.poisoned.is_some() {
+            if st.poisoned.is_some() || st.rounds_in_flight >= ROUNDS_IN_FLIGHT_MAX {
                 None
             } else {
-                take_round(&mut st)
+                take_round(&mut st).map(|r| {
+                    let seq = st.round_seq;
+                    st.round_seq += 1;
+                    st.rounds_in_flight += 1;
+                    (r, seq)
+                })
             }
         };
-        let Some(round) = round else {
-            let st = inner.st.borrow();
-            if st.closing || st.poisoned.is_some() {
+        if let Some((round, seq)) = round {
+            glommio::spawn_local(round_task(inner.clone(), round, seq)).detach();
+            continue;
+        }
+        {
+            let mut st = inner.st.borrow_mut();
+            if (st.closing || st.poisoned.is_some()) && st.rounds_in_flight == 0 {
+                st.writer_done = true;
                 drop(st);
-                inner.st.borrow_mut().writer_done = true;
                 inner.progress.notify_all();
                 return;
             }
-            drop(st);
-            wake.await;
-            continue;
-        };
-        let segment = round.segment.clone();
-        let end = round.file_pos + round.len as u64;
-        let next = round.next_offset;
-        match run_round(round, always).await {
-            Ok(synced) => {
-                segment.set_visible(end.max(segment.len()), next.max(segment.next_offset()));
-                let ckpt_due = {
-                    let mut st = inner.st.borrow_mut();
-                    st.written_next = st.written_next.max(next);
-                    if synced {
-                        st.durable_next = st.durable_next.max(next);
-                    }
-                    Rc::ptr_eq(&st.active, &segment) && end >= st.ckpt_pos + RECOVERY_CHECKPOINT_BYTES
-                };
-                inner.progress.notify_all();
-                inner.space.notify_all();
-                if ckpt_due {
-                    if let Err(e) = write_recovery_point(&inner, &segment, end, next, synced).await {
-                        tracing::warn!(error = %e, "recovery checkpoint failed; a crash recovery will scan more");
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, dir = %inner.dir.display(), "log write failed; refusing further appends");
-                inner.st.borrow_mut().poisoned = Some(e.to_string());
-                inner.progress.notify_all();
-                inner.space.notify_all();
-            }
         }
+        wake.await;
     }
 }
 
@@ -1028,11 +1110,13 @@ async fn write_recovery_point(
     segment: &Rc<Segment>,
     end: u64,
     next: u64,
-    synced: bool,
 ) -> std::io::Result<()> {
     let dma = inner.st.borrow().dma.clone();
-    if !synced {
-        dma.fdatasync().await?;
+    if !Rc::ptr_eq(&inner.st.borrow().active, segment) {
+        return Ok(());
+    }
+    dma.fdatasync().await?;
+    {
         let mut st = inner.st.borrow_mut();
         st.durable_next = st.durable_next.max(next);
     }
