@@ -14,7 +14,11 @@ mod storage;
 static GLOBAL: MiMalloc = MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "shoal-perf", version, about = "Shoal benchmark harness: throughput and latency percentiles")]
+#[command(
+    name = "shoal-perf",
+    version,
+    about = "Shoal benchmark harness: throughput and latency percentiles"
+)]
 struct Cli {
     #[command(subcommand)]
     mode: Mode,

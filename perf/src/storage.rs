@@ -89,7 +89,11 @@ struct StorageReport {
 fn make_batch(batch_bytes: usize, record_bytes: usize) -> Vec<u8> {
     let value = vec![0xa5u8; record_bytes];
     let mut b = BatchBuilder::with_capacity(batch_bytes);
-    let rec = NewRecord { value: Some(&value), timestamp_ms: now_ms(), ..Default::default() };
+    let rec = NewRecord {
+        value: Some(&value),
+        timestamp_ms: now_ms(),
+        ..Default::default()
+    };
     loop {
         b.push(&rec).expect("record fits");
         if b.len() + rec.encoded_len() > batch_bytes {
@@ -138,16 +142,24 @@ fn run_on<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
 
 pub fn run(a: StorageArgs) -> Result<(), String> {
     if a.dir.exists() {
-        std::fs::remove_dir_all(&a.dir).map_err(|e| format!("cannot clear {}: {e}", a.dir.display()))?;
+        std::fs::remove_dir_all(&a.dir)
+            .map_err(|e| format!("cannot clear {}: {e}", a.dir.display()))?;
     }
-    std::fs::create_dir_all(&a.dir).map_err(|e| format!("cannot create {}: {e}", a.dir.display()))?;
+    std::fs::create_dir_all(&a.dir)
+        .map_err(|e| format!("cannot create {}: {e}", a.dir.display()))?;
     let batch = make_batch(a.batch_bytes, a.record_bytes);
-    let records = shoal_wire::BatchHeader::decode(&batch).map_err(|e| e.to_string())?.record_count;
+    let records = shoal_wire::BatchHeader::decode(&batch)
+        .map_err(|e| e.to_string())?
+        .record_count;
     let cfg = log_config(a.sync, a.segment_bytes, a.batch_bytes);
     let total_batches = a.bytes.div_ceil(batch.len() as u64);
     let (dir, appenders) = (a.dir.clone(), a.appenders.max(1));
     let (hist, secs) = run_on(a.core, move || async move {
-        let log = Rc::new(PartitionLog::open(&dir, cfg).await.map_err(|e| e.to_string())?);
+        let log = Rc::new(
+            PartitionLog::open(&dir, cfg)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
         let hist = Rc::new(RefCell::new(histogram()));
         let left = Rc::new(std::cell::Cell::new(total_batches));
         let batch = Rc::new(batch);
@@ -160,7 +172,9 @@ pub fn run(a: StorageArgs) -> Result<(), String> {
                     left.set(left.get() - 1);
                     let s = Instant::now();
                     log.append_acked(&batch).await.map_err(|e| e.to_string())?;
-                    let _ = hist.borrow_mut().record(s.elapsed().as_micros().max(1) as u64);
+                    let _ = hist
+                        .borrow_mut()
+                        .record(s.elapsed().as_micros().max(1) as u64);
                 }
                 Ok::<(), String>(())
             }));
@@ -169,7 +183,11 @@ pub fn run(a: StorageArgs) -> Result<(), String> {
             t.await?;
         }
         let secs = t0.elapsed().as_secs_f64();
-        Rc::try_unwrap(log).map_err(|_| "log still shared")?.close().await.map_err(|e| e.to_string())?;
+        Rc::try_unwrap(log)
+            .map_err(|_| "log still shared")?
+            .close()
+            .await
+            .map_err(|e| e.to_string())?;
         let h: Histogram<u64> = hist.borrow().clone();
         Ok::<_, String>((h, secs))
     })??;
@@ -191,16 +209,25 @@ pub fn run(a: StorageArgs) -> Result<(), String> {
         }),
     };
     if a.json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        );
     } else {
-        println!("shoal-perf storage  sync={} batch={}B record={}B appenders={}", a.sync, a.batch_bytes, a.record_bytes, appenders);
+        println!(
+            "shoal-perf storage  sync={} batch={}B record={}B appenders={}",
+            a.sync, a.batch_bytes, a.record_bytes, appenders
+        );
         println!(
             "  {:.1} MiB/s  {:.0} batches/s  {:.0} msgs/s  ({} bytes in {:.2} s)",
             report.mib_per_s, report.batches_per_s, report.msgs_per_s, bytes, secs
         );
         println!("  append latency  {}", report.latency_us.table_row());
         if let Some(r) = &report.reopen_ms {
-            println!("  reopen: clean {:.1} ms, after SIGKILL {:.1} ms", r.clean, r.crash);
+            println!(
+                "  reopen: clean {:.1} ms, after SIGKILL {:.1} ms",
+                r.clean, r.crash
+            );
         }
     }
     Ok(())
@@ -209,7 +236,9 @@ pub fn run(a: StorageArgs) -> Result<(), String> {
 fn time_open(dir: PathBuf, cfg: LogConfig, core: Option<usize>) -> Result<(f64, u64), String> {
     run_on(core, move || async move {
         let t0 = Instant::now();
-        let log = PartitionLog::open(&dir, cfg).await.map_err(|e| e.to_string())?;
+        let log = PartitionLog::open(&dir, cfg)
+            .await
+            .map_err(|e| e.to_string())?;
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         let size = log.size_bytes();
         log.close().await.map_err(|e| e.to_string())?;
@@ -243,7 +272,11 @@ pub fn writer(a: WriterArgs) -> Result<(), String> {
     let cfg = log_config(a.sync, a.segment_bytes, a.batch_bytes);
     let batch = make_batch(a.batch_bytes, a.record_bytes);
     run_on(None, move || async move {
-        let log = Rc::new(PartitionLog::open(&a.dir, cfg).await.map_err(|e| e.to_string())?);
+        let log = Rc::new(
+            PartitionLog::open(&a.dir, cfg)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
         let mut tasks = Vec::new();
         for _ in 0..4 {
             let (log, batch) = (log.clone(), batch.clone());

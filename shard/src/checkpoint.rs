@@ -50,7 +50,8 @@ impl<'a> Reader<'a> {
         self.bytes(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
     }
     pub fn u32(&mut self) -> Option<u32> {
-        self.bytes(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        self.bytes(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     pub fn u64(&mut self) -> Option<u64> {
         self.bytes(8).map(|b| {
@@ -78,7 +79,9 @@ impl Checkpoint {
         out.extend_from_slice(&VERSION.to_le_bytes());
         let flags = if self.clean { FLAG_CLEAN } else { 0 };
         out.extend_from_slice(&flags.to_le_bytes());
-        out.extend_from_slice(&crc32c::crc32c_append(crc32c::crc32c(&flags.to_le_bytes()), &body).to_le_bytes());
+        out.extend_from_slice(
+            &crc32c::crc32c_append(crc32c::crc32c(&flags.to_le_bytes()), &body).to_le_bytes(),
+        );
         out.extend_from_slice(&body);
         out
     }
@@ -160,7 +163,11 @@ mod tests {
         };
         let h = shoal_wire::BatchHeader::decode(&{
             let mut b = shoal_wire::batch::BatchBuilder::default();
-            b.push(&shoal_wire::NewRecord { value: Some(b"x"), ..Default::default() }).unwrap();
+            b.push(&shoal_wire::NewRecord {
+                value: Some(b"x"),
+                ..Default::default()
+            })
+            .unwrap();
             b.finish(3, 0, 0)
         })
         .unwrap();

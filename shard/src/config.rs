@@ -39,9 +39,9 @@ impl FromStr for SyncMode {
             "always" => Ok(SyncMode::Always),
             "none" => Ok(SyncMode::None),
             _ => {
-                let ms = s
-                    .strip_prefix("interval:")
-                    .ok_or_else(|| format!("invalid sync mode {s:?}: expected always, none or interval:<ms>"))?;
+                let ms = s.strip_prefix("interval:").ok_or_else(|| {
+                    format!("invalid sync mode {s:?}: expected always, none or interval:<ms>")
+                })?;
                 let ms: u64 = ms
                     .parse()
                     .map_err(|_| format!("invalid sync interval {ms:?}: expected milliseconds"))?;
@@ -126,7 +126,10 @@ mod tests {
     #[test]
     fn default_config_is_valid() {
         LogConfig::default().validate().unwrap();
-        let c = LogConfig { segment_bytes: u64::from(u32::MAX), ..LogConfig::default() };
+        let c = LogConfig {
+            segment_bytes: u64::from(u32::MAX),
+            ..LogConfig::default()
+        };
         assert!(c.validate().is_err());
     }
 }

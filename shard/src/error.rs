@@ -13,9 +13,17 @@ pub enum Error {
     #[error("batch base offset {got} does not follow the log end {expected}")]
     OffsetMismatch { expected: u64, got: u64 },
     #[error("producer {producer_id}: sequence {got} out of order (expected {expected})")]
-    OutOfOrderSequence { producer_id: i64, expected: i32, got: i32 },
+    OutOfOrderSequence {
+        producer_id: i64,
+        expected: i32,
+        got: i32,
+    },
     #[error("producer {producer_id}: epoch {got} is older than {current}")]
-    FencedProducer { producer_id: i64, current: i16, got: i16 },
+    FencedProducer {
+        producer_id: i64,
+        current: i16,
+        got: i16,
+    },
     #[error("the log is closed")]
     Closed,
     #[error("storage I/O failed: {0}")]
@@ -40,7 +48,9 @@ impl Error {
             Error::Batch(b) => b.code(),
             Error::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
             Error::OffsetMismatch { .. } => ErrorCode::InvalidOffset,
-            Error::OutOfOrderSequence { .. } | Error::FencedProducer { .. } => ErrorCode::OutOfOrderSequence,
+            Error::OutOfOrderSequence { .. } | Error::FencedProducer { .. } => {
+                ErrorCode::OutOfOrderSequence
+            }
             Error::Closed => ErrorCode::ShuttingDown,
             Error::Config(_) => ErrorCode::InvalidConfig,
             Error::Io(_) | Error::Poisoned(_) | Error::Corrupt(_) => ErrorCode::StorageError,

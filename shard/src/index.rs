@@ -80,7 +80,9 @@ impl SegmentIndex {
             times,
             last_indexed_pos: None,
         };
-        idx.last_indexed_pos = idx.offset_entry(idx.offset_entries().saturating_sub(1)).map(|e| u64::from(e.1));
+        idx.last_indexed_pos = idx
+            .offset_entry(idx.offset_entries().saturating_sub(1))
+            .map(|e| u64::from(e.1));
         idx
     }
 
@@ -106,12 +108,19 @@ impl SegmentIndex {
 
     /// The segment's largest timestamp recorded in the time index.
     pub fn max_timestamp(&self) -> Option<i64> {
-        self.time_entry(self.time_entries().checked_sub(1)?).map(|e| e.0)
+        self.time_entry(self.time_entries().checked_sub(1)?)
+            .map(|e| e.0)
     }
 
     /// Records a batch starting at `pos` (an active-segment index only).
     /// `max_ts_before` is the running max before this batch.
-    pub fn on_batch(&mut self, rel_offset: u32, pos: u32, batch_max_ts: i64, max_ts_before: Option<i64>) {
+    pub fn on_batch(
+        &mut self,
+        rel_offset: u32,
+        pos: u32,
+        batch_max_ts: i64,
+        max_ts_before: Option<i64>,
+    ) {
         let due = match self.last_indexed_pos {
             None => true,
             Some(last) => u64::from(pos) >= last + INDEX_INTERVAL_BYTES,
@@ -125,7 +134,11 @@ impl SegmentIndex {
             self.last_indexed_pos = Some(u64::from(pos));
         }
         let raised = max_ts_before.is_none_or(|m| batch_max_ts > m);
-        let last_time_rel = self.time_entries().checked_sub(1).and_then(|i| self.time_entry(i)).map(|e| e.1);
+        let last_time_rel = self
+            .time_entries()
+            .checked_sub(1)
+            .and_then(|i| self.time_entry(i))
+            .map(|e| e.1);
         if raised {
             let IndexBytes::Mem(times) = &mut self.times else {
                 panic!("appending to a mapped index");
@@ -189,17 +202,24 @@ impl SegmentIndex {
 
     /// Structural check of a loaded index against its segment's size.
     pub fn validate(&self, segment_len: u64) -> Result<(), String> {
-        if self.offsets.as_bytes().len() % OFFSET_ENTRY_BYTES != 0 {
+        if !self
+            .offsets
+            .as_bytes()
+            .len()
+            .is_multiple_of(OFFSET_ENTRY_BYTES)
+        {
             return Err("offset index length is not a whole number of entries".into());
         }
-        if self.times.as_bytes().len() % TIME_ENTRY_BYTES != 0 {
+        if !self.times.as_bytes().len().is_multiple_of(TIME_ENTRY_BYTES) {
             return Err("time index length is not a whole number of entries".into());
         }
         let mut prev: Option<(u32, u32)> = None;
         for i in 0..self.offset_entries() {
             let e = self.offset_entry(i).unwrap_or_default();
             if u64::from(e.1) >= segment_len.max(1) {
-                return Err(format!("offset index entry {i} points past the segment end"));
+                return Err(format!(
+                    "offset index entry {i} points past the segment end"
+                ));
             }
             if let Some(p) = prev {
                 if e.0 <= p.0 || e.1 <= p.1 {

@@ -27,7 +27,8 @@ pub const PRODUCER_BATCHES_KEPT: usize = 5;
 /// Default retention by age: 30 days (seed 001).
 pub const RETENTION_AGE_DEFAULT_MS: u64 = 30 * 24 * 3600 * 1000;
 
-const _: () = assert!(CHUNK_BYTES as u64 % DIRECT_IO_ALIGN == 0);
+const _: () = assert!((CHUNK_BYTES as u64).is_multiple_of(DIRECT_IO_ALIGN));
 const _: () = assert!(WRITE_BUFFER_BYTES_DEFAULT >= 2 * BATCH_BYTES_MAX_DEFAULT);
-const _: () = assert!(SEGMENT_BYTES_DEFAULT + BATCH_BYTES_MAX_DEFAULT as u64 <= SEGMENT_BYTES_LIMIT);
+const _: () =
+    assert!(SEGMENT_BYTES_DEFAULT + BATCH_BYTES_MAX_DEFAULT as u64 <= SEGMENT_BYTES_LIMIT);
 const _: () = assert!(INDEX_INTERVAL_BYTES >= DIRECT_IO_ALIGN);

@@ -28,7 +28,9 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::{LogConfig, SyncMode};
 use crate::error::{Error, Result};
 use crate::index::{IndexBytes, SegmentIndex};
-use crate::limits::{CHUNK_BYTES, DIRECT_IO_ALIGN, RECOVERY_CHECKPOINT_BYTES, ROUNDS_IN_FLIGHT_MAX};
+use crate::limits::{
+    CHUNK_BYTES, DIRECT_IO_ALIGN, RECOVERY_CHECKPOINT_BYTES, ROUNDS_IN_FLIGHT_MAX,
+};
 use crate::notify::Notify;
 use crate::producers::ProducerTable;
 use crate::segment::{self, Segment};
@@ -172,6 +174,12 @@ pub struct PartitionLog {
     inner: Rc<Inner>,
 }
 
+enum Accept {
+    Done(Appended),
+    Roll,
+    WaitSpace,
+}
+
 struct Round {
     chunks: Vec<DmaBuffer>,
     file_pos: u64,
@@ -187,7 +195,10 @@ struct Round {
 /// device and misjudges an empty one.
 async fn dma_probe(dir: &Path) -> std::io::Result<()> {
     let p = dir.join(".dma-probe");
-    if std::fs::metadata(&p).map(|m| m.len() < DIRECT_IO_ALIGN).unwrap_or(true) {
+    if std::fs::metadata(&p)
+        .map(|m| m.len() < DIRECT_IO_ALIGN)
+        .unwrap_or(true)
+    {
         std::fs::write(&p, vec![0x5a; DIRECT_IO_ALIGN as usize])?;
     }
     let f = DmaFile::open(&p).await?;
@@ -231,7 +242,12 @@ fn rebuild_index(seg: &Segment, batch_bytes_max: usize) -> SegmentIndex {
     let mut pos = 0u64;
     let mut max_ts = None;
     while let Some(h) = seg.header_at(pos, batch_bytes_max) {
-        idx.on_batch((h.base_offset - seg.base_offset) as u32, pos as u32, h.max_timestamp_ms, max_ts);
+        idx.on_batch(
+            (h.base_offset - seg.base_offset) as u32,
+            pos as u32,
+            h.max_timestamp_ms,
+            max_ts,
+        );
         max_ts = Some(max_ts.map_or(h.max_timestamp_ms, |m: i64| m.max(h.max_timestamp_ms)));
         pos += u64::from(h.batch_len);
     }
@@ -255,25 +271,36 @@ struct Scan {
     max_ts: Option<i64>,
 }
 
-/// Validates batches from `pos` (CRC, contiguous offsets) and indexes them.
+/// Validates batches from `from.end` (CRC, contiguous offsets) and
+/// indexes them; returns where the valid log ends.
 fn scan_tail(
     bytes: &[u8],
-    mut pos: u64,
-    mut next_offset: u64,
-    mut max_ts: Option<i64>,
+    from: Scan,
     base: u64,
     idx: &mut SegmentIndex,
     producers: &mut ProducerTable,
     batch_bytes_max: usize,
 ) -> Scan {
+    let Scan {
+        end: mut pos,
+        mut next_offset,
+        mut max_ts,
+    } = from;
     loop {
         let rest = &bytes[pos as usize..];
-        let Ok(h) = check_header(rest, batch_bytes_max) else { break };
+        let Ok(h) = check_header(rest, batch_bytes_max) else {
+            break;
+        };
         let blen = h.batch_len as usize;
         if batch::compute_crc(&rest[..blen]) != h.crc || h.base_offset != next_offset {
             break;
         }
-        idx.on_batch((h.base_offset - base) as u32, pos as u32, h.max_timestamp_ms, max_ts);
+        idx.on_batch(
+            (h.base_offset - base) as u32,
+            pos as u32,
+            h.max_timestamp_ms,
+            max_ts,
+        );
         max_ts = Some(max_ts.map_or(h.max_timestamp_ms, |m| m.max(h.max_timestamp_ms)));
         if h.is_idempotent() {
             producers.record(&h, h.base_offset);
@@ -281,7 +308,11 @@ fn scan_tail(
         next_offset = h.next_offset();
         pos += blen as u64;
     }
-    Scan { end: pos, next_offset, max_ts }
+    Scan {
+        end: pos,
+        next_offset,
+        max_ts,
+    }
 }
 
 impl PartitionLog {
@@ -338,18 +369,40 @@ impl PartitionLog {
         let path = segment::log_path(&dir, base);
         let capacity = align_up(config.segment_bytes + config.batch_bytes_max as u64);
         let file_len = std::fs::metadata(&path)?.len();
-        let (mut idx, mut start_pos, mut next_offset, mut max_ts, mut producers, trusted) = match &ckpt {
-            Some(c) if c.active_base == base && c.recovery_pos <= file_len => {
-                let idx = SegmentIndex::from_parts(
-                    IndexBytes::Mem(c.offset_index.clone()),
-                    IndexBytes::Mem(c.time_index.clone()),
-                );
-                let trusted = c.clean && c.recovery_pos == file_len;
-                (idx, c.recovery_pos, c.next_offset, c.max_timestamp, c.producers.clone(), trusted)
-            }
-            Some(c) => (SegmentIndex::default(), 0, base, None, c.producers.clone(), false),
-            None => (SegmentIndex::default(), 0, base, None, ProducerTable::default(), false),
-        };
+        let (mut idx, mut start_pos, mut next_offset, mut max_ts, mut producers, trusted) =
+            match &ckpt {
+                Some(c) if c.active_base == base && c.recovery_pos <= file_len => {
+                    let idx = SegmentIndex::from_parts(
+                        IndexBytes::Mem(c.offset_index.clone()),
+                        IndexBytes::Mem(c.time_index.clone()),
+                    );
+                    let trusted = c.clean && c.recovery_pos == file_len;
+                    (
+                        idx,
+                        c.recovery_pos,
+                        c.next_offset,
+                        c.max_timestamp,
+                        c.producers.clone(),
+                        trusted,
+                    )
+                }
+                Some(c) => (
+                    SegmentIndex::default(),
+                    0,
+                    base,
+                    None,
+                    c.producers.clone(),
+                    false,
+                ),
+                None => (
+                    SegmentIndex::default(),
+                    0,
+                    base,
+                    None,
+                    ProducerTable::default(),
+                    false,
+                ),
+            };
         if idx.validate(start_pos.max(1)).is_err() {
             idx = SegmentIndex::default();
             start_pos = 0;
@@ -363,7 +416,12 @@ impl PartitionLog {
                 // SAFETY: read-only mapping of a file nothing else writes
                 // during open; dropped before the appender starts.
                 let map = unsafe { memmap2::Mmap::map(&file)? };
-                let scan = scan_tail(&map, start_pos, next_offset, max_ts, base, &mut idx, &mut producers, bmax);
+                let from = Scan {
+                    end: start_pos,
+                    next_offset,
+                    max_ts,
+                };
+                let scan = scan_tail(&map, from, base, &mut idx, &mut producers, bmax);
                 end = scan.end;
                 next_offset = scan.next_offset;
                 max_ts = scan.max_ts;
@@ -375,7 +433,10 @@ impl PartitionLog {
             }
             // What we scanned may still be only in the page cache: make it
             // durable before a checkpoint vouches for it.
-            std::fs::OpenOptions::new().write(true).open(&path)?.sync_data()?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)?
+                .sync_data()?;
             producers.truncate_to(next_offset);
         }
         // Clear the clean flag before anything changes the files.
@@ -394,7 +455,13 @@ impl PartitionLog {
         let active = Rc::new(Segment::open(path.clone(), base, capacity)?);
         *active.index.borrow_mut() = idx;
         active.set_visible(end, next_offset);
-        let dma = Rc::new(OpenOptions::new().read(true).write(true).dma_open(&path).await?);
+        let dma = Rc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .dma_open(&path)
+                .await?,
+        );
         preallocate(&dma, capacity).await;
         let mut pending = Pending {
             chunks: Vec::new(),
@@ -460,7 +527,9 @@ impl PartitionLog {
     /// First offset still in the log.
     pub fn start_offset(&self) -> u64 {
         let st = self.inner.st.borrow();
-        st.closed.first().map_or(st.active.base_offset, |s| s.base_offset)
+        st.closed
+            .first()
+            .map_or(st.active.base_offset, |s| s.base_offset)
     }
 
     /// Offset after the last batch readers can see (the high watermark of
@@ -521,75 +590,94 @@ impl PartitionLog {
     }
 
     async fn append_inner(&self, batch: &[u8], expect_base: Option<u64>) -> Result<Appended> {
-        let inner = &self.inner;
-        let header = validate_batch(batch, inner.config.batch_bytes_max)?;
-        let blen = batch.len();
+        let header = validate_batch(batch, self.inner.config.batch_bytes_max)?;
         loop {
-            let space = inner.space.changed();
-            let mut st = inner.st.borrow_mut();
-            if let Some(why) = &st.poisoned {
-                return Err(Error::Poisoned(why.clone()));
+            let space = self.inner.space.changed();
+            match self.try_accept(batch, &header, expect_base)? {
+                Accept::Done(a) => return Ok(a),
+                Accept::Roll => self.roll().await?,
+                Accept::WaitSpace => space.await,
             }
-            if st.closing {
-                return Err(Error::Closed);
-            }
-            if st.rolling {
-                drop(st);
-                space.await;
-                continue;
-            }
-            if let Some(expected) = expect_base {
-                if expected != st.next_offset {
-                    return Err(Error::OffsetMismatch { expected: st.next_offset, got: expected });
-                }
-            }
-            if header.is_idempotent() {
-                if let Some(b) = st.producers.check(&header)? {
-                    return Ok(Appended {
-                        base_offset: b.base_offset,
-                        last_offset: b.last_offset,
-                        duplicate: true,
-                    });
-                }
-            }
-            let age_due = st.active_created.elapsed() >= inner.config.segment_age;
-            if st.active_bytes > 0 && (st.active_bytes + blen as u64 > inner.config.segment_bytes || age_due) {
-                drop(st);
-                self.roll().await?;
-                continue;
-            }
-            if st.pending.new_bytes() + blen > inner.config.write_buffer_bytes {
-                drop(st);
-                inner.wake_writer.notify_all();
-                space.await;
-                continue;
-            }
-            // Accept.
-            let base = st.next_offset;
-            let pos = st.active_bytes;
-            let mut head = [0u8; BATCH_HEADER_BYTES];
-            head.copy_from_slice(&batch[..BATCH_HEADER_BYTES]);
-            batch::set_base_offset(&mut head, base);
-            let st = &mut *st;
-            st.pending.push(&st.dma, &head);
-            st.pending.push(&st.dma, &batch[BATCH_HEADER_BYTES..]);
-            let rel = (base - st.active.base_offset) as u32;
-            st.active.index.borrow_mut().on_batch(rel, pos as u32, header.max_timestamp_ms, st.active_max_ts);
-            st.active_max_ts = Some(st.active_max_ts.map_or(header.max_timestamp_ms, |m| m.max(header.max_timestamp_ms)));
-            if header.is_idempotent() {
-                st.producers.record(&header, base);
-            }
-            st.next_offset = base + u64::from(header.record_count);
-            st.pending.next_offset = st.next_offset;
-            st.active_bytes += blen as u64;
-            let appended = Appended {
-                base_offset: base,
-                last_offset: st.next_offset - 1,
-                duplicate: false,
-            };
-            inner.wake_writer.notify_all();
-            return Ok(appended);
         }
+    }
+
+    /// One attempt to take a validated batch into the pending chunks.
+    fn try_accept(
+        &self,
+        batch: &[u8],
+        header: &BatchHeader,
+        expect_base: Option<u64>,
+    ) -> Result<Accept> {
+        let inner = &self.inner;
+        let blen = batch.len();
+        let mut st = inner.st.borrow_mut();
+        if let Some(why) = &st.poisoned {
+            return Err(Error::Poisoned(why.clone()));
+        }
+        if st.closing {
+            return Err(Error::Closed);
+        }
+        if st.rolling {
+            return Ok(Accept::WaitSpace);
+        }
+        if let Some(expected) = expect_base {
+            if expected != st.next_offset {
+                return Err(Error::OffsetMismatch {
+                    expected: st.next_offset,
+                    got: expected,
+                });
+            }
+        }
+        if header.is_idempotent() {
+            if let Some(b) = st.producers.check(header)? {
+                return Ok(Accept::Done(Appended {
+                    base_offset: b.base_offset,
+                    last_offset: b.last_offset,
+                    duplicate: true,
+                }));
+            }
+        }
+        let age_due = st.active_created.elapsed() >= inner.config.segment_age;
+        if st.active_bytes > 0
+            && (st.active_bytes + blen as u64 > inner.config.segment_bytes || age_due)
+        {
+            return Ok(Accept::Roll);
+        }
+        if st.pending.new_bytes() + blen > inner.config.write_buffer_bytes {
+            inner.wake_writer.notify_all();
+            return Ok(Accept::WaitSpace);
+        }
+        let base = st.next_offset;
+        let pos = st.active_bytes;
+        let mut head = [0u8; BATCH_HEADER_BYTES];
+        head.copy_from_slice(&batch[..BATCH_HEADER_BYTES]);
+        batch::set_base_offset(&mut head, base);
+        let st = &mut *st;
+        st.pending.push(&st.dma, &head);
+        st.pending.push(&st.dma, &batch[BATCH_HEADER_BYTES..]);
+        let rel = (base - st.active.base_offset) as u32;
+        st.active.index.borrow_mut().on_batch(
+            rel,
+            pos as u32,
+            header.max_timestamp_ms,
+            st.active_max_ts,
+        );
+        st.active_max_ts = Some(
+            st.active_max_ts
+                .map_or(header.max_timestamp_ms, |m| m.max(header.max_timestamp_ms)),
+        );
+        if header.is_idempotent() {
+            st.producers.record(header, base);
+        }
+        st.next_offset = base + u64::from(header.record_count);
+        st.pending.next_offset = st.next_offset;
+        st.active_bytes += blen as u64;
+        inner.wake_writer.notify_all();
+        Ok(Accept::Done(Appended {
+            base_offset: base,
+            last_offset: st.next_offset - 1,
+            duplicate: false,
+        }))
     }
 
     /// Waits until offsets below `next` are in the file (visible to readers,
@@ -639,7 +727,9 @@ impl PartitionLog {
     /// Waits until an offset at or past `offset` is readable (or the log
     /// closes). Long-polling is the broker's job; this is its wake-up.
     pub async fn wait_for_data(&self, offset: u64) {
-        let _ = self.wait_until(|st| st.written_next > offset || st.closing).await;
+        let _ = self
+            .wait_until(|st| st.written_next > offset || st.closing)
+            .await;
     }
 
     /// Reads whole batches from the one holding `from`, up to `max_bytes`
@@ -647,10 +737,17 @@ impl PartitionLog {
     /// at the end of the log the slice is empty.
     pub fn read(&self, from: u64, max_bytes: u64) -> Result<ReadSlice> {
         let st = self.inner.st.borrow();
-        let start = st.closed.first().map_or(st.active.base_offset, |s| s.base_offset);
+        let start = st
+            .closed
+            .first()
+            .map_or(st.active.base_offset, |s| s.base_offset);
         let end = st.written_next;
         if from < start || from > end {
-            return Err(Error::OffsetOutOfRange { offset: from, start, end });
+            return Err(Error::OffsetOutOfRange {
+                offset: from,
+                start,
+                end,
+            });
         }
         let seg = std::iter::once(&st.active)
             .chain(st.closed.iter().rev())
@@ -712,15 +809,19 @@ impl PartitionLog {
     /// Ends the active segment and starts a new one at the next offset.
     async fn roll(&self) -> Result<()> {
         let inner = &self.inner;
-        {
+        let space = inner.space.changed();
+        let already_rolling = {
             let mut st = inner.st.borrow_mut();
-            if st.rolling {
-                drop(st);
-                inner.space.changed().await;
-                return Ok(());
+            let busy = st.rolling;
+            if !busy {
+                st.rolling = true;
+                st.sync_requested = true;
             }
-            st.rolling = true;
-            st.sync_requested = true;
+            busy
+        };
+        if already_rolling {
+            space.await;
+            return Ok(());
         }
         let r = self.roll_inner().await;
         let mut st = inner.st.borrow_mut();
@@ -737,25 +838,45 @@ impl PartitionLog {
     async fn roll_inner(&self) -> Result<()> {
         let inner = &self.inner;
         inner.wake_writer.notify_all();
-        self.wait_until(|st| st.durable_next == st.next_offset && st.written_next == st.next_offset)
-            .await?;
+        self.wait_until(|st| {
+            st.durable_next == st.next_offset && st.written_next == st.next_offset
+        })
+        .await?;
         let (old, dma, active_bytes, next_offset) = {
             let st = inner.st.borrow();
-            (st.active.clone(), st.dma.clone(), st.active_bytes, st.next_offset)
+            (
+                st.active.clone(),
+                st.dma.clone(),
+                st.active_bytes,
+                st.next_offset,
+            )
         };
         // Drop the padding of the tail block: a closed segment's length is
         // exactly its batches.
         dma.truncate(active_bytes).await?;
         dma.fdatasync().await?;
         let (oi, ti, oi_path, ti_path) = index_files(&old, &inner.dir);
-        let oname = oi_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tname = ti_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let oname = oi_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tname = ti_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         checkpoint::write_durably(&inner.dir, &oname, oi).await?;
         checkpoint::write_durably(&inner.dir, &tname, ti).await?;
         old.install_index(IndexBytes::map(&oi_path)?, IndexBytes::map(&ti_path)?);
 
         let path = segment::log_path(&inner.dir, next_offset);
-        let new_dma = Rc::new(OpenOptions::new().read(true).write(true).create(true).dma_open(&path).await?);
+        let new_dma = Rc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .dma_open(&path)
+                .await?,
+        );
         let capacity = align_up(inner.config.segment_bytes + inner.config.batch_bytes_max as u64);
         preallocate(&new_dma, capacity).await;
         let d = glommio::io::Directory::open(&inner.dir).await?;
@@ -871,7 +992,10 @@ impl PartitionLog {
         }
         let (dma, ck) = {
             let st = inner.st.borrow();
-            assert_eq!(st.written_next, st.next_offset, "writer stopped with pending batches");
+            assert_eq!(
+                st.written_next, st.next_offset,
+                "writer stopped with pending batches"
+            );
             let idx = st.active.index();
             let ck = Checkpoint {
                 clean: true,
@@ -990,7 +1114,14 @@ async fn wait_predecessors(inner: &Inner, seq: u64) -> std::io::Result<()> {
 /// Writes one round. Its first chunk rewrites the previous round's tail
 /// block, so it is submitted only after every earlier round's writes are
 /// done; the other chunks go at once. Rounds therefore complete in order.
-async fn write_round(inner: &Inner, chunks: Vec<DmaBuffer>, file_pos: u64, len: usize, dma: &Rc<DmaFile>, seq: u64) -> std::io::Result<()> {
+async fn write_round(
+    inner: &Inner,
+    chunks: Vec<DmaBuffer>,
+    file_pos: u64,
+    len: usize,
+    dma: &Rc<DmaFile>,
+    seq: u64,
+) -> std::io::Result<()> {
     let mut writes = Vec::with_capacity(chunks.len());
     for (i, mut chunk) in chunks.into_iter().enumerate() {
         let valid = (len - i * CHUNK_BYTES).min(CHUNK_BYTES);
@@ -1021,7 +1152,15 @@ async fn write_round(inner: &Inner, chunks: Vec<DmaBuffer>, file_pos: u64, len: 
 
 async fn round_task(inner: Rc<Inner>, round: Round, seq: u64) {
     let always = inner.config.sync == SyncMode::Always;
-    let Round { chunks, file_pos, len, next_offset: next, sync, dma, segment } = round;
+    let Round {
+        chunks,
+        file_pos,
+        len,
+        next_offset: next,
+        sync,
+        dma,
+        segment,
+    } = round;
     let end = file_pos + len as u64;
     let mut result = write_round(&inner, chunks, file_pos, len, &dma, seq).await;
     if result.is_ok() {
@@ -1061,7 +1200,11 @@ async fn round_task(inner: Rc<Inner>, round: Round, seq: u64) {
         }
         Err(e) => {
             tracing::error!(error = %e, dir = %inner.dir.display(), "log write failed; refusing further appends");
-            inner.st.borrow_mut().poisoned.get_or_insert_with(|| e.to_string());
+            inner
+                .st
+                .borrow_mut()
+                .poisoned
+                .get_or_insert_with(|| e.to_string());
         }
     }
     inner.st.borrow_mut().rounds_in_flight -= 1;

@@ -29,7 +29,9 @@ fn config() -> LogConfig {
 /// `ack <base> <tag> <records> <size>` after each acknowledgement.
 #[test]
 fn crash_child() {
-    let Ok(dir) = std::env::var(ENV_DIR) else { return };
+    let Ok(dir) = std::env::var(ENV_DIR) else {
+        return;
+    };
     run(move || async move {
         let log = std::rc::Rc::new(PartitionLog::open(&dir, config()).await.unwrap());
         let mut tasks = Vec::new();
@@ -40,7 +42,10 @@ fn crash_child() {
                 for i in 0u64.. {
                     let tag = (std::process::id() as u64) << 32 | w << 24 | i;
                     let (n, size) = (rng.gen_range(1..8u32), rng.gen_range(10..3000usize));
-                    let a = log.append_acked(&batch(tag, n, size, i as i64)).await.unwrap();
+                    let a = log
+                        .append_acked(&batch(tag, n, size, i as i64))
+                        .await
+                        .unwrap();
                     println!("ack {} {tag} {n} {size}", a.base_offset);
                 }
             }));
@@ -59,7 +64,13 @@ fn kill_9_loses_no_acknowledged_batch() {
     let mut acked: BTreeMap<u64, (u64, u32, usize)> = BTreeMap::new();
     for round in 0..ROUNDS {
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads", "1"])
+            .args([
+                "--exact",
+                "crash_child",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env(ENV_DIR, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -94,14 +105,21 @@ fn kill_9_loses_no_acknowledged_batch() {
             let next = log.next_offset();
             // Every acknowledged batch is there, intact.
             for (&base, &(tag, n, size)) in &acked_now {
-                assert!(base + u64::from(n) <= next, "round {round}: acked batch at {base} lost (log ends at {next})");
+                assert!(
+                    base + u64::from(n) <= next,
+                    "round {round}: acked batch at {base} lost (log ends at {next})"
+                );
                 let s = log.read(base, 1).unwrap();
                 assert_eq!(s.first_offset, base);
                 let recs = records(s.bytes());
                 assert_eq!(recs.len() as u32, n);
                 for (i, (o, v)) in recs.into_iter().enumerate() {
                     assert_eq!(o, base + i as u64);
-                    assert_eq!(v, value(tag, i as u32, size), "round {round}: offset {o} corrupt");
+                    assert_eq!(
+                        v,
+                        value(tag, i as u32, size),
+                        "round {round}: offset {o} corrupt"
+                    );
                 }
             }
             // Everything readable is whole, valid batches up to the end.
@@ -120,7 +138,10 @@ fn kill_9_loses_no_acknowledged_batch() {
             (next, count)
         });
         assert_eq!(count, next);
-        eprintln!("round {round}: {} acked batches, log ends at {next}", acked.len());
+        eprintln!(
+            "round {round}: {} acked batches, log ends at {next}",
+            acked.len()
+        );
     }
     assert!(acked.len() > ROUNDS, "the child acknowledged batches");
 }

@@ -49,7 +49,10 @@ fn check(ops: Vec<Op>, sync: SyncMode) {
         for (step, op) in ops.into_iter().enumerate() {
             match op {
                 Op::Append { records, size } => {
-                    let a = log.append_acked(&batch(step as u64, records, size, step as i64)).await.unwrap();
+                    let a = log
+                        .append_acked(&batch(step as u64, records, size, step as i64))
+                        .await
+                        .unwrap();
                     assert_eq!(a.base_offset, model.len() as u64);
                     for i in 0..records {
                         model.push(value(step as u64, i, size));
@@ -70,7 +73,11 @@ fn check(ops: Vec<Op>, sync: SyncMode) {
                 }
                 Op::Read { at, max } => {
                     let end = model.len() as u64;
-                    let at = if end == 0 { 0 } else { u64::from(at) % (end + 1) };
+                    let at = if end == 0 {
+                        0
+                    } else {
+                        u64::from(at) % (end + 1)
+                    };
                     match log.read(at, u64::from(max)) {
                         Ok(s) => {
                             assert!(at >= start);
@@ -80,7 +87,10 @@ fn check(ops: Vec<Op>, sync: SyncMode) {
                             } else {
                                 assert!(!got.is_empty());
                                 assert!(s.first_offset <= at && at < s.next_offset);
-                                assert!(s.len <= u64::from(max) || got.iter().all(|r| r.0 < s.first_offset + 6));
+                                assert!(
+                                    s.len <= u64::from(max)
+                                        || got.iter().all(|r| r.0 < s.first_offset + 6)
+                                );
                             }
                             for (o, v) in got {
                                 assert_eq!(&model[o as usize], &v, "offset {o}");

@@ -38,7 +38,7 @@ const OFF_RESERVED: usize = 58;
 
 const _: () = assert!(OFF_CRC + 4 == CRC_START);
 const _: () = assert!(OFF_RESERVED + 6 == BATCH_HEADER_BYTES);
-const _: () = assert!(BATCH_HEADER_BYTES % 8 == 0);
+const _: () = assert!(BATCH_HEADER_BYTES.is_multiple_of(8));
 
 /// Attribute bits; every bit not listed here must be zero.
 pub mod attributes {
@@ -116,12 +116,14 @@ impl BatchHeader {
         assert!(out.len() >= BATCH_HEADER_BYTES);
         out[OFF_BASE_OFFSET..OFF_BASE_OFFSET + 8].copy_from_slice(&self.base_offset.to_le_bytes());
         out[OFF_BATCH_LEN..OFF_BATCH_LEN + 4].copy_from_slice(&self.batch_len.to_le_bytes());
-        out[OFF_LEADER_EPOCH..OFF_LEADER_EPOCH + 4].copy_from_slice(&self.leader_epoch.to_le_bytes());
+        out[OFF_LEADER_EPOCH..OFF_LEADER_EPOCH + 4]
+            .copy_from_slice(&self.leader_epoch.to_le_bytes());
         out[OFF_CRC..OFF_CRC + 4].copy_from_slice(&self.crc.to_le_bytes());
         out[OFF_MAGIC] = self.magic;
         out[OFF_MAGIC + 1] = 0;
         out[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&self.attributes.to_le_bytes());
-        out[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4].copy_from_slice(&self.record_count.to_le_bytes());
+        out[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4]
+            .copy_from_slice(&self.record_count.to_le_bytes());
         out[OFF_BASE_SEQUENCE..OFF_BASE_SEQUENCE + 4]
             .copy_from_slice(&self.base_sequence.to_le_bytes());
         out[OFF_FIRST_TIMESTAMP..OFF_FIRST_TIMESTAMP + 8]
@@ -222,7 +224,9 @@ pub fn validate_batch(bytes: &[u8], batch_bytes_max: usize) -> Result<BatchHeade
         count += 1;
     }
     if count != header.record_count {
-        return Err(BatchError::BadRecord("record count does not match the header"));
+        return Err(BatchError::BadRecord(
+            "record count does not match the header",
+        ));
     }
     Ok(header)
 }
@@ -467,12 +471,14 @@ impl BatchBuilder {
             self.max_timestamp_ms = record.timestamp_ms;
         }
         let delta = record.timestamp_ms - self.first_timestamp_ms;
-        let delta = i32::try_from(delta).map_err(|_| BatchError::BadRecord("timestamp delta out of range"))?;
+        let delta = i32::try_from(delta)
+            .map_err(|_| BatchError::BadRecord("timestamp delta out of range"))?;
         if record.headers.len() > usize::from(u16::MAX) {
             return Err(BatchError::BadRecord("too many headers"));
         }
         let body_len = record.encoded_len() - 4;
-        let body_len = u32::try_from(body_len).map_err(|_| BatchError::BadRecord("record too large"))?;
+        let body_len =
+            u32::try_from(body_len).map_err(|_| BatchError::BadRecord("record too large"))?;
         let b = &mut self.buf;
         b.extend_from_slice(&body_len.to_le_bytes());
         b.extend_from_slice(&self.count.to_le_bytes());
@@ -481,7 +487,8 @@ impl BatchBuilder {
             match field {
                 None => b.extend_from_slice(&(-1i32).to_le_bytes()),
                 Some(f) => {
-                    let len = i32::try_from(f.len()).map_err(|_| BatchError::BadRecord("field too large"))?;
+                    let len = i32::try_from(f.len())
+                        .map_err(|_| BatchError::BadRecord("field too large"))?;
                     b.extend_from_slice(&len.to_le_bytes());
                     b.extend_from_slice(f);
                 }
@@ -489,7 +496,8 @@ impl BatchBuilder {
         }
         b.extend_from_slice(&(record.headers.len() as u16).to_le_bytes());
         for (name, value) in record.headers {
-            let name_len = u16::try_from(name.len()).map_err(|_| BatchError::BadRecord("header name too long"))?;
+            let name_len = u16::try_from(name.len())
+                .map_err(|_| BatchError::BadRecord("header name too long"))?;
             b.extend_from_slice(&name_len.to_le_bytes());
             b.extend_from_slice(name);
             b.extend_from_slice(&(value.len() as u32).to_le_bytes());
@@ -576,7 +584,10 @@ mod tests {
         let recs: Vec<_> = Records::new(&batch).map(Result::unwrap).collect();
         assert_eq!(recs[0].key, Some(&b"k"[..]));
         assert_eq!(recs[0].value, Some(&b"hello"[..]));
-        assert_eq!(recs[0].headers().collect::<Vec<_>>(), vec![(&b"h1"[..], &b"v1"[..])]);
+        assert_eq!(
+            recs[0].headers().collect::<Vec<_>>(),
+            vec![(&b"h1"[..], &b"v1"[..])]
+        );
         assert_eq!(recs[1].key, None);
         assert_eq!(recs[1].timestamp_delta_ms, 5);
     }
@@ -587,7 +598,10 @@ mod tests {
         for i in CRC_START..batch.len() {
             let mut bad = batch.clone();
             bad[i] ^= 0x10;
-            assert!(validate_batch(&bad, 1 << 20).is_err(), "flip at {i} not caught");
+            assert!(
+                validate_batch(&bad, 1 << 20).is_err(),
+                "flip at {i} not caught"
+            );
         }
         assert!(matches!(
             validate_batch(&batch[..batch.len() - 1], 1 << 20),
@@ -605,7 +619,9 @@ mod tests {
         let b = build_batch(&[b"2", b"3"], 0);
         let mut all = a.clone();
         all.extend_from_slice(&b);
-        let got: Vec<_> = Batches::new(&all, 1 << 20).map(|r| r.unwrap().0.record_count).collect();
+        let got: Vec<_> = Batches::new(&all, 1 << 20)
+            .map(|r| r.unwrap().0.record_count)
+            .collect();
         assert_eq!(got, vec![1, 2]);
         let cut = &all[..all.len() - 3];
         let got: Vec<_> = Batches::new(cut, 1 << 20).collect();

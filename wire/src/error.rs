@@ -81,7 +81,13 @@ impl ErrorCode {
 
     /// Whether a client may retry the same request and expect success.
     pub fn is_retriable(self) -> bool {
-        matches!(self, ErrorCode::ShuttingDown | ErrorCode::NotOwner | ErrorCode::Timeout | ErrorCode::StorageError)
+        matches!(
+            self,
+            ErrorCode::ShuttingDown
+                | ErrorCode::NotOwner
+                | ErrorCode::Timeout
+                | ErrorCode::StorageError
+        )
     }
 }
 

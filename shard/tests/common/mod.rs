@@ -21,7 +21,12 @@ pub fn batch(tag: u64, n: u32, size: usize, ts: i64) -> Vec<u8> {
     let mut b = BatchBuilder::default();
     for i in 0..n {
         let v = value(tag, i, size);
-        b.push(&NewRecord { value: Some(&v), timestamp_ms: ts, ..Default::default() }).unwrap();
+        b.push(&NewRecord {
+            value: Some(&v),
+            timestamp_ms: ts,
+            ..Default::default()
+        })
+        .unwrap();
     }
     b.finish(NO_PRODUCER_ID, 0, NO_SEQUENCE)
 }
@@ -42,7 +47,10 @@ pub fn records(bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
         shoal_wire::batch::validate_batch(batch, usize::MAX).expect("batch passes validation");
         for r in shoal_wire::batch::Records::new(batch) {
             let r = r.unwrap();
-            out.push((h.base_offset + u64::from(r.offset_delta), r.value.unwrap_or_default().to_vec()));
+            out.push((
+                h.base_offset + u64::from(r.offset_delta),
+                r.value.unwrap_or_default().to_vec(),
+            ));
         }
     }
     out
