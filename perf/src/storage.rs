@@ -151,8 +151,9 @@ pub fn run(a: StorageArgs) -> Result<(), String> {
     let records = shoal_wire::BatchHeader::decode(&batch)
         .map_err(|e| e.to_string())?
         .record_count;
+    let batch_len = batch.len() as u64;
     let cfg = log_config(a.sync, a.segment_bytes, a.batch_bytes);
-    let total_batches = a.bytes.div_ceil(batch.len() as u64);
+    let total_batches = a.bytes.div_ceil(batch_len);
     let (dir, appenders) = (a.dir.clone(), a.appenders.max(1));
     let (hist, secs) = run_on(a.core, move || async move {
         let log = Rc::new(
@@ -191,7 +192,7 @@ pub fn run(a: StorageArgs) -> Result<(), String> {
         let h: Histogram<u64> = hist.borrow().clone();
         Ok::<_, String>((h, secs))
     })??;
-    let bytes = total_batches * (make_batch(a.batch_bytes, a.record_bytes).len() as u64);
+    let bytes = total_batches * batch_len;
     let reopen_ms = if a.reopen { Some(reopen(&a)?) } else { None };
     let report = StorageReport {
         mode: "storage",
