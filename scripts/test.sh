@@ -15,6 +15,8 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 # glommio locks its I/O buffers in memory.
 ulimit -l unlimited 2>/dev/null || true
 
+# The checked-in flatbuffers code must be what flatc 25.12 generates.
+bash wire/generate.sh --check
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log=$(mktemp)
