@@ -961,7 +961,16 @@ impl PartitionLog {
     /// Flushes everything, writes a clean checkpoint and closes. The next
     /// open scans nothing.
     pub async fn close(self) -> Result<()> {
+        self.shutdown().await
+    }
+
+    /// [`Self::close`] for a log shared by `Rc`: afterwards appends fail
+    /// with [`Error::Closed`]; reads keep working.
+    pub async fn shutdown(&self) -> Result<()> {
         let inner = self.inner.clone();
+        if inner.st.borrow().writer_done {
+            return Ok(());
+        }
         loop {
             let space = inner.space.changed();
             {

@@ -101,10 +101,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for Acks {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_REQUEST_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_REQUEST_BODY: u8 = 10;
+pub const ENUM_MAX_REQUEST_BODY: u8 = 11;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 11] = [
+pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 12] = [
   RequestBody::NONE,
   RequestBody::MetadataRequest,
   RequestBody::CreateTopicRequest,
@@ -116,6 +116,7 @@ pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 11] = [
   RequestBody::SubscribeRequest,
   RequestBody::GrantCreditRequest,
   RequestBody::UnsubscribeRequest,
+  RequestBody::MetricsRequest,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -134,9 +135,10 @@ impl RequestBody {
   pub const SubscribeRequest: Self = Self(8);
   pub const GrantCreditRequest: Self = Self(9);
   pub const UnsubscribeRequest: Self = Self(10);
+  pub const MetricsRequest: Self = Self(11);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 10;
+  pub const ENUM_MAX: u8 = 11;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::MetadataRequest,
@@ -149,6 +151,7 @@ impl RequestBody {
     Self::SubscribeRequest,
     Self::GrantCreditRequest,
     Self::UnsubscribeRequest,
+    Self::MetricsRequest,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -164,6 +167,7 @@ impl RequestBody {
       Self::SubscribeRequest => Some("SubscribeRequest"),
       Self::GrantCreditRequest => Some("GrantCreditRequest"),
       Self::UnsubscribeRequest => Some("UnsubscribeRequest"),
+      Self::MetricsRequest => Some("MetricsRequest"),
       _ => None,
     }
   }
@@ -223,10 +227,10 @@ pub struct RequestBodyUnionTableOffset {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_RESPONSE_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_RESPONSE_BODY: u8 = 11;
+pub const ENUM_MAX_RESPONSE_BODY: u8 = 12;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 12] = [
+pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 13] = [
   ResponseBody::NONE,
   ResponseBody::MetadataResponse,
   ResponseBody::CreateTopicResponse,
@@ -239,6 +243,7 @@ pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 12] = [
   ResponseBody::GrantCreditResponse,
   ResponseBody::UnsubscribeResponse,
   ResponseBody::Push,
+  ResponseBody::MetricsResponse,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -258,9 +263,10 @@ impl ResponseBody {
   pub const GrantCreditResponse: Self = Self(9);
   pub const UnsubscribeResponse: Self = Self(10);
   pub const Push: Self = Self(11);
+  pub const MetricsResponse: Self = Self(12);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 11;
+  pub const ENUM_MAX: u8 = 12;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::MetadataResponse,
@@ -274,6 +280,7 @@ impl ResponseBody {
     Self::GrantCreditResponse,
     Self::UnsubscribeResponse,
     Self::Push,
+    Self::MetricsResponse,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -290,6 +297,7 @@ impl ResponseBody {
       Self::GrantCreditResponse => Some("GrantCreditResponse"),
       Self::UnsubscribeResponse => Some("UnsubscribeResponse"),
       Self::Push => Some("Push"),
+      Self::MetricsResponse => Some("MetricsResponse"),
       _ => None,
     }
   }
@@ -3257,6 +3265,293 @@ impl ::core::fmt::Debug for Push<'_> {
       ds.finish()
   }
 }
+pub enum MetricOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Metric<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Metric<'a> {
+  type Inner = Metric<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Metric<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_VALUE: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Metric { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MetricArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Metric<'bldr>> {
+    let mut builder = MetricBuilder::new(_fbb);
+    builder.add_value(args.value);
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Metric::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn value(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Metric::VT_VALUE, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Metric<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<u64>("value", Self::VT_VALUE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MetricArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub value: u64,
+}
+impl<'a> Default for MetricArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    MetricArgs {
+      name: None,
+      value: 0,
+    }
+  }
+}
+
+pub struct MetricBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MetricBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Metric::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_value(&mut self, value: u64) {
+    self.fbb_.push_slot::<u64>(Metric::VT_VALUE, value, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MetricBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MetricBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Metric<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Metric<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Metric");
+      ds.field("name", &self.name());
+      ds.field("value", &self.value());
+      ds.finish()
+  }
+}
+pub enum MetricsRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct MetricsRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MetricsRequest<'a> {
+  type Inner = MetricsRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MetricsRequest<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MetricsRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args MetricsRequestArgs
+  ) -> ::flatbuffers::WIPOffset<MetricsRequest<'bldr>> {
+    let mut builder = MetricsRequestBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for MetricsRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MetricsRequestArgs {
+}
+impl<'a> Default for MetricsRequestArgs {
+  #[inline]
+  fn default() -> Self {
+    MetricsRequestArgs {
+    }
+  }
+}
+
+pub struct MetricsRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MetricsRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MetricsRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MetricsRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MetricsRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MetricsRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MetricsRequest");
+      ds.finish()
+  }
+}
+pub enum MetricsResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct MetricsResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MetricsResponse<'a> {
+  type Inner = MetricsResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MetricsResponse<'a> {
+  pub const VT_METRICS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MetricsResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MetricsResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<MetricsResponse<'bldr>> {
+    let mut builder = MetricsResponseBuilder::new(_fbb);
+    if let Some(x) = args.metrics { builder.add_metrics(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn metrics(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Metric<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Metric>>>>(MetricsResponse::VT_METRICS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for MetricsResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Metric>>>>("metrics", Self::VT_METRICS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MetricsResponseArgs<'a> {
+    pub metrics: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Metric<'a>>>>>,
+}
+impl<'a> Default for MetricsResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    MetricsResponseArgs {
+      metrics: None,
+    }
+  }
+}
+
+pub struct MetricsResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MetricsResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_metrics(&mut self, metrics: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Metric<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MetricsResponse::VT_METRICS, metrics);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MetricsResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MetricsResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MetricsResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MetricsResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MetricsResponse");
+      ds.field("metrics", &self.metrics());
+      ds.finish()
+  }
+}
 pub enum RequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -3483,6 +3778,21 @@ impl<'a> Request<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_metrics_request(&self) -> Option<MetricsRequest<'a>> {
+    if self.body_type() == RequestBody::MetricsRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { MetricsRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -3506,6 +3816,7 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           RequestBody::SubscribeRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SubscribeRequest>>("RequestBody::SubscribeRequest", pos),
           RequestBody::GrantCreditRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GrantCreditRequest>>("RequestBody::GrantCreditRequest", pos),
           RequestBody::UnsubscribeRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<UnsubscribeRequest>>("RequestBody::UnsubscribeRequest", pos),
+          RequestBody::MetricsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MetricsRequest>>("RequestBody::MetricsRequest", pos),
           _ => Ok(()),
         }
      })?
@@ -3646,6 +3957,13 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         RequestBody::UnsubscribeRequest => {
           if let Some(x) = self.body_as_unsubscribe_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::MetricsRequest => {
+          if let Some(x) = self.body_as_metrics_request() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -3900,6 +4218,21 @@ impl<'a> Response<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_metrics_response(&self) -> Option<MetricsResponse<'a>> {
+    if self.body_type() == ResponseBody::MetricsResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { MetricsResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Response<'_> {
@@ -3924,6 +4257,7 @@ impl ::flatbuffers::Verifiable for Response<'_> {
           ResponseBody::GrantCreditResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GrantCreditResponse>>("ResponseBody::GrantCreditResponse", pos),
           ResponseBody::UnsubscribeResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<UnsubscribeResponse>>("ResponseBody::UnsubscribeResponse", pos),
           ResponseBody::Push => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Push>>("ResponseBody::Push", pos),
+          ResponseBody::MetricsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MetricsResponse>>("ResponseBody::MetricsResponse", pos),
           _ => Ok(()),
         }
      })?
@@ -4071,6 +4405,13 @@ impl ::core::fmt::Debug for Response<'_> {
         },
         ResponseBody::Push => {
           if let Some(x) = self.body_as_push() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::MetricsResponse => {
+          if let Some(x) = self.body_as_metrics_response() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

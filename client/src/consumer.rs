@@ -1,0 +1,428 @@
+//! The consumer: assigned partitions read by long-poll fetch, and push
+//! subscriptions with credit-based flow control (L1, C4, C5).
+
+use crate::client::Client;
+use crate::connection::Connection;
+use crate::error::{Error, Result};
+use futures::stream::{FuturesUnordered, StreamExt};
+use shoal_wire::batch::{Batches, Records};
+use shoal_wire::fb;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A record read from a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumedRecord {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Where to start reading a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    Beginning,
+    End,
+    Offset(u64),
+    /// The first record at or after this time (ms since the epoch).
+    Timestamp(i64),
+}
+
+/// Decodes the records at or after `from` in a run of batches.
+pub fn decode_records(
+    topic: &str,
+    partition: u32,
+    payload: &[u8],
+    from: u64,
+) -> Result<Vec<ConsumedRecord>> {
+    let mut out = Vec::new();
+    for b in Batches::new(payload, usize::MAX) {
+        let (h, batch) = b.map_err(|e| Error::Protocol(format!("bad batch from broker: {e}")))?;
+        for r in Records::new(batch) {
+            let r = r.map_err(|e| Error::Protocol(format!("bad record from broker: {e}")))?;
+            let offset = h.base_offset + u64::from(r.offset_delta);
+            if offset < from {
+                continue;
+            }
+            out.push(ConsumedRecord {
+                topic: topic.to_string(),
+                partition,
+                offset,
+                timestamp_ms: h.first_timestamp_ms + i64::from(r.timestamp_delta_ms),
+                key: r.key.map(<[u8]>::to_vec),
+                value: r.value.map(<[u8]>::to_vec),
+                headers: r.headers().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// One fetch's result.
+pub struct Fetched {
+    pub records: Vec<ConsumedRecord>,
+    pub next_offset: u64,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub max_bytes: u32,
+    pub min_bytes: u32,
+    pub max_wait: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            max_bytes: 1024 * 1024,
+            min_bytes: 1,
+            max_wait: Duration::from_millis(500),
+        }
+    }
+}
+
+struct Assignment {
+    topic: String,
+    partition: u32,
+    next: u64,
+}
+
+/// Reads assigned partitions.
+pub struct Consumer {
+    client: Client,
+    config: ConsumerConfig,
+    assigned: Vec<Assignment>,
+}
+
+impl Consumer {
+    pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
+        Consumer {
+            client,
+            config,
+            assigned: Vec::new(),
+        }
+    }
+
+    /// Reads `partition` of `topic` from `start`.
+    pub async fn assign(&mut self, topic: &str, partition: u32, start: StartAt) -> Result<()> {
+        let t = self.client.topic(topic).await?;
+        if partition as usize >= t.partitions.len() {
+            return Err(Error::Invalid(format!(
+                "topic {topic:?} has no partition {partition}"
+            )));
+        }
+        let next = match start {
+            StartAt::Offset(o) => o,
+            StartAt::Beginning => self
+                .fetch_once(topic, partition, 0, None, 0, Duration::ZERO)
+                .await
+                .map(|f| f.log_start_offset)
+                .or_else(|e| {
+                    if e.code() == Some(shoal_wire::ErrorCode::OffsetOutOfRange) {
+                        Ok(0)
+                    } else {
+                        Err(e)
+                    }
+                })?,
+            StartAt::End => {
+                self.client.describe_topic(topic).await?.partitions[partition as usize]
+                    .high_watermark
+            }
+            StartAt::Timestamp(ts) => {
+                let f = self
+                    .fetch_once(topic, partition, 0, Some(ts), 1, Duration::ZERO)
+                    .await?;
+                f.records.first().map_or(f.next_offset, |r| r.offset)
+            }
+        };
+        self.assigned.push(Assignment {
+            topic: topic.to_string(),
+            partition,
+            next,
+        });
+        Ok(())
+    }
+
+    /// Assigns every partition of `topic`.
+    pub async fn assign_all(&mut self, topic: &str, start: StartAt) -> Result<()> {
+        let n = self.client.topic(topic).await?.partitions.len() as u32;
+        for p in 0..n {
+            self.assign(topic, p, start).await?;
+        }
+        Ok(())
+    }
+
+    /// Next offset per assigned partition.
+    pub fn positions(&self) -> Vec<(String, u32, u64)> {
+        self.assigned
+            .iter()
+            .map(|a| (a.topic.clone(), a.partition, a.next))
+            .collect()
+    }
+
+    /// One fetch from one partition.
+    pub async fn fetch_once(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        timestamp_ms: Option<i64>,
+        min_bytes: u32,
+        max_wait: Duration,
+    ) -> Result<Fetched> {
+        let conn = self.client.partition_connection(topic, partition).await?;
+        fetch(
+            &conn,
+            topic,
+            partition,
+            offset,
+            timestamp_ms,
+            self.config.max_bytes,
+            min_bytes,
+            max_wait,
+        )
+        .await
+    }
+
+    /// Returns the next records from the assigned partitions: at once if
+    /// any are ready, else as soon as one partition has data, else empty
+    /// after `max_wait`.
+    pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>> {
+        for wait in [Duration::ZERO, self.config.max_wait] {
+            let mut fetches = FuturesUnordered::new();
+            let this = &*self;
+            for (i, a) in this.assigned.iter().enumerate() {
+                let (topic, partition, next) = (a.topic.clone(), a.partition, a.next);
+                let min = if wait.is_zero() {
+                    0
+                } else {
+                    self.config.min_bytes
+                };
+                fetches.push(async move {
+                    (
+                        i,
+                        this.fetch_once(&topic, partition, next, None, min, wait)
+                            .await,
+                    )
+                });
+            }
+            let mut got = Vec::new();
+            let mut advance = Vec::new();
+            while let Some((i, r)) = fetches.next().await {
+                let f = r?;
+                advance.push((i, f.next_offset));
+                if !f.records.is_empty() {
+                    got.extend(f.records);
+                    if !wait.is_zero() {
+                        break;
+                    }
+                }
+            }
+            drop(fetches);
+            for (i, next) in advance {
+                self.assigned[i].next = self.assigned[i].next.max(next);
+            }
+            if !got.is_empty() {
+                return Ok(got);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// Subscribes to pushes of `partition` from `offset`, granting
+    /// `credit_bytes` up front. The broker never sends more payload than
+    /// granted; [`Subscription::next`] grants back what it consumed.
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        credit_bytes: u64,
+    ) -> Result<Subscription> {
+        let conn = self.client.partition_connection(topic, partition).await?;
+        let f = conn
+            .request(
+                fb::RequestBody::SubscribeRequest,
+                |fbb| {
+                    let t = fbb.create_string(topic);
+                    fb::SubscribeRequest::create(
+                        fbb,
+                        &fb::SubscribeRequestArgs {
+                            topic: Some(t),
+                            partition,
+                            offset,
+                            credit_bytes,
+                        },
+                    )
+                    .as_union_value()
+                },
+                &[],
+            )
+            .await?;
+        let id = f
+            .response()
+            .body_as_subscribe_response()
+            .map(|s| s.subscription_id())
+            .ok_or_else(|| Error::Protocol("expected a subscribe response".into()))?;
+        let pushes = conn.register_push(id);
+        Ok(Subscription {
+            conn,
+            id,
+            topic: topic.to_string(),
+            partition,
+            next: offset,
+            pushes,
+            auto_credit: true,
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch(
+    conn: &Connection,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    timestamp_ms: Option<i64>,
+    max_bytes: u32,
+    min_bytes: u32,
+    max_wait: Duration,
+) -> Result<Fetched> {
+    let f = conn
+        .request(
+            fb::RequestBody::FetchRequest,
+            |fbb| {
+                let t = fbb.create_string(topic);
+                fb::FetchRequest::create(
+                    fbb,
+                    &fb::FetchRequestArgs {
+                        topic: Some(t),
+                        partition,
+                        offset,
+                        by_timestamp: timestamp_ms.is_some(),
+                        timestamp_ms: timestamp_ms.unwrap_or(0),
+                        max_bytes,
+                        min_bytes,
+                        max_wait_ms: max_wait.as_millis().min(u128::from(u32::MAX)) as u32,
+                    },
+                )
+                .as_union_value()
+            },
+            &[],
+        )
+        .await?;
+    let resp = f.response();
+    let r = resp
+        .body_as_fetch_response()
+        .ok_or_else(|| Error::Protocol("expected a fetch response".into()))?;
+    let from = if timestamp_ms.is_some() { 0 } else { offset };
+    Ok(Fetched {
+        records: decode_records(topic, partition, f.payload(), from)?,
+        next_offset: r.next_offset(),
+        high_watermark: r.high_watermark(),
+        log_start_offset: r.log_start_offset(),
+    })
+}
+
+/// A push subscription to one partition.
+pub struct Subscription {
+    conn: Arc<Connection>,
+    id: u64,
+    topic: String,
+    partition: u32,
+    next: u64,
+    pushes: tokio::sync::mpsc::UnboundedReceiver<Result<crate::connection::Frame>>,
+    auto_credit: bool,
+}
+
+/// One push: its records and the payload bytes it used of the credit.
+pub struct Pushed {
+    pub records: Vec<ConsumedRecord>,
+    pub payload_bytes: u64,
+}
+
+impl Subscription {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Leave credit management to the caller ([`Self::grant`]).
+    pub fn manual_credit(&mut self) {
+        self.auto_credit = false;
+    }
+
+    /// Waits for the next push. With automatic credit, the bytes consumed
+    /// are granted back once the push is decoded.
+    pub async fn next(&mut self) -> Result<Pushed> {
+        let frame = self.pushes.recv().await.ok_or(Error::Closed)??;
+        let p = frame
+            .response()
+            .body_as_push()
+            .ok_or_else(|| Error::Protocol("expected a push".into()))?;
+        let next = p.next_offset();
+        let records = decode_records(&self.topic, self.partition, frame.payload(), self.next)?;
+        self.next = next;
+        let payload_bytes = frame.payload().len() as u64;
+        if self.auto_credit {
+            self.grant(payload_bytes).await?;
+        }
+        Ok(Pushed {
+            records,
+            payload_bytes,
+        })
+    }
+
+    /// Grants the broker `bytes` more payload.
+    pub async fn grant(&self, bytes: u64) -> Result<()> {
+        let id = self.id;
+        self.conn
+            .request(
+                fb::RequestBody::GrantCreditRequest,
+                |fbb| {
+                    fb::GrantCreditRequest::create(
+                        fbb,
+                        &fb::GrantCreditRequestArgs {
+                            subscription_id: id,
+                            bytes,
+                        },
+                    )
+                    .as_union_value()
+                },
+                &[],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Next offset the subscription will deliver.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
+    pub async fn unsubscribe(self) -> Result<()> {
+        let id = self.id;
+        self.conn.unregister_push(id);
+        self.conn
+            .request(
+                fb::RequestBody::UnsubscribeRequest,
+                |fbb| {
+                    fb::UnsubscribeRequest::create(
+                        fbb,
+                        &fb::UnsubscribeRequestArgs {
+                            subscription_id: id,
+                        },
+                    )
+                    .as_union_value()
+                },
+                &[],
+            )
+            .await?;
+        Ok(())
+    }
+}

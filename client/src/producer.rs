@@ -1,0 +1,401 @@
+//! The producer: batching by size and linger, partitioning, acks,
+//! idempotence and retries (L1, C3).
+//!
+//! Records for one partition accumulate in a [`BatchBuilder`]; a batch is
+//! sent when it reaches `batch_bytes` or `linger` after its first record.
+//! Each partition has one sender task that sends its batches in order, one
+//! at a time, so with idempotence on (the default) a retry after an error
+//! carries the same producer id and sequence and the broker never writes it
+//! twice.
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use shoal_wire::batch::{BatchBuilder, NewRecord, NO_PRODUCER_ID, NO_SEQUENCE};
+use shoal_wire::fb;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// How the broker acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    /// The broker answers once it accepted the batch (nothing waited for).
+    None,
+    /// The broker answers once the batch is stored per the topic's sync
+    /// mode (on disk under `always`).
+    Leader,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partitioner {
+    /// Records with a key go to hash(key) % partitions; others round-robin.
+    KeyOrRoundRobin,
+    /// Every record round-robin, keys ignored.
+    RoundRobin,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    pub batch_bytes: usize,
+    pub linger: Duration,
+    pub acks: Acks,
+    pub idempotent: bool,
+    pub retries: u32,
+    pub retry_backoff: Duration,
+    pub partitioner: Partitioner,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            batch_bytes: 64 * 1024,
+            linger: Duration::from_millis(1),
+            acks: Acks::Leader,
+            idempotent: true,
+            retries: 10,
+            retry_backoff: Duration::from_millis(100),
+            partitioner: Partitioner::KeyOrRoundRobin,
+        }
+    }
+}
+
+/// Where a record was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMetadata {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+type Waiter = oneshot::Sender<Result<RecordMetadata>>;
+
+struct Pending {
+    builder: BatchBuilder,
+    waiters: Vec<Waiter>,
+    linger_armed: bool,
+}
+
+struct PartitionState {
+    pending: Pending,
+    next_sequence: i32,
+    queue: mpsc::UnboundedSender<Outgoing>,
+}
+
+struct Outgoing {
+    batch: Vec<u8>,
+    waiters: Vec<Waiter>,
+}
+
+struct Shared {
+    client: Client,
+    config: ProducerConfig,
+    producer_id: i64,
+    partitions: Mutex<HashMap<(String, u32), PartitionState>>,
+}
+
+/// Sends records to topics. Clone it freely; clones share batches.
+#[derive(Clone)]
+pub struct Producer {
+    shared: Arc<Shared>,
+    round_robin: Arc<AtomicU32>,
+}
+
+/// A record's acknowledgement, to await.
+pub struct Delivery(oneshot::Receiver<Result<RecordMetadata>>);
+
+impl std::future::Future for Delivery {
+    type Output = Result<RecordMetadata>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::Closed)))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn hash(key: &[u8]) -> u32 {
+    // FNV-1a: stable across processes and versions.
+    key.iter().fold(0x811c9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x01000193)
+    })
+}
+
+impl Producer {
+    pub fn new(client: Client, config: ProducerConfig) -> Producer {
+        // A random id: with 63 bits a collision between producers is
+        // negligible, and no broker round trip is needed to get one.
+        let producer_id = if config.idempotent {
+            (rand::random::<u64>() >> 1) as i64
+        } else {
+            NO_PRODUCER_ID
+        };
+        Producer {
+            shared: Arc::new(Shared {
+                client,
+                config,
+                producer_id,
+                partitions: Mutex::new(HashMap::new()),
+            }),
+            round_robin: Arc::new(AtomicU32::new(rand::random::<u32>())),
+        }
+    }
+
+    /// Sends a record and waits for its acknowledgement.
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<RecordMetadata> {
+        self.send_nowait(topic, key, value).await?.await
+    }
+
+    /// Queues a record; the returned [`Delivery`] resolves when it is
+    /// acknowledged. Records to one partition are stored in call order.
+    pub async fn send_nowait(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<Delivery> {
+        let t = self.shared.client.topic(topic).await?;
+        let n = t.partitions.len() as u32;
+        if n == 0 {
+            return Err(Error::Invalid(format!("topic {topic:?} has no partitions")));
+        }
+        let partition = match (self.shared.config.partitioner, key) {
+            (Partitioner::KeyOrRoundRobin, Some(k)) => hash(k) % n,
+            _ => self.round_robin.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        self.send_to(topic, partition, key, value)
+    }
+
+    /// Queues a record for a given partition.
+    pub fn send_to(
+        &self,
+        topic: &str,
+        partition: u32,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<Delivery> {
+        let (tx, rx) = oneshot::channel();
+        let record = NewRecord {
+            key,
+            value: Some(value),
+            headers: &[],
+            timestamp_ms: now_ms(),
+        };
+        let cfg = &self.shared.config;
+        let mut parts = lock(&self.shared.partitions);
+        let key_tp = (topic.to_string(), partition);
+        let st = parts.entry(key_tp.clone()).or_insert_with(|| {
+            let (q, rx) = mpsc::unbounded_channel();
+            tokio::spawn(partition_sender(
+                self.shared.clone(),
+                topic.to_string(),
+                partition,
+                rx,
+            ));
+            PartitionState {
+                pending: Pending {
+                    builder: BatchBuilder::with_capacity(cfg.batch_bytes),
+                    waiters: Vec::new(),
+                    linger_armed: false,
+                },
+                next_sequence: 0,
+                queue: q,
+            }
+        });
+        if !st.pending.builder.is_empty()
+            && st.pending.builder.len() + record.encoded_len() > cfg.batch_bytes
+        {
+            Self::seal(&self.shared, st);
+        }
+        st.pending
+            .builder
+            .push(&record)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        st.pending.waiters.push(tx);
+        if st.pending.builder.len() >= cfg.batch_bytes {
+            Self::seal(&self.shared, st);
+        } else if !st.pending.linger_armed {
+            st.pending.linger_armed = true;
+            let (shared, linger) = (self.shared.clone(), cfg.linger);
+            tokio::spawn(async move {
+                tokio::time::sleep(linger).await;
+                let mut parts = lock(&shared.partitions);
+                if let Some(st) = parts.get_mut(&key_tp) {
+                    if st.pending.linger_armed {
+                        Self::seal(&shared, st);
+                    }
+                }
+            });
+        }
+        Ok(Delivery(rx))
+    }
+
+    /// Turns the pending records into a batch and queues it for sending.
+    fn seal(shared: &Shared, st: &mut PartitionState) {
+        st.pending.linger_armed = false;
+        if st.pending.builder.is_empty() {
+            return;
+        }
+        let count = st.pending.builder.record_count() as i32;
+        let seq = if shared.producer_id >= 0 {
+            st.next_sequence
+        } else {
+            NO_SEQUENCE
+        };
+        st.next_sequence = st.next_sequence.wrapping_add(count) & i32::MAX;
+        let batch = st.pending.builder.finish(shared.producer_id, 0, seq);
+        let waiters = std::mem::take(&mut st.pending.waiters);
+        if let Err(mpsc::error::SendError(o)) = st.queue.send(Outgoing { batch, waiters }) {
+            for w in o.waiters {
+                let _ = w.send(Err(Error::Closed));
+            }
+        }
+    }
+
+    /// Sends everything queued so far and waits for it.
+    pub async fn flush(&self) -> Result<()> {
+        let mut waits = Vec::new();
+        {
+            let mut parts = lock(&self.shared.partitions);
+            for st in parts.values_mut() {
+                let (tx, rx) = oneshot::channel();
+                if !st.pending.builder.is_empty() {
+                    // Ride along with the last record's acknowledgement.
+                    st.pending.waiters.push(tx);
+                    Self::seal(&self.shared, st);
+                    waits.push(rx);
+                } else {
+                    let _ = st.queue.send(Outgoing {
+                        batch: Vec::new(),
+                        waiters: vec![tx],
+                    });
+                    waits.push(rx);
+                }
+            }
+        }
+        for w in waits {
+            match w.await {
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn partition_sender(
+    shared: Arc<Shared>,
+    topic: String,
+    partition: u32,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    while let Some(out) = rx.recv().await {
+        if out.batch.is_empty() {
+            // A flush marker: everything before it has been answered.
+            for w in out.waiters {
+                let _ = w.send(Ok(RecordMetadata {
+                    partition,
+                    offset: 0,
+                }));
+            }
+            continue;
+        }
+        let r = send_with_retries(&shared, &topic, partition, &out.batch).await;
+        match r {
+            Ok(base) => {
+                // A flush waiter rides at the end: it gets the last offset.
+                for (i, w) in out.waiters.into_iter().enumerate() {
+                    let _ = w.send(Ok(RecordMetadata {
+                        partition,
+                        offset: base + i as u64,
+                    }));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let code = e.code();
+                for w in out.waiters {
+                    let _ = w.send(Err(match code {
+                        Some(code) => Error::Broker {
+                            code,
+                            message: msg.clone(),
+                        },
+                        None => Error::Protocol(msg.clone()),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+async fn send_with_retries(
+    shared: &Shared,
+    topic: &str,
+    partition: u32,
+    batch: &[u8],
+) -> Result<u64> {
+    let cfg = &shared.config;
+    let mut attempt = 0;
+    loop {
+        let r = async {
+            let conn = shared.client.partition_connection(topic, partition).await?;
+            let acks = match cfg.acks {
+                Acks::None => fb::Acks::None,
+                Acks::Leader => fb::Acks::Leader,
+            };
+            let f = conn
+                .request(
+                    fb::RequestBody::ProduceRequest,
+                    |fbb| {
+                        let t = fbb.create_string(topic);
+                        fb::ProduceRequest::create(
+                            fbb,
+                            &fb::ProduceRequestArgs {
+                                topic: Some(t),
+                                partition,
+                                acks,
+                                timeout_ms: 30_000,
+                            },
+                        )
+                        .as_union_value()
+                    },
+                    batch,
+                )
+                .await?;
+            let resp = f.response();
+            let p = resp
+                .body_as_produce_response()
+                .ok_or_else(|| Error::Protocol("expected a produce response".into()))?;
+            Ok::<u64, Error>(p.base_offset())
+        }
+        .await;
+        match r {
+            Ok(base) => return Ok(base),
+            Err(e) if e.is_retriable() && attempt < cfg.retries => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "produce failed; retrying");
+                shared.client.invalidate();
+                tokio::time::sleep(cfg.retry_backoff * attempt).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Broker configuration: `shoal serve` flags and the TOML file.
+//!
+//! Every setting can be given in the file (`--config shoal.toml`); a flag
+//! given on the command line wins over the file. Documented in README.md.
+
+use serde::Deserialize;
+use shoal_shard::SyncMode;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Settings as read from the TOML file (all optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub cores: Option<String>,
+    pub advertised_host: Option<String>,
+    pub frame_bytes_max: Option<usize>,
+    pub connections_max: Option<usize>,
+    pub default_sync: Option<String>,
+    pub segment_bytes: Option<u64>,
+    pub retention_ms: Option<u64>,
+    pub retention_bytes: Option<u64>,
+    pub retention_check_ms: Option<u64>,
+}
+
+/// The resolved configuration a broker runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// CPU of shard `i` at index `i`.
+    pub cores: Vec<usize>,
+    pub advertised_host: String,
+    pub frame_bytes_max: usize,
+    pub connections_max: usize,
+    pub default_sync: SyncMode,
+    pub segment_bytes: u64,
+    pub retention: Option<Duration>,
+    pub retention_bytes: Option<u64>,
+    pub retention_check: Duration,
+}
+
+/// Parses a core list: `all`, `0,2,3`, `0-3` or a mix (`0-1,4`).
+pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
+    let available = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if s.trim() == "all" {
+        return Ok((0..available).collect());
+    }
+    let mut cores = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("invalid core list {s:?}: expected all, N, N-M, comma-separated");
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (usize, usize) =
+                (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+            if a > b {
+                return Err(bad());
+            }
+            cores.extend(a..=b);
+        } else {
+            cores.push(part.parse().map_err(|_| bad())?);
+        }
+    }
+    if cores.is_empty() {
+        return Err("the core list is empty".into());
+    }
+    let mut seen = cores.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != cores.len() {
+        return Err(format!("core list {s:?} names a core twice"));
+    }
+    if let Some(c) = cores.iter().find(|&&c| c >= available) {
+        return Err(format!(
+            "core {c} does not exist (this machine has {available})"
+        ));
+    }
+    Ok(cores)
+}
+
+/// Flags of `shoal serve` that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub cores: Option<String>,
+    pub config: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn load(o: &Overrides) -> Result<Config, String> {
+        let file = match &o.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let listen = o
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:9400".into());
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|_| format!("invalid listen address {listen:?}: expected IP:PORT"))?;
+        let cores = parse_cores(
+            &o.cores
+                .clone()
+                .or(file.cores)
+                .unwrap_or_else(|| "all".into()),
+        )?;
+        if usize::from(listen.port()) + cores.len() > usize::from(u16::MAX) {
+            return Err("listen port too high: shard ports are port+1 .. port+shards".into());
+        }
+        let default_sync: SyncMode = file
+            .default_sync
+            .as_deref()
+            .unwrap_or("interval:100")
+            .parse()?;
+        let frame_bytes_max = file
+            .frame_bytes_max
+            .unwrap_or(shoal_wire::frame::FRAME_BYTES_MAX_DEFAULT);
+        if frame_bytes_max < 64 * 1024 {
+            return Err("frame_bytes_max must be at least 65536".into());
+        }
+        Ok(Config {
+            listen,
+            data_dir: o
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| "./shoal-data".into()),
+            cores,
+            advertised_host: file
+                .advertised_host
+                .unwrap_or_else(|| listen.ip().to_string()),
+            frame_bytes_max,
+            connections_max: file.connections_max.unwrap_or(10_000),
+            default_sync,
+            segment_bytes: file
+                .segment_bytes
+                .unwrap_or(shoal_shard::limits::SEGMENT_BYTES_DEFAULT),
+            retention: Some(Duration::from_millis(
+                file.retention_ms
+                    .unwrap_or(shoal_shard::limits::RETENTION_AGE_DEFAULT_MS),
+            )),
+            retention_bytes: file.retention_bytes,
+            retention_check: Duration::from_millis(
+                file.retention_check_ms.unwrap_or(60_000).max(100),
+            ),
+        })
+    }
+
+    pub fn shard_port(&self, shard: usize) -> u16 {
+        self.listen.port() + 1 + shard as u16
+    }
+}
+
+fn read_file(p: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| format!("cannot read config {}: {e}", p.display()))?;
+    toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn core_lists() {
+        assert_eq!(parse_cores("0").unwrap(), vec![0]);
+        assert!(parse_cores("0,0").is_err());
+        assert!(parse_cores("1-0").is_err());
+        assert!(parse_cores("x").is_err());
+        assert!(parse_cores("9999").is_err());
+        assert!(!parse_cores("all").unwrap().is_empty());
+    }
+    #[test]
+    fn file_overridden_by_flags() {
+        let dir = std::env::temp_dir().join(format!("shoal-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("shoal.toml");
+        std::fs::write(
+            &p,
+            "listen = \"127.0.0.1:7000\"\ndata_dir = \"/tmp/x\"\ndefault_sync = \"always\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&Overrides {
+            config: Some(p.clone()),
+            listen: Some("127.0.0.1:7100".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.listen.port(), 7100);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.default_sync, SyncMode::Always);
+        std::fs::write(&p, "bogus = 1\n").unwrap();
+        assert!(Config::load(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .is_err());
+    }
+}

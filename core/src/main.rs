@@ -1,0 +1,184 @@
+//! The `shoal` binary: the broker (`shoal serve`) and its CLI.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mimalloc::MiMalloc;
+use shoal_core::{cli, config, server};
+use std::path::PathBuf;
+
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Shoal: a thread-per-core message broker"
+)]
+struct Cli {
+    /// Broker to talk to (client commands).
+    #[arg(long, global = true, default_value = "127.0.0.1:9400")]
+    broker: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a broker: one shard per core, single node, no ZooKeeper needed.
+    Serve {
+        /// Public address; shard i also listens on port+1+i.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Where partitions and topic metadata live.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Cores to run shards on: all, 0,1 or 0-3.
+        #[arg(long)]
+        cores: Option<String>,
+        /// TOML file with any of the settings (flags win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Create, list, describe or delete topics.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Produce one message per stdin line; exits when stdin closes and all are acknowledged.
+    Produce {
+        topic: String,
+        /// Key for every message (chooses the partition by hash).
+        #[arg(long)]
+        key: Option<String>,
+        /// Send to this partition.
+        #[arg(long)]
+        partition: Option<u32>,
+        #[arg(long, value_enum, default_value = "leader")]
+        acks: AcksArg,
+    },
+    /// Print message values, one per line.
+    Consume {
+        topic: String,
+        /// Start at the oldest message (default: only new ones).
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after N messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Keep waiting for new messages (default: stop at the end).
+        #[arg(long)]
+        follow: bool,
+        /// Read only this partition.
+        #[arg(long)]
+        partition: Option<u32>,
+    },
+    /// Print the broker's counters.
+    Metrics,
+}
+
+#[derive(Subcommand)]
+enum TopicCommand {
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// always | interval:<ms> | none (default: the broker's default_sync)
+        #[arg(long)]
+        sync: Option<String>,
+        #[arg(long)]
+        retention_ms: Option<u64>,
+        #[arg(long)]
+        retention_bytes: Option<u64>,
+        #[arg(long)]
+        segment_bytes: Option<u64>,
+    },
+    List,
+    Describe {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AcksArg {
+    None,
+    Leader,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let default_level = if serving { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let b = &cli.broker;
+    let r = match cli.command {
+        Command::Serve {
+            listen,
+            data_dir,
+            cores,
+            config,
+        } => config::Config::load(&config::Overrides {
+            listen,
+            data_dir,
+            cores,
+            config,
+        })
+        .and_then(server::run),
+        Command::Topic { command } => match command {
+            TopicCommand::Create {
+                name,
+                partitions,
+                sync,
+                retention_ms,
+                retention_bytes,
+                segment_bytes,
+            } => cli::topic_create(
+                b,
+                cli::TopicCreate {
+                    name,
+                    partitions,
+                    sync,
+                    retention_ms,
+                    retention_bytes,
+                    segment_bytes,
+                },
+            ),
+            TopicCommand::List => cli::topic_list(b),
+            TopicCommand::Describe { name } => cli::topic_describe(b, &name),
+            TopicCommand::Delete { name } => cli::topic_delete(b, &name),
+        },
+        Command::Produce {
+            topic,
+            key,
+            partition,
+            acks,
+        } => {
+            let acks = match acks {
+                AcksArg::None => shoal_client::Acks::None,
+                AcksArg::Leader => shoal_client::Acks::Leader,
+            };
+            cli::produce(b, &topic, key, partition, acks)
+        }
+        Command::Consume {
+            topic,
+            from_beginning,
+            count,
+            follow,
+            partition,
+        } => cli::consume(b, &topic, from_beginning, count, follow, partition),
+        Command::Metrics => cli::metrics(b),
+    };
+    if let Err(e) = r {
+        eprintln!("shoal: {e}");
+        std::process::exit(1);
+    }
+}
