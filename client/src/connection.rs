@@ -34,12 +34,16 @@ impl Frame {
 
 type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Frame>>>>>;
 type Pushes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Frame>>>>>;
+/// Push routes the reader created for new subscriptions, waiting for the
+/// subscriber to take them.
+type NewRoutes = Arc<Mutex<HashMap<u64, mpsc::UnboundedReceiver<Result<Frame>>>>>;
 
 pub struct Connection {
     pub addr: SocketAddr,
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Pending,
     pushes: Pushes,
+    new_routes: NewRoutes,
     next_corr: AtomicU32,
     closed: Arc<AtomicBool>,
     reader: tokio::task::JoinHandle<()>,
@@ -68,10 +72,16 @@ impl Connection {
         let (mut r, w) = stream.into_split();
         let pending: Pending = Arc::default();
         let pushes: Pushes = Arc::default();
+        let new_routes: NewRoutes = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
-        let (p2, s2, c2) = (pending.clone(), pushes.clone(), closed.clone());
+        let (p2, s2, n2, c2) = (
+            pending.clone(),
+            pushes.clone(),
+            new_routes.clone(),
+            closed.clone(),
+        );
         let reader = tokio::spawn(async move {
-            let r = read_loop(&mut r, &p2, &s2).await;
+            let r = read_loop(&mut r, &p2, &s2, &n2).await;
             c2.store(true, Ordering::SeqCst);
             if let Err(e) = r {
                 tracing::debug!(error = %e, "shoal connection closed");
@@ -88,6 +98,7 @@ impl Connection {
             writer: tokio::sync::Mutex::new(w),
             pending,
             pushes,
+            new_routes,
             next_corr: AtomicU32::new(1),
             closed,
             reader,
@@ -157,8 +168,12 @@ impl Connection {
         Ok(frame)
     }
 
-    /// Routes pushes for `subscription` to a channel.
+    /// The pushes for `subscription`. The route exists from the moment its
+    /// subscribe response arrived, so no push is lost in between.
     pub fn register_push(&self, subscription: u64) -> mpsc::UnboundedReceiver<Result<Frame>> {
+        if let Some(rx) = lock(&self.new_routes).remove(&subscription) {
+            return rx;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.pushes).insert(subscription, tx);
         rx
@@ -166,6 +181,7 @@ impl Connection {
 
     pub fn unregister_push(&self, subscription: u64) {
         lock(&self.pushes).remove(&subscription);
+        lock(&self.new_routes).remove(&subscription);
     }
 }
 
@@ -173,6 +189,7 @@ async fn read_loop(
     r: &mut tokio::net::tcp::OwnedReadHalf,
     pending: &Pending,
     pushes: &Pushes,
+    new_routes: &NewRoutes,
 ) -> Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut filled = 0;
@@ -198,6 +215,11 @@ async fn read_loop(
                     .map_err(|e| Error::Protocol(e.to_string()))?;
                 let corr = resp.correlation_id();
                 let push_id = resp.body_as_push().map(|p| p.subscription_id());
+                if let Some(sub) = resp.body_as_subscribe_response() {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    lock(pushes).insert(sub.subscription_id(), tx);
+                    lock(new_routes).insert(sub.subscription_id(), rx);
+                }
                 let err = (resp.error_code() != 0).then(|| {
                     (
                         ErrorCode::from_u16(resp.error_code()),

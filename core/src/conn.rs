@@ -285,24 +285,24 @@ impl Conn {
             }
             fb::RequestBody::SubscribeRequest => {
                 let sr = req.body_as_subscribe_request().expect("union type checked");
-                match self.subscribe(
-                    s(sr.topic()).to_string(),
-                    sr.partition(),
-                    sr.offset(),
-                    sr.credit_bytes(),
-                ) {
-                    Ok(id) => {
-                        return self
-                            .respond(corr, fb::ResponseBody::SubscribeResponse, |fbb| {
-                                fb::SubscribeResponse::create(
-                                    fbb,
-                                    &fb::SubscribeResponseArgs {
-                                        subscription_id: id,
-                                    },
-                                )
-                                .as_union_value()
-                            })
-                            .await
+                let (topic, partition, offset) =
+                    (s(sr.topic()).to_string(), sr.partition(), sr.offset());
+                match self.subscribe(&topic, partition, sr.credit_bytes()) {
+                    Ok((id, sub)) => {
+                        self.respond(corr, fb::ResponseBody::SubscribeResponse, |fbb| {
+                            fb::SubscribeResponse::create(
+                                fbb,
+                                &fb::SubscribeResponseArgs {
+                                    subscription_id: id,
+                                },
+                            )
+                            .as_union_value()
+                        })
+                        .await?;
+                        // Only now: no push may reach the client before the
+                        // response that tells it the subscription id.
+                        self.start_push(id, sub, topic, partition, offset);
+                        return Ok(());
                     }
                     Err(e) => Err(e),
                 }
@@ -607,13 +607,12 @@ impl Conn {
     }
 
     fn subscribe(
-        self: &Rc<Self>,
-        topic: String,
+        &self,
+        topic: &str,
         partition: u32,
-        offset: u64,
         credit: u64,
-    ) -> Reply<u64> {
-        self.shard.owner(&topic, partition)?;
+    ) -> Reply<(u64, Rc<Subscription>)> {
+        self.shard.owner(topic, partition)?;
         if self.subs.borrow().len() >= SUBSCRIPTIONS_MAX {
             return Err(ErrReply::new(
                 ErrorCode::ResourceLimit,
@@ -627,15 +626,26 @@ impl Conn {
             changed: Notify::default(),
         });
         self.subs.borrow_mut().insert(id, sub.clone());
+        Ok((id, sub))
+    }
+
+    fn start_push(
+        self: &Rc<Self>,
+        id: u64,
+        sub: Rc<Subscription>,
+        topic: String,
+        partition: u32,
+        offset: u64,
+    ) {
         let conn = self.clone();
         glommio::spawn_local(async move {
             if let Err(e) = conn.push_loop(id, sub, topic, partition, offset).await {
                 tracing::debug!(subscription = id, error = %e.message, "push subscription ended");
                 let _ = conn.respond_error(0, &e).await;
             }
+            conn.subs.borrow_mut().remove(&id);
         })
         .detach();
-        Ok(id)
     }
 
     /// Streams new batches to the client, never more payload bytes than the

@@ -1,0 +1,168 @@
+//! Harness for integration tests: starts the real `shoal` binary as a
+//! process on free 127.0.0.1 ports with its own data directory, and stops
+//! it gracefully (SIGTERM) or kills it (SIGKILL).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `shoal` binary built by this workspace (or `$SHOAL_BIN`).
+pub fn shoal_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SHOAL_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps");
+    let bin = dir.join("shoal");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --workspace --bins)",
+        bin.display()
+    );
+    bin
+}
+
+/// A base port with `shards` free ports after it, below the kernel's
+/// ephemeral range (32768+): a connect to a port in that range can pick
+/// the same port as its source and connect to itself.
+fn free_ports(shards: usize) -> u16 {
+    for _ in 0..200 {
+        let base = 10000 + rand::random::<u16>() % 20000;
+        let all_free =
+            (0..=shards as u16).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no free port range found");
+}
+
+pub struct Broker {
+    pub port: u16,
+    pub shards: usize,
+    pub data: tempfile::TempDir,
+    cores: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Broker {
+    /// Starts a broker on `cores` (e.g. "0,1") and waits until it serves.
+    pub fn start(cores: &str) -> Broker {
+        let shards = cores.split(',').count();
+        let data = tempfile::tempdir().expect("temp dir");
+        let log = data.path().join("broker.log");
+        let mut b = Broker {
+            port: free_ports(shards),
+            shards,
+            data,
+            cores: cores.into(),
+            child: None,
+            log,
+        };
+        b.spawn();
+        b
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(shoal_bin())
+            .args(["serve", "--listen", &self.addr(), "--cores", &self.cores])
+            .arg("--data-dir")
+            .arg(self.data.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start shoal");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ports: Vec<u16> = (0..=self.shards as u16).map(|i| self.port + i).collect();
+        let ready_before = self.log_text().matches("shoal is ready").count();
+        while Instant::now() < deadline {
+            let ready = self.log_text().matches("shoal is ready").count() > ready_before;
+            let up = ready
+                && ports.iter().all(|p| {
+                    let a: SocketAddr = format!("127.0.0.1:{p}").parse().expect("addr");
+                    TcpStream::connect_timeout(&a, Duration::from_millis(100)).is_ok()
+                });
+            if up {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("shoal exited with {status}: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("shoal did not start listening: {}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no flush, no checkpoint.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit success.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        // SAFETY: sends a signal to our own child process by pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        false
+    }
+
+    /// Starts the broker again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Cores for a two-shard broker where the machine has them, else one.
+pub fn two_shards() -> &'static str {
+    if std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        >= 2
+    {
+        "0,1"
+    } else {
+        "0"
+    }
+}

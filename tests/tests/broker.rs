@@ -1,0 +1,432 @@
+//! End-to-end behaviour of a single-node broker, through the real `shoal`
+//! process and the Rust client.
+
+use shoal_client::connection::Connection;
+use shoal_client::{Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig, StartAt};
+use shoal_tests::{two_shards, Broker};
+use shoal_wire::{fb, ErrorCode};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+async fn read_all(client: &Client, topic: &str) -> HashMap<u32, Vec<(u64, String)>> {
+    let t = client.topic(topic).await.unwrap();
+    let mut out = HashMap::new();
+    let consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    for p in 0..t.partitions.len() as u32 {
+        let mut at = 0;
+        let mut got = Vec::new();
+        loop {
+            let f = consumer
+                .fetch_once(topic, p, at, None, 0, Duration::ZERO)
+                .await
+                .unwrap();
+            if f.records.is_empty() {
+                break;
+            }
+            for r in f.records {
+                got.push((r.offset, String::from_utf8(r.value.unwrap()).unwrap()));
+            }
+            at = f.next_offset;
+        }
+        out.insert(p, got);
+    }
+    out
+}
+
+/// Messages produced to every partition (spread over both shards) are read
+/// back in order per partition, offsets dense from 0, and again after a
+/// clean restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_and_consume_across_shards_survives_restart() {
+    let mut broker = Broker::start(two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client
+        .create_topic(&NewTopic::new("orders", 6))
+        .await
+        .unwrap();
+    let t = client.describe_topic("orders").await.unwrap();
+    let shards: std::collections::HashSet<u16> = t.partitions.iter().map(|p| p.shard).collect();
+    assert_eq!(
+        shards.len(),
+        broker.shards,
+        "partitions are spread over every shard"
+    );
+
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    let mut deliveries = Vec::new();
+    for i in 0..3000u32 {
+        let p = i % 6;
+        deliveries.push(
+            producer
+                .send_to("orders", p, None, format!("{p}:{}", i / 6).as_bytes())
+                .unwrap(),
+        );
+    }
+    for d in deliveries {
+        d.await.unwrap();
+    }
+    let check = |all: &HashMap<u32, Vec<(u64, String)>>| {
+        for p in 0..6u32 {
+            let recs = &all[&p];
+            assert_eq!(recs.len(), 500, "partition {p}");
+            for (i, (offset, v)) in recs.iter().enumerate() {
+                assert_eq!(*offset, i as u64);
+                assert_eq!(v, &format!("{p}:{i}"), "partition {p} in order");
+            }
+        }
+    };
+    check(&read_all(&client, "orders").await);
+
+    assert!(
+        broker.terminate(),
+        "clean exit on SIGTERM: {}",
+        broker.log_text()
+    );
+    broker.restart();
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    check(&read_all(&client, "orders").await);
+    assert_eq!(
+        client.list_topics().await.unwrap().len(),
+        1,
+        "topic metadata survives restarts"
+    );
+}
+
+/// With `--sync always`, every acknowledged message survives `kill -9`
+/// during a produce stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_produce_loses_no_acknowledged_message() {
+    let mut broker = Broker::start(two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    let mut nt = NewTopic::new("durable", 2);
+    nt.sync = Some("always".into());
+    client.create_topic(&nt).await.unwrap();
+    let producer = Producer::new(
+        client.clone(),
+        ProducerConfig {
+            retries: 0,
+            ..ProducerConfig::default()
+        },
+    );
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for w in 0..4u32 {
+        let (producer, acked) = (producer.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0u32.. {
+                let v = format!("{w}-{i}");
+                match producer.send_to("durable", w % 2, None, v.as_bytes()) {
+                    Ok(d) => match d.await {
+                        Ok(m) => acked.lock().unwrap().push((m.partition, m.offset, v)),
+                        Err(_) => return,
+                    },
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    broker.kill9();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 50,
+        "the stream was running: {} acked",
+        acked.len()
+    );
+    broker.restart();
+    let client = match Client::connect(&broker.addr()).await {
+        Ok(c) => c,
+        Err(e) => panic!("cannot connect after restart: {e}: {}", broker.log_text()),
+    };
+    let all = read_all(&client, "durable").await;
+    assert!(
+        broker.is_running(),
+        "broker alive after recovery: {}",
+        broker.log_text()
+    );
+    for (p, offset, v) in &acked {
+        let got = all[p].iter().find(|(o, _)| o == offset).map(|(_, v)| v);
+        assert_eq!(
+            got,
+            Some(v),
+            "acknowledged message {v} at {p}/{offset} lost"
+        );
+    }
+}
+
+fn batch(producer_id: i64, seq: i32, values: &[&str]) -> Vec<u8> {
+    let mut b = shoal_wire::batch::BatchBuilder::default();
+    for v in values {
+        b.push(&shoal_wire::NewRecord {
+            value: Some(v.as_bytes()),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    b.finish(producer_id, 0, seq)
+}
+
+async fn produce_raw(
+    conn: &Connection,
+    topic: &str,
+    partition: u32,
+    payload: &[u8],
+) -> shoal_client::Result<(u64, u64, bool)> {
+    let f = conn
+        .request(
+            fb::RequestBody::ProduceRequest,
+            |fbb| {
+                let t = fbb.create_string(topic);
+                fb::ProduceRequest::create(
+                    fbb,
+                    &fb::ProduceRequestArgs {
+                        topic: Some(t),
+                        partition,
+                        acks: fb::Acks::Leader,
+                        timeout_ms: 1000,
+                    },
+                )
+                .as_union_value()
+            },
+            payload,
+        )
+        .await?;
+    let r = f.response();
+    let p = r.body_as_produce_response().unwrap();
+    Ok((p.base_offset(), p.last_offset(), p.duplicate()))
+}
+
+/// A retried idempotent batch (same producer id and sequence) is
+/// acknowledged with its original offsets and not written again.
+#[tokio::test]
+async fn idempotent_retry_writes_no_duplicate() {
+    let broker = Broker::start(two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client
+        .create_topic(&NewTopic::new("idem", 1))
+        .await
+        .unwrap();
+    let conn = client.partition_connection("idem", 0).await.unwrap();
+    let b = batch(77, 0, &["a", "b", "c"]);
+    assert_eq!(
+        produce_raw(&conn, "idem", 0, &b).await.unwrap(),
+        (0, 2, false)
+    );
+    assert_eq!(
+        produce_raw(&conn, "idem", 0, &b).await.unwrap(),
+        (0, 2, true)
+    );
+    let gap = batch(77, 9, &["x"]);
+    let err = produce_raw(&conn, "idem", 0, &gap).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::OutOfOrderSequence));
+    assert_eq!(
+        produce_raw(&conn, "idem", 0, &batch(77, 3, &["d"]))
+            .await
+            .unwrap(),
+        (3, 3, false)
+    );
+    let all = read_all(&client, "idem").await;
+    let values: Vec<&str> = all[&0].iter().map(|(_, v)| v.as_str()).collect();
+    assert_eq!(values, ["a", "b", "c", "d"]);
+}
+
+/// A long-poll fetch on an empty partition returns as soon as data
+/// arrives, well before its wait expires, and by timestamp lookup too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_returns_when_data_arrives() {
+    let broker = Broker::start(two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client.create_topic(&NewTopic::new("lp", 1)).await.unwrap();
+    let c2 = client.clone();
+    let started = Instant::now();
+    let waiter = tokio::spawn(async move {
+        let consumer = Consumer::new(c2, ConsumerConfig::default());
+        consumer
+            .fetch_once("lp", 0, 0, None, 1, Duration::from_secs(30))
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the fetch waits for data");
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    producer
+        .send_to("lp", 0, None, b"wake")
+        .unwrap()
+        .await
+        .unwrap();
+    let f = waiter.await.unwrap();
+    assert_eq!(f.records.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "returned on data, not at the 30 s deadline"
+    );
+    // A wait that no data satisfies ends at its deadline with nothing.
+    let consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let f = consumer
+        .fetch_once("lp", 0, 1, None, 1, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert!(f.records.is_empty());
+    // By timestamp.
+    let f = consumer
+        .fetch_once("lp", 0, 0, Some(0), 1, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(f.records[0].value.as_deref(), Some(&b"wake"[..]));
+    let mut c = Consumer::new(client, ConsumerConfig::default());
+    c.assign("lp", 0, StartAt::Timestamp(i64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.positions()[0].2,
+        1,
+        "a timestamp past every record starts at the end"
+    );
+}
+
+/// A push subscriber that grants little credit never receives more payload
+/// than it granted; granting more resumes the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_push_subscriber_never_gets_more_than_its_credit() {
+    let broker = Broker::start(two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client
+        .create_topic(&NewTopic::new("push", 1))
+        .await
+        .unwrap();
+    let producer = Producer::new(
+        client.clone(),
+        ProducerConfig {
+            batch_bytes: 1,
+            ..ProducerConfig::default()
+        },
+    );
+    // 100 single-record batches of about 1 KiB.
+    let mut ds = Vec::new();
+    for i in 0..100 {
+        ds.push(
+            producer
+                .send_to(
+                    "push",
+                    0,
+                    None,
+                    format!("{i:04}{}", "x".repeat(1000)).as_bytes(),
+                )
+                .unwrap(),
+        );
+    }
+    for d in ds {
+        d.await.unwrap();
+    }
+    let consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let credit = 5000u64;
+    let mut sub = consumer.subscribe("push", 0, 0, credit).await.unwrap();
+    sub.manual_credit();
+    let mut received = 0u64;
+    let mut records = 0usize;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(800), sub.next()).await {
+            Ok(p) => {
+                let p = p.unwrap();
+                received += p.payload_bytes;
+                records += p.records.len();
+                assert!(
+                    received <= credit,
+                    "received {received} bytes with {credit} granted"
+                );
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(
+        records >= 3 && records < 100,
+        "{records} records within the credit: {}",
+        broker.log_text()
+    );
+    sub.grant(1 << 20).await.unwrap();
+    let granted = credit + (1 << 20);
+    while records < 100 {
+        let p = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("pushes resume")
+            .unwrap();
+        received += p.payload_bytes;
+        records += p.records.len();
+        assert!(received <= granted);
+    }
+    assert_eq!(records, 100);
+    // New appends are pushed as they arrive.
+    producer
+        .send_to("push", 0, None, b"live")
+        .unwrap()
+        .await
+        .unwrap();
+    let p = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("live push")
+        .unwrap();
+    assert_eq!(p.records[0].value.as_deref(), Some(&b"live"[..]));
+}
+
+fn metric(m: &[(String, u64)], name: &str) -> u64 {
+    m.iter().find(|(k, _)| k == name).map(|(_, v)| *v).unwrap()
+}
+
+/// Every fetched byte went out through sendfile: the zero-copy counter
+/// grows by exactly the bytes fetched, which are the payload received.
+#[tokio::test]
+async fn zero_copy_counter_equals_bytes_fetched() {
+    let broker = Broker::start(two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client.create_topic(&NewTopic::new("zc", 2)).await.unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    for i in 0..200u32 {
+        producer
+            .send_to("zc", i % 2, None, format!("value-{i}").as_bytes())
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+    let before = client.metrics().await.unwrap();
+    let mut payload = 0u64;
+    for p in 0..2 {
+        let conn = client.partition_connection("zc", p).await.unwrap();
+        let f = conn
+            .request(
+                fb::RequestBody::FetchRequest,
+                |fbb| {
+                    let t = fbb.create_string("zc");
+                    fb::FetchRequest::create(
+                        fbb,
+                        &fb::FetchRequestArgs {
+                            topic: Some(t),
+                            partition: p,
+                            max_bytes: 1 << 20,
+                            ..Default::default()
+                        },
+                    )
+                    .as_union_value()
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+        payload += f.payload().len() as u64;
+    }
+    let after = client.metrics().await.unwrap();
+    assert!(payload > 0);
+    assert_eq!(
+        metric(&after, "fetch_bytes") - metric(&before, "fetch_bytes"),
+        payload
+    );
+    assert_eq!(
+        metric(&after, "zero_copy_bytes") - metric(&before, "zero_copy_bytes"),
+        payload
+    );
+    assert_eq!(
+        metric(&after, "copied_bytes"),
+        metric(&before, "copied_bytes")
+    );
+}
