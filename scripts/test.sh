@@ -19,6 +19,8 @@ ulimit -l unlimited 2>/dev/null || true
 bash wire/generate.sh --check
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Integration tests in tests/ start the real shoal binary.
+cargo build --workspace --bins --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

@@ -63,6 +63,7 @@ pub fn decode_records(
 }
 
 /// One fetch's result.
+#[derive(Debug)]
 pub struct Fetched {
     pub records: Vec<ConsumedRecord>,
     pub next_offset: u64,
@@ -342,6 +343,7 @@ pub struct Subscription {
 }
 
 /// One push: its records and the payload bytes it used of the credit.
+#[derive(Debug)]
 pub struct Pushed {
     pub records: Vec<ConsumedRecord>,
     pub payload_bytes: u64,
