@@ -144,11 +144,14 @@ impl Connection {
         lock(&self.pending).insert(corr, tx);
         {
             let mut w = self.writer.lock().await;
-            let prefix = frame::prefix(header.len(), payload.len());
+            // One write per request: one segment, one wake-up at the broker.
+            let mut frame_bytes =
+                Vec::with_capacity(frame::FRAME_PREFIX_BYTES + header.len() + payload.len());
+            frame_bytes.extend_from_slice(&frame::prefix(header.len(), payload.len()));
+            frame_bytes.extend_from_slice(header);
+            frame_bytes.extend_from_slice(payload);
             let r = async {
-                w.write_all(&prefix).await?;
-                w.write_all(header).await?;
-                w.write_all(payload).await?;
+                w.write_all(&frame_bytes).await?;
                 w.flush().await
             }
             .await;

@@ -280,8 +280,61 @@ impl Consumer {
             next: offset,
             pushes,
             auto_credit: true,
+            initial_credit: credit_bytes,
+            consumed: 0,
         })
     }
+}
+
+/// Counts the records of a run of batches from their headers alone.
+fn count_records(payload: &[u8]) -> Result<u64> {
+    let mut n = 0u64;
+    for b in Batches::new(payload, usize::MAX) {
+        let (h, _) = b.map_err(|e| Error::Protocol(format!("bad batch from broker: {e}")))?;
+        n += u64::from(h.record_count);
+    }
+    Ok(n)
+}
+
+/// One fetch without decoding records (benchmarks): payload bytes, records
+/// (from batch headers) and the next offset.
+pub async fn fetch_raw(
+    conn: &Connection,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    max_bytes: u32,
+) -> Result<(u64, u64, u64)> {
+    let f = conn
+        .request(
+            fb::RequestBody::FetchRequest,
+            |fbb| {
+                let t = fbb.create_string(topic);
+                fb::FetchRequest::create(
+                    fbb,
+                    &fb::FetchRequestArgs {
+                        topic: Some(t),
+                        partition,
+                        offset,
+                        max_bytes,
+                        min_bytes: 0,
+                        ..Default::default()
+                    },
+                )
+                .as_union_value()
+            },
+            &[],
+        )
+        .await?;
+    let resp = f.response();
+    let r = resp
+        .body_as_fetch_response()
+        .ok_or_else(|| Error::Protocol("expected a fetch response".into()))?;
+    Ok((
+        f.payload().len() as u64,
+        count_records(f.payload())?,
+        r.next_offset(),
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -340,6 +393,10 @@ pub struct Subscription {
     next: u64,
     pushes: tokio::sync::mpsc::UnboundedReceiver<Result<crate::connection::Frame>>,
     auto_credit: bool,
+    /// Credit granted at subscribe; automatic grants return consumed
+    /// bytes in steps of half of it, not one request per push.
+    initial_credit: u64,
+    consumed: u64,
 }
 
 /// One push: its records and the payload bytes it used of the credit.
@@ -359,8 +416,8 @@ impl Subscription {
         self.auto_credit = false;
     }
 
-    /// Waits for the next push. With automatic credit, the bytes consumed
-    /// are granted back once the push is decoded.
+    /// Waits for the next push. With automatic credit, consumed bytes are
+    /// granted back in steps of half the initial credit.
     pub async fn next(&mut self) -> Result<Pushed> {
         let frame = self.pushes.recv().await.ok_or(Error::Closed)??;
         let p = frame
@@ -378,6 +435,33 @@ impl Subscription {
             records,
             payload_bytes,
         })
+    }
+
+    /// Like [`Self::next`] without decoding records (benchmarks): payload
+    /// bytes and record count.
+    pub async fn next_raw(&mut self) -> Result<(u64, u64)> {
+        let frame = self.pushes.recv().await.ok_or(Error::Closed)??;
+        let p = frame
+            .response()
+            .body_as_push()
+            .ok_or_else(|| Error::Protocol("expected a push".into()))?;
+        self.next = p.next_offset();
+        let payload_bytes = frame.payload().len() as u64;
+        let records = count_records(frame.payload())?;
+        self.consumed(payload_bytes).await?;
+        Ok((payload_bytes, records))
+    }
+
+    async fn consumed(&mut self, bytes: u64) -> Result<()> {
+        if !self.auto_credit {
+            return Ok(());
+        }
+        self.consumed += bytes;
+        if self.consumed >= (self.initial_credit / 2).max(1) {
+            let n = std::mem::take(&mut self.consumed);
+            self.grant(n).await?;
+        }
+        Ok(())
     }
 
     /// Grants the broker `bytes` more payload.

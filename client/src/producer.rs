@@ -230,7 +230,7 @@ impl Producer {
             .push(&record)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         st.pending.waiters.push(tx);
-        if st.pending.builder.len() >= cfg.batch_bytes {
+        if st.pending.builder.len() >= cfg.batch_bytes || cfg.linger.is_zero() {
             Self::seal(&self.shared, st);
         } else if !st.pending.linger_armed {
             st.pending.linger_armed = true;
@@ -301,16 +301,27 @@ impl Producer {
     }
 }
 
+/// Bytes of batches one produce request may carry.
+const REQUEST_BYTES_MAX: usize = 4 * 1024 * 1024;
+
 async fn partition_sender(
     shared: Arc<Shared>,
     topic: String,
     partition: u32,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
-    while let Some(out) = rx.recv().await {
-        if out.batch.is_empty() {
+    let mut next: Option<Outgoing> = None;
+    loop {
+        let first = match next.take() {
+            Some(o) => o,
+            None => match rx.recv().await {
+                Some(o) => o,
+                None => return,
+            },
+        };
+        if first.batch.is_empty() {
             // A flush marker: everything before it has been answered.
-            for w in out.waiters {
+            for w in first.waiters {
                 let _ = w.send(Ok(RecordMetadata {
                     partition,
                     offset: 0,
@@ -318,28 +329,59 @@ async fn partition_sender(
             }
             continue;
         }
-        let r = send_with_retries(&shared, &topic, partition, &out.batch).await;
-        match r {
+        // Everything queued behind it goes in the same request: batches
+        // sealed while the previous request was in flight travel together.
+        let mut payload = first.batch;
+        let mut groups = vec![(
+            shoal_wire::BatchHeader::decode(&payload).map_or(0, |h| h.record_count),
+            first.waiters,
+        )];
+        while payload.len() < REQUEST_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(o)
+                    if !o.batch.is_empty()
+                        && payload.len() + o.batch.len() <= REQUEST_BYTES_MAX =>
+                {
+                    groups.push((
+                        shoal_wire::BatchHeader::decode(&o.batch).map_or(0, |h| h.record_count),
+                        o.waiters,
+                    ));
+                    payload.extend_from_slice(&o.batch);
+                }
+                Ok(o) => {
+                    next = Some(o);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        match send_with_retries(&shared, &topic, partition, &payload).await {
             Ok(base) => {
-                // A flush waiter rides at the end: it gets the last offset.
-                for (i, w) in out.waiters.into_iter().enumerate() {
-                    let _ = w.send(Ok(RecordMetadata {
-                        partition,
-                        offset: base + i as u64,
-                    }));
+                // The broker stores the batches back to back.
+                let mut offset = base;
+                for (count, waiters) in groups {
+                    for (i, w) in waiters.into_iter().enumerate() {
+                        let _ = w.send(Ok(RecordMetadata {
+                            partition,
+                            offset: offset + i as u64,
+                        }));
+                    }
+                    offset += u64::from(count);
                 }
             }
             Err(e) => {
                 let msg = e.to_string();
                 let code = e.code();
-                for w in out.waiters {
-                    let _ = w.send(Err(match code {
-                        Some(code) => Error::Broker {
-                            code,
-                            message: msg.clone(),
-                        },
-                        None => Error::Protocol(msg.clone()),
-                    }));
+                for (_, waiters) in groups {
+                    for w in waiters {
+                        let _ = w.send(Err(match code {
+                            Some(code) => Error::Broker {
+                                code,
+                                message: msg.clone(),
+                            },
+                            None => Error::Protocol(msg.clone()),
+                        }));
+                    }
                 }
             }
         }

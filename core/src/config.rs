@@ -9,6 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Default idle spin of a shard before it parks, in microseconds.
+pub const IDLE_SPIN_US_DEFAULT: u64 = 200;
+
 /// Settings as read from the TOML file (all optional).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +27,7 @@ pub struct FileConfig {
     pub retention_ms: Option<u64>,
     pub retention_bytes: Option<u64>,
     pub retention_check_ms: Option<u64>,
+    pub idle_spin_us: Option<u64>,
 }
 
 /// The resolved configuration a broker runs with.
@@ -41,6 +45,9 @@ pub struct Config {
     pub retention: Option<Duration>,
     pub retention_bytes: Option<u64>,
     pub retention_check: Duration,
+    /// How long an idle shard polls before it sleeps (lower wake-up latency
+    /// for a little CPU).
+    pub idle_spin: Duration,
 }
 
 /// Parses a core list: `all`, `0,2,3`, `0-3` or a mix (`0-1,4`).
@@ -149,6 +156,11 @@ impl Config {
             retention_bytes: file.retention_bytes,
             retention_check: Duration::from_millis(
                 file.retention_check_ms.unwrap_or(60_000).max(100),
+            ),
+            idle_spin: Duration::from_micros(
+                file.idle_spin_us
+                    .unwrap_or(IDLE_SPIN_US_DEFAULT)
+                    .min(1_000_000),
             ),
         })
     }

@@ -42,6 +42,7 @@ struct Writer {
     w: WriteHalf<TcpStream>,
     sock: RawFd,
     fbb: FlatBufferBuilder<'static>,
+    head: Vec<u8>,
 }
 
 struct Subscription {
@@ -70,6 +71,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             w,
             sock,
             fbb: FlatBufferBuilder::with_capacity(1024),
+            head: Vec::with_capacity(1024),
         }),
         subs: RefCell::new(HashMap::new()),
         closed: Cell::new(false),
@@ -394,14 +396,18 @@ impl Conn {
         data: Option<&FetchData>,
     ) -> std::io::Result<()> {
         let payload_len = data.map_or(0, FetchData::len) as usize;
-        let prefix = frame::prefix(header_len, payload_len);
         let Writer {
             w: sock_w,
             sock,
             fbb,
+            head,
         } = w;
-        sock_w.write_all(&prefix).await?;
-        sock_w.write_all(fbb.finished_data()).await?;
+        // Prefix and header in one write: one segment, one wake-up at the
+        // client, for every response without payload.
+        head.clear();
+        head.extend_from_slice(&frame::prefix(header_len, payload_len));
+        head.extend_from_slice(fbb.finished_data());
+        sock_w.write_all(head).await?;
         if let Some(d) = data {
             let (fd, position, len) = match d {
                 FetchData::Local(s) => (s.file().as_raw_fd(), s.position, s.len),

@@ -67,6 +67,7 @@ pub fn run(config: Config) -> Result<(), String> {
             ready_tx.clone(),
         );
         let h = LocalExecutorBuilder::new(Placement::Fixed(core))
+            .spin_before_park(config.idle_spin)
             .name(&format!("shard-{i}"))
             .spawn(move || async move {
                 let r = shard_main(i, config, topics, mesh, stop, ready.clone()).await;

@@ -3,10 +3,21 @@
 //! Modes:
 //! - `storage`: drives one partition log directly (no network): append
 //!   bandwidth and append latency per sync mode, and reopen times.
+//! - `produce`: producers as fast as acknowledged or at a rate; ack latency.
+//! - `consume`: reading a topic back (fetch or push), after filling it.
+//! - `e2e`: open-loop publishing at a fixed rate, latency from each
+//!   message's intended send time to its delivery (coordinated omission
+//!   corrected), and the produce-ack latency.
+//! - `compare`: two `--json` runs side by side, optionally plotted.
+//!
+//! Every latency goes through HdrHistogram; `--json`, `--hist` and `--plot`
+//! write machine-readable results, the percentile distribution and an SVG
+//! percentile curve.
 
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 
+mod net;
 mod report;
 mod storage;
 
@@ -28,6 +39,14 @@ struct Cli {
 enum Mode {
     /// Drive the shard log directly, no network.
     Storage(storage::StorageArgs),
+    /// Produce as fast as acknowledged (or at --rate) and report throughput and ack latency.
+    Produce(net::ProduceArgs),
+    /// Read a topic back (fill it first with --spawn or --fill).
+    Consume(net::ConsumeArgs),
+    /// Open-loop end-to-end latency at a fixed rate.
+    E2e(net::E2eArgs),
+    /// Compare two --json results.
+    Compare(net::CompareArgs),
     /// (internal) append until killed; used by `storage --reopen`.
     #[command(hide = true)]
     StorageWriter(storage::WriterArgs),
@@ -37,6 +56,10 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.mode {
         Mode::Storage(a) => storage::run(a),
+        Mode::Produce(a) => net::produce(a),
+        Mode::Consume(a) => net::consume(a),
+        Mode::E2e(a) => net::e2e(a),
+        Mode::Compare(a) => net::compare(a),
         Mode::StorageWriter(a) => storage::writer(a),
     };
     if let Err(e) = r {

@@ -82,6 +82,8 @@ impl Broker {
             .args(["serve", "--listen", &self.addr(), "--cores", &self.cores])
             .arg("--data-dir")
             .arg(self.data.path().join("data"))
+            // The harness waits for the INFO line "shoal is ready".
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

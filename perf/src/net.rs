@@ -1,0 +1,927 @@
+//! `produce`, `consume` and `e2e`: the broker measured through the Rust
+//! client over TCP.
+
+use crate::report::{self, histogram, Percentiles};
+use clap::Args;
+use futures::stream::{FuturesOrdered, StreamExt};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use shoal_client::{Acks, Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig};
+use std::cell::{Cell, RefCell};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Parses `10s`, `500ms`, `250us`, `2m` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: use e.g. 10s, 500ms, 2m"))?;
+    let secs = match unit {
+        "s" => v,
+        "ms" => v / 1e3,
+        "us" | "µs" => v / 1e6,
+        "m" => v * 60.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?}: use us, ms, s or m"
+            ))
+        }
+    };
+    if !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Broker to measure (ignored with --spawn).
+    #[arg(long, default_value = "127.0.0.1:9400")]
+    pub broker: String,
+    /// Measured time.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Time run before measuring.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Topic (created if missing). Default: a fresh one per run.
+    #[arg(long)]
+    pub topic: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub partitions: u32,
+    /// Sync mode of the created topic.
+    #[arg(long, default_value = "interval:100")]
+    pub sync: String,
+    /// Start a `shoal serve` of our own on a free port and temp dir.
+    #[arg(long)]
+    pub spawn: bool,
+    /// Cores for the spawned broker.
+    #[arg(long, default_value = "0")]
+    pub broker_cores: String,
+    /// Core to pin the harness to (default: the last core when spawning).
+    #[arg(long)]
+    pub core: Option<usize>,
+    /// Report the fraction of this line rate (Mbit/s) achieved.
+    #[arg(long)]
+    pub line_rate_mbit: Option<f64>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the HdrHistogram percentile distribution here.
+    #[arg(long)]
+    pub hist: Option<PathBuf>,
+    /// Draw the latency percentile curve (SVG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProduceArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    /// Message value bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub batch_bytes: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub linger_us: u64,
+    #[arg(long, default_value = "leader")]
+    pub acks: String,
+    /// Messages per second over all producers (default: as fast as acknowledged).
+    #[arg(long)]
+    pub rate: Option<f64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConsumeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long, default_value_t = 1)]
+    pub consumers: usize,
+    /// Message value bytes of the fill.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Bytes to fill a fresh topic with before reading (with --spawn or --fill).
+    #[arg(long, default_value_t = 2 << 30)]
+    pub fill_bytes: u64,
+    /// Fill even without --spawn.
+    #[arg(long)]
+    pub fill: bool,
+    /// Read with push subscriptions instead of fetch.
+    #[arg(long)]
+    pub push: bool,
+    /// Bytes per fetch / push credit.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub fetch_bytes: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct E2eArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Messages per second (open loop).
+    #[arg(long, default_value_t = 10_000.0)]
+    pub rate: f64,
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub linger_us: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetReport {
+    pub mode: String,
+    pub msgs_per_s: f64,
+    pub mib_per_s: f64,
+    pub messages: u64,
+    pub seconds: f64,
+    pub errors: u64,
+    pub latency_us: Percentiles,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ack_latency_us: Option<Percentiles>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub line_rate_fraction: Option<f64>,
+    pub settings: serde_json::Value,
+    /// (percentile, µs) points of the latency curve, for plots.
+    pub percentiles: Vec<(f64, f64)>,
+}
+
+/// Open-loop schedule: message `i` is due at `start + i / rate`.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub start: Instant,
+    pub interval: Duration,
+}
+
+impl Schedule {
+    pub fn new(start: Instant, rate: f64) -> Schedule {
+        Schedule {
+            start,
+            interval: Duration::from_secs_f64(1.0 / rate.max(1e-9)),
+        }
+    }
+    pub fn intended(&self, i: u64) -> Instant {
+        self.start + self.interval.mul_f64(i as f64)
+    }
+}
+
+/// e2e message value: intended send time (ns since the run's base instant)
+/// and sequence number, then padding.
+pub fn encode_stamp(buf: &mut [u8], intended_ns: u64, seq: u64) {
+    buf[..8].copy_from_slice(&intended_ns.to_le_bytes());
+    buf[8..16].copy_from_slice(&seq.to_le_bytes());
+}
+
+pub fn decode_stamp(v: &[u8]) -> Option<(u64, u64)> {
+    if v.len() < 16 {
+        return None;
+    }
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a.copy_from_slice(&v[..8]);
+    b.copy_from_slice(&v[8..16]);
+    Some((u64::from_le_bytes(a), u64::from_le_bytes(b)))
+}
+
+// ---- spawned broker ---------------------------------------------------------
+
+pub struct SpawnedBroker {
+    child: Child,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+fn shoal_bin() -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("SHOAL_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = exe.with_file_name("shoal");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} not found: build it (cargo build --release -p shoal-core) or set SHOAL_BIN",
+            bin.display()
+        ))
+    }
+}
+
+impl SpawnedBroker {
+    pub fn start(cores: &str) -> Result<SpawnedBroker, String> {
+        let shards = cores
+            .split(',')
+            .map(|p| {
+                if let Some((a, b)) = p.split_once('-') {
+                    b.trim()
+                        .parse::<u16>()
+                        .unwrap_or(0)
+                        .saturating_sub(a.trim().parse::<u16>().unwrap_or(0))
+                        + 1
+                } else {
+                    1
+                }
+            })
+            .sum::<u16>();
+        // Below the ephemeral range, so a probe cannot connect to itself.
+        let port = (0..500)
+            .map(|_| {
+                10000
+                    + (std::process::id() as u16)
+                        .wrapping_mul(7919)
+                        .wrapping_add(rand_u16())
+                        % 20000
+            })
+            .find(|&p| {
+                (0..=shards).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok())
+            })
+            .ok_or("no free port")?;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(shoal_bin()?)
+            .args(["serve", "--listen", &addr, "--cores", cores])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start shoal: {e}"))?;
+        let b = SpawnedBroker {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let up =
+                (0..=shards).all(|i| std::net::TcpStream::connect(("127.0.0.1", port + i)).is_ok());
+            if up {
+                return Ok(b);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err("the spawned broker did not start".into())
+    }
+}
+
+fn rand_u16() -> u16 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u16)
+        .unwrap_or(0)
+}
+
+impl Drop for SpawnedBroker {
+    fn drop(&mut self) {
+        // SAFETY: signals our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+// ---- shared plumbing --------------------------------------------------------
+
+fn pin_to(core: Option<usize>, spawn: bool) {
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let core = core.or((spawn && n > 1).then_some(n - 1));
+    if let Some(c) = core {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+        // inside it; sched_setaffinity reads it for the calling thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(c, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+struct Target {
+    _spawned: Option<SpawnedBroker>,
+    addr: String,
+}
+
+fn target(c: &Common) -> Result<Target, String> {
+    if c.spawn {
+        let b = SpawnedBroker::start(&c.broker_cores)?;
+        let addr = b.addr.clone();
+        Ok(Target {
+            _spawned: Some(b),
+            addr,
+        })
+    } else {
+        Ok(Target {
+            _spawned: None,
+            addr: c.broker.clone(),
+        })
+    }
+}
+
+async fn setup_topic(client: &Client, c: &Common, default_name: &str) -> Result<String, String> {
+    let name = c
+        .topic
+        .clone()
+        .unwrap_or_else(|| format!("{default_name}-{}", std::process::id()));
+    if client.topic(&name).await.is_err() {
+        let mut t = NewTopic::new(&name, c.partitions);
+        t.sync = Some(c.sync.clone());
+        client
+            .create_topic(&t)
+            .await
+            .map_err(|e| format!("cannot create topic {name}: {e}"))?;
+    }
+    Ok(name)
+}
+
+fn finish(c: &Common, mut r: NetReport, h: &Histogram<u64>) -> Result<(), String> {
+    r.percentiles = report::curve(h);
+    if let Some(mbit) = c.line_rate_mbit {
+        r.line_rate_fraction = Some(r.mib_per_s * 1_048_576.0 * 8.0 / (mbit * 1e6));
+    }
+    if let Some(p) = &c.hist {
+        std::fs::write(p, report::distribution_text(h))
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    if let Some(p) = &c.plot {
+        let title = format!(
+            "shoal-perf {}: {:.0} msgs/s, {:.1} MiB/s",
+            r.mode, r.msgs_per_s, r.mib_per_s
+        );
+        let svg = report::svg_plot(&title, &[(r.mode.clone(), r.percentiles.clone())]);
+        std::fs::write(p, svg).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    if c.json {
+        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+    } else {
+        println!("shoal-perf {}  {}", r.mode, r.settings);
+        println!(
+            "  {:.0} msgs/s  {:.1} MiB/s  ({} messages in {:.2} s, {} errors)",
+            r.msgs_per_s, r.mib_per_s, r.messages, r.seconds, r.errors
+        );
+        println!("  latency      {}", r.latency_us.table_row());
+        if let Some(a) = &r.ack_latency_us {
+            println!("  ack latency  {}", a.table_row());
+        }
+        if let Some(f) = r.line_rate_fraction {
+            println!("  {:.1} % of line rate", f * 100.0);
+        }
+    }
+    Ok(())
+}
+
+/// Prints a progress line every second until dropped.
+fn progress(
+    count: Rc<Cell<u64>>,
+    bytes: Rc<Cell<u64>>,
+    quiet: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_local(async move {
+        let (mut last_c, mut last_b, t0) = (0, 0, Instant::now());
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let (c, b) = (count.get(), bytes.get());
+            if !quiet {
+                eprint!(
+                    "\r[{:>4.0}s] {:>10} msgs/s {:>9.1} MiB/s   ",
+                    t0.elapsed().as_secs_f64(),
+                    c - last_c,
+                    (b - last_b) as f64 / 1_048_576.0
+                );
+            }
+            last_c = c;
+            last_b = b;
+        }
+    })
+}
+
+fn acks_of(s: &str) -> Result<Acks, String> {
+    match s {
+        "leader" => Ok(Acks::Leader),
+        "none" => Ok(Acks::None),
+        _ => Err(format!("invalid acks {s:?}: leader or none")),
+    }
+}
+
+// ---- produce ----------------------------------------------------------------
+
+pub fn produce(a: ProduceArgs) -> Result<(), String> {
+    let c = a.common.clone();
+    let t = target(&c)?;
+    pin_to(c.core, c.spawn);
+    let acks = acks_of(&a.acks)?;
+    let rt = runtime()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
+        let topic = setup_topic(&client, &c, "perf-produce").await?;
+        let hist = Rc::new(RefCell::new(histogram()));
+        let (count, bytes, errors) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
+        let t0 = Instant::now();
+        let measure_from = t0 + c.warmup;
+        let end = measure_from + c.duration;
+        let prog = progress(count.clone(), bytes.clone(), c.json);
+        let mut tasks = Vec::new();
+        let producers = a.producers.max(1);
+        for _ in 0..producers {
+            let producer = Producer::new(
+                client.clone(),
+                ProducerConfig { batch_bytes: a.batch_bytes, linger: Duration::from_micros(a.linger_us), acks, ..ProducerConfig::default() },
+            );
+            let (topic, hist, count, bytes, errors) = (topic.clone(), hist.clone(), count.clone(), bytes.clone(), errors.clone());
+            let value = vec![0x5au8; a.size];
+            let window = (4 * a.batch_bytes / a.size.max(1)).max(64) * c.partitions as usize;
+            let schedule = a.rate.map(|r| Schedule::new(t0, r / producers as f64));
+            tasks.push(tokio::task::spawn_local(async move {
+                let mut inflight = FuturesOrdered::new();
+                let mut i = 0u64;
+                let record = |(intended, r): (Instant, shoal_client::Result<shoal_client::RecordMetadata>)| {
+                    let now = Instant::now();
+                    match r {
+                        Ok(_) if intended >= measure_from && now <= end => {
+                            let _ = hist.borrow_mut().record((now - intended).as_micros().max(1) as u64);
+                            count.set(count.get() + 1);
+                            bytes.set(bytes.get() + value.len() as u64);
+                        }
+                        Ok(_) => {}
+                        Err(_) => errors.set(errors.get() + 1),
+                    }
+                };
+                loop {
+                    let intended = match schedule {
+                        Some(s) => {
+                            let at = s.intended(i);
+                            while Instant::now() < at {
+                                if let Some(Some(done)) = futures::FutureExt::now_or_never(inflight.next()) {
+                                    record(done);
+                                } else {
+                                    tokio::task::yield_now().await;
+                                }
+                            }
+                            at
+                        }
+                        None => Instant::now(),
+                    };
+                    if intended >= end {
+                        break;
+                    }
+                    while inflight.len() >= window {
+                        if let Some(done) = inflight.next().await {
+                            record(done);
+                        }
+                    }
+                    match producer.send_nowait(&topic, None, &value).await {
+                        Ok(d) => inflight.push_back(async move { (intended, d.await) }),
+                        Err(_) => errors.set(errors.get() + 1),
+                    }
+                    i += 1;
+                }
+                let _ = producer.flush().await;
+                while let Some(done) = inflight.next().await {
+                    record(done);
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        prog.abort();
+        if !c.json {
+            eprintln!();
+        }
+        let secs = c.duration.as_secs_f64();
+        let h = hist.borrow().clone();
+        let r = NetReport {
+            mode: "produce".into(),
+            msgs_per_s: count.get() as f64 / secs,
+            mib_per_s: bytes.get() as f64 / secs / 1_048_576.0,
+            messages: count.get(),
+            seconds: secs,
+            errors: errors.get(),
+            latency_us: Percentiles::of(&h),
+            ack_latency_us: None,
+            line_rate_fraction: None,
+            settings: serde_json::json!({
+                "producers": producers, "size": a.size, "batch_bytes": a.batch_bytes, "linger_us": a.linger_us,
+                "acks": a.acks, "rate": a.rate, "partitions": c.partitions, "sync": c.sync, "topic": topic,
+                "spawn": c.spawn, "broker_cores": c.broker_cores,
+            }),
+            percentiles: Vec::new(),
+        };
+        finish(&c, r, &h)
+    })
+}
+
+// ---- consume ----------------------------------------------------------------
+
+async fn fill(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+    size: usize,
+    bytes: u64,
+    quiet: bool,
+) -> Result<(), String> {
+    let producer = Producer::new(
+        client.clone(),
+        ProducerConfig {
+            batch_bytes: 256 * 1024,
+            linger: Duration::from_millis(2),
+            ..ProducerConfig::default()
+        },
+    );
+    let value = vec![0xa5u8; size];
+    let n = bytes / size.max(1) as u64;
+    let mut inflight = FuturesOrdered::new();
+    for i in 0..n {
+        let d = producer
+            .send_to(topic, (i % u64::from(partitions)) as u32, None, &value)
+            .map_err(|e| e.to_string())?;
+        inflight.push_back(d);
+        if inflight.len() >= 8192 {
+            if let Some(r) = inflight.next().await {
+                r.map_err(|e| format!("fill failed: {e}"))?;
+            }
+        }
+        if !quiet && i % 200_000 == 0 {
+            eprint!("\rfilling: {:>5.1} %", i as f64 * 100.0 / n as f64);
+        }
+    }
+    producer.flush().await.map_err(|e| e.to_string())?;
+    while let Some(r) = inflight.next().await {
+        r.map_err(|e| format!("fill failed: {e}"))?;
+    }
+    if !quiet {
+        eprintln!("\rfilled {} messages ({} MiB)", n, bytes >> 20);
+    }
+    Ok(())
+}
+
+pub fn consume(a: ConsumeArgs) -> Result<(), String> {
+    let c = a.common.clone();
+    let t = target(&c)?;
+    pin_to(c.core, c.spawn);
+    let rt = runtime()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
+        let topic = setup_topic(&client, &c, "perf-consume").await?;
+        if c.spawn || a.fill {
+            fill(&client, &topic, c.partitions, a.size, a.fill_bytes, c.json).await?;
+        }
+        let info = client.describe_topic(&topic).await.map_err(|e| e.to_string())?;
+        let hist = Rc::new(RefCell::new(histogram()));
+        let (count, bytes) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
+        let prog = progress(count.clone(), bytes.clone(), c.json);
+        let t0 = Instant::now();
+        let consumers = a.consumers.max(1);
+        let mut tasks = Vec::new();
+        for k in 0..consumers {
+            let parts: Vec<(u32, u64, u64)> = info
+                .partitions
+                .iter()
+                .filter(|p| p.partition as usize % consumers == k)
+                .map(|p| (p.partition, p.log_start_offset, p.high_watermark))
+                .collect();
+            let (client, topic, hist, count, bytes, push, fetch_bytes) =
+                (client.clone(), topic.clone(), hist.clone(), count.clone(), bytes.clone(), a.push, a.fetch_bytes);
+            tasks.push(tokio::task::spawn_local(async move {
+                let consumer = Consumer::new(client.clone(), ConsumerConfig { max_bytes: fetch_bytes, ..ConsumerConfig::default() });
+                for (p, start, end) in parts {
+                    if push {
+                        let mut sub = consumer.subscribe(&topic, p, start, u64::from(fetch_bytes) * 4).await.map_err(|e| e.to_string())?;
+                        while sub.position() < end {
+                            let s = Instant::now();
+                            let (payload, records) = sub.next_raw().await.map_err(|e| e.to_string())?;
+                            let _ = hist.borrow_mut().record(s.elapsed().as_micros().max(1) as u64);
+                            count.set(count.get() + records);
+                            bytes.set(bytes.get() + payload);
+                        }
+                        let _ = sub.unsubscribe().await;
+                    } else {
+                        let conn = client.partition_connection(&topic, p).await.map_err(|e| e.to_string())?;
+                        let mut at = start;
+                        while at < end {
+                            let s = Instant::now();
+                            let (payload, records, next) =
+                                shoal_client::consumer::fetch_raw(&conn, &topic, p, at, fetch_bytes).await.map_err(|e| e.to_string())?;
+                            let _ = hist.borrow_mut().record(s.elapsed().as_micros().max(1) as u64);
+                            count.set(count.get() + records);
+                            bytes.set(bytes.get() + payload);
+                            at = next;
+                        }
+                    }
+                }
+                Ok::<(), String>(())
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        prog.abort();
+        if !c.json {
+            eprintln!();
+        }
+        let h = hist.borrow().clone();
+        let r = NetReport {
+            mode: if a.push { "consume-push" } else { "consume-fetch" }.into(),
+            msgs_per_s: count.get() as f64 / secs,
+            mib_per_s: bytes.get() as f64 / secs / 1_048_576.0,
+            messages: count.get(),
+            seconds: secs,
+            errors: 0,
+            latency_us: Percentiles::of(&h),
+            ack_latency_us: None,
+            line_rate_fraction: None,
+            settings: serde_json::json!({
+                "consumers": consumers, "size": a.size, "fill_bytes": a.fill_bytes, "push": a.push, "fetch_bytes": a.fetch_bytes,
+                "partitions": c.partitions, "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
+                "latency": "per fetch request (or per push)",
+            }),
+            percentiles: Vec::new(),
+        };
+        finish(&c, r, &h)
+    })
+}
+
+// ---- e2e --------------------------------------------------------------------
+
+pub fn e2e(a: E2eArgs) -> Result<(), String> {
+    let c = a.common.clone();
+    let t = target(&c)?;
+    pin_to(c.core, c.spawn);
+    if a.size < 16 {
+        return Err("--size must be at least 16 (the message carries its send time)".into());
+    }
+    let rt = runtime()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
+        let topic = setup_topic(&client, &c, "perf-e2e").await?;
+        let info = client.describe_topic(&topic).await.map_err(|e| e.to_string())?;
+        let base = Instant::now();
+        let e2e_hist = Rc::new(RefCell::new(histogram()));
+        let ack_hist = Rc::new(RefCell::new(histogram()));
+        let (received, bytes, errors) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
+        let t0 = base + Duration::from_millis(200);
+        let measure_from = t0 + c.warmup;
+        let end = measure_from + c.duration;
+        let from_ns = (measure_from - base).as_nanos() as u64;
+        let end_ns = (end - base).as_nanos() as u64;
+        // Consumers: a push subscription per partition from the current end,
+        // on connections of their own, as a separate consumer would have.
+        let consumer_client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
+        let consumer = Consumer::new(consumer_client, ConsumerConfig::default());
+        let mut subs = Vec::new();
+        for p in &info.partitions {
+            subs.push(consumer.subscribe(&topic, p.partition, p.high_watermark, 64 << 20).await.map_err(|e| e.to_string())?);
+        }
+        let measured_sent = Rc::new(Cell::new(0u64));
+        let mut readers = Vec::new();
+        for mut sub in subs {
+            let (h, received, bytes) = (e2e_hist.clone(), received.clone(), bytes.clone());
+            readers.push(tokio::task::spawn_local(async move {
+                while let Ok(p) = sub.next().await {
+                    let now_ns = base.elapsed().as_nanos() as u64;
+                    for r in p.records {
+                        if let Some((intended, _)) = r.value.as_deref().and_then(decode_stamp) {
+                            if intended >= from_ns && intended < end_ns {
+                                let _ = h.borrow_mut().record((now_ns.saturating_sub(intended) / 1000).max(1));
+                                received.set(received.get() + 1);
+                                bytes.set(bytes.get() + r.value.as_ref().map_or(0, |v| v.len() as u64));
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        let prog = progress(received.clone(), bytes.clone(), c.json);
+        let producer = Producer::new(client.clone(), ProducerConfig { linger: Duration::from_micros(a.linger_us), ..ProducerConfig::default() });
+        let schedule = Schedule::new(t0, a.rate);
+        let mut value = vec![0x33u8; a.size];
+        let mut inflight = FuturesOrdered::new();
+        let record_ack = |(intended_ns, r): (u64, shoal_client::Result<shoal_client::RecordMetadata>)| {
+            let now_ns = base.elapsed().as_nanos() as u64;
+            match r {
+                Ok(_) if intended_ns >= from_ns && intended_ns < end_ns => {
+                    let _ = ack_hist.borrow_mut().record((now_ns.saturating_sub(intended_ns) / 1000).max(1));
+                }
+                Ok(_) => {}
+                Err(_) => errors.set(errors.get() + 1),
+            }
+        };
+        let n_parts = info.partitions.len() as u64;
+        let mut i = 0u64;
+        loop {
+            let at = schedule.intended(i);
+            if at >= end {
+                break;
+            }
+            while Instant::now() < at {
+                match futures::FutureExt::now_or_never(inflight.next()) {
+                    Some(Some(done)) => record_ack(done),
+                    _ => tokio::task::yield_now().await,
+                }
+            }
+            let intended_ns = (at - base).as_nanos() as u64;
+            encode_stamp(&mut value, intended_ns, i);
+            match producer.send_to(&topic, (i % n_parts) as u32, None, &value) {
+                Ok(d) => inflight.push_back(async move { (intended_ns, d.await) }),
+                Err(_) => errors.set(errors.get() + 1),
+            }
+            if intended_ns >= from_ns {
+                measured_sent.set(measured_sent.get() + 1);
+            }
+            i += 1;
+        }
+        while let Some(done) = inflight.next().await {
+            record_ack(done);
+        }
+        // Let the last pushes arrive.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while received.get() < measured_sent.get() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for r in readers {
+            r.abort();
+        }
+        prog.abort();
+        if !c.json {
+            eprintln!();
+        }
+        let missing = measured_sent.get().saturating_sub(received.get());
+        let secs = c.duration.as_secs_f64();
+        let h = e2e_hist.borrow().clone();
+        let r = NetReport {
+            mode: "e2e".into(),
+            msgs_per_s: received.get() as f64 / secs,
+            mib_per_s: bytes.get() as f64 / secs / 1_048_576.0,
+            messages: received.get(),
+            seconds: secs,
+            errors: errors.get() + missing,
+            latency_us: Percentiles::of(&h),
+            ack_latency_us: Some(Percentiles::of(&ack_hist.borrow())),
+            line_rate_fraction: None,
+            settings: serde_json::json!({
+                "rate": a.rate, "size": a.size, "linger_us": a.linger_us, "partitions": c.partitions, "sync": c.sync,
+                "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
+                "latency": "intended send time to delivery by push (corrected for coordinated omission)",
+            }),
+            percentiles: Vec::new(),
+        };
+        finish(&c, r, &h)
+    })
+}
+
+// ---- compare ----------------------------------------------------------------
+
+#[derive(Args, Debug, Clone)]
+pub struct CompareArgs {
+    pub a: PathBuf,
+    pub b: PathBuf,
+    /// Draw both latency curves (SVG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+pub fn compare(a: CompareArgs) -> Result<(), String> {
+    let load = |p: &PathBuf| -> Result<NetReport, String> {
+        let text =
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        serde_json::from_str(text.trim())
+            .map_err(|e| format!("{} is not a shoal-perf --json report: {e}", p.display()))
+    };
+    let (ra, rb) = (load(&a.a)?, load(&a.b)?);
+    println!(
+        "{:<14} {:>14} {:>14} {:>8}",
+        "",
+        a.a.display(),
+        a.b.display(),
+        "B/A"
+    );
+    let row = |name: &str, x: f64, y: f64| {
+        let ratio = if x != 0.0 {
+            format!("{:.2}", y / x)
+        } else {
+            "-".into()
+        };
+        println!("{name:<14} {x:>14.1} {y:>14.1} {ratio:>8}");
+    };
+    row("msgs/s", ra.msgs_per_s, rb.msgs_per_s);
+    row("MiB/s", ra.mib_per_s, rb.mib_per_s);
+    for (name, x, y) in [
+        ("p50 µs", ra.latency_us.p50, rb.latency_us.p50),
+        ("p90 µs", ra.latency_us.p90, rb.latency_us.p90),
+        ("p99 µs", ra.latency_us.p99, rb.latency_us.p99),
+        ("p99.9 µs", ra.latency_us.p999, rb.latency_us.p999),
+        ("p99.99 µs", ra.latency_us.p9999, rb.latency_us.p9999),
+        ("max µs", ra.latency_us.max, rb.latency_us.max),
+    ] {
+        row(name, x, y);
+    }
+    if let Some(p) = &a.plot {
+        let svg = report::svg_plot(
+            "shoal-perf compare",
+            &[
+                (a.a.display().to_string(), ra.percentiles),
+                (a.b.display().to_string(), rb.percentiles),
+            ],
+        );
+        std::fs::write(p, svg).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("10h").is_err());
+    }
+
+    #[test]
+    fn schedule_is_open_loop() {
+        let t0 = Instant::now();
+        let s = Schedule::new(t0, 10_000.0);
+        assert_eq!(s.intended(0), t0);
+        assert_eq!(s.intended(10_000) - t0, Duration::from_secs(1));
+        assert_eq!(s.intended(3) - t0, Duration::from_micros(300));
+        // Intended times depend on the index only, never on when a message
+        // was actually sent: a stall shows up as latency, not as a gap.
+        let late = Schedule { start: t0, ..s };
+        assert_eq!(late.intended(5_000), s.intended(5_000));
+    }
+
+    #[test]
+    fn stamps_roundtrip() {
+        let mut v = vec![0u8; 32];
+        encode_stamp(&mut v, 123_456_789, 42);
+        assert_eq!(decode_stamp(&v), Some((123_456_789, 42)));
+        assert_eq!(decode_stamp(&v[..10]), None);
+    }
+
+    #[test]
+    fn report_json_shape() {
+        let mut h = histogram();
+        h.record(100).unwrap();
+        let r = NetReport {
+            mode: "e2e".into(),
+            msgs_per_s: 1.0,
+            mib_per_s: 2.0,
+            messages: 3,
+            seconds: 1.0,
+            errors: 0,
+            latency_us: Percentiles::of(&h),
+            ack_latency_us: None,
+            line_rate_fraction: Some(0.5),
+            settings: serde_json::json!({"rate": 1}),
+            percentiles: report::curve(&h),
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        for k in [
+            "msgs_per_s",
+            "mib_per_s",
+            "latency_us",
+            "settings",
+            "line_rate_fraction",
+        ] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        for k in ["p50", "p90", "p99", "p999", "p9999", "max"] {
+            assert!(v["latency_us"].get(k).is_some(), "{k}");
+        }
+        let back: NetReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back.latency_us, r.latency_us);
+    }
+}
