@@ -27,6 +27,11 @@ set +e
 cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# The benchmark harness runs end to end so it never rots (no figure is
+# asserted here: benchmarks measure, tests check).
+if [ "$status" -eq 0 ]; then
+  target/debug/shoal-perf e2e --spawn --duration 2s --warmup 500ms --rate 2000 --json > /dev/null || status=$?
+fi
 # One closing line over every test binary (the last one cargo prints is
 # often an empty doc-test run).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
