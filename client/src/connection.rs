@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 /// A received frame: the verified response header and the raw payload.
 pub struct Frame {
-    buf: Vec<u8>,
+    buf: bytes::Bytes,
     header: Range<usize>,
     payload: Range<usize>,
 }
@@ -31,6 +31,9 @@ impl Frame {
         &self.buf[self.payload.clone()]
     }
 }
+
+/// Smallest read the receive loop asks the kernel for.
+const SMALL_FRAME_BYTES: usize = 64 * 1024;
 
 type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Frame>>>>>;
 type Pushes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Frame>>>>>;
@@ -194,26 +197,21 @@ async fn read_loop(
     pushes: &Pushes,
     new_routes: &NewRoutes,
 ) -> Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut filled = 0;
+    // Frames are split off the front of one growing buffer: once their
+    // readers drop them, `reserve` reuses the same memory (no fresh pages,
+    // no zero-filling per frame).
+    let mut buf = bytes::BytesMut::with_capacity(SMALL_FRAME_BYTES);
     loop {
-        match frame::check(&buf[..filled], usize::MAX / 2)
-            .map_err(|e| Error::Protocol(e.to_string()))?
-        {
+        match frame::check(&buf, usize::MAX / 2).map_err(|e| Error::Protocol(e.to_string()))? {
             Check::Incomplete { total } => {
-                if buf.len() < total {
-                    buf.resize(total, 0);
-                }
-                let n = r.read(&mut buf[filled..]).await?;
+                buf.reserve(total.saturating_sub(buf.len()).max(SMALL_FRAME_BYTES));
+                let n = r.read_buf(&mut buf).await?;
                 if n == 0 {
                     return Err(Error::Closed);
                 }
-                filled += n;
             }
             Check::Complete(parts) => {
-                let mut frame_buf = buf[..parts.total].to_vec();
-                buf.copy_within(parts.total..filled, 0);
-                filled -= parts.total;
+                let frame_buf = buf.split_to(parts.total).freeze();
                 let resp = frame::decode_response(&frame_buf[parts.header.clone()])
                     .map_err(|e| Error::Protocol(e.to_string()))?;
                 let corr = resp.correlation_id();
@@ -229,7 +227,6 @@ async fn read_loop(
                         resp.error_message().unwrap_or("").to_string(),
                     )
                 });
-                frame_buf.shrink_to_fit();
                 let frame = Frame {
                     buf: frame_buf,
                     header: parts.header,

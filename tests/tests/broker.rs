@@ -425,3 +425,59 @@ async fn zero_copy_counter_equals_bytes_fetched() {
         metric(&before, "copied_bytes")
     );
 }
+
+/// Fetch responses of several MiB (large frames on the client's fast path)
+/// carry every record intact and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_fetches_read_back_exactly() {
+    let broker = Broker::start(two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client.create_topic(&NewTopic::new("big", 1)).await.unwrap();
+    let producer = Producer::new(
+        client.clone(),
+        ProducerConfig {
+            batch_bytes: 256 * 1024,
+            ..ProducerConfig::default()
+        },
+    );
+    let value = |i: u32| format!("{i:06}-{}", "v".repeat(2040));
+    let mut ds = Vec::new();
+    for i in 0..3000u32 {
+        ds.push(
+            producer
+                .send_to("big", 0, None, value(i).as_bytes())
+                .unwrap(),
+        );
+    }
+    for d in ds {
+        d.await.unwrap();
+    }
+    let consumer = Consumer::new(
+        client.clone(),
+        ConsumerConfig {
+            max_bytes: 4 << 20,
+            ..ConsumerConfig::default()
+        },
+    );
+    let mut at = 0;
+    let mut n = 0u32;
+    let mut largest = 0usize;
+    while at < 3000 {
+        let f = consumer
+            .fetch_once("big", 0, at, None, 0, Duration::ZERO)
+            .await
+            .unwrap();
+        largest = largest.max(f.records.len());
+        for r in f.records {
+            assert_eq!(r.offset, u64::from(n));
+            assert_eq!(r.value.unwrap(), value(n).into_bytes());
+            n += 1;
+        }
+        at = f.next_offset;
+    }
+    assert_eq!(n, 3000);
+    assert!(
+        largest > 1000,
+        "fetches of several MiB ({largest} records in the largest)"
+    );
+}
