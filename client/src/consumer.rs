@@ -296,29 +296,39 @@ fn count_records(payload: &[u8]) -> Result<u64> {
     Ok(n)
 }
 
-/// One fetch without decoding records (benchmarks): payload bytes, records
-/// (from batch headers) and the next offset.
-pub async fn fetch_raw(
-    conn: &Connection,
-    topic: &str,
+/// What to fetch.
+struct FetchSpec<'a> {
+    topic: &'a str,
     partition: u32,
     offset: u64,
+    timestamp_ms: Option<i64>,
     max_bytes: u32,
-) -> Result<(u64, u64, u64)> {
+    min_bytes: u32,
+    max_wait: Duration,
+}
+
+/// Sends a fetch; returns the response frame and its offsets
+/// (high watermark, log start, next offset).
+async fn fetch_frame(
+    conn: &Connection,
+    q: &FetchSpec<'_>,
+) -> Result<(crate::connection::Frame, u64, u64, u64)> {
     let f = conn
         .request(
             fb::RequestBody::FetchRequest,
             |fbb| {
-                let t = fbb.create_string(topic);
+                let t = fbb.create_string(q.topic);
                 fb::FetchRequest::create(
                     fbb,
                     &fb::FetchRequestArgs {
                         topic: Some(t),
-                        partition,
-                        offset,
-                        max_bytes,
-                        min_bytes: 0,
-                        ..Default::default()
+                        partition: q.partition,
+                        offset: q.offset,
+                        by_timestamp: q.timestamp_ms.is_some(),
+                        timestamp_ms: q.timestamp_ms.unwrap_or(0),
+                        max_bytes: q.max_bytes,
+                        min_bytes: q.min_bytes,
+                        max_wait_ms: q.max_wait.as_millis().min(u128::from(u32::MAX)) as u32,
                     },
                 )
                 .as_union_value()
@@ -330,11 +340,30 @@ pub async fn fetch_raw(
     let r = resp
         .body_as_fetch_response()
         .ok_or_else(|| Error::Protocol("expected a fetch response".into()))?;
-    Ok((
-        f.payload().len() as u64,
-        count_records(f.payload())?,
-        r.next_offset(),
-    ))
+    let (hw, start, next) = (r.high_watermark(), r.log_start_offset(), r.next_offset());
+    Ok((f, hw, start, next))
+}
+
+/// One fetch without decoding records (benchmarks): payload bytes, records
+/// (from batch headers) and the next offset.
+pub async fn fetch_raw(
+    conn: &Connection,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    max_bytes: u32,
+) -> Result<(u64, u64, u64)> {
+    let q = FetchSpec {
+        topic,
+        partition,
+        offset,
+        timestamp_ms: None,
+        max_bytes,
+        min_bytes: 0,
+        max_wait: Duration::ZERO,
+    };
+    let (f, _, _, next) = fetch_frame(conn, &q).await?;
+    Ok((f.payload().len() as u64, count_records(f.payload())?, next))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -348,39 +377,22 @@ async fn fetch(
     min_bytes: u32,
     max_wait: Duration,
 ) -> Result<Fetched> {
-    let f = conn
-        .request(
-            fb::RequestBody::FetchRequest,
-            |fbb| {
-                let t = fbb.create_string(topic);
-                fb::FetchRequest::create(
-                    fbb,
-                    &fb::FetchRequestArgs {
-                        topic: Some(t),
-                        partition,
-                        offset,
-                        by_timestamp: timestamp_ms.is_some(),
-                        timestamp_ms: timestamp_ms.unwrap_or(0),
-                        max_bytes,
-                        min_bytes,
-                        max_wait_ms: max_wait.as_millis().min(u128::from(u32::MAX)) as u32,
-                    },
-                )
-                .as_union_value()
-            },
-            &[],
-        )
-        .await?;
-    let resp = f.response();
-    let r = resp
-        .body_as_fetch_response()
-        .ok_or_else(|| Error::Protocol("expected a fetch response".into()))?;
+    let q = FetchSpec {
+        topic,
+        partition,
+        offset,
+        timestamp_ms,
+        max_bytes,
+        min_bytes,
+        max_wait,
+    };
+    let (f, high_watermark, log_start_offset, next_offset) = fetch_frame(conn, &q).await?;
     let from = if timestamp_ms.is_some() { 0 } else { offset };
     Ok(Fetched {
         records: decode_records(topic, partition, f.payload(), from)?,
-        next_offset: r.next_offset(),
-        high_watermark: r.high_watermark(),
-        log_start_offset: r.log_start_offset(),
+        next_offset,
+        high_watermark,
+        log_start_offset,
     })
 }
 

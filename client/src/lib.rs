@@ -36,4 +36,6 @@ pub mod producer;
 pub use client::{Client, NewTopic, PartitionInfo, TopicInfo};
 pub use consumer::{ConsumedRecord, Consumer, ConsumerConfig, StartAt, Subscription};
 pub use error::{Error, Result};
-pub use producer::{Acks, Partitioner, Producer, ProducerConfig, RecordMetadata};
+pub use producer::{
+    produce_batches, Acks, Partitioner, Produced, Producer, ProducerConfig, RecordMetadata,
+};

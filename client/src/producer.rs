@@ -388,6 +388,61 @@ async fn partition_sender(
     }
 }
 
+/// What a produce request was answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Produced {
+    /// Offset of the first record of the first batch.
+    pub base_offset: u64,
+    /// Offset of the last record of the last batch.
+    pub last_offset: u64,
+    /// Every batch was an idempotent retry of one already stored.
+    pub duplicate: bool,
+}
+
+/// Sends record batches (built already, back to back) to one partition over
+/// `conn`: the request under [`Producer`], for callers that build batches
+/// themselves.
+pub async fn produce_batches(
+    conn: &crate::connection::Connection,
+    topic: &str,
+    partition: u32,
+    acks: Acks,
+    payload: &[u8],
+) -> Result<Produced> {
+    let acks = match acks {
+        Acks::None => fb::Acks::None,
+        Acks::Leader => fb::Acks::Leader,
+    };
+    let f = conn
+        .request(
+            fb::RequestBody::ProduceRequest,
+            |fbb| {
+                let t = fbb.create_string(topic);
+                fb::ProduceRequest::create(
+                    fbb,
+                    &fb::ProduceRequestArgs {
+                        topic: Some(t),
+                        partition,
+                        acks,
+                        timeout_ms: 30_000,
+                    },
+                )
+                .as_union_value()
+            },
+            payload,
+        )
+        .await?;
+    let resp = f.response();
+    let p = resp
+        .body_as_produce_response()
+        .ok_or_else(|| Error::Protocol("expected a produce response".into()))?;
+    Ok(Produced {
+        base_offset: p.base_offset(),
+        last_offset: p.last_offset(),
+        duplicate: p.duplicate(),
+    })
+}
+
 async fn send_with_retries(
     shared: &Shared,
     topic: &str,
@@ -399,34 +454,9 @@ async fn send_with_retries(
     loop {
         let r = async {
             let conn = shared.client.partition_connection(topic, partition).await?;
-            let acks = match cfg.acks {
-                Acks::None => fb::Acks::None,
-                Acks::Leader => fb::Acks::Leader,
-            };
-            let f = conn
-                .request(
-                    fb::RequestBody::ProduceRequest,
-                    |fbb| {
-                        let t = fbb.create_string(topic);
-                        fb::ProduceRequest::create(
-                            fbb,
-                            &fb::ProduceRequestArgs {
-                                topic: Some(t),
-                                partition,
-                                acks,
-                                timeout_ms: 30_000,
-                            },
-                        )
-                        .as_union_value()
-                    },
-                    batch,
-                )
-                .await?;
-            let resp = f.response();
-            let p = resp
-                .body_as_produce_response()
-                .ok_or_else(|| Error::Protocol("expected a produce response".into()))?;
-            Ok::<u64, Error>(p.base_offset())
+            produce_batches(&conn, topic, partition, cfg.acks, batch)
+                .await
+                .map(|p| p.base_offset)
         }
         .await;
         match r {

@@ -6,15 +6,6 @@ use shoal_client::{
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-pub struct TopicCreate {
-    pub name: String,
-    pub partitions: u32,
-    pub sync: Option<String>,
-    pub retention_ms: Option<u64>,
-    pub retention_bytes: Option<u64>,
-    pub segment_bytes: Option<u64>,
-}
-
 fn rt() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -32,18 +23,10 @@ fn fmt_opt(v: Option<u64>) -> String {
     v.map_or("-".into(), |v| v.to_string())
 }
 
-pub fn topic_create(broker: &str, t: TopicCreate) -> Result<(), String> {
+pub fn topic_create(broker: &str, t: NewTopic) -> Result<(), String> {
     rt()?.block_on(async {
         let c = connect(broker).await?;
-        let nt = NewTopic {
-            name: t.name.clone(),
-            partitions: t.partitions,
-            sync: t.sync,
-            retention_ms: t.retention_ms,
-            retention_bytes: t.retention_bytes,
-            segment_bytes: t.segment_bytes,
-        };
-        c.create_topic(&nt).await.map_err(|e| e.to_string())?;
+        c.create_topic(&t).await.map_err(|e| e.to_string())?;
         println!("created topic {} with {} partitions", t.name, t.partitions);
         Ok(())
     })

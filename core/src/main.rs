@@ -143,7 +143,7 @@ fn main() {
                 segment_bytes,
             } => cli::topic_create(
                 b,
-                cli::TopicCreate {
+                shoal_client::NewTopic {
                     name,
                     partitions,
                     sync,

@@ -74,25 +74,9 @@ async fn produce_raw(
     partition: u32,
     payload: &[u8],
 ) -> shoal_client::Result<()> {
-    conn.request(
-        fb::RequestBody::ProduceRequest,
-        |fbb| {
-            let t = fbb.create_string(topic);
-            fb::ProduceRequest::create(
-                fbb,
-                &fb::ProduceRequestArgs {
-                    topic: Some(t),
-                    partition,
-                    acks: fb::Acks::Leader,
-                    timeout_ms: 1000,
-                },
-            )
-            .as_union_value()
-        },
-        payload,
-    )
-    .await
-    .map(|_| ())
+    shoal_client::produce_batches(conn, topic, partition, shoal_client::Acks::Leader, payload)
+        .await
+        .map(|_| ())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -175,28 +175,10 @@ async fn produce_raw(
     partition: u32,
     payload: &[u8],
 ) -> shoal_client::Result<(u64, u64, bool)> {
-    let f = conn
-        .request(
-            fb::RequestBody::ProduceRequest,
-            |fbb| {
-                let t = fbb.create_string(topic);
-                fb::ProduceRequest::create(
-                    fbb,
-                    &fb::ProduceRequestArgs {
-                        topic: Some(t),
-                        partition,
-                        acks: fb::Acks::Leader,
-                        timeout_ms: 1000,
-                    },
-                )
-                .as_union_value()
-            },
-            payload,
-        )
-        .await?;
-    let r = f.response();
-    let p = r.body_as_produce_response().unwrap();
-    Ok((p.base_offset(), p.last_offset(), p.duplicate()))
+    let p =
+        shoal_client::produce_batches(conn, topic, partition, shoal_client::Acks::Leader, payload)
+            .await?;
+    Ok((p.base_offset, p.last_offset, p.duplicate))
 }
 
 /// A retried idempotent batch (same producer id and sequence) is
