@@ -196,6 +196,14 @@ impl Client {
             })
     }
 
+    /// How many partitions `topic` has (cached; no allocation on a hit).
+    pub async fn partition_count(&self, topic: &str) -> Result<u32> {
+        if let Some(t) = lock(&self.inner.cache).topics.get(topic) {
+            return Ok(t.partitions.len() as u32);
+        }
+        Ok(self.topic(topic).await?.partitions.len() as u32)
+    }
+
     /// The address of the shard that owns `topic`/`partition` (L2: requests
     /// go straight to it, no cross-core hop in the broker).
     pub async fn partition_addr(&self, topic: &str, partition: u32) -> Result<SocketAddr> {

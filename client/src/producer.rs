@@ -15,8 +15,9 @@ use shoal_wire::fb;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// How the broker acknowledges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,11 +69,67 @@ pub struct RecordMetadata {
     pub offset: u64,
 }
 
-type Waiter = oneshot::Sender<Result<RecordMetadata>>;
+/// The outcome of one batch, shared by the deliveries of its records: one
+/// allocation per batch, not per record.
+#[derive(Default)]
+struct BatchSlot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// Base offset, or the error (code and message) every record reports.
+    result: Option<std::result::Result<u64, (Option<shoal_wire::ErrorCode>, String)>>,
+    wakers: Vec<Waker>,
+}
+
+impl BatchSlot {
+    fn complete(&self, r: std::result::Result<u64, (Option<shoal_wire::ErrorCode>, String)>) {
+        let wakers = {
+            let mut st = lock(&self.state);
+            st.result = Some(r);
+            std::mem::take(&mut st.wakers)
+        };
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
+/// A record's acknowledgement, to await.
+pub struct Delivery {
+    slot: Arc<BatchSlot>,
+    partition: u32,
+    index: u32,
+}
+
+impl std::future::Future for Delivery {
+    type Output = Result<RecordMetadata>;
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut st = lock(&self.slot.state);
+        match &st.result {
+            Some(Ok(base)) => Poll::Ready(Ok(RecordMetadata {
+                partition: self.partition,
+                offset: base + u64::from(self.index),
+            })),
+            Some(Err((Some(code), message))) => Poll::Ready(Err(Error::Broker {
+                code: *code,
+                message: message.clone(),
+            })),
+            Some(Err((None, message))) => Poll::Ready(Err(Error::Protocol(message.clone()))),
+            None => {
+                if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    st.wakers.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
 
 struct Pending {
     builder: BatchBuilder,
-    waiters: Vec<Waiter>,
+    slot: Arc<BatchSlot>,
     linger_armed: bool,
 }
 
@@ -84,14 +141,17 @@ struct PartitionState {
 
 struct Outgoing {
     batch: Vec<u8>,
-    waiters: Vec<Waiter>,
+    slot: Arc<BatchSlot>,
 }
+
+/// Per topic, per partition; looked up by `&str` without allocating.
+type Partitions = HashMap<String, HashMap<u32, PartitionState>>;
 
 struct Shared {
     client: Client,
     config: ProducerConfig,
     producer_id: i64,
-    partitions: Mutex<HashMap<(String, u32), PartitionState>>,
+    partitions: Mutex<Partitions>,
 }
 
 /// Sends records to topics. Clone it freely; clones share batches.
@@ -99,21 +159,6 @@ struct Shared {
 pub struct Producer {
     shared: Arc<Shared>,
     round_robin: Arc<AtomicU32>,
-}
-
-/// A record's acknowledgement, to await.
-pub struct Delivery(oneshot::Receiver<Result<RecordMetadata>>);
-
-impl std::future::Future for Delivery {
-    type Output = Result<RecordMetadata>;
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(Error::Closed)))
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -172,8 +217,7 @@ impl Producer {
         key: Option<&[u8]>,
         value: &[u8],
     ) -> Result<Delivery> {
-        let t = self.shared.client.topic(topic).await?;
-        let n = t.partitions.len() as u32;
+        let n = self.shared.client.partition_count(topic).await?;
         if n == 0 {
             return Err(Error::Invalid(format!("topic {topic:?} has no partitions")));
         }
@@ -184,6 +228,25 @@ impl Producer {
         self.send_to(topic, partition, key, value)
     }
 
+    fn new_partition(&self, topic: &str, partition: u32) -> PartitionState {
+        let (q, rx) = mpsc::unbounded_channel();
+        tokio::spawn(partition_sender(
+            self.shared.clone(),
+            topic.to_string(),
+            partition,
+            rx,
+        ));
+        PartitionState {
+            pending: Pending {
+                builder: BatchBuilder::with_capacity(self.shared.config.batch_bytes),
+                slot: Arc::default(),
+                linger_armed: false,
+            },
+            next_sequence: 0,
+            queue: q,
+        }
+    }
+
     /// Queues a record for a given partition.
     pub fn send_to(
         &self,
@@ -192,7 +255,6 @@ impl Producer {
         key: Option<&[u8]>,
         value: &[u8],
     ) -> Result<Delivery> {
-        let (tx, rx) = oneshot::channel();
         let record = NewRecord {
             key,
             value: Some(value),
@@ -201,51 +263,44 @@ impl Producer {
         };
         let cfg = &self.shared.config;
         let mut parts = lock(&self.shared.partitions);
-        let key_tp = (topic.to_string(), partition);
-        let st = parts.entry(key_tp.clone()).or_insert_with(|| {
-            let (q, rx) = mpsc::unbounded_channel();
-            tokio::spawn(partition_sender(
-                self.shared.clone(),
-                topic.to_string(),
-                partition,
-                rx,
-            ));
-            PartitionState {
-                pending: Pending {
-                    builder: BatchBuilder::with_capacity(cfg.batch_bytes),
-                    waiters: Vec::new(),
-                    linger_armed: false,
-                },
-                next_sequence: 0,
-                queue: q,
-            }
-        });
+        if !parts.contains_key(topic) {
+            parts.insert(topic.to_string(), HashMap::new());
+        }
+        let by_partition = parts.get_mut(topic).ok_or(Error::Closed)?;
+        let st = by_partition
+            .entry(partition)
+            .or_insert_with(|| self.new_partition(topic, partition));
         if !st.pending.builder.is_empty()
             && st.pending.builder.len() + record.encoded_len() > cfg.batch_bytes
         {
             Self::seal(&self.shared, st);
         }
+        let index = st.pending.builder.record_count();
         st.pending
             .builder
             .push(&record)
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        st.pending.waiters.push(tx);
+        let delivery = Delivery {
+            slot: st.pending.slot.clone(),
+            partition,
+            index,
+        };
         if st.pending.builder.len() >= cfg.batch_bytes || cfg.linger.is_zero() {
             Self::seal(&self.shared, st);
         } else if !st.pending.linger_armed {
             st.pending.linger_armed = true;
-            let (shared, linger) = (self.shared.clone(), cfg.linger);
+            let (shared, linger, topic) = (self.shared.clone(), cfg.linger, topic.to_string());
             tokio::spawn(async move {
                 tokio::time::sleep(linger).await;
                 let mut parts = lock(&shared.partitions);
-                if let Some(st) = parts.get_mut(&key_tp) {
+                if let Some(st) = parts.get_mut(&topic).and_then(|p| p.get_mut(&partition)) {
                     if st.pending.linger_armed {
                         Self::seal(&shared, st);
                     }
                 }
             });
         }
-        Ok(Delivery(rx))
+        Ok(delivery)
     }
 
     /// Turns the pending records into a batch and queues it for sending.
@@ -262,11 +317,9 @@ impl Producer {
         };
         st.next_sequence = st.next_sequence.wrapping_add(count) & i32::MAX;
         let batch = st.pending.builder.finish(shared.producer_id, 0, seq);
-        let waiters = std::mem::take(&mut st.pending.waiters);
-        if let Err(mpsc::error::SendError(o)) = st.queue.send(Outgoing { batch, waiters }) {
-            for w in o.waiters {
-                let _ = w.send(Err(Error::Closed));
-            }
+        let slot = std::mem::take(&mut st.pending.slot);
+        if let Err(mpsc::error::SendError(o)) = st.queue.send(Outgoing { batch, slot }) {
+            o.slot.complete(Err((None, Error::Closed.to_string())));
         }
     }
 
@@ -275,27 +328,30 @@ impl Producer {
         let mut waits = Vec::new();
         {
             let mut parts = lock(&self.shared.partitions);
-            for st in parts.values_mut() {
-                let (tx, rx) = oneshot::channel();
-                if !st.pending.builder.is_empty() {
-                    // Ride along with the last record's acknowledgement.
-                    st.pending.waiters.push(tx);
-                    Self::seal(&self.shared, st);
-                    waits.push(rx);
-                } else {
+            for (&partition, st) in parts.values_mut().flat_map(|p| p.iter_mut()) {
+                let slot = if st.pending.builder.is_empty() {
+                    // A marker behind everything queued: the sender answers
+                    // it once all earlier batches are answered.
+                    let slot: Arc<BatchSlot> = Arc::default();
                     let _ = st.queue.send(Outgoing {
                         batch: Vec::new(),
-                        waiters: vec![tx],
+                        slot: slot.clone(),
                     });
-                    waits.push(rx);
-                }
+                    slot
+                } else {
+                    let slot = st.pending.slot.clone();
+                    Self::seal(&self.shared, st);
+                    slot
+                };
+                waits.push(Delivery {
+                    slot,
+                    partition,
+                    index: 0,
+                });
             }
         }
         for w in waits {
-            match w.await {
-                Ok(Ok(_)) | Err(_) => {}
-                Ok(Err(e)) => return Err(e),
-            }
+            w.await?;
         }
         Ok(())
     }
@@ -320,13 +376,7 @@ async fn partition_sender(
             },
         };
         if first.batch.is_empty() {
-            // A flush marker: everything before it has been answered.
-            for w in first.waiters {
-                let _ = w.send(Ok(RecordMetadata {
-                    partition,
-                    offset: 0,
-                }));
-            }
+            first.slot.complete(Ok(0));
             continue;
         }
         // Everything queued behind it goes in the same request: batches
@@ -334,7 +384,7 @@ async fn partition_sender(
         let mut payload = first.batch;
         let mut groups = vec![(
             shoal_wire::BatchHeader::decode(&payload).map_or(0, |h| h.record_count),
-            first.waiters,
+            first.slot,
         )];
         while payload.len() < REQUEST_BYTES_MAX {
             match rx.try_recv() {
@@ -344,7 +394,7 @@ async fn partition_sender(
                 {
                     groups.push((
                         shoal_wire::BatchHeader::decode(&o.batch).map_or(0, |h| h.record_count),
-                        o.waiters,
+                        o.slot,
                     ));
                     payload.extend_from_slice(&o.batch);
                 }
@@ -359,29 +409,15 @@ async fn partition_sender(
             Ok(base) => {
                 // The broker stores the batches back to back.
                 let mut offset = base;
-                for (count, waiters) in groups {
-                    for (i, w) in waiters.into_iter().enumerate() {
-                        let _ = w.send(Ok(RecordMetadata {
-                            partition,
-                            offset: offset + i as u64,
-                        }));
-                    }
+                for (count, slot) in groups {
+                    slot.complete(Ok(offset));
                     offset += u64::from(count);
                 }
             }
             Err(e) => {
-                let msg = e.to_string();
-                let code = e.code();
-                for (_, waiters) in groups {
-                    for w in waiters {
-                        let _ = w.send(Err(match code {
-                            Some(code) => Error::Broker {
-                                code,
-                                message: msg.clone(),
-                            },
-                            None => Error::Protocol(msg.clone()),
-                        }));
-                    }
+                let (code, msg) = (e.code(), e.to_string());
+                for (_, slot) in groups {
+                    slot.complete(Err((code, msg.clone())));
                 }
             }
         }

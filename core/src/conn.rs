@@ -33,6 +33,9 @@ const MAX_WAIT_MAX: Duration = Duration::from_secs(60);
 /// Fetches a connection may have waiting at once; past this they are
 /// served one after another.
 const FETCHES_IN_FLIGHT_MAX: usize = 64;
+/// Produce acknowledgements a connection may have pending at once; past
+/// this the next produce is answered before the loop reads on.
+const PRODUCES_IN_FLIGHT_MAX: usize = 64;
 /// Subscriptions per connection.
 const SUBSCRIPTIONS_MAX: usize = 1024;
 /// How long a push subscription long-polls before checking its state.
@@ -57,6 +60,7 @@ struct Conn {
     subs: RefCell<HashMap<u64, Rc<Subscription>>>,
     closed: Cell<bool>,
     fetches_in_flight: Cell<usize>,
+    produces_in_flight: Cell<usize>,
 }
 
 /// Serves a connection until the peer closes it, a framing error, or
@@ -76,6 +80,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         subs: RefCell::new(HashMap::new()),
         closed: Cell::new(false),
         fetches_in_flight: Cell::new(0),
+        produces_in_flight: Cell::new(0),
     });
     add(&shard.metrics.connections_accepted, 1);
     add(&shard.metrics.connections_open, 1);
@@ -173,24 +178,28 @@ impl Conn {
                     }
                 };
                 match shard
-                    .produce(s(p.topic()), p.partition(), payload, acks)
+                    .produce_start(s(p.topic()), p.partition(), payload, acks)
                     .await
                 {
-                    Ok(ok) => {
-                        return self
-                            .respond(corr, fb::ResponseBody::ProduceResponse, |fbb| {
-                                fb::ProduceResponse::create(
-                                    fbb,
-                                    &fb::ProduceResponseArgs {
-                                        base_offset: ok.base_offset,
-                                        last_offset: ok.last_offset,
-                                        duplicate: ok.duplicate,
-                                    },
-                                )
-                                .as_union_value()
-                            })
-                            .await
+                    Ok(pending) if self.produces_in_flight.get() < PRODUCES_IN_FLIGHT_MAX => {
+                        // Appended in request order; the wait for the disk
+                        // runs beside the request loop, which goes on to the
+                        // next request (answers carry correlation ids).
+                        self.produces_in_flight
+                            .set(self.produces_in_flight.get() + 1);
+                        let conn = self.clone();
+                        glommio::spawn_local(async move {
+                            let r = conn.respond_produce(corr, pending.finish().await).await;
+                            conn.produces_in_flight
+                                .set(conn.produces_in_flight.get() - 1);
+                            if r.is_err() {
+                                conn.closed.set(true);
+                            }
+                        })
+                        .detach();
+                        return Ok(());
                     }
+                    Ok(pending) => return self.respond_produce(corr, pending.finish().await).await,
                     Err(e) => Err(e),
                 }
             }
@@ -464,6 +473,33 @@ impl Conn {
         w.fbb.finish(resp, None);
         let len = w.fbb.finished_data().len();
         self.send(&mut w, len, data).await
+    }
+
+    async fn respond_produce(
+        &self,
+        corr: u32,
+        r: Reply<crate::shard::ProduceOk>,
+    ) -> std::io::Result<()> {
+        match r {
+            Ok(ok) => {
+                self.respond(corr, fb::ResponseBody::ProduceResponse, |fbb| {
+                    fb::ProduceResponse::create(
+                        fbb,
+                        &fb::ProduceResponseArgs {
+                            base_offset: ok.base_offset,
+                            last_offset: ok.last_offset,
+                            duplicate: ok.duplicate,
+                        },
+                    )
+                    .as_union_value()
+                })
+                .await
+            }
+            Err(e) => {
+                add(&self.shard.metrics.errors, 1);
+                self.respond_error(corr, &e).await
+            }
+        }
     }
 
     async fn respond_error(&self, corr: u32, e: &ErrReply) -> std::io::Result<()> {

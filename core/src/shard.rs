@@ -98,6 +98,31 @@ pub struct FetchOk {
     pub next_offset: u64,
 }
 
+/// A produce whose batches are appended (or on their way to the owning
+/// shard), waiting for its acknowledgement.
+pub enum PendingProduce {
+    Local {
+        log: Rc<PartitionLog>,
+        ok: ProduceOk,
+        wait: Option<u64>,
+    },
+    Remote(oneshot::Receiver<Reply<ProduceOk>>),
+}
+
+impl PendingProduce {
+    pub async fn finish(self) -> Reply<ProduceOk> {
+        match self {
+            PendingProduce::Local { log, ok, wait } => {
+                if let Some(next) = wait {
+                    log.wait_acked(next).await?;
+                }
+                Ok(ok)
+            }
+            PendingProduce::Remote(rx) => rx.await.map_err(|_| shard_gone())?,
+        }
+    }
+}
+
 /// A fetch answered by another shard: the segment as a duplicated
 /// descriptor (sendable between threads), the range and the offsets.
 pub struct RemoteFetch {
@@ -385,16 +410,22 @@ impl Shard {
 
     // ---- partition operations, routed to the owner ------------------------
 
-    pub async fn produce(
+    /// The order-sensitive half of a produce: appends the batches (or hands
+    /// them to the owning shard) in request order. The returned
+    /// [`PendingProduce`] waits for the acknowledgement, so a connection can
+    /// go on to its next request while the disk works.
+    pub async fn produce_start(
         &self,
         topic: &str,
         partition: u32,
         payload: &[u8],
         acks: Acks,
-    ) -> Reply<ProduceOk> {
+    ) -> Reply<PendingProduce> {
         let owner = self.owner(topic, partition)?;
         if owner == self.id {
-            return self.produce_local(topic, partition, payload, acks).await;
+            let (log, ok) = self.produce_append(topic, partition, payload).await?;
+            let wait = (acks == Acks::Leader).then_some(ok.last_offset + 1);
+            return Ok(PendingProduce::Local { log, ok, wait });
         }
         let (tx, rx) = oneshot::channel();
         let msg = ShardMsg::Produce {
@@ -405,16 +436,15 @@ impl Shard {
             reply: tx,
         };
         self.send_to(owner, msg).await?;
-        rx.await.map_err(|_| shard_gone())?
+        Ok(PendingProduce::Remote(rx))
     }
 
-    async fn produce_local(
+    async fn produce_append(
         &self,
         topic: &str,
         partition: u32,
         payload: &[u8],
-        acks: Acks,
-    ) -> Reply<ProduceOk> {
+    ) -> Reply<(Rc<PartitionLog>, ProduceOk)> {
         let log = self.local_log(topic, partition)?;
         if payload.is_empty() {
             return Err(ErrReply::new(
@@ -438,11 +468,22 @@ impl Shard {
         }
         let r =
             result.ok_or_else(|| ErrReply::new(ErrorCode::MalformedRequest, "no record batch"))?;
-        if acks == Acks::Leader {
-            log.wait_acked(r.last_offset + 1).await?;
-        }
         add(&self.metrics.produce_bytes, payload.len() as u64);
-        Ok(r)
+        Ok((log, r))
+    }
+
+    async fn produce_local(
+        &self,
+        topic: &str,
+        partition: u32,
+        payload: &[u8],
+        acks: Acks,
+    ) -> Reply<ProduceOk> {
+        let (log, ok) = self.produce_append(topic, partition, payload).await?;
+        if acks == Acks::Leader {
+            log.wait_acked(ok.last_offset + 1).await?;
+        }
+        Ok(ok)
     }
 
     pub async fn fetch(&self, params: FetchParams) -> Reply<FetchOk> {

@@ -3,11 +3,12 @@
 
 use crate::report::{self, histogram, Percentiles};
 use clap::Args;
-use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use shoal_client::{Acks, Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig};
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
@@ -456,7 +457,9 @@ pub fn produce(a: ProduceArgs) -> Result<(), String> {
             let window = (4 * a.batch_bytes / a.size.max(1)).max(64) * c.partitions as usize;
             let schedule = a.rate.map(|r| Schedule::new(t0, r / producers as f64));
             tasks.push(tokio::task::spawn_local(async move {
-                let mut inflight = FuturesOrdered::new();
+                // Deliveries complete in order per partition; awaiting the
+                // oldest first is what a windowed producer does.
+                let mut inflight: VecDeque<(Instant, shoal_client::producer::Delivery)> = VecDeque::new();
                 let mut i = 0u64;
                 let record = |(intended, r): (Instant, shoal_client::Result<shoal_client::RecordMetadata>)| {
                     let now = Instant::now();
@@ -475,10 +478,12 @@ pub fn produce(a: ProduceArgs) -> Result<(), String> {
                         Some(s) => {
                             let at = s.intended(i);
                             while Instant::now() < at {
-                                if let Some(Some(done)) = futures::FutureExt::now_or_never(inflight.next()) {
-                                    record(done);
-                                } else {
-                                    tokio::task::yield_now().await;
+                                match inflight.front_mut().and_then(|(_, d)| d.now_or_never()) {
+                                    Some(r) => {
+                                        let (at, _) = inflight.pop_front().expect("front exists");
+                                        record((at, r));
+                                    }
+                                    None => tokio::task::yield_now().await,
                                 }
                             }
                             at
@@ -489,19 +494,19 @@ pub fn produce(a: ProduceArgs) -> Result<(), String> {
                         break;
                     }
                     while inflight.len() >= window {
-                        if let Some(done) = inflight.next().await {
-                            record(done);
+                        if let Some((at, d)) = inflight.pop_front() {
+                            record((at, d.await));
                         }
                     }
                     match producer.send_nowait(&topic, None, &value).await {
-                        Ok(d) => inflight.push_back(async move { (intended, d.await) }),
+                        Ok(d) => inflight.push_back((intended, d)),
                         Err(_) => errors.set(errors.get() + 1),
                     }
                     i += 1;
                 }
                 let _ = producer.flush().await;
-                while let Some(done) = inflight.next().await {
-                    record(done);
+                while let Some((at, d)) = inflight.pop_front() {
+                    record((at, d.await));
                 }
             }));
         }
@@ -555,15 +560,15 @@ async fn fill(
     );
     let value = vec![0xa5u8; size];
     let n = bytes / size.max(1) as u64;
-    let mut inflight = FuturesOrdered::new();
+    let mut inflight = VecDeque::new();
     for i in 0..n {
         let d = producer
             .send_to(topic, (i % u64::from(partitions)) as u32, None, &value)
             .map_err(|e| e.to_string())?;
         inflight.push_back(d);
         if inflight.len() >= 8192 {
-            if let Some(r) = inflight.next().await {
-                r.map_err(|e| format!("fill failed: {e}"))?;
+            if let Some(d) = inflight.pop_front() {
+                d.await.map_err(|e| format!("fill failed: {e}"))?;
             }
         }
         if !quiet && i % 200_000 == 0 {
@@ -571,8 +576,8 @@ async fn fill(
         }
     }
     producer.flush().await.map_err(|e| e.to_string())?;
-    while let Some(r) = inflight.next().await {
-        r.map_err(|e| format!("fill failed: {e}"))?;
+    while let Some(d) = inflight.pop_front() {
+        d.await.map_err(|e| format!("fill failed: {e}"))?;
     }
     if !quiet {
         eprintln!("\rfilled {} messages ({} MiB)", n, bytes >> 20);
@@ -723,7 +728,7 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
         let producer = Producer::new(client.clone(), ProducerConfig { linger: Duration::from_micros(a.linger_us), ..ProducerConfig::default() });
         let schedule = Schedule::new(t0, a.rate);
         let mut value = vec![0x33u8; a.size];
-        let mut inflight = FuturesOrdered::new();
+        let mut inflight: VecDeque<(u64, shoal_client::producer::Delivery)> = VecDeque::new();
         let record_ack = |(intended_ns, r): (u64, shoal_client::Result<shoal_client::RecordMetadata>)| {
             let now_ns = base.elapsed().as_nanos() as u64;
             match r {
@@ -742,15 +747,18 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
                 break;
             }
             while Instant::now() < at {
-                match futures::FutureExt::now_or_never(inflight.next()) {
-                    Some(Some(done)) => record_ack(done),
-                    _ => tokio::task::yield_now().await,
+                match inflight.front_mut().and_then(|(_, d)| d.now_or_never()) {
+                    Some(r) => {
+                        let (at, _) = inflight.pop_front().expect("front exists");
+                        record_ack((at, r));
+                    }
+                    None => tokio::task::yield_now().await,
                 }
             }
             let intended_ns = (at - base).as_nanos() as u64;
             encode_stamp(&mut value, intended_ns, i);
             match producer.send_to(&topic, (i % n_parts) as u32, None, &value) {
-                Ok(d) => inflight.push_back(async move { (intended_ns, d.await) }),
+                Ok(d) => inflight.push_back((intended_ns, d)),
                 Err(_) => errors.set(errors.get() + 1),
             }
             if intended_ns >= from_ns {
@@ -758,8 +766,8 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
             }
             i += 1;
         }
-        while let Some(done) = inflight.next().await {
-            record_ack(done);
+        while let Some((at, d)) = inflight.pop_front() {
+            record_ack((at, d.await));
         }
         // Let the last pushes arrive.
         let deadline = Instant::now() + Duration::from_secs(5);
