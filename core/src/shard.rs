@@ -43,6 +43,10 @@ impl From<shoal_shard::Error> for ErrReply {
 
 pub type Reply<T> = Result<T, ErrReply>;
 
+/// Longest a fetch waits (yielding) for its log bytes to reach the page
+/// cache before sending them anyway.
+const RESIDENT_WAIT_MAX: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acks {
     None,
@@ -523,6 +527,7 @@ impl Shard {
             let slice = log.read(offset, u64::from(p.max_bytes.max(1)))?;
             let now = Instant::now();
             if slice.len >= u64::from(p.min_bytes) || now >= deadline || self.stopping.get() {
+                slice.make_resident(RESIDENT_WAIT_MAX).await;
                 let ok = FetchOk {
                     high_watermark: slice.high_watermark,
                     log_start_offset: log.start_offset(),

@@ -91,6 +91,23 @@ impl ReadSlice {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Brings the slice into the page cache without blocking the shard:
+    /// starts the reads, then yields until the pages are resident (or
+    /// `limit` passes). A sendfile afterwards copies from memory instead of
+    /// stalling every task of the core on the disk.
+    pub async fn make_resident(&self, limit: std::time::Duration) {
+        if self.segment.resident(self.position, self.len) {
+            return;
+        }
+        self.segment.prefetch(self.position, self.len);
+        let deadline = Instant::now() + limit;
+        let mut pause = std::time::Duration::from_micros(20);
+        while !self.segment.resident(self.position, self.len) && Instant::now() < deadline {
+            glommio::timer::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(1));
+        }
+    }
 }
 
 /// Batches appended but not yet written, in DMA chunks.

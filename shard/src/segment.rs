@@ -138,6 +138,49 @@ impl Segment {
         None
     }
 
+    /// Whether every page of `[pos, pos + len)` is in the page cache, so a
+    /// sendfile of it will not wait for the disk. Appends bypass the cache
+    /// (direct I/O), so fresh data is not.
+    pub fn resident(&self, pos: u64, len: u64) -> bool {
+        let Some(map) = &self.map else { return true };
+        if len == 0 {
+            return true;
+        }
+        let page = 4096u64;
+        let start = pos / page * page;
+        let end = (pos + len).div_ceil(page) * page;
+        let end = end.min(map.len() as u64);
+        if start >= end {
+            return true;
+        }
+        let pages = ((end - start) / page) as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range lies inside our mapping (clamped to its length
+        // and page-aligned); `vec` has one byte per page of it.
+        let r = unsafe {
+            libc::mincore(
+                map.as_ptr().add(start as usize) as *mut libc::c_void,
+                (end - start) as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        r == 0 && vec.iter().all(|b| b & 1 == 1)
+    }
+
+    /// Asks the kernel to read `[pos, pos + len)` into the page cache,
+    /// without waiting for it.
+    pub fn prefetch(&self, pos: u64, len: u64) {
+        // SAFETY: advice on a descriptor we own; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                pos as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
+
     /// Largest timestamp of a readable batch, from the time index.
     pub fn max_timestamp(&self) -> Option<i64> {
         self.index.borrow().max_timestamp()
