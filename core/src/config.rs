@@ -134,11 +134,15 @@ impl Config {
         }
         Ok(Config {
             listen,
-            data_dir: o
-                .data_dir
-                .clone()
-                .or(file.data_dir)
-                .unwrap_or_else(|| "./shoal-data".into()),
+            // Absolute, so logs name it unambiguously and glommio (which
+            // opens directories by absolute path only) can use it.
+            data_dir: std::path::absolute(
+                o.data_dir
+                    .clone()
+                    .or(file.data_dir)
+                    .unwrap_or_else(|| "./shoal-data".into()),
+            )
+            .map_err(|e| format!("invalid data dir: {e}"))?,
             cores,
             advertised_host: file
                 .advertised_host

@@ -131,6 +131,8 @@ impl Checkpoint {
 /// Replaces `dir/name` atomically and durably, with async I/O on the
 /// calling shard's executor.
 pub async fn write_durably(dir: &Path, name: &str, bytes: Vec<u8>) -> std::io::Result<()> {
+    // glommio opens directories by absolute path only.
+    let dir = &std::path::absolute(dir)?;
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = glommio::io::BufferedFile::create(&tmp).await?;
     if !bytes.is_empty() {

@@ -340,7 +340,8 @@ impl PartitionLog {
     /// last recovery point are scanned; a torn or corrupt tail is truncated.
     pub async fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<PartitionLog> {
         config.validate().map_err(Error::Config)?;
-        let dir = dir.as_ref().to_path_buf();
+        // Absolute: glommio opens directories by absolute path only.
+        let dir = std::path::absolute(dir.as_ref())?;
         std::fs::create_dir_all(&dir)?;
         dma_probe(&dir).await?;
         let mut bases = list_segments(&dir)?;

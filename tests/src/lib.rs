@@ -48,11 +48,23 @@ pub struct Broker {
     cores: String,
     child: Option<Child>,
     log: PathBuf,
+    relative: bool,
 }
 
 impl Broker {
     /// Starts a broker on `cores` (e.g. "0,1") and waits until it serves.
     pub fn start(cores: &str) -> Broker {
+        Broker::start_in(cores, None)
+    }
+
+    /// Like [`Broker::start`], with the broker's working directory set and
+    /// its data directory given relative to it (`--data-dir data`), the way
+    /// the README's quick start runs it.
+    pub fn start_relative(cores: &str) -> Broker {
+        Broker::start_in(cores, Some(()))
+    }
+
+    fn start_in(cores: &str, relative: Option<()>) -> Broker {
         let shards = cores.split(',').count();
         let data = tempfile::tempdir().expect("temp dir");
         let log = data.path().join("broker.log");
@@ -63,6 +75,7 @@ impl Broker {
             cores: cores.into(),
             child: None,
             log,
+            relative: relative.is_some(),
         };
         b.spawn();
         b
@@ -78,10 +91,15 @@ impl Broker {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(shoal_bin())
-            .args(["serve", "--listen", &self.addr(), "--cores", &self.cores])
-            .arg("--data-dir")
-            .arg(self.data.path().join("data"))
+        let mut cmd = Command::new(shoal_bin());
+        cmd.args(["serve", "--listen", &self.addr(), "--cores", &self.cores])
+            .arg("--data-dir");
+        if self.relative {
+            cmd.current_dir(self.data.path()).arg("data");
+        } else {
+            cmd.arg(self.data.path().join("data"));
+        }
+        let child = cmd
             // The harness waits for the INFO line "shoal is ready".
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

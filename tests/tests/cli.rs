@@ -101,3 +101,26 @@ fn topic_produce_consume_commands() {
     let (_, out, _) = shoal(&broker, &["topic", "list"], None);
     assert!(out.trim().is_empty(), "{out}");
 }
+
+/// The quick start's way: a data directory relative to where the broker
+/// runs. Topics can be created, written, read, and survive a restart.
+#[test]
+fn relative_data_dir_works() {
+    let mut broker = Broker::start_relative(two_shards());
+    let (ok, _, err) = shoal(
+        &broker,
+        &["topic", "create", "rel", "--partitions", "2"],
+        None,
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = shoal(&broker, &["produce", "rel"], Some("one\ntwo\n"));
+    assert!(ok, "{err}");
+    assert!(broker.terminate(), "{}", broker.log_text());
+    assert!(broker.data.path().join("data").join("topics.json").exists());
+    broker.restart();
+    let (ok, out, err) = shoal(&broker, &["consume", "rel", "--from-beginning"], None);
+    assert!(ok, "{err}");
+    let mut got: Vec<&str> = out.lines().collect();
+    got.sort();
+    assert_eq!(got, ["one", "two"]);
+}
