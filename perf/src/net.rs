@@ -358,7 +358,42 @@ async fn setup_topic(client: &Client, c: &Common, default_name: &str) -> Result<
     Ok(name)
 }
 
-fn finish(c: &Common, mut r: NetReport, h: &Histogram<u64>) -> Result<(), String> {
+/// What a mode measured, before it is turned into a [`NetReport`].
+struct Run {
+    mode: String,
+    messages: u64,
+    bytes: u64,
+    seconds: f64,
+    errors: u64,
+    ack_latency_us: Option<Percentiles>,
+    settings: serde_json::Value,
+}
+
+/// Stops the progress line, derives the rates and percentiles, writes the
+/// requested outputs and prints the report.
+fn finish(
+    c: &Common,
+    progress: tokio::task::JoinHandle<()>,
+    run: Run,
+    h: &Histogram<u64>,
+) -> Result<(), String> {
+    progress.abort();
+    if !c.json {
+        eprintln!();
+    }
+    let mut r = NetReport {
+        mode: run.mode,
+        msgs_per_s: run.messages as f64 / run.seconds,
+        mib_per_s: run.bytes as f64 / run.seconds / 1_048_576.0,
+        messages: run.messages,
+        seconds: run.seconds,
+        errors: run.errors,
+        latency_us: Percentiles::of(h),
+        ack_latency_us: run.ack_latency_us,
+        line_rate_fraction: None,
+        settings: run.settings,
+        percentiles: Vec::new(),
+    };
     r.percentiles = report::curve(h);
     if let Some(mbit) = c.line_rate_mbit {
         r.line_rate_fraction = Some(r.mib_per_s * 1_048_576.0 * 8.0 / (mbit * 1e6));
@@ -513,30 +548,21 @@ pub fn produce(a: ProduceArgs) -> Result<(), String> {
         for t in tasks {
             let _ = t.await;
         }
-        prog.abort();
-        if !c.json {
-            eprintln!();
-        }
-        let secs = c.duration.as_secs_f64();
         let h = hist.borrow().clone();
-        let r = NetReport {
+        let run = Run {
             mode: "produce".into(),
-            msgs_per_s: count.get() as f64 / secs,
-            mib_per_s: bytes.get() as f64 / secs / 1_048_576.0,
             messages: count.get(),
-            seconds: secs,
+            bytes: bytes.get(),
+            seconds: c.duration.as_secs_f64(),
             errors: errors.get(),
-            latency_us: Percentiles::of(&h),
             ack_latency_us: None,
-            line_rate_fraction: None,
             settings: serde_json::json!({
                 "producers": producers, "size": a.size, "batch_bytes": a.batch_bytes, "linger_us": a.linger_us,
                 "acks": a.acks, "rate": a.rate, "partitions": c.partitions, "sync": c.sync, "topic": topic,
                 "spawn": c.spawn, "broker_cores": c.broker_cores,
             }),
-            percentiles: Vec::new(),
         };
-        finish(&c, r, &h)
+        finish(&c, prog, run, &h)
     })
 }
 
@@ -646,30 +672,22 @@ pub fn consume(a: ConsumeArgs) -> Result<(), String> {
         for t in tasks {
             t.await.map_err(|e| e.to_string())??;
         }
-        let secs = t0.elapsed().as_secs_f64();
-        prog.abort();
-        if !c.json {
-            eprintln!();
-        }
+        let seconds = t0.elapsed().as_secs_f64();
         let h = hist.borrow().clone();
-        let r = NetReport {
+        let run = Run {
             mode: if a.push { "consume-push" } else { "consume-fetch" }.into(),
-            msgs_per_s: count.get() as f64 / secs,
-            mib_per_s: bytes.get() as f64 / secs / 1_048_576.0,
             messages: count.get(),
-            seconds: secs,
+            bytes: bytes.get(),
+            seconds,
             errors: 0,
-            latency_us: Percentiles::of(&h),
             ack_latency_us: None,
-            line_rate_fraction: None,
             settings: serde_json::json!({
                 "consumers": consumers, "size": a.size, "fill_bytes": a.fill_bytes, "push": a.push, "fetch_bytes": a.fetch_bytes,
                 "partitions": c.partitions, "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
                 "latency": "per fetch request (or per push)",
             }),
-            percentiles: Vec::new(),
         };
-        finish(&c, r, &h)
+        finish(&c, prog, run, &h)
     })
 }
 
@@ -777,31 +795,22 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
         for r in readers {
             r.abort();
         }
-        prog.abort();
-        if !c.json {
-            eprintln!();
-        }
         let missing = measured_sent.get().saturating_sub(received.get());
-        let secs = c.duration.as_secs_f64();
         let h = e2e_hist.borrow().clone();
-        let r = NetReport {
+        let run = Run {
             mode: "e2e".into(),
-            msgs_per_s: received.get() as f64 / secs,
-            mib_per_s: bytes.get() as f64 / secs / 1_048_576.0,
             messages: received.get(),
-            seconds: secs,
+            bytes: bytes.get(),
+            seconds: c.duration.as_secs_f64(),
             errors: errors.get() + missing,
-            latency_us: Percentiles::of(&h),
             ack_latency_us: Some(Percentiles::of(&ack_hist.borrow())),
-            line_rate_fraction: None,
             settings: serde_json::json!({
                 "rate": a.rate, "size": a.size, "linger_us": a.linger_us, "partitions": c.partitions, "sync": c.sync,
                 "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
                 "latency": "intended send time to delivery by push (corrected for coordinated omission)",
             }),
-            percentiles: Vec::new(),
         };
-        finish(&c, r, &h)
+        finish(&c, prog, run, &h)
     })
 }
 
