@@ -8,6 +8,8 @@
 //! - `e2e`: open-loop publishing at a fixed rate, latency from each
 //!   message's intended send time to its delivery (coordinated omission
 //!   corrected), and the produce-ack latency.
+//! - `hiccup`: the platform's own stalls on the given cores, turned into the
+//!   latency a zero-cost service would show: the floor under `e2e`.
 //! - `compare`: two `--json` runs side by side, optionally plotted.
 //!
 //! Every latency goes through HdrHistogram; `--json`, `--hist` and `--plot`
@@ -17,6 +19,7 @@
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 
+mod hiccup;
 mod net;
 mod report;
 mod storage;
@@ -45,6 +48,8 @@ enum Mode {
     Consume(net::ConsumeArgs),
     /// Open-loop end-to-end latency at a fixed rate.
     E2e(net::E2eArgs),
+    /// Platform stalls per core, and the latency they alone would cause (same-run baseline for e2e).
+    Hiccup(hiccup::HiccupArgs),
     /// Compare two --json results.
     Compare(net::CompareArgs),
     /// (internal) append until killed; used by `storage --reopen`.
@@ -60,6 +65,7 @@ fn main() {
         Mode::Consume(a) => net::consume(a),
         Mode::E2e(a) => net::e2e(a),
         Mode::Compare(a) => net::compare(a),
+        Mode::Hiccup(a) => hiccup::run(a),
         Mode::StorageWriter(a) => storage::writer(a),
     };
     if let Err(e) = r {

@@ -298,7 +298,7 @@ impl Drop for SpawnedBroker {
 
 // ---- shared plumbing --------------------------------------------------------
 
-fn pin_to(core: Option<usize>, spawn: bool) {
+pub(crate) fn pin_to(core: Option<usize>, spawn: bool) {
     let n = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
