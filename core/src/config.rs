@@ -28,6 +28,7 @@ pub struct FileConfig {
     pub retention_bytes: Option<u64>,
     pub retention_check_ms: Option<u64>,
     pub idle_spin_us: Option<u64>,
+    pub tail_cache_bytes: Option<usize>,
 }
 
 /// The resolved configuration a broker runs with.
@@ -48,6 +49,9 @@ pub struct Config {
     /// How long an idle shard polls before it sleeps (lower wake-up latency
     /// for a little CPU).
     pub idle_spin: Duration,
+    /// Memory per partition for its newest bytes while readers wait at its
+    /// end (0: off). See `shoal_shard::tail`.
+    pub tail_cache_bytes: usize,
 }
 
 /// Parses a core list: `all`, `0,2,3`, `0-3` or a mix (`0-1,4`).
@@ -166,6 +170,10 @@ impl Config {
                     .unwrap_or(IDLE_SPIN_US_DEFAULT)
                     .min(1_000_000),
             ),
+            tail_cache_bytes: file
+                .tail_cache_bytes
+                .unwrap_or(shoal_shard::limits::TAIL_CACHE_BYTES_DEFAULT)
+                .min(1 << 30),
         })
     }
 

@@ -419,7 +419,7 @@ impl Conn {
         sock_w.write_all(head).await?;
         if let Some(d) = data {
             let (fd, position, len) = match d {
-                FetchData::Local(s) => (s.file().as_raw_fd(), s.position, s.len),
+                FetchData::Local(s) => (s.file().as_raw_fd(), s.file_position(), s.len),
                 FetchData::Remote {
                     file,
                     position,

@@ -207,6 +207,9 @@ pub struct Metrics {
     /// Of those, bytes pushed through a user-space write to wait for a full
     /// socket (one byte per stall).
     pub copied_bytes: Cell<u64>,
+    /// Log bytes read from the tail cache (memory) rather than the segment
+    /// file, for fetches and pushes at the end of a log.
+    pub tail_cache_bytes: Cell<u64>,
     pub cross_shard_requests: Cell<u64>,
     pub connections_accepted: Cell<u64>,
     pub connections_open: Cell<u64>,
@@ -226,6 +229,7 @@ impl Metrics {
             ("fetch_bytes", self.fetch_bytes.get()),
             ("zero_copy_bytes", self.zero_copy_bytes.get()),
             ("copied_bytes", self.copied_bytes.get()),
+            ("tail_cache_bytes", self.tail_cache_bytes.get()),
             ("cross_shard_requests", self.cross_shard_requests.get()),
             ("connections_accepted", self.connections_accepted.get()),
             ("connections_open", self.connections_open.get()),
@@ -307,14 +311,16 @@ impl Shard {
                 continue;
             }
             let dir = meta.partition_dir(&self.config.data_dir, p as u32);
-            let log = PartitionLog::open(&dir, meta.log_config())
-                .await
-                .map_err(|e| {
-                    ErrReply::new(
-                        e.code(),
-                        format!("cannot open partition {}-{p}: {e}", meta.name),
-                    )
-                })?;
+            let config = shoal_shard::LogConfig {
+                tail_cache_bytes: self.config.tail_cache_bytes,
+                ..meta.log_config()
+            };
+            let log = PartitionLog::open(&dir, config).await.map_err(|e| {
+                ErrReply::new(
+                    e.code(),
+                    format!("cannot open partition {}-{p}: {e}", meta.name),
+                )
+            })?;
             logs.push(Some(Rc::new(log)));
         }
         self.topics
@@ -527,6 +533,9 @@ impl Shard {
             let slice = log.read(offset, u64::from(p.max_bytes.max(1)))?;
             let now = Instant::now();
             if slice.len >= u64::from(p.min_bytes) || now >= deadline || self.stopping.get() {
+                if slice.is_cached() {
+                    add(&self.metrics.tail_cache_bytes, slice.len);
+                }
                 slice.make_resident(RESIDENT_WAIT_MAX).await;
                 let ok = FetchOk {
                     high_watermark: slice.high_watermark,
@@ -732,7 +741,7 @@ impl Shard {
                             s.file().try_clone().map_err(|e| {
                                 ErrReply::new(ErrorCode::StorageError, e.to_string())
                             })?,
-                            s.position,
+                            s.file_position(),
                             s.len,
                         )),
                         Some(FetchData::Remote {

@@ -34,6 +34,13 @@ pub struct HiccupArgs {
     /// Clock gaps shorter than this are not stalls (µs).
     #[arg(long, default_value_t = 20)]
     pub resolution_us: u64,
+    /// Sleep this long between clock readings instead of spinning (µs), as
+    /// jHiccup does: a stall is then a wake-up later than asked for. A
+    /// spinning vCPU may be descheduled by the host more often than one
+    /// that idles, like a broker between requests; sleeping measures that
+    /// case, at a coarser grain.
+    #[arg(long)]
+    pub sleep_us: Option<u64>,
     /// Print one JSON object (the same shape as the other modes, so
     /// `compare` can set an e2e run beside this baseline).
     #[arg(long)]
@@ -72,16 +79,20 @@ fn parse_cores(s: Option<&str>) -> Result<Vec<usize>, String> {
     }
 }
 
-/// Spins on the current thread for `dur`, returning the stalls seen.
-fn spin(start: Instant, dur: Duration, resolution: Duration) -> Vec<Stall> {
+/// Spins (or sleeps `sleep` at a time) on the current thread for `dur`,
+/// returning the stalls seen.
+fn spin(start: Instant, dur: Duration, resolution: Duration, sleep: Duration) -> Vec<Stall> {
     let mut stalls = Vec::new();
     let mut last = Instant::now();
     loop {
+        if !sleep.is_zero() {
+            std::thread::sleep(sleep);
+        }
         let now = Instant::now();
-        let gap = now - last;
+        let gap = (now - last).saturating_sub(sleep);
         if gap > resolution {
             stalls.push(Stall {
-                at: (last - start).as_nanos() as u64,
+                at: (last - start + sleep).as_nanos() as u64,
                 len: gap.as_nanos() as u64,
             });
         }
@@ -150,12 +161,19 @@ pub fn run(a: HiccupArgs) -> Result<(), String> {
         .iter()
         .map(|&c| {
             let dur = a.duration;
+            let sleep = Duration::from_micros(a.sleep_us.unwrap_or(0));
             std::thread::spawn(move || {
                 crate::net::pin_to(Some(c), false);
+                if !sleep.is_zero() {
+                    // SAFETY: prctl with PR_SET_TIMERSLACK takes a plain
+                    // integer; 1 ns asks for wake-ups as exact as the timer
+                    // allows, so the default 50 µs slack is not counted.
+                    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+                }
                 while Instant::now() < start {
                     std::hint::spin_loop();
                 }
-                (c, spin(start, dur, resolution))
+                (c, spin(start, dur, resolution, sleep))
             })
         })
         .collect();
@@ -199,6 +217,7 @@ pub fn run(a: HiccupArgs) -> Result<(), String> {
             "cores": cores,
             "rate": a.rate,
             "resolution_us": a.resolution_us,
+            "sleep_us": a.sleep_us,
             "per_core": per_core,
         }),
         percentiles: report::curve(&h),

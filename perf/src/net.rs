@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use shoal_client::{Acks, Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -65,6 +65,9 @@ pub struct Common {
     /// Cores for the spawned broker.
     #[arg(long, default_value = "0")]
     pub broker_cores: String,
+    /// Config file (TOML) for the spawned broker, as `shoal serve --config`.
+    #[arg(long)]
+    pub broker_config: Option<PathBuf>,
     /// Core to pin the harness to (default: the last core when spawning).
     #[arg(long)]
     pub core: Option<usize>,
@@ -218,7 +221,7 @@ fn shoal_bin() -> Result<PathBuf, String> {
 }
 
 impl SpawnedBroker {
-    pub fn start(cores: &str) -> Result<SpawnedBroker, String> {
+    pub fn start(cores: &str, config: Option<&Path>) -> Result<SpawnedBroker, String> {
         let shards = cores
             .split(',')
             .map(|p| {
@@ -248,10 +251,14 @@ impl SpawnedBroker {
             .ok_or("no free port")?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(shoal_bin()?)
-            .args(["serve", "--listen", &addr, "--cores", cores])
+        let mut cmd = Command::new(shoal_bin()?);
+        cmd.args(["serve", "--listen", &addr, "--cores", cores])
             .arg("--data-dir")
-            .arg(dir.path())
+            .arg(dir.path());
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -328,7 +335,7 @@ struct Target {
 
 fn target(c: &Common) -> Result<Target, String> {
     if c.spawn {
-        let b = SpawnedBroker::start(&c.broker_cores)?;
+        let b = SpawnedBroker::start(&c.broker_cores, c.broker_config.as_deref())?;
         let addr = b.addr.clone();
         Ok(Target {
             _spawned: Some(b),

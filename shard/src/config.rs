@@ -70,6 +70,9 @@ pub struct LogConfig {
     pub batch_bytes_max: usize,
     /// Buffered bytes before appenders wait for the writer.
     pub write_buffer_bytes: usize,
+    /// Memory for the newest bytes, served to readers at the end of the
+    /// log without a disk read (`crate::tail`); 0 turns the cache off.
+    pub tail_cache_bytes: usize,
 }
 
 impl Default for LogConfig {
@@ -82,6 +85,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             batch_bytes_max: BATCH_BYTES_MAX_DEFAULT,
             write_buffer_bytes: WRITE_BUFFER_BYTES_DEFAULT,
+            tail_cache_bytes: TAIL_CACHE_BYTES_DEFAULT,
         }
     }
 }

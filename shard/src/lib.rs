@@ -11,6 +11,8 @@
 //! - [`segment`]: one segment's read side: file, mapping, indexes.
 //! - [`index`]: sparse offset and time indexes (in memory for the active
 //!   segment, memory-mapped files for closed ones).
+//! - [`tail`]: the tail cache: the newest bytes in memory files, so readers
+//!   at the end of the log are served by sendfile without touching the disk.
 //! - [`checkpoint`]: the recovery point that bounds a restart's work.
 //! - [`producers`]: idempotent-producer state (no duplicate on retry).
 //! - [`config`]: [`LogConfig`] and the [`SyncMode`]s with their guarantees.
@@ -28,6 +30,7 @@ pub mod log;
 pub mod notify;
 pub mod producers;
 pub mod segment;
+pub mod tail;
 
 pub use config::{LogConfig, SyncMode};
 pub use error::{Error, Result};

@@ -24,6 +24,9 @@ pub const RECOVERY_CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 pub const PRODUCERS_MAX: usize = 4096;
 /// Recent batches remembered per producer to answer retries.
 pub const PRODUCER_BATCHES_KEPT: usize = 5;
+/// Default memory per partition for the tail cache (`crate::tail`), used
+/// only while readers wait at the end of the log.
+pub const TAIL_CACHE_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
 /// Default retention by age: 30 days (seed 001).
 pub const RETENTION_AGE_DEFAULT_MS: u64 = 30 * 24 * 3600 * 1000;
 

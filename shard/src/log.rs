@@ -18,6 +18,9 @@
 //! Readers see a segment up to `Segment::len`, which only ever covers whole
 //! batches whose write has completed: the zero padding of the tail block is
 //! never visible, so a visible byte range can be handed to sendfile as is.
+//! While readers wait at the end of the log, accepted batches are also
+//! copied into the tail cache ([`crate::tail`]), and reads of the newest
+//! batches are served from its memory files instead of the disk.
 //!
 //! # Ownership
 //! A `PartitionLog` belongs to the shard (core) that opened it: `Rc` and
@@ -34,6 +37,7 @@ use crate::limits::{
 use crate::notify::Notify;
 use crate::producers::ProducerTable;
 use crate::segment::{self, Segment};
+use crate::tail::{TailBlock, TailCache, TAIL_INTEREST};
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use shoal_wire::batch::{self, check_header, validate_batch, BatchHeader};
 use shoal_wire::BATCH_HEADER_BYTES;
@@ -84,14 +88,35 @@ pub struct ReadSlice {
     pub next_offset: u64,
     /// The log's visible end when the slice was taken.
     pub high_watermark: u64,
+    /// Set when the bytes come from the tail cache's memory file.
+    cached: Option<Rc<TailBlock>>,
 }
 
 impl ReadSlice {
     pub fn bytes(&self) -> &[u8] {
-        self.segment.bytes(self.position, self.len)
+        match &self.cached {
+            Some(b) => b.bytes(self.position, self.len),
+            None => self.segment.bytes(self.position, self.len),
+        }
     }
+    /// The file to sendfile from, at [`ReadSlice::file_position`]: the
+    /// segment file, or the tail cache's memory file holding the same bytes.
     pub fn file(&self) -> &std::fs::File {
-        self.segment.file()
+        match &self.cached {
+            Some(b) => b.file(),
+            None => self.segment.file(),
+        }
+    }
+    /// Where the slice starts in [`ReadSlice::file`].
+    pub fn file_position(&self) -> u64 {
+        match &self.cached {
+            Some(b) => b.offset_of(self.position),
+            None => self.position,
+        }
+    }
+    /// Whether the slice is served from memory (the tail cache).
+    pub fn is_cached(&self) -> bool {
+        self.cached.is_some()
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -102,7 +127,7 @@ impl ReadSlice {
     /// `limit` passes). A sendfile afterwards copies from memory instead of
     /// stalling every task of the core on the disk.
     pub async fn make_resident(&self, limit: std::time::Duration) {
-        if self.segment.resident(self.position, self.len) {
+        if self.cached.is_some() || self.segment.resident(self.position, self.len) {
             return;
         }
         self.segment.prefetch(self.position, self.len);
@@ -176,6 +201,9 @@ struct State {
     /// Rounds whose writes have all completed (they complete in order).
     rounds_written: u64,
     rounds_in_flight: usize,
+    tail: TailCache,
+    /// Last time a reader waited at the end of the log.
+    tail_interest: Option<Instant>,
 }
 
 struct Inner {
@@ -526,6 +554,8 @@ impl PartitionLog {
                 round_seq: 0,
                 rounds_written: 0,
                 rounds_in_flight: 0,
+                tail: TailCache::new(config.tail_cache_bytes),
+                tail_interest: None,
             }),
             config,
             progress: Notify::default(),
@@ -678,6 +708,20 @@ impl PartitionLog {
         let st = &mut *st;
         st.pending.push(&st.dma, &head);
         st.pending.push(&st.dma, &batch[BATCH_HEADER_BYTES..]);
+        let next = base + u64::from(header.record_count);
+        if st.tail.enabled()
+            && st
+                .tail_interest
+                .is_some_and(|t| t.elapsed() < TAIL_INTEREST)
+        {
+            let body = &batch[BATCH_HEADER_BYTES..];
+            let seg_base = st.active.base_offset;
+            if let Err(e) = st.tail.append(seg_base, pos, (base, next), &head, body) {
+                tracing::warn!(dir = %inner.dir.display(), "tail cache off for now: {e}");
+            }
+        } else if !st.tail.is_empty() {
+            st.tail.clear();
+        }
         let rel = (base - st.active.base_offset) as u32;
         st.active.index.borrow_mut().on_batch(
             rel,
@@ -692,7 +736,7 @@ impl PartitionLog {
         if header.is_idempotent() {
             st.producers.record(header, base);
         }
-        st.next_offset = base + u64::from(header.record_count);
+        st.next_offset = next;
         st.pending.next_offset = st.next_offset;
         st.active_bytes += blen as u64;
         inner.wake_writer.notify_all();
@@ -750,6 +794,7 @@ impl PartitionLog {
     /// Waits until an offset at or past `offset` is readable (or the log
     /// closes). Long-polling is the broker's job; this is its wake-up.
     pub async fn wait_for_data(&self, offset: u64) {
+        self.inner.st.borrow_mut().tail_interest = Some(Instant::now());
         let _ = self
             .wait_until(|st| st.written_next > offset || st.closing)
             .await;
@@ -785,9 +830,21 @@ impl PartitionLog {
             next_offset: from,
             high_watermark: end,
             segment: seg,
+            cached: None,
         };
         if from == end {
             return Ok(empty(st.active.clone()));
+        }
+        if let Some(c) = st.tail.read(seg.base_offset, seg.len(), from, max_bytes) {
+            return Ok(ReadSlice {
+                position: c.position,
+                len: c.len,
+                first_offset: c.first_offset,
+                next_offset: c.next_offset,
+                high_watermark: end,
+                segment: seg,
+                cached: Some(c.block),
+            });
         }
         let Some(position) = seg.find_batch(from, bmax) else {
             return Err(Error::Corrupt(format!(
@@ -814,6 +871,7 @@ impl PartitionLog {
             position,
             len: pos - position,
             segment: seg,
+            cached: None,
         })
     }
 

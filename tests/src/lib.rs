@@ -49,25 +49,36 @@ pub struct Broker {
     child: Option<Child>,
     log: PathBuf,
     relative: bool,
+    config: Option<PathBuf>,
 }
 
 impl Broker {
     /// Starts a broker on `cores` (e.g. "0,1") and waits until it serves.
     pub fn start(cores: &str) -> Broker {
-        Broker::start_in(cores, None)
+        Broker::start_in(cores, None, None)
+    }
+
+    /// Like [`Broker::start`], with `toml` as its config file (`--config`).
+    pub fn start_with_config(cores: &str, toml: &str) -> Broker {
+        Broker::start_in(cores, None, Some(toml))
     }
 
     /// Like [`Broker::start`], with the broker's working directory set and
     /// its data directory given relative to it (`--data-dir data`), the way
     /// the README's quick start runs it.
     pub fn start_relative(cores: &str) -> Broker {
-        Broker::start_in(cores, Some(()))
+        Broker::start_in(cores, Some(()), None)
     }
 
-    fn start_in(cores: &str, relative: Option<()>) -> Broker {
+    fn start_in(cores: &str, relative: Option<()>, toml: Option<&str>) -> Broker {
         let shards = cores.split(',').count();
         let data = tempfile::tempdir().expect("temp dir");
         let log = data.path().join("broker.log");
+        let config = toml.map(|t| {
+            let p = data.path().join("shoal.toml");
+            std::fs::write(&p, t).expect("config file");
+            p
+        });
         let mut b = Broker {
             port: free_ports(shards),
             shards,
@@ -76,6 +87,7 @@ impl Broker {
             child: None,
             log,
             relative: relative.is_some(),
+            config,
         };
         b.spawn();
         b
@@ -98,6 +110,9 @@ impl Broker {
             cmd.current_dir(self.data.path()).arg("data");
         } else {
             cmd.arg(self.data.path().join("data"));
+        }
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
         }
         let child = cmd
             // The harness waits for the INFO line "shoal is ready".
