@@ -717,7 +717,7 @@ impl PartitionLog {
             let body = &batch[BATCH_HEADER_BYTES..];
             let seg_base = st.active.base_offset;
             if let Err(e) = st.tail.append(seg_base, pos, (base, next), &head, body) {
-                tracing::warn!(dir = %inner.dir.display(), "tail cache off for now: {e}");
+                tracing::warn!(dir = %inner.dir.display(), "tail cache resting for 10 s: {e}");
             }
         } else if !st.tail.is_empty() {
             st.tail.clear();

@@ -31,7 +31,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long after the last reader waited at the end of the log the cache
 /// keeps filling.
@@ -145,6 +145,9 @@ pub struct TailCache {
     seg_base: u64,
     blocks: VecDeque<Rc<TailBlock>>,
     bytes: usize,
+    /// After a failure to make a block, the cache rests until then (one
+    /// warning, not one per append).
+    resting_until: Option<Instant>,
 }
 
 impl TailCache {
@@ -156,6 +159,7 @@ impl TailCache {
             seg_base: 0,
             blocks: VecDeque::new(),
             bytes: 0,
+            resting_until: None,
         }
     }
 
@@ -179,8 +183,9 @@ impl TailCache {
 
     /// Copies a batch accepted at `seg_pos` of the segment based at
     /// `seg_base` (`head` is its header with the base offset set, `body` the
-    /// rest). On error the cache is emptied and the caller goes on: the
-    /// cache is an optimisation, the log file stays the truth.
+    /// rest). On error the cache is emptied and rests for [`TAIL_INTEREST`],
+    /// and the caller goes on: the cache is an optimisation, the log file
+    /// stays the truth.
     pub fn append(
         &mut self,
         seg_base: u64,
@@ -191,6 +196,12 @@ impl TailCache {
     ) -> std::io::Result<()> {
         if !self.enabled() {
             return Ok(());
+        }
+        if let Some(t) = self.resting_until {
+            if Instant::now() < t {
+                return Ok(());
+            }
+            self.resting_until = None;
         }
         if seg_base != self.seg_base {
             self.clear();
@@ -212,6 +223,7 @@ impl TailCache {
                 Ok(b) => b,
                 Err(e) => {
                     self.clear();
+                    self.resting_until = Some(Instant::now() + TAIL_INTEREST);
                     return Err(e);
                 }
             };

@@ -13,11 +13,17 @@ use std::time::Duration;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { records: u32, size: usize },
+    Append {
+        records: u32,
+        size: usize,
+    },
     ReopenClean,
     ReopenCrash,
     Retain,
-    Read { at: u16, max: u32 },
+    Read {
+        at: u16,
+        max: u32,
+    },
     /// A reader waits at the end of the log (turns the tail cache on).
     Interest,
 }

@@ -469,7 +469,10 @@ async fn large_fetches_read_back_exactly() {
 /// broker's `tail_cache_bytes` and `fetch_bytes` growth.
 async fn follow_the_tail(broker: &Broker, n: u32) -> (u64, u64) {
     let client = Client::connect(&broker.addr()).await.unwrap();
-    client.create_topic(&NewTopic::new("tail", 1)).await.unwrap();
+    client
+        .create_topic(&NewTopic::new("tail", 1))
+        .await
+        .unwrap();
     let before = client.metrics().await.unwrap();
     let consumer = Consumer::new(client.clone(), ConsumerConfig::default());
     let mut sub = consumer.subscribe("tail", 0, 0, 1 << 20).await.unwrap();
@@ -488,10 +491,7 @@ async fn follow_the_tail(broker: &Broker, n: u32) -> (u64, u64) {
                 .unwrap();
             for r in p.records {
                 assert_eq!(r.offset, u64::from(next));
-                assert_eq!(
-                    r.value.as_deref(),
-                    Some(format!("tail-{next}").as_bytes())
-                );
+                assert_eq!(r.value.as_deref(), Some(format!("tail-{next}").as_bytes()));
                 next += 1;
             }
         }
