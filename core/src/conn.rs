@@ -177,6 +177,7 @@ impl Conn {
                         return self.respond_error(corr, &e).await;
                     }
                 };
+                let started = std::time::Instant::now();
                 match shard
                     .produce_start(s(p.topic()), p.partition(), payload, acks)
                     .await
@@ -189,7 +190,12 @@ impl Conn {
                             .set(self.produces_in_flight.get() + 1);
                         let conn = self.clone();
                         glommio::spawn_local(async move {
-                            let r = conn.respond_produce(corr, pending.finish().await).await;
+                            let done = pending.finish().await;
+                            let ok = done.is_ok();
+                            let r = conn.respond_produce(corr, done).await;
+                            if ok && r.is_ok() {
+                                conn.shard.metrics.produce_latency.record(started.elapsed());
+                            }
                             conn.produces_in_flight
                                 .set(conn.produces_in_flight.get() - 1);
                             if r.is_err() {
@@ -199,7 +205,15 @@ impl Conn {
                         .detach();
                         return Ok(());
                     }
-                    Ok(pending) => return self.respond_produce(corr, pending.finish().await).await,
+                    Ok(pending) => {
+                        let done = pending.finish().await;
+                        let ok = done.is_ok();
+                        let r = self.respond_produce(corr, done).await;
+                        if ok && r.is_ok() {
+                            shard.metrics.produce_latency.record(started.elapsed());
+                        }
+                        return r;
+                    }
                     Err(e) => Err(e),
                 }
             }

@@ -194,6 +194,72 @@ pub enum ShardMsg {
     },
 }
 
+/// Upper bounds (µs) of the broker's latency buckets; a last bucket holds
+/// everything slower.
+pub const LATENCY_BOUNDS_US: [u64; 17] = [
+    10, 25, 50, 75, 100, 150, 200, 300, 500, 750, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000,
+    1_000_000,
+];
+
+/// Metric names of the produce latency buckets, cumulative like
+/// Prometheus' `le` buckets: `_le_<bound>` counts requests at or under it;
+/// `_count` counts them all.
+const PRODUCE_LATENCY_NAMES: [&str; 18] = [
+    "produce_latency_us_le_10",
+    "produce_latency_us_le_25",
+    "produce_latency_us_le_50",
+    "produce_latency_us_le_75",
+    "produce_latency_us_le_100",
+    "produce_latency_us_le_150",
+    "produce_latency_us_le_200",
+    "produce_latency_us_le_300",
+    "produce_latency_us_le_500",
+    "produce_latency_us_le_750",
+    "produce_latency_us_le_1000",
+    "produce_latency_us_le_2000",
+    "produce_latency_us_le_5000",
+    "produce_latency_us_le_10000",
+    "produce_latency_us_le_50000",
+    "produce_latency_us_le_100000",
+    "produce_latency_us_le_1000000",
+    "produce_latency_us_count",
+];
+
+/// A latency distribution in fixed buckets: cheap to record on the data
+/// path, and (unlike percentiles) summable over shards and subtractable
+/// between two reads, so a benchmark can take the distribution of just its
+/// measured window.
+#[derive(Default)]
+pub struct LatencyBuckets {
+    /// Requests per bucket (not cumulative); the last one is over every
+    /// bound.
+    counts: [Cell<u64>; 18],
+    sum_us: Cell<u64>,
+}
+
+impl LatencyBuckets {
+    pub fn record(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        add(&self.counts[i], 1);
+        add(&self.sum_us, us);
+    }
+
+    fn snapshot_into(
+        &self,
+        names: &[&'static str; 18],
+        sum: &'static str,
+        out: &mut Vec<(&'static str, u64)>,
+    ) {
+        let mut cumulative = 0;
+        for (name, c) in names.iter().zip(&self.counts) {
+            cumulative += c.get();
+            out.push((name, cumulative));
+        }
+        out.push((sum, self.sum_us.get()));
+    }
+}
+
 /// Per-shard counters (exported summed over shards by the Metrics API).
 #[derive(Default)]
 pub struct Metrics {
@@ -214,6 +280,9 @@ pub struct Metrics {
     pub connections_accepted: Cell<u64>,
     pub connections_open: Cell<u64>,
     pub errors: Cell<u64>,
+    /// Produce requests, from the decoded request to its response written
+    /// (acknowledgement wait included).
+    pub produce_latency: LatencyBuckets,
 }
 
 pub fn add(c: &Cell<u64>, v: u64) {
@@ -222,7 +291,7 @@ pub fn add(c: &Cell<u64>, v: u64) {
 
 impl Metrics {
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        vec![
+        let mut v = vec![
             ("produce_requests", self.produce_requests.get()),
             ("produce_bytes", self.produce_bytes.get()),
             ("fetch_requests", self.fetch_requests.get()),
@@ -234,7 +303,13 @@ impl Metrics {
             ("connections_accepted", self.connections_accepted.get()),
             ("connections_open", self.connections_open.get()),
             ("errors", self.errors.get()),
-        ]
+        ];
+        self.produce_latency.snapshot_into(
+            &PRODUCE_LATENCY_NAMES,
+            "produce_latency_us_sum",
+            &mut v,
+        );
+        v
     }
 }
 

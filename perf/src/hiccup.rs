@@ -212,6 +212,7 @@ pub fn run(a: HiccupArgs) -> Result<(), String> {
         errors: 0,
         latency_us: Percentiles::of(&h),
         ack_latency_us: None,
+        broker_produce_latency_us: None,
         line_rate_fraction: None,
         settings: serde_json::json!({
             "cores": cores,

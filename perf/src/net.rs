@@ -152,6 +152,12 @@ pub struct NetReport {
     pub latency_us: Percentiles,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub ack_latency_us: Option<Percentiles>,
+    /// The broker's own produce latency over the measured window (request
+    /// decoded to response written), from its latency buckets: each figure
+    /// is the upper bound of the bucket the percentile falls in
+    /// ([`OVER_LAST_BOUND_US`] beyond the last).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub broker_produce_latency_us: Option<Percentiles>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub line_rate_fraction: Option<f64>,
     pub settings: serde_json::Value,
@@ -305,6 +311,52 @@ impl Drop for SpawnedBroker {
 
 // ---- shared plumbing --------------------------------------------------------
 
+/// Stands for "beyond the broker's last latency bucket" (over 1 s).
+pub const OVER_LAST_BOUND_US: f64 = 10_000_000.0;
+
+/// Percentiles of the broker's produce latency between two metric reads,
+/// from its cumulative `produce_latency_us_le_<bound>` buckets and
+/// `produce_latency_us_count`. Each figure is the bound of the bucket the
+/// percentile falls in. `None` if the broker has no such buckets or nothing
+/// was produced in between.
+pub fn bucket_percentiles(
+    before: &[(String, u64)],
+    after: &[(String, u64)],
+) -> Option<Percentiles> {
+    let get = |m: &[(String, u64)], k: &str| m.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+    let count_name = "produce_latency_us_count";
+    let total = get(after, count_name)?.checked_sub(get(before, count_name)?)?;
+    if total == 0 {
+        return None;
+    }
+    let mut buckets: Vec<(u64, u64)> = after
+        .iter()
+        .filter_map(|(n, v)| {
+            let bound = n
+                .strip_prefix("produce_latency_us_le_")?
+                .parse::<u64>()
+                .ok()?;
+            Some((bound, v.saturating_sub(get(before, n).unwrap_or(0))))
+        })
+        .collect();
+    buckets.sort();
+    let at = |q: f64| {
+        let need = (q * total as f64).ceil() as u64;
+        buckets
+            .iter()
+            .find(|(_, cum)| *cum >= need.max(1))
+            .map_or(OVER_LAST_BOUND_US, |(b, _)| *b as f64)
+    };
+    Some(Percentiles {
+        p50: at(0.5),
+        p90: at(0.9),
+        p99: at(0.99),
+        p999: at(0.999),
+        p9999: at(0.9999),
+        max: at(1.0),
+    })
+}
+
 pub(crate) fn pin_to(core: Option<usize>, spawn: bool) {
     let n = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -373,6 +425,7 @@ struct Run {
     seconds: f64,
     errors: u64,
     ack_latency_us: Option<Percentiles>,
+    broker_produce_latency_us: Option<Percentiles>,
     settings: serde_json::Value,
 }
 
@@ -397,6 +450,7 @@ fn finish(
         errors: run.errors,
         latency_us: Percentiles::of(h),
         ack_latency_us: run.ack_latency_us,
+        broker_produce_latency_us: run.broker_produce_latency_us,
         line_rate_fraction: None,
         settings: run.settings,
         percentiles: Vec::new(),
@@ -428,6 +482,9 @@ fn finish(
         println!("  latency      {}", r.latency_us.table_row());
         if let Some(a) = &r.ack_latency_us {
             println!("  ack latency  {}", a.table_row());
+        }
+        if let Some(a) = &r.broker_produce_latency_us {
+            println!("  in broker    {}  (produce, bucket bounds)", a.table_row());
         }
         if let Some(f) = r.line_rate_fraction {
             println!("  {:.1} % of line rate", f * 100.0);
@@ -563,6 +620,7 @@ pub fn produce(a: ProduceArgs) -> Result<(), String> {
             seconds: c.duration.as_secs_f64(),
             errors: errors.get(),
             ack_latency_us: None,
+            broker_produce_latency_us: None,
             settings: serde_json::json!({
                 "producers": producers, "size": a.size, "batch_bytes": a.batch_bytes, "linger_us": a.linger_us,
                 "acks": a.acks, "rate": a.rate, "partitions": c.partitions, "sync": c.sync, "topic": topic,
@@ -688,6 +746,7 @@ pub fn consume(a: ConsumeArgs) -> Result<(), String> {
             seconds,
             errors: 0,
             ack_latency_us: None,
+            broker_produce_latency_us: None,
             settings: serde_json::json!({
                 "consumers": consumers, "size": a.size, "fill_bytes": a.fill_bytes, "push": a.push, "fetch_bytes": a.fetch_bytes,
                 "partitions": c.partitions, "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
@@ -749,6 +808,16 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
                 }
             }));
         }
+        // The broker's own latency buckets, read as measuring starts and
+        // after it ends: their difference is the measured window.
+        let broker_before = Rc::new(RefCell::new(None));
+        {
+            let (client, slot) = (client.clone(), broker_before.clone());
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(measure_from)).await;
+                *slot.borrow_mut() = client.metrics().await.ok();
+            });
+        }
         let prog = progress(received.clone(), bytes.clone(), c.json);
         let producer = Producer::new(client.clone(), ProducerConfig { linger: Duration::from_micros(a.linger_us), ..ProducerConfig::default() });
         let schedule = Schedule::new(t0, a.rate);
@@ -802,6 +871,7 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
         for r in readers {
             r.abort();
         }
+        let broker_after = client.metrics().await.ok();
         let missing = measured_sent.get().saturating_sub(received.get());
         let h = e2e_hist.borrow().clone();
         let run = Run {
@@ -811,6 +881,11 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
             seconds: c.duration.as_secs_f64(),
             errors: errors.get() + missing,
             ack_latency_us: Some(Percentiles::of(&ack_hist.borrow())),
+            broker_produce_latency_us: broker_before
+                .borrow()
+                .as_ref()
+                .zip(broker_after.as_ref())
+                .and_then(|(b, a)| bucket_percentiles(b, a)),
             settings: serde_json::json!({
                 "rate": a.rate, "size": a.size, "linger_us": a.linger_us, "partitions": c.partitions, "sync": c.sync,
                 "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
@@ -885,6 +960,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn broker_buckets_give_window_percentiles() {
+        let m = |v: &[(u64, u64)], count: u64| -> Vec<(String, u64)> {
+            let mut out: Vec<(String, u64)> = v
+                .iter()
+                .map(|(b, c)| (format!("produce_latency_us_le_{b}"), *c))
+                .collect();
+            out.push(("produce_latency_us_count".into(), count));
+            out
+        };
+        // Before: 100 requests, all under 50 µs. After: 1000 more, of which
+        // 990 under 100 µs, 9 under 1000 and one over every bound.
+        let before = m(&[(50, 100), (100, 100), (1000, 100)], 100);
+        let after = m(&[(50, 100), (100, 1090), (1000, 1099)], 1100);
+        let p = bucket_percentiles(&before, &after).unwrap();
+        assert_eq!((p.p50, p.p90, p.p99), (100.0, 100.0, 100.0));
+        assert_eq!(p.p999, 1000.0);
+        assert_eq!(p.max, OVER_LAST_BOUND_US);
+        assert!(bucket_percentiles(&before, &before).is_none());
+        assert!(bucket_percentiles(&[], &after).is_none());
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
@@ -928,6 +1025,7 @@ mod tests {
             errors: 0,
             latency_us: Percentiles::of(&h),
             ack_latency_us: None,
+            broker_produce_latency_us: None,
             line_rate_fraction: Some(0.5),
             settings: serde_json::json!({"rate": 1}),
             percentiles: report::curve(&h),

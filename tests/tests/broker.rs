@@ -521,3 +521,40 @@ async fn tail_readers_are_served_from_memory() {
     assert!(fetched > 0);
     assert_eq!(cached, 0);
 }
+
+/// The broker's produce latency buckets count every acknowledged produce
+/// request once, cumulatively (Prometheus `le` style), summed over shards.
+#[tokio::test]
+async fn produce_latency_buckets_count_every_request() {
+    let broker = Broker::start(two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client.create_topic(&NewTopic::new("lat", 2)).await.unwrap();
+    let before = client.metrics().await.unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    for i in 0..50u32 {
+        producer
+            .send_to("lat", i % 2, None, b"x")
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let after = client.metrics().await.unwrap();
+    let d = |k: &str| metric(&after, k) - metric(&before, k);
+    assert_eq!(d("produce_requests"), 50);
+    assert_eq!(d("produce_latency_us_count"), 50);
+    let buckets: Vec<(u64, u64)> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let b = k.strip_prefix("produce_latency_us_le_")?.parse().ok()?;
+            Some((b, *v))
+        })
+        .collect();
+    assert!(buckets.len() >= 10, "{buckets:?}");
+    assert!(
+        buckets.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        "bounds rise and counts are cumulative: {buckets:?}"
+    );
+    assert!(buckets.last().unwrap().1 <= metric(&after, "produce_latency_us_count"));
+    // Some time was spent: the sum moved, and not every request took 0 µs.
+    assert!(d("produce_latency_us_sum") > 0);
+}
