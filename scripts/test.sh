@@ -31,6 +31,8 @@ set -e
 # asserted here: benchmarks measure, tests check).
 if [ "$status" -eq 0 ]; then
   target/debug/shoal-perf e2e --spawn --duration 2s --warmup 500ms --rate 2000 --json > /dev/null || status=$?
+  target/debug/shoal-perf ping --spawn --duration 1s --warmup 200ms --rate 2000 --json > /dev/null || status=$?
+  target/debug/shoal-perf hiccup --duration 1s --json > /dev/null || status=$?
 fi
 # One closing line over every test binary (the last one cargo prints is
 # often an empty doc-test run).

@@ -25,11 +25,15 @@ echo "e2e 10k/s always:   $($perf e2e --spawn --rate 10000 --size 1024 --duratio
 # Same-run baselines for the latency figures:
 # - the platform alone: a zero-cost service under the same open-loop
 #   schedule, given the stalls measured on both cores (sleeping meter);
+# - round trips that touch no data (ping): protocol, network stack, client
+#   and the shard's request loop, without the log;
 # - the same e2e with the broker's data directory on tmpfs: broker,
 #   network stack and harness without the disk;
 # - the same e2e without the tail cache: every delivery read from disk.
 settle
 echo "baseline, platform stalls only (hiccup, zero-cost service at 10k/s): $($perf hiccup --cores 0,1 --duration 20s --sleep-us 100 --resolution-us 50 --json | python3 -c "$py_lat")"
+settle
+echo "baseline, ping 10k/s (round trips touching no data): $($perf ping --spawn --rate 10000 --duration 20s --json | python3 -c "$py_lat")"
 settle
 echo "baseline, e2e 10k/s interval on tmpfs (no disk): $(TMPDIR=/dev/shm $perf e2e --spawn --rate 10000 --size 1024 --duration 20s --json | python3 -c "$py_lat")"
 nocache=$(mktemp); echo "tail_cache_bytes = 0" > "$nocache"

@@ -10,6 +10,9 @@
 //!   corrected), and the produce-ack latency.
 //! - `hiccup`: the platform's own stalls on the given cores, turned into the
 //!   latency a zero-cost service would show: the floor under `e2e`.
+//! - `ping`: open-loop round trips that touch no data (an empty fetch): the
+//!   floor the protocol, network stack, client and request loop put under
+//!   `e2e`.
 //! - `compare`: two `--json` runs side by side, optionally plotted.
 //!
 //! Every latency goes through HdrHistogram; `--json`, `--hist` and `--plot`
@@ -50,6 +53,8 @@ enum Mode {
     E2e(net::E2eArgs),
     /// Platform stalls per core, and the latency they alone would cause (same-run baseline for e2e).
     Hiccup(hiccup::HiccupArgs),
+    /// Open-loop round trips that touch no data: the transport floor under e2e.
+    Ping(net::PingArgs),
     /// Compare two --json results.
     Compare(net::CompareArgs),
     /// (internal) append until killed; used by `storage --reopen`.
@@ -65,6 +70,7 @@ fn main() {
         Mode::Consume(a) => net::consume(a),
         Mode::E2e(a) => net::e2e(a),
         Mode::Compare(a) => net::compare(a),
+        Mode::Ping(a) => net::ping(a),
         Mode::Hiccup(a) => hiccup::run(a),
         Mode::StorageWriter(a) => storage::writer(a),
     };

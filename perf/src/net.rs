@@ -896,6 +896,103 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
     })
 }
 
+// ---- ping -------------------------------------------------------------------
+
+#[derive(Args, Debug, Clone)]
+pub struct PingArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Requests per second (open loop).
+    #[arg(long, default_value_t = 10_000.0)]
+    pub rate: f64,
+}
+
+/// Open-loop round trips that touch no data: a fetch at the end of an empty
+/// partition, answered at once. Latency from each request's intended send
+/// time to its answer: the floor the protocol, the network stack, the
+/// client and the shard's request loop put under `e2e`, without the log.
+pub fn ping(a: PingArgs) -> Result<(), String> {
+    let c = a.common.clone();
+    if !a.rate.is_finite() || a.rate <= 0.0 {
+        return Err("--rate must be positive".into());
+    }
+    let t = target(&c)?;
+    pin_to(c.core, c.spawn);
+    let rt = runtime()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
+        let topic = setup_topic(&client, &c, "perf-ping").await?;
+        let conn = client
+            .partition_connection(&topic, 0)
+            .await
+            .map_err(|e| e.to_string())?;
+        let hist = Rc::new(RefCell::new(histogram()));
+        let (count, errors) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
+        let base = Instant::now();
+        let t0 = base + Duration::from_millis(200);
+        let measure_from = t0 + c.warmup;
+        let end = measure_from + c.duration;
+        let prog = progress(count.clone(), Rc::new(Cell::new(0)), c.json);
+        let schedule = Schedule::new(t0, a.rate);
+        let mut tasks = Vec::new();
+        let mut i = 0u64;
+        loop {
+            let at = schedule.intended(i);
+            if at >= end {
+                break;
+            }
+            while Instant::now() < at {
+                tokio::task::yield_now().await;
+            }
+            let (conn, topic, hist, count, errors) = (
+                conn.clone(),
+                topic.clone(),
+                hist.clone(),
+                count.clone(),
+                errors.clone(),
+            );
+            tasks.push(tokio::task::spawn_local(async move {
+                let r = shoal_client::consumer::fetch_raw(&conn, &topic, 0, 0, 1).await;
+                if at < measure_from {
+                    return;
+                }
+                match r {
+                    Ok(_) => {
+                        let _ = hist
+                            .borrow_mut()
+                            .record((at.elapsed().as_micros() as u64).max(1));
+                        count.set(count.get() + 1);
+                    }
+                    Err(_) => errors.set(errors.get() + 1),
+                }
+            }));
+            if tasks.len() > 4096 {
+                tasks.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
+            }
+            i += 1;
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let h = hist.borrow().clone();
+        let run = Run {
+            mode: "ping".into(),
+            messages: count.get(),
+            bytes: 0,
+            seconds: c.duration.as_secs_f64(),
+            errors: errors.get(),
+            ack_latency_us: None,
+            broker_produce_latency_us: None,
+            settings: serde_json::json!({
+                "rate": a.rate, "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
+                "latency": "intended send time to the answer of an empty fetch (open loop)",
+            }),
+        };
+        finish(&c, prog, run, &h)
+    })
+}
+
 // ---- compare ----------------------------------------------------------------
 
 #[derive(Args, Debug, Clone)]

@@ -551,7 +551,9 @@ async fn produce_latency_buckets_count_every_request() {
         .collect();
     assert!(buckets.len() >= 10, "{buckets:?}");
     assert!(
-        buckets.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
         "bounds rise and counts are cumulative: {buckets:?}"
     );
     assert!(buckets.last().unwrap().1 <= metric(&after, "produce_latency_us_count"));
