@@ -607,7 +607,15 @@ impl Shard {
         loop {
             let slice = log.read(offset, u64::from(p.max_bytes.max(1)))?;
             let now = Instant::now();
-            if slice.len >= u64::from(p.min_bytes) || now >= deadline || self.stopping.get() {
+            // A slice that stops short of the data already there (at
+            // max_bytes, a segment's end or a tail cache block's end) cannot
+            // grow by waiting: answer now, the consumer comes straight back.
+            let stopped_short = !slice.is_empty() && slice.next_offset < slice.high_watermark;
+            if slice.len >= u64::from(p.min_bytes)
+                || stopped_short
+                || now >= deadline
+                || self.stopping.get()
+            {
                 if slice.is_cached() {
                     add(&self.metrics.tail_cache_bytes, slice.len);
                 }

@@ -560,3 +560,49 @@ async fn produce_latency_buckets_count_every_request() {
     // Some time was spent: the sum moved, and not every request took 0 µs.
     assert!(d("produce_latency_us_sum") > 0);
 }
+
+/// A fetch whose `min_bytes` is more than one segment holds is answered at
+/// once when the data is there (slices never cross a segment, so waiting
+/// for the slice to grow would only run into `max_wait`).
+#[tokio::test]
+async fn min_bytes_across_a_segment_end_does_not_wait_out_max_wait() {
+    let broker = Broker::start("0");
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    let mut t = NewTopic::new("segs", 1);
+    t.segment_bytes = Some(64 * 1024);
+    client.create_topic(&t).await.unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    let value = vec![7u8; 1000];
+    for _ in 0..200 {
+        producer.send_to("segs", 0, None, &value).unwrap();
+    }
+    producer.flush().await.unwrap();
+    let consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let started = Instant::now();
+    let f = consumer
+        .fetch_once("segs", 0, 0, None, 150 * 1024, Duration::from_secs(8))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "waited {:?} with data there",
+        started.elapsed()
+    );
+    assert!(!f.records.is_empty() && f.next_offset < f.high_watermark);
+    // Reading on from there reaches the end, every value intact.
+    let mut at = f.next_offset;
+    let mut n = f.records.len() as u64;
+    while at < f.high_watermark {
+        let g = consumer
+            .fetch_once("segs", 0, at, None, 1, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(g
+            .records
+            .iter()
+            .all(|r| r.value.as_deref() == Some(&value[..])));
+        n += g.records.len() as u64;
+        at = g.next_offset;
+    }
+    assert_eq!(n, 200);
+}
