@@ -203,7 +203,7 @@ pub fn run(a: HiccupArgs) -> Result<(), String> {
     }
     let merged = merge(all);
     let h = zero_cost_latency(&merged, a.duration, a.rate);
-    let mut r = NetReport {
+    let r = NetReport {
         mode: "hiccup".into(),
         msgs_per_s: a.rate,
         mib_per_s: 0.0,
@@ -223,7 +223,6 @@ pub fn run(a: HiccupArgs) -> Result<(), String> {
         }),
         percentiles: report::curve(&h),
     };
-    r.percentiles = report::curve(&h);
     if let Some(p) = &a.hist {
         std::fs::write(p, report::distribution_text(&h))
             .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
