@@ -447,3 +447,37 @@ fn read_at_the_end_waits_nowhere_and_wakes_on_append() {
             .unwrap();
     });
 }
+
+/// With the tail cache on, a read returns only batches whose write to the
+/// log file completed, although the cache already holds the newer ones:
+/// nothing a process crash could take back is ever shown.
+#[test]
+fn the_tail_cache_shows_only_written_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let log = PartitionLog::open(&path, small(SyncMode::None))
+            .await
+            .unwrap();
+        // A reader waits at the end: the cache turns on.
+        let _ = glommio::timer::timeout(Duration::from_micros(50), async {
+            log.wait_for_data(u64::MAX).await;
+            Ok(())
+        })
+        .await;
+        log.append_acked(&batch(1, 2, 100, 0)).await.unwrap();
+        // Accepted, not yet written (the writer task has not run).
+        let b = log.append(&batch(2, 3, 100, 0)).await.unwrap();
+        assert_eq!(b.base_offset, 2);
+        let s = log.read(0, 1 << 20).unwrap();
+        assert!(s.is_cached(), "served from the cache");
+        assert_eq!(s.next_offset, 2, "only the written batch");
+        assert_eq!(records(s.bytes()).len(), 2);
+        log.wait_written(5).await.unwrap();
+        let s = log.read(0, 1 << 20).unwrap();
+        assert!(s.is_cached());
+        assert_eq!(s.next_offset, 5);
+        assert_eq!(records(s.bytes()).len(), 5);
+        log.close().await.unwrap();
+    });
+}

@@ -606,3 +606,83 @@ async fn min_bytes_across_a_segment_end_does_not_wait_out_max_wait() {
     }
     assert_eq!(n, 200);
 }
+
+/// What a consumer following the tail was shown (served from the tail
+/// cache) is never taken back by `kill -9`: after the restart the log holds
+/// every record the consumer saw, at the same offset, with the same value.
+/// Sync mode `none`, the weakest: a record becomes visible once it is in the
+/// log file, never while it is only in the broker's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_never_takes_back_what_a_tail_consumer_saw() {
+    let mut broker = Broker::start("0");
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    let mut nt = NewTopic::new("seen", 1);
+    nt.sync = Some("none".into());
+    client.create_topic(&nt).await.unwrap();
+    let consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let mut sub = consumer.subscribe("seen", 0, 0, 64 << 20).await.unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Ok(p) = sub.next().await {
+                for r in p.records {
+                    let v = String::from_utf8(r.value.unwrap()).unwrap();
+                    seen.lock().unwrap().push((r.offset, v));
+                }
+            }
+        })
+    };
+    let producer = Producer::new(
+        client.clone(),
+        ProducerConfig {
+            retries: 0,
+            ..ProducerConfig::default()
+        },
+    );
+    // Up to 64 sends in flight, so batches are always accepted but not yet
+    // written while the consumer reads.
+    let writer = tokio::spawn(async move {
+        let mut inflight = std::collections::VecDeque::new();
+        for i in 0u32.. {
+            match producer.send_to("seen", 0, None, format!("v-{i}").as_bytes()) {
+                Ok(d) => inflight.push_back(d),
+                Err(_) => return,
+            }
+            if inflight.len() >= 64 {
+                if let Some(d) = inflight.pop_front() {
+                    if d.await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let m = client.metrics().await.unwrap();
+    assert!(
+        metric(&m, "tail_cache_bytes") > 0,
+        "the cache served the tail"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    broker.kill9();
+    let _ = writer.await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.len() > 50,
+        "the consumer was following: {}",
+        seen.len()
+    );
+    broker.restart();
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    let all = read_all(&client, "seen").await;
+    let log: HashMap<u64, String> = all[&0].iter().cloned().collect();
+    for (offset, v) in &seen {
+        assert_eq!(
+            log.get(offset),
+            Some(v),
+            "record {offset} the consumer saw is gone or changed after kill -9"
+        );
+    }
+}
