@@ -17,7 +17,6 @@
 use crate::net::{parse_duration, NetReport};
 use crate::report::{self, Percentiles};
 use clap::Args;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(Args, Debug, Clone)]
@@ -41,16 +40,8 @@ pub struct HiccupArgs {
     /// case, at a coarser grain.
     #[arg(long)]
     pub sleep_us: Option<u64>,
-    /// Print one JSON object (the same shape as the other modes, so
-    /// `compare` can set an e2e run beside this baseline).
-    #[arg(long)]
-    pub json: bool,
-    /// Write the HdrHistogram percentile distribution here.
-    #[arg(long)]
-    pub hist: Option<PathBuf>,
-    /// Draw the latency percentile curve (SVG).
-    #[arg(long)]
-    pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: report::Outputs,
 }
 
 /// A stall: offset from the start of the measurement and length, in ns.
@@ -150,7 +141,7 @@ pub fn run(a: HiccupArgs) -> Result<(), String> {
     }
     let cores = parse_cores(a.cores.as_deref())?;
     let resolution = Duration::from_micros(a.resolution_us.max(1));
-    if !a.json {
+    if !a.out.json {
         eprintln!(
             "measuring stalls on cores {cores:?} for {:?} ...",
             a.duration
@@ -223,19 +214,12 @@ pub fn run(a: HiccupArgs) -> Result<(), String> {
         }),
         percentiles: report::curve(&h),
     };
-    if let Some(p) = &a.hist {
-        std::fs::write(p, report::distribution_text(&h))
-            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-    }
-    if let Some(p) = &a.plot {
-        let title = format!(
-            "shoal-perf hiccup: zero-cost service at {:.0} msgs/s",
-            a.rate
-        );
-        let svg = report::svg_plot(&title, &[("hiccup".into(), r.percentiles.clone())]);
-        std::fs::write(p, svg).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-    }
-    if a.json {
+    let title = format!(
+        "shoal-perf hiccup: zero-cost service at {:.0} msgs/s",
+        a.rate
+    );
+    a.out.write_files(&h, &title, "hiccup", &r.percentiles)?;
+    if a.out.json {
         println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
     } else {
         println!(

@@ -74,15 +74,8 @@ pub struct Common {
     /// Report the fraction of this line rate (Mbit/s) achieved.
     #[arg(long)]
     pub line_rate_mbit: Option<f64>,
-    /// Print one JSON object.
-    #[arg(long)]
-    pub json: bool,
-    /// Write the HdrHistogram percentile distribution here.
-    #[arg(long)]
-    pub hist: Option<PathBuf>,
-    /// Draw the latency percentile curve (SVG).
-    #[arg(long)]
-    pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: report::Outputs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -438,7 +431,7 @@ fn finish(
     h: &Histogram<u64>,
 ) -> Result<(), String> {
     progress.abort();
-    if !c.json {
+    if !c.out.json {
         eprintln!();
     }
     let mut r = NetReport {
@@ -459,19 +452,12 @@ fn finish(
     if let Some(mbit) = c.line_rate_mbit {
         r.line_rate_fraction = Some(r.mib_per_s * 1_048_576.0 * 8.0 / (mbit * 1e6));
     }
-    if let Some(p) = &c.hist {
-        std::fs::write(p, report::distribution_text(h))
-            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-    }
-    if let Some(p) = &c.plot {
-        let title = format!(
-            "shoal-perf {}: {:.0} msgs/s, {:.1} MiB/s",
-            r.mode, r.msgs_per_s, r.mib_per_s
-        );
-        let svg = report::svg_plot(&title, &[(r.mode.clone(), r.percentiles.clone())]);
-        std::fs::write(p, svg).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-    }
-    if c.json {
+    let title = format!(
+        "shoal-perf {}: {:.0} msgs/s, {:.1} MiB/s",
+        r.mode, r.msgs_per_s, r.mib_per_s
+    );
+    c.out.write_files(h, &title, &r.mode, &r.percentiles)?;
+    if c.out.json {
         println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
     } else {
         println!("shoal-perf {}  {}", r.mode, r.settings);
@@ -543,7 +529,7 @@ pub fn produce(a: ProduceArgs) -> Result<(), String> {
         let t0 = Instant::now();
         let measure_from = t0 + c.warmup;
         let end = measure_from + c.duration;
-        let prog = progress(count.clone(), bytes.clone(), c.json);
+        let prog = progress(count.clone(), bytes.clone(), c.out.json);
         let mut tasks = Vec::new();
         let producers = a.producers.max(1);
         for _ in 0..producers {
@@ -686,12 +672,12 @@ pub fn consume(a: ConsumeArgs) -> Result<(), String> {
         let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
         let topic = setup_topic(&client, &c, "perf-consume").await?;
         if c.spawn || a.fill {
-            fill(&client, &topic, c.partitions, a.size, a.fill_bytes, c.json).await?;
+            fill(&client, &topic, c.partitions, a.size, a.fill_bytes, c.out.json).await?;
         }
         let info = client.describe_topic(&topic).await.map_err(|e| e.to_string())?;
         let hist = Rc::new(RefCell::new(histogram()));
         let (count, bytes) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
-        let prog = progress(count.clone(), bytes.clone(), c.json);
+        let prog = progress(count.clone(), bytes.clone(), c.out.json);
         let t0 = Instant::now();
         let consumers = a.consumers.max(1);
         let mut tasks = Vec::new();
@@ -818,7 +804,7 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
                 *slot.borrow_mut() = client.metrics().await.ok();
             });
         }
-        let prog = progress(received.clone(), bytes.clone(), c.json);
+        let prog = progress(received.clone(), bytes.clone(), c.out.json);
         let producer = Producer::new(client.clone(), ProducerConfig { linger: Duration::from_micros(a.linger_us), ..ProducerConfig::default() });
         let schedule = Schedule::new(t0, a.rate);
         let mut value = vec![0x33u8; a.size];
@@ -933,7 +919,7 @@ pub fn ping(a: PingArgs) -> Result<(), String> {
         let t0 = base + Duration::from_millis(200);
         let measure_from = t0 + c.warmup;
         let end = measure_from + c.duration;
-        let prog = progress(count.clone(), Rc::new(Cell::new(0)), c.json);
+        let prog = progress(count.clone(), Rc::new(Cell::new(0)), c.out.json);
         let schedule = Schedule::new(t0, a.rate);
         let mut tasks = Vec::new();
         let mut i = 0u64;

@@ -2,6 +2,44 @@
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use std::path::PathBuf;
+
+/// Output options of every measuring mode.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Outputs {
+    /// Print one JSON object (one shape for every mode, so `compare` can
+    /// set any two runs side by side).
+    #[arg(long)]
+    pub json: bool,
+    /// Write the HdrHistogram percentile distribution here.
+    #[arg(long)]
+    pub hist: Option<PathBuf>,
+    /// Draw the latency percentile curve (SVG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+impl Outputs {
+    /// Writes `--hist` (the distribution of `h`) and `--plot` (its curve,
+    /// titled `title`, the line named `name`), where asked for.
+    pub fn write_files(
+        &self,
+        h: &Histogram<u64>,
+        title: &str,
+        name: &str,
+        curve: &[(f64, f64)],
+    ) -> Result<(), String> {
+        if let Some(p) = &self.hist {
+            std::fs::write(p, distribution_text(h))
+                .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        }
+        if let Some(p) = &self.plot {
+            let svg = svg_plot(title, &[(name.to_string(), curve.to_vec())]);
+            std::fs::write(p, svg).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
 pub struct Percentiles {
