@@ -373,6 +373,45 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A network mode's setup, handed to its measurement.
+struct Session {
+    c: Common,
+    client: Client,
+    topic: String,
+    /// The broker's address, for more connections.
+    addr: String,
+}
+
+/// What every network mode does around its measurement: start (or find)
+/// the broker, pin the harness, then run `body` on a single-threaded
+/// runtime with a connected client and the topic (created if needed, named
+/// after `default_topic` unless `--topic`). A spawned broker lives until
+/// `body` is done.
+fn run_mode<F, Fut>(c: Common, default_topic: &'static str, body: F) -> Result<(), String>
+where
+    F: FnOnce(Session) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let t = target(&c)?;
+    pin_to(c.core, c.spawn);
+    let rt = runtime()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
+        let topic = setup_topic(&client, &c, default_topic).await?;
+        let addr = t.addr.clone();
+        let r = body(Session {
+            c,
+            client,
+            topic,
+            addr,
+        })
+        .await;
+        drop(t);
+        r
+    })
+}
+
 struct Target {
     _spawned: Option<SpawnedBroker>,
     addr: String,
@@ -515,106 +554,128 @@ fn acks_of(s: &str) -> Result<Acks, String> {
 // ---- produce ----------------------------------------------------------------
 
 pub fn produce(a: ProduceArgs) -> Result<(), String> {
-    let c = a.common.clone();
-    let t = target(&c)?;
-    pin_to(c.core, c.spawn);
     let acks = acks_of(&a.acks)?;
-    let rt = runtime()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
-        let topic = setup_topic(&client, &c, "perf-produce").await?;
-        let hist = Rc::new(RefCell::new(histogram()));
-        let (count, bytes, errors) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
-        let t0 = Instant::now();
-        let measure_from = t0 + c.warmup;
-        let end = measure_from + c.duration;
-        let prog = progress(count.clone(), bytes.clone(), c.out.json);
-        let mut tasks = Vec::new();
-        let producers = a.producers.max(1);
-        for _ in 0..producers {
-            let producer = Producer::new(
-                client.clone(),
-                ProducerConfig { batch_bytes: a.batch_bytes, linger: Duration::from_micros(a.linger_us), acks, ..ProducerConfig::default() },
+    run_mode(
+        a.common.clone(),
+        "perf-produce",
+        move |session| async move {
+            let Session {
+                c, client, topic, ..
+            } = session;
+            let hist = Rc::new(RefCell::new(histogram()));
+            let (count, bytes, errors) = (
+                Rc::new(Cell::new(0u64)),
+                Rc::new(Cell::new(0u64)),
+                Rc::new(Cell::new(0u64)),
             );
-            let (topic, hist, count, bytes, errors) = (topic.clone(), hist.clone(), count.clone(), bytes.clone(), errors.clone());
-            let value = vec![0x5au8; a.size];
-            let window = (4 * a.batch_bytes / a.size.max(1)).max(64) * c.partitions as usize;
-            let schedule = a.rate.map(|r| Schedule::new(t0, r / producers as f64));
-            tasks.push(tokio::task::spawn_local(async move {
-                // Deliveries complete in order per partition; awaiting the
-                // oldest first is what a windowed producer does.
-                let mut inflight: VecDeque<(Instant, shoal_client::producer::Delivery)> = VecDeque::new();
-                let mut i = 0u64;
-                let record = |(intended, r): (Instant, shoal_client::Result<shoal_client::RecordMetadata>)| {
-                    let now = Instant::now();
-                    match r {
-                        Ok(_) if intended >= measure_from && now <= end => {
-                            let _ = hist.borrow_mut().record((now - intended).as_micros().max(1) as u64);
-                            count.set(count.get() + 1);
-                            bytes.set(bytes.get() + value.len() as u64);
-                        }
-                        Ok(_) => {}
-                        Err(_) => errors.set(errors.get() + 1),
-                    }
-                };
-                loop {
-                    let intended = match schedule {
-                        Some(s) => {
-                            let at = s.intended(i);
-                            while Instant::now() < at {
-                                match inflight.front_mut().and_then(|(_, d)| d.now_or_never()) {
-                                    Some(r) => {
-                                        let (at, _) = inflight.pop_front().expect("front exists");
-                                        record((at, r));
-                                    }
-                                    None => tokio::task::yield_now().await,
-                                }
+            let t0 = Instant::now();
+            let measure_from = t0 + c.warmup;
+            let end = measure_from + c.duration;
+            let prog = progress(count.clone(), bytes.clone(), c.out.json);
+            let mut tasks = Vec::new();
+            let producers = a.producers.max(1);
+            for _ in 0..producers {
+                let producer = Producer::new(
+                    client.clone(),
+                    ProducerConfig {
+                        batch_bytes: a.batch_bytes,
+                        linger: Duration::from_micros(a.linger_us),
+                        acks,
+                        ..ProducerConfig::default()
+                    },
+                );
+                let (topic, hist, count, bytes, errors) = (
+                    topic.clone(),
+                    hist.clone(),
+                    count.clone(),
+                    bytes.clone(),
+                    errors.clone(),
+                );
+                let value = vec![0x5au8; a.size];
+                let window = (4 * a.batch_bytes / a.size.max(1)).max(64) * c.partitions as usize;
+                let schedule = a.rate.map(|r| Schedule::new(t0, r / producers as f64));
+                tasks.push(tokio::task::spawn_local(async move {
+                    // Deliveries complete in order per partition; awaiting the
+                    // oldest first is what a windowed producer does.
+                    let mut inflight: VecDeque<(Instant, shoal_client::producer::Delivery)> =
+                        VecDeque::new();
+                    let mut i = 0u64;
+                    let record = |(intended, r): (
+                        Instant,
+                        shoal_client::Result<shoal_client::RecordMetadata>,
+                    )| {
+                        let now = Instant::now();
+                        match r {
+                            Ok(_) if intended >= measure_from && now <= end => {
+                                let _ = hist
+                                    .borrow_mut()
+                                    .record((now - intended).as_micros().max(1) as u64);
+                                count.set(count.get() + 1);
+                                bytes.set(bytes.get() + value.len() as u64);
                             }
-                            at
+                            Ok(_) => {}
+                            Err(_) => errors.set(errors.get() + 1),
                         }
-                        None => Instant::now(),
                     };
-                    if intended >= end {
-                        break;
-                    }
-                    while inflight.len() >= window {
-                        if let Some((at, d)) = inflight.pop_front() {
-                            record((at, d.await));
+                    loop {
+                        let intended = match schedule {
+                            Some(s) => {
+                                let at = s.intended(i);
+                                while Instant::now() < at {
+                                    match inflight.front_mut().and_then(|(_, d)| d.now_or_never()) {
+                                        Some(r) => {
+                                            let (at, _) =
+                                                inflight.pop_front().expect("front exists");
+                                            record((at, r));
+                                        }
+                                        None => tokio::task::yield_now().await,
+                                    }
+                                }
+                                at
+                            }
+                            None => Instant::now(),
+                        };
+                        if intended >= end {
+                            break;
                         }
+                        while inflight.len() >= window {
+                            if let Some((at, d)) = inflight.pop_front() {
+                                record((at, d.await));
+                            }
+                        }
+                        match producer.send_nowait(&topic, None, &value).await {
+                            Ok(d) => inflight.push_back((intended, d)),
+                            Err(_) => errors.set(errors.get() + 1),
+                        }
+                        i += 1;
                     }
-                    match producer.send_nowait(&topic, None, &value).await {
-                        Ok(d) => inflight.push_back((intended, d)),
-                        Err(_) => errors.set(errors.get() + 1),
+                    let _ = producer.flush().await;
+                    while let Some((at, d)) = inflight.pop_front() {
+                        record((at, d.await));
                     }
-                    i += 1;
-                }
-                let _ = producer.flush().await;
-                while let Some((at, d)) = inflight.pop_front() {
-                    record((at, d.await));
-                }
-            }));
-        }
-        for t in tasks {
-            let _ = t.await;
-        }
-        let h = hist.borrow().clone();
-        let run = Run {
-            mode: "produce".into(),
-            messages: count.get(),
-            bytes: bytes.get(),
-            seconds: c.duration.as_secs_f64(),
-            errors: errors.get(),
-            ack_latency_us: None,
-            broker_produce_latency_us: None,
-            settings: serde_json::json!({
-                "producers": producers, "size": a.size, "batch_bytes": a.batch_bytes, "linger_us": a.linger_us,
-                "acks": a.acks, "rate": a.rate, "partitions": c.partitions, "sync": c.sync, "topic": topic,
-                "spawn": c.spawn, "broker_cores": c.broker_cores,
-            }),
-        };
-        finish(&c, prog, run, &h)
-    })
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            let h = hist.borrow().clone();
+            let run = Run {
+                mode: "produce".into(),
+                messages: count.get(),
+                bytes: bytes.get(),
+                seconds: c.duration.as_secs_f64(),
+                errors: errors.get(),
+                ack_latency_us: None,
+                broker_produce_latency_us: None,
+                settings: serde_json::json!({
+                    "producers": producers, "size": a.size, "batch_bytes": a.batch_bytes, "linger_us": a.linger_us,
+                    "acks": a.acks, "rate": a.rate, "partitions": c.partitions, "sync": c.sync, "topic": topic,
+                    "spawn": c.spawn, "broker_cores": c.broker_cores,
+                }),
+            };
+            finish(&c, prog, run, &h)
+        },
+    )
 }
 
 // ---- consume ----------------------------------------------------------------
@@ -663,105 +724,158 @@ async fn fill(
 }
 
 pub fn consume(a: ConsumeArgs) -> Result<(), String> {
-    let c = a.common.clone();
-    let t = target(&c)?;
-    pin_to(c.core, c.spawn);
-    let rt = runtime()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
-        let topic = setup_topic(&client, &c, "perf-consume").await?;
-        if c.spawn || a.fill {
-            fill(&client, &topic, c.partitions, a.size, a.fill_bytes, c.out.json).await?;
-        }
-        let info = client.describe_topic(&topic).await.map_err(|e| e.to_string())?;
-        let hist = Rc::new(RefCell::new(histogram()));
-        let (count, bytes) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
-        let prog = progress(count.clone(), bytes.clone(), c.out.json);
-        let t0 = Instant::now();
-        let consumers = a.consumers.max(1);
-        let mut tasks = Vec::new();
-        for k in 0..consumers {
-            let parts: Vec<(u32, u64, u64)> = info
-                .partitions
-                .iter()
-                .filter(|p| p.partition as usize % consumers == k)
-                .map(|p| (p.partition, p.log_start_offset, p.high_watermark))
-                .collect();
-            let (client, topic, hist, count, bytes, push, fetch_bytes) =
-                (client.clone(), topic.clone(), hist.clone(), count.clone(), bytes.clone(), a.push, a.fetch_bytes);
-            tasks.push(tokio::task::spawn_local(async move {
-                let consumer = Consumer::new(client.clone(), ConsumerConfig { max_bytes: fetch_bytes, ..ConsumerConfig::default() });
-                for (p, start, end) in parts {
-                    if push {
-                        let mut sub = consumer.subscribe(&topic, p, start, u64::from(fetch_bytes) * 4).await.map_err(|e| e.to_string())?;
-                        while sub.position() < end {
-                            let s = Instant::now();
-                            let (payload, records) = sub.next_raw().await.map_err(|e| e.to_string())?;
-                            let _ = hist.borrow_mut().record(s.elapsed().as_micros().max(1) as u64);
-                            count.set(count.get() + records);
-                            bytes.set(bytes.get() + payload);
-                        }
-                        let _ = sub.unsubscribe().await;
-                    } else {
-                        let conn = client.partition_connection(&topic, p).await.map_err(|e| e.to_string())?;
-                        let mut at = start;
-                        while at < end {
-                            let s = Instant::now();
-                            let (payload, records, next) =
-                                shoal_client::consumer::fetch_raw(&conn, &topic, p, at, fetch_bytes).await.map_err(|e| e.to_string())?;
-                            let _ = hist.borrow_mut().record(s.elapsed().as_micros().max(1) as u64);
-                            count.set(count.get() + records);
-                            bytes.set(bytes.get() + payload);
-                            at = next;
+    run_mode(
+        a.common.clone(),
+        "perf-consume",
+        move |session| async move {
+            let Session {
+                c, client, topic, ..
+            } = session;
+            if c.spawn || a.fill {
+                fill(
+                    &client,
+                    &topic,
+                    c.partitions,
+                    a.size,
+                    a.fill_bytes,
+                    c.out.json,
+                )
+                .await?;
+            }
+            let info = client
+                .describe_topic(&topic)
+                .await
+                .map_err(|e| e.to_string())?;
+            let hist = Rc::new(RefCell::new(histogram()));
+            let (count, bytes) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
+            let prog = progress(count.clone(), bytes.clone(), c.out.json);
+            let t0 = Instant::now();
+            let consumers = a.consumers.max(1);
+            let mut tasks = Vec::new();
+            for k in 0..consumers {
+                let parts: Vec<(u32, u64, u64)> = info
+                    .partitions
+                    .iter()
+                    .filter(|p| p.partition as usize % consumers == k)
+                    .map(|p| (p.partition, p.log_start_offset, p.high_watermark))
+                    .collect();
+                let (client, topic, hist, count, bytes, push, fetch_bytes) = (
+                    client.clone(),
+                    topic.clone(),
+                    hist.clone(),
+                    count.clone(),
+                    bytes.clone(),
+                    a.push,
+                    a.fetch_bytes,
+                );
+                tasks.push(tokio::task::spawn_local(async move {
+                    let consumer = Consumer::new(
+                        client.clone(),
+                        ConsumerConfig {
+                            max_bytes: fetch_bytes,
+                            ..ConsumerConfig::default()
+                        },
+                    );
+                    for (p, start, end) in parts {
+                        if push {
+                            let mut sub = consumer
+                                .subscribe(&topic, p, start, u64::from(fetch_bytes) * 4)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            while sub.position() < end {
+                                let s = Instant::now();
+                                let (payload, records) =
+                                    sub.next_raw().await.map_err(|e| e.to_string())?;
+                                let _ = hist
+                                    .borrow_mut()
+                                    .record(s.elapsed().as_micros().max(1) as u64);
+                                count.set(count.get() + records);
+                                bytes.set(bytes.get() + payload);
+                            }
+                            let _ = sub.unsubscribe().await;
+                        } else {
+                            let conn = client
+                                .partition_connection(&topic, p)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            let mut at = start;
+                            while at < end {
+                                let s = Instant::now();
+                                let (payload, records, next) = shoal_client::consumer::fetch_raw(
+                                    &conn,
+                                    &topic,
+                                    p,
+                                    at,
+                                    fetch_bytes,
+                                )
+                                .await
+                                .map_err(|e| e.to_string())?;
+                                let _ = hist
+                                    .borrow_mut()
+                                    .record(s.elapsed().as_micros().max(1) as u64);
+                                count.set(count.get() + records);
+                                bytes.set(bytes.get() + payload);
+                                at = next;
+                            }
                         }
                     }
+                    Ok::<(), String>(())
+                }));
+            }
+            for t in tasks {
+                t.await.map_err(|e| e.to_string())??;
+            }
+            let seconds = t0.elapsed().as_secs_f64();
+            let h = hist.borrow().clone();
+            let run = Run {
+                mode: if a.push {
+                    "consume-push"
+                } else {
+                    "consume-fetch"
                 }
-                Ok::<(), String>(())
-            }));
-        }
-        for t in tasks {
-            t.await.map_err(|e| e.to_string())??;
-        }
-        let seconds = t0.elapsed().as_secs_f64();
-        let h = hist.borrow().clone();
-        let run = Run {
-            mode: if a.push { "consume-push" } else { "consume-fetch" }.into(),
-            messages: count.get(),
-            bytes: bytes.get(),
-            seconds,
-            errors: 0,
-            ack_latency_us: None,
-            broker_produce_latency_us: None,
-            settings: serde_json::json!({
-                "consumers": consumers, "size": a.size, "fill_bytes": a.fill_bytes, "push": a.push, "fetch_bytes": a.fetch_bytes,
-                "partitions": c.partitions, "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
-                "latency": "per fetch request (or per push)",
-            }),
-        };
-        finish(&c, prog, run, &h)
-    })
+                .into(),
+                messages: count.get(),
+                bytes: bytes.get(),
+                seconds,
+                errors: 0,
+                ack_latency_us: None,
+                broker_produce_latency_us: None,
+                settings: serde_json::json!({
+                    "consumers": consumers, "size": a.size, "fill_bytes": a.fill_bytes, "push": a.push, "fetch_bytes": a.fetch_bytes,
+                    "partitions": c.partitions, "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
+                    "latency": "per fetch request (or per push)",
+                }),
+            };
+            finish(&c, prog, run, &h)
+        },
+    )
 }
 
 // ---- e2e --------------------------------------------------------------------
 
 pub fn e2e(a: E2eArgs) -> Result<(), String> {
-    let c = a.common.clone();
-    let t = target(&c)?;
-    pin_to(c.core, c.spawn);
     if a.size < 16 {
         return Err("--size must be at least 16 (the message carries its send time)".into());
     }
-    let rt = runtime()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
-        let topic = setup_topic(&client, &c, "perf-e2e").await?;
-        let info = client.describe_topic(&topic).await.map_err(|e| e.to_string())?;
+    run_mode(a.common.clone(), "perf-e2e", move |session| async move {
+        let Session {
+            c,
+            client,
+            topic,
+            addr,
+        } = session;
+        let info = client
+            .describe_topic(&topic)
+            .await
+            .map_err(|e| e.to_string())?;
         let base = Instant::now();
         let e2e_hist = Rc::new(RefCell::new(histogram()));
         let ack_hist = Rc::new(RefCell::new(histogram()));
-        let (received, bytes, errors) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
+        let (received, bytes, errors) = (
+            Rc::new(Cell::new(0u64)),
+            Rc::new(Cell::new(0u64)),
+            Rc::new(Cell::new(0u64)),
+        );
         let t0 = base + Duration::from_millis(200);
         let measure_from = t0 + c.warmup;
         let end = measure_from + c.duration;
@@ -769,11 +883,16 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
         let end_ns = (end - base).as_nanos() as u64;
         // Consumers: a push subscription per partition from the current end,
         // on connections of their own, as a separate consumer would have.
-        let consumer_client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
+        let consumer_client = Client::connect(&addr).await.map_err(|e| e.to_string())?;
         let consumer = Consumer::new(consumer_client, ConsumerConfig::default());
         let mut subs = Vec::new();
         for p in &info.partitions {
-            subs.push(consumer.subscribe(&topic, p.partition, p.high_watermark, 64 << 20).await.map_err(|e| e.to_string())?);
+            subs.push(
+                consumer
+                    .subscribe(&topic, p.partition, p.high_watermark, 64 << 20)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
         }
         let measured_sent = Rc::new(Cell::new(0u64));
         let mut readers = Vec::new();
@@ -785,9 +904,13 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
                     for r in p.records {
                         if let Some((intended, _)) = r.value.as_deref().and_then(decode_stamp) {
                             if intended >= from_ns && intended < end_ns {
-                                let _ = h.borrow_mut().record((now_ns.saturating_sub(intended) / 1000).max(1));
+                                let _ = h
+                                    .borrow_mut()
+                                    .record((now_ns.saturating_sub(intended) / 1000).max(1));
                                 received.set(received.get() + 1);
-                                bytes.set(bytes.get() + r.value.as_ref().map_or(0, |v| v.len() as u64));
+                                bytes.set(
+                                    bytes.get() + r.value.as_ref().map_or(0, |v| v.len() as u64),
+                                );
                             }
                         }
                     }
@@ -805,20 +928,29 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
             });
         }
         let prog = progress(received.clone(), bytes.clone(), c.out.json);
-        let producer = Producer::new(client.clone(), ProducerConfig { linger: Duration::from_micros(a.linger_us), ..ProducerConfig::default() });
+        let producer = Producer::new(
+            client.clone(),
+            ProducerConfig {
+                linger: Duration::from_micros(a.linger_us),
+                ..ProducerConfig::default()
+            },
+        );
         let schedule = Schedule::new(t0, a.rate);
         let mut value = vec![0x33u8; a.size];
         let mut inflight: VecDeque<(u64, shoal_client::producer::Delivery)> = VecDeque::new();
-        let record_ack = |(intended_ns, r): (u64, shoal_client::Result<shoal_client::RecordMetadata>)| {
-            let now_ns = base.elapsed().as_nanos() as u64;
-            match r {
-                Ok(_) if intended_ns >= from_ns && intended_ns < end_ns => {
-                    let _ = ack_hist.borrow_mut().record((now_ns.saturating_sub(intended_ns) / 1000).max(1));
+        let record_ack =
+            |(intended_ns, r): (u64, shoal_client::Result<shoal_client::RecordMetadata>)| {
+                let now_ns = base.elapsed().as_nanos() as u64;
+                match r {
+                    Ok(_) if intended_ns >= from_ns && intended_ns < end_ns => {
+                        let _ = ack_hist
+                            .borrow_mut()
+                            .record((now_ns.saturating_sub(intended_ns) / 1000).max(1));
+                    }
+                    Ok(_) => {}
+                    Err(_) => errors.set(errors.get() + 1),
                 }
-                Ok(_) => {}
-                Err(_) => errors.set(errors.get() + 1),
-            }
-        };
+            };
         let n_parts = info.partitions.len() as u64;
         let mut i = 0u64;
         loop {
@@ -898,17 +1030,13 @@ pub struct PingArgs {
 /// time to its answer: the floor the protocol, the network stack, the
 /// client and the shard's request loop put under `e2e`, without the log.
 pub fn ping(a: PingArgs) -> Result<(), String> {
-    let c = a.common.clone();
     if !a.rate.is_finite() || a.rate <= 0.0 {
         return Err("--rate must be positive".into());
     }
-    let t = target(&c)?;
-    pin_to(c.core, c.spawn);
-    let rt = runtime()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
-        let topic = setup_topic(&client, &c, "perf-ping").await?;
+    run_mode(a.common.clone(), "perf-ping", move |session| async move {
+        let Session {
+            c, client, topic, ..
+        } = session;
         let conn = client
             .partition_connection(&topic, 0)
             .await
