@@ -190,12 +190,7 @@ impl Conn {
                             .set(self.produces_in_flight.get() + 1);
                         let conn = self.clone();
                         glommio::spawn_local(async move {
-                            let done = pending.finish().await;
-                            let ok = done.is_ok();
-                            let r = conn.respond_produce(corr, done).await;
-                            if ok && r.is_ok() {
-                                conn.shard.metrics.produce_latency.record(started.elapsed());
-                            }
+                            let r = conn.finish_produce(corr, pending, started).await;
                             conn.produces_in_flight
                                 .set(conn.produces_in_flight.get() - 1);
                             if r.is_err() {
@@ -205,15 +200,7 @@ impl Conn {
                         .detach();
                         return Ok(());
                     }
-                    Ok(pending) => {
-                        let done = pending.finish().await;
-                        let ok = done.is_ok();
-                        let r = self.respond_produce(corr, done).await;
-                        if ok && r.is_ok() {
-                            shard.metrics.produce_latency.record(started.elapsed());
-                        }
-                        return r;
-                    }
+                    Ok(pending) => return self.finish_produce(corr, pending, started).await,
                     Err(e) => Err(e),
                 }
             }
@@ -489,12 +476,15 @@ impl Conn {
         self.send(&mut w, len, data).await
     }
 
-    async fn respond_produce(
+    /// Waits for a produce's acknowledgement, answers it, and records its
+    /// latency from `started` (the request decoded) if it succeeded.
+    async fn finish_produce(
         &self,
         corr: u32,
-        r: Reply<crate::shard::ProduceOk>,
+        pending: crate::shard::PendingProduce,
+        started: std::time::Instant,
     ) -> std::io::Result<()> {
-        match r {
+        match pending.finish().await {
             Ok(ok) => {
                 self.respond(corr, fb::ResponseBody::ProduceResponse, |fbb| {
                     fb::ProduceResponse::create(
@@ -507,7 +497,9 @@ impl Conn {
                     )
                     .as_union_value()
                 })
-                .await
+                .await?;
+                self.shard.metrics.produce_latency.record(started.elapsed());
+                Ok(())
             }
             Err(e) => {
                 add(&self.shard.metrics.errors, 1);
