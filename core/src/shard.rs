@@ -202,28 +202,23 @@ pub const LATENCY_BOUNDS_US: [u64; 17] = [
 ];
 
 /// Metric names of the produce latency buckets, cumulative like
-/// Prometheus' `le` buckets: `_le_<bound>` counts requests at or under it;
-/// `_count` counts them all.
-const PRODUCE_LATENCY_NAMES: [&str; 18] = [
-    "produce_latency_us_le_10",
-    "produce_latency_us_le_25",
-    "produce_latency_us_le_50",
-    "produce_latency_us_le_75",
-    "produce_latency_us_le_100",
-    "produce_latency_us_le_150",
-    "produce_latency_us_le_200",
-    "produce_latency_us_le_300",
-    "produce_latency_us_le_500",
-    "produce_latency_us_le_750",
-    "produce_latency_us_le_1000",
-    "produce_latency_us_le_2000",
-    "produce_latency_us_le_5000",
-    "produce_latency_us_le_10000",
-    "produce_latency_us_le_50000",
-    "produce_latency_us_le_100000",
-    "produce_latency_us_le_1000000",
-    "produce_latency_us_count",
-];
+/// Prometheus' `le` buckets: `_le_<bound>` counts requests at or under it,
+/// `_count` counts them all, `_sum` adds up their microseconds. Made once
+/// from [`LATENCY_BOUNDS_US`], so names and bounds cannot drift apart.
+static PRODUCE_LATENCY_NAMES: std::sync::LazyLock<Vec<&'static str>> =
+    std::sync::LazyLock::new(|| bucket_names("produce_latency_us"));
+
+fn bucket_names(prefix: &str) -> Vec<&'static str> {
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    LATENCY_BOUNDS_US
+        .iter()
+        .map(|b| leak(format!("{prefix}_le_{b}")))
+        .chain([
+            leak(format!("{prefix}_count")),
+            leak(format!("{prefix}_sum")),
+        ])
+        .collect()
+}
 
 /// A latency distribution in fixed buckets: cheap to record on the data
 /// path, and (unlike percentiles) summable over shards and subtractable
@@ -233,7 +228,7 @@ const PRODUCE_LATENCY_NAMES: [&str; 18] = [
 pub struct LatencyBuckets {
     /// Requests per bucket (not cumulative); the last one is over every
     /// bound.
-    counts: [Cell<u64>; 18],
+    counts: [Cell<u64>; LATENCY_BOUNDS_US.len() + 1],
     sum_us: Cell<u64>,
 }
 
@@ -245,18 +240,15 @@ impl LatencyBuckets {
         add(&self.sum_us, us);
     }
 
-    fn snapshot_into(
-        &self,
-        names: &[&'static str; 18],
-        sum: &'static str,
-        out: &mut Vec<(&'static str, u64)>,
-    ) {
+    /// Appends the cumulative counts, then the sum, under `names` (from
+    /// [`bucket_names`]).
+    fn snapshot_into(&self, names: &[&'static str], out: &mut Vec<(&'static str, u64)>) {
         let mut cumulative = 0;
         for (name, c) in names.iter().zip(&self.counts) {
             cumulative += c.get();
             out.push((name, cumulative));
         }
-        out.push((sum, self.sum_us.get()));
+        out.push((names[self.counts.len()], self.sum_us.get()));
     }
 }
 
@@ -304,11 +296,8 @@ impl Metrics {
             ("connections_open", self.connections_open.get()),
             ("errors", self.errors.get()),
         ];
-        self.produce_latency.snapshot_into(
-            &PRODUCE_LATENCY_NAMES,
-            "produce_latency_us_sum",
-            &mut v,
-        );
+        self.produce_latency
+            .snapshot_into(&PRODUCE_LATENCY_NAMES, &mut v);
         v
     }
 }
