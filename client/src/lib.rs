@@ -9,6 +9,8 @@
 //!   round-robin), acks, idempotence (producer id + sequence) and retries.
 //! - [`Consumer`]: assigned partitions read by long-poll fetch, by offset or
 //!   timestamp; [`consumer::Subscription`] for push with credit.
+//! - [`cli`]: the client commands of the `shoal` binary (topic, produce,
+//!   consume, metrics).
 //! - [`connection`]: one TCP connection, requests multiplexed by
 //!   correlation id.
 //!
@@ -27,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cli;
 pub mod client;
 pub mod connection;
 pub mod consumer;

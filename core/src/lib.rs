@@ -13,9 +13,7 @@
 //! - [`zerocopy`]: log bytes to the socket with sendfile.
 //! - [`metadata`]: topics, their settings and partition → shard placement.
 //! - [`config`]: `shoal serve` flags and the TOML file.
-//! - [`cli`]: the client commands of the `shoal` binary.
 
-pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod metadata;

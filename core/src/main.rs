@@ -2,7 +2,8 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mimalloc::MiMalloc;
-use shoal_core::{cli, config, server};
+use shoal_client::cli;
+use shoal_core::{config, server};
 use std::path::PathBuf;
 
 #[global_allocator]

@@ -1,6 +1,9 @@
-//! The client commands of the `shoal` binary (L4), on the Rust client.
+//! The client commands of the `shoal` binary (L4): `shoal topic ...`,
+//! `produce`, `consume`, `metrics`. They live with the client they are
+//! built on; the binary in `shoal-core` only parses flags and calls them,
+//! each on a small current-thread tokio runtime of its own.
 
-use shoal_client::{
+use crate::{
     Acks, Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig, StartAt,
 };
 use std::io::{BufRead, Write};
