@@ -6,8 +6,11 @@
 //! single-threaded on purpose (`Rc`, `RefCell`): cores never share a log.
 //!
 //! # Tour
-//! - [`log`]: append (direct I/O, group commit), read (whole batches as a
-//!   file range for sendfile or an mmap view), roll, retention, recovery.
+//! - [`log`]: the partition log, one room per job: `log/mod.rs` append
+//!   (direct I/O into pending chunks) and roll, `log/writer.rs` the writer
+//!   pipeline (rounds, group commit), `log/read.rs` reads (whole batches as
+//!   a file range for sendfile or an mmap view), `log/recover.rs` open and
+//!   crash recovery, `log/retention.rs` retention.
 //! - [`segment`]: one segment's read side: file, mapping, indexes.
 //! - [`index`]: sparse offset and time indexes (in memory for the active
 //!   segment, memory-mapped files for closed ones).

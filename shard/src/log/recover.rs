@@ -1,0 +1,335 @@
+//! Opening a partition log and recovering it after a crash (S4).
+//!
+//! Closed segments keep their index files (rebuilt from the batch headers
+//! when missing or damaged); the active segment resumes from the recovery
+//! checkpoint and only the bytes past its recovery point are scanned, by
+//! CRC, so restart time does not grow with the size of the log.
+
+use super::{
+    align_down, align_up,
+    writer::{interval_sync_loop, preallocate, writer_loop},
+    Inner, PartitionLog, Pending, State,
+};
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::{LogConfig, SyncMode};
+use crate::error::{Error, Result};
+use crate::index::{IndexBytes, SegmentIndex};
+use crate::limits::DIRECT_IO_ALIGN;
+use crate::notify::Notify;
+use crate::producers::ProducerTable;
+use crate::segment::{self, Segment};
+use crate::tail::TailCache;
+use glommio::io::{DmaFile, OpenOptions};
+use shoal_wire::batch::{self, check_header};
+use std::cell::RefCell;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Instant;
+
+/// Opens a non-empty file with direct I/O before any segment: glommio's
+/// iopoll probe reads the first block of the first DMA file it sees on a
+/// device and misjudges an empty one.
+async fn dma_probe(dir: &Path) -> std::io::Result<()> {
+    let p = dir.join(".dma-probe");
+    if std::fs::metadata(&p)
+        .map(|m| m.len() < DIRECT_IO_ALIGN)
+        .unwrap_or(true)
+    {
+        std::fs::write(&p, vec![0x5a; DIRECT_IO_ALIGN as usize])?;
+    }
+    let f = DmaFile::open(&p).await?;
+    let _ = f.read_at_aligned(0, DIRECT_IO_ALIGN as usize).await?;
+    f.close().await?;
+    Ok(())
+}
+
+fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut bases = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let name = e?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(stem) = name.strip_suffix(".log") {
+            if let Ok(b) = stem.parse::<u64>() {
+                bases.push(b);
+            }
+        } else if name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(dir.join(&*name));
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+/// Rebuilds a closed segment's indexes by walking its batch headers.
+fn rebuild_index(seg: &Segment, batch_bytes_max: usize) -> SegmentIndex {
+    let mut idx = SegmentIndex::default();
+    let mut pos = 0u64;
+    let mut max_ts = None;
+    while let Some(h) = seg.header_at(pos, batch_bytes_max) {
+        idx.on_batch(
+            (h.base_offset - seg.base_offset) as u32,
+            pos as u32,
+            h.max_timestamp_ms,
+            max_ts,
+        );
+        max_ts = Some(max_ts.map_or(h.max_timestamp_ms, |m: i64| m.max(h.max_timestamp_ms)));
+        pos += u64::from(h.batch_len);
+    }
+    idx
+}
+
+/// Result of scanning a segment's tail.
+struct Scan {
+    end: u64,
+    next_offset: u64,
+    max_ts: Option<i64>,
+}
+
+/// Validates batches from `from.end` (CRC, contiguous offsets) and
+/// indexes them; returns where the valid log ends.
+fn scan_tail(
+    bytes: &[u8],
+    from: Scan,
+    base: u64,
+    idx: &mut SegmentIndex,
+    producers: &mut ProducerTable,
+    batch_bytes_max: usize,
+) -> Scan {
+    let Scan {
+        end: mut pos,
+        mut next_offset,
+        mut max_ts,
+    } = from;
+    loop {
+        let rest = &bytes[pos as usize..];
+        let Ok(h) = check_header(rest, batch_bytes_max) else {
+            break;
+        };
+        let blen = h.batch_len as usize;
+        if batch::compute_crc(&rest[..blen]) != h.crc || h.base_offset != next_offset {
+            break;
+        }
+        idx.on_batch(
+            (h.base_offset - base) as u32,
+            pos as u32,
+            h.max_timestamp_ms,
+            max_ts,
+        );
+        max_ts = Some(max_ts.map_or(h.max_timestamp_ms, |m| m.max(h.max_timestamp_ms)));
+        if h.is_idempotent() {
+            producers.record(&h, h.base_offset);
+        }
+        next_offset = h.next_offset();
+        pos += blen as u64;
+    }
+    Scan {
+        end: pos,
+        next_offset,
+        max_ts,
+    }
+}
+
+impl PartitionLog {
+    /// Opens (or creates) the log in `dir`, recovering after a crash.
+    ///
+    /// After a clean close nothing is scanned: the checkpoint holds the
+    /// active segment's index and end. After a crash only the bytes past the
+    /// last recovery point are scanned; a torn or corrupt tail is truncated.
+    pub async fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<PartitionLog> {
+        config.validate().map_err(Error::Config)?;
+        // Absolute: glommio opens directories by absolute path only.
+        let dir = std::path::absolute(dir.as_ref())?;
+        std::fs::create_dir_all(&dir)?;
+        dma_probe(&dir).await?;
+        let mut bases = list_segments(&dir)?;
+        if bases.is_empty() {
+            std::fs::File::create(segment::log_path(&dir, 0))?;
+            bases.push(0);
+        }
+        let ckpt = Checkpoint::load(&dir);
+        let bmax = config.batch_bytes_max;
+
+        let mut closed = Vec::with_capacity(bases.len());
+        for (i, &base) in bases[..bases.len() - 1].iter().enumerate() {
+            let path = segment::log_path(&dir, base);
+            let seg = Segment::open(path, base, 0)?;
+            let len = seg.file().metadata()?.len();
+            seg.set_visible(len, bases[i + 1]);
+            let oi = segment::offset_index_path(&dir, base);
+            let ti = segment::time_index_path(&dir, base);
+            let loaded = match (IndexBytes::map(&oi), IndexBytes::map(&ti)) {
+                (Ok(o), Ok(t)) => {
+                    let idx = SegmentIndex::from_parts(o, t);
+                    idx.validate(len).map(|_| idx)
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+            };
+            match loaded {
+                Ok(idx) => *seg.index.borrow_mut() = idx,
+                Err(why) => {
+                    tracing::warn!(segment = %seg.path.display(), %why, "rebuilding segment index");
+                    let idx = rebuild_index(&seg, bmax);
+                    std::fs::write(&oi, idx.offsets.as_bytes())?;
+                    std::fs::write(&ti, idx.times.as_bytes())?;
+                    std::fs::File::open(&oi)?.sync_all()?;
+                    std::fs::File::open(&ti)?.sync_all()?;
+                    seg.install_index(IndexBytes::map(&oi)?, IndexBytes::map(&ti)?);
+                }
+            }
+            closed.push(Rc::new(seg));
+        }
+
+        // The active segment.
+        let base = *bases.last().unwrap_or(&0);
+        let path = segment::log_path(&dir, base);
+        let capacity = align_up(config.segment_bytes + config.batch_bytes_max as u64);
+        let file_len = std::fs::metadata(&path)?.len();
+        let (mut idx, mut start_pos, mut next_offset, mut max_ts, mut producers, trusted) =
+            match &ckpt {
+                Some(c) if c.active_base == base && c.recovery_pos <= file_len => {
+                    let idx = SegmentIndex::from_parts(
+                        IndexBytes::Mem(c.offset_index.clone()),
+                        IndexBytes::Mem(c.time_index.clone()),
+                    );
+                    let trusted = c.clean && c.recovery_pos == file_len;
+                    (
+                        idx,
+                        c.recovery_pos,
+                        c.next_offset,
+                        c.max_timestamp,
+                        c.producers.clone(),
+                        trusted,
+                    )
+                }
+                Some(c) => (
+                    SegmentIndex::default(),
+                    0,
+                    base,
+                    None,
+                    c.producers.clone(),
+                    false,
+                ),
+                None => (
+                    SegmentIndex::default(),
+                    0,
+                    base,
+                    None,
+                    ProducerTable::default(),
+                    false,
+                ),
+            };
+        if idx.validate(start_pos.max(1)).is_err() {
+            idx = SegmentIndex::default();
+            start_pos = 0;
+            next_offset = base;
+            max_ts = None;
+        }
+        let mut end = start_pos;
+        if !trusted {
+            let file = std::fs::File::open(&path)?;
+            if file_len > start_pos {
+                // SAFETY: read-only mapping of a file nothing else writes
+                // during open; dropped before the appender starts.
+                let map = unsafe { memmap2::Mmap::map(&file)? };
+                let from = Scan {
+                    end: start_pos,
+                    next_offset,
+                    max_ts,
+                };
+                let scan = scan_tail(&map, from, base, &mut idx, &mut producers, bmax);
+                end = scan.end;
+                next_offset = scan.next_offset;
+                max_ts = scan.max_ts;
+            }
+            if end < file_len {
+                tracing::warn!(segment = %path.display(), valid = end, file = file_len, "truncating torn or corrupt tail");
+                let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+                f.set_len(end)?;
+            }
+            // What we scanned may still be only in the page cache: make it
+            // durable before a checkpoint vouches for it.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)?
+                .sync_data()?;
+            producers.truncate_to(next_offset);
+        }
+        // Clear the clean flag before anything changes the files.
+        let ck = Checkpoint {
+            clean: false,
+            active_base: base,
+            recovery_pos: end,
+            next_offset,
+            max_timestamp: max_ts,
+            offset_index: idx.offsets.as_bytes().to_vec(),
+            time_index: idx.times.as_bytes().to_vec(),
+            producers: producers.clone(),
+        };
+        checkpoint::write_durably(&dir, checkpoint::FILE_NAME, ck.encode()).await?;
+
+        let active = Rc::new(Segment::open(path.clone(), base, capacity)?);
+        *active.index.borrow_mut() = idx;
+        active.set_visible(end, next_offset);
+        let dma = Rc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .dma_open(&path)
+                .await?,
+        );
+        preallocate(&dma, capacity).await;
+        let mut pending = Pending {
+            chunks: Vec::new(),
+            file_pos: align_down(end),
+            len: 0,
+            prefix: 0,
+            next_offset,
+        };
+        let prefix = (end - pending.file_pos) as usize;
+        if prefix > 0 {
+            let tail = active.bytes(pending.file_pos, prefix as u64).to_vec();
+            pending.push(&dma, &tail);
+            pending.prefix = prefix;
+        }
+        let first_offset = closed.first().map_or(base, |s| s.base_offset);
+        tracing::debug!(dir = %dir.display(), segments = closed.len() + 1, first_offset, next_offset, trusted, "opened partition log");
+
+        let inner = Rc::new(Inner {
+            dir,
+            st: RefCell::new(State {
+                closed,
+                active,
+                dma,
+                active_bytes: end,
+                active_created: Instant::now(),
+                active_max_ts: max_ts,
+                next_offset,
+                written_next: next_offset,
+                durable_next: next_offset,
+                pending,
+                sync_requested: false,
+                rolling: false,
+                closing: false,
+                writer_done: false,
+                poisoned: None,
+                producers,
+                ckpt_pos: end,
+                ckpt_running: false,
+                round_seq: 0,
+                rounds_written: 0,
+                rounds_in_flight: 0,
+                tail: TailCache::new(config.tail_cache_bytes),
+                tail_interest: None,
+            }),
+            config,
+            progress: Notify::default(),
+            wake_writer: Notify::default(),
+            space: Notify::default(),
+        });
+        glommio::spawn_local(writer_loop(inner.clone())).detach();
+        if let SyncMode::Interval(d) = inner.config.sync {
+            glommio::spawn_local(interval_sync_loop(Rc::downgrade(&inner), d)).detach();
+        }
+        Ok(PartitionLog { inner })
+    }
+}

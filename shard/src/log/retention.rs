@@ -1,0 +1,50 @@
+//! Retention (S5): deleting whole closed segments by age and by size.
+
+use super::PartitionLog;
+use crate::error::Result;
+use crate::segment::{self};
+
+impl PartitionLog {
+    /// Deletes whole closed segments past the retention limits; the log
+    /// start moves to the first remaining segment. Returns how many.
+    pub async fn enforce_retention(&self, now_ms: i64) -> Result<usize> {
+        let cfg = &self.inner.config;
+        let mut deleted = Vec::new();
+        {
+            let mut st = self.inner.st.borrow_mut();
+            let mut total: u64 = st.closed.iter().map(|s| s.len()).sum::<u64>() + st.active_bytes;
+            while let Some(first) = st.closed.first() {
+                let too_old = match (cfg.retention_age, first.max_timestamp()) {
+                    (Some(age), Some(ts)) => ts < now_ms.saturating_sub(age.as_millis() as i64),
+                    _ => false,
+                };
+                let too_big = cfg.retention_bytes.is_some_and(|max| total > max);
+                if !too_old && !too_big {
+                    break;
+                }
+                total -= first.len();
+                deleted.push(st.closed.remove(0));
+            }
+        }
+        for seg in &deleted {
+            for p in [
+                seg.path.clone(),
+                segment::offset_index_path(&self.inner.dir, seg.base_offset),
+                segment::time_index_path(&self.inner.dir, seg.base_offset),
+            ] {
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            tracing::info!(segment = %seg.path.display(), "retention deleted segment");
+        }
+        if !deleted.is_empty() {
+            let d = glommio::io::Directory::open(&self.inner.dir).await?;
+            d.sync().await?;
+            d.close().await?;
+        }
+        Ok(deleted.len())
+    }
+}
