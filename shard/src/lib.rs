@@ -18,6 +18,8 @@
 //!   at the end of the log are served by sendfile without touching the disk.
 //! - [`checkpoint`]: the recovery point that bounds a restart's work.
 //! - [`producers`]: idempotent-producer state (no duplicate on retry).
+//! - [`rt`]: the seam for spawning, timers, the clock and blocking work, so
+//!   shard logic can later run under a deterministic simulator.
 //! - [`config`]: [`LogConfig`] and the [`SyncMode`]s with their guarantees.
 //! - [`limits`]: every bound, with compile-time checks of their relations.
 //!
@@ -32,6 +34,7 @@ pub mod limits;
 pub mod log;
 pub mod notify;
 pub mod producers;
+pub mod rt;
 pub mod segment;
 pub mod tail;
 

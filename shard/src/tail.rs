@@ -198,7 +198,7 @@ impl TailCache {
             return Ok(());
         }
         if let Some(t) = self.resting_until {
-            if Instant::now() < t {
+            if crate::rt::now() < t {
                 return Ok(());
             }
             self.resting_until = None;
@@ -223,7 +223,7 @@ impl TailCache {
                 Ok(b) => b,
                 Err(e) => {
                     self.clear();
-                    self.resting_until = Some(Instant::now() + TAIL_INTEREST);
+                    self.resting_until = Some(crate::rt::now() + TAIL_INTEREST);
                     return Err(e);
                 }
             };

@@ -52,6 +52,7 @@ use crate::index::IndexBytes;
 use crate::limits::{CHUNK_BYTES, DIRECT_IO_ALIGN};
 use crate::notify::Notify;
 use crate::producers::ProducerTable;
+use crate::rt;
 use crate::segment::{self, Segment};
 use crate::tail::{TailCache, TAIL_INTEREST};
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
@@ -307,7 +308,7 @@ impl PartitionLog {
                 }));
             }
         }
-        let age_due = st.active_created.elapsed() >= inner.config.segment_age;
+        let age_due = rt::since(st.active_created) >= inner.config.segment_age;
         if st.active_bytes > 0
             && (st.active_bytes + blen as u64 > inner.config.segment_bytes || age_due)
         {
@@ -329,7 +330,7 @@ impl PartitionLog {
         if st.tail.enabled()
             && st
                 .tail_interest
-                .is_some_and(|t| t.elapsed() < TAIL_INTEREST)
+                .is_some_and(|t| rt::since(t) < TAIL_INTEREST)
         {
             let body = &batch[BATCH_HEADER_BYTES..];
             let seg_base = st.active.base_offset;
@@ -503,7 +504,7 @@ impl PartitionLog {
         st.closed.push(std::mem::replace(&mut st.active, seg));
         st.dma = new_dma;
         st.active_bytes = 0;
-        st.active_created = Instant::now();
+        st.active_created = rt::now();
         st.active_max_ts = None;
         st.ckpt_pos = 0;
         st.pending = Pending {

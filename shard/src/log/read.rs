@@ -4,10 +4,10 @@
 
 use super::PartitionLog;
 use crate::error::{Error, Result};
+use crate::rt;
 use crate::segment::Segment;
 use crate::tail::TailBlock;
 use std::rc::Rc;
-use std::time::Instant;
 
 /// Longest pause between residency checks while a slice is read into the
 /// page cache: short, since a fresh block arrives in ~70-140 us and every
@@ -71,10 +71,10 @@ impl ReadSlice {
             return;
         }
         self.segment.prefetch(self.position, self.len);
-        let deadline = Instant::now() + limit;
+        let deadline = rt::now() + limit;
         let mut pause = std::time::Duration::from_micros(20);
-        while !self.segment.resident(self.position, self.len) && Instant::now() < deadline {
-            glommio::timer::sleep(pause).await;
+        while !self.segment.resident(self.position, self.len) && rt::now() < deadline {
+            rt::sleep(pause).await;
             pause = (pause * 2).min(RESIDENT_POLL_MAX);
         }
     }
@@ -84,7 +84,7 @@ impl PartitionLog {
     /// Waits until an offset at or past `offset` is readable (or the log
     /// closes). Long-polling is the broker's job; this is its wake-up.
     pub async fn wait_for_data(&self, offset: u64) {
-        self.inner.st.borrow_mut().tail_interest = Some(Instant::now());
+        self.inner.st.borrow_mut().tail_interest = Some(rt::now());
         let _ = self
             .wait_until(|st| st.written_next > offset || st.closing)
             .await;

@@ -17,6 +17,7 @@ use crate::index::{IndexBytes, SegmentIndex};
 use crate::limits::DIRECT_IO_ALIGN;
 use crate::notify::Notify;
 use crate::producers::ProducerTable;
+use crate::rt;
 use crate::segment::{self, Segment};
 use crate::tail::TailCache;
 use glommio::io::{DmaFile, OpenOptions};
@@ -24,7 +25,6 @@ use shoal_wire::batch::{self, check_header};
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
-use std::time::Instant;
 
 /// Opens a non-empty file with direct I/O before any segment: glommio's
 /// iopoll probe reads the first block of the first DMA file it sees on a
@@ -301,7 +301,7 @@ impl PartitionLog {
                 active,
                 dma,
                 active_bytes: end,
-                active_created: Instant::now(),
+                active_created: rt::now(),
                 active_max_ts: max_ts,
                 next_offset,
                 written_next: next_offset,
@@ -326,9 +326,9 @@ impl PartitionLog {
             wake_writer: Notify::default(),
             space: Notify::default(),
         });
-        glommio::spawn_local(writer_loop(inner.clone())).detach();
+        rt::spawn_detached(writer_loop(inner.clone()));
         if let SyncMode::Interval(d) = inner.config.sync {
-            glommio::spawn_local(interval_sync_loop(Rc::downgrade(&inner), d)).detach();
+            rt::spawn_detached(interval_sync_loop(Rc::downgrade(&inner), d));
         }
         Ok(PartitionLog { inner })
     }

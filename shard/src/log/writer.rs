@@ -8,6 +8,7 @@ use super::{align_down, align_up, Inner, State};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::SyncMode;
 use crate::limits::{CHUNK_BYTES, RECOVERY_CHECKPOINT_BYTES, ROUNDS_IN_FLIGHT_MAX};
+use crate::rt;
 use crate::segment::Segment;
 use glommio::io::{DmaBuffer, DmaFile};
 use std::rc::{Rc, Weak};
@@ -218,7 +219,7 @@ pub(super) async fn writer_loop(inner: Rc<Inner>) {
             }
         };
         if let Some((round, seq)) = round {
-            glommio::spawn_local(round_task(inner.clone(), round, seq)).detach();
+            rt::spawn_detached(round_task(inner.clone(), round, seq));
             continue;
         }
         {
@@ -298,7 +299,7 @@ async fn write_recovery_point(
 
 pub(super) async fn interval_sync_loop(inner: Weak<Inner>, every: std::time::Duration) {
     loop {
-        glommio::timer::sleep(every).await;
+        rt::sleep(every).await;
         let Some(inner) = inner.upgrade() else { return };
         let (target, dma) = {
             let st = inner.st.borrow();
