@@ -1,11 +1,11 @@
 //! The recovery checkpoint (S4): what lets a partition open without
 //! scanning its log.
 //!
-//! One file per partition, `recovery.ckpt`, replaced atomically (write a
-//! temporary, fdatasync, rename, sync the directory). It names the active
-//! segment, a *recovery point* in it (every byte before it is durable and
-//! indexed), the active segment's index up to that point and the producer
-//! table. `clean` is set only by a clean close, where the recovery point is
+//! One file per partition, `recovery.ckpt`, replaced atomically with
+//! [`crate::durable::write_durably`] (write a temporary, fdatasync, rename,
+//! sync the directory). It names the active segment, a *recovery point* in
+//! it (every byte before it is durable and indexed), the active segment's
+//! index up to that point and the producer table. `clean` is set only by a clean close, where the recovery point is
 //! the end of the log; the first thing an open does is clear it again.
 //!
 //! Layout (little-endian): magic `SHCK`, version u32, flags u32, crc32c u32
@@ -118,6 +118,8 @@ impl Checkpoint {
         })
     }
 
+    /// Reads and decodes `dir`'s checkpoint; `None` if missing or damaged.
+    /// Blocking: call it on the blocking thread (an open does).
     pub fn load(dir: &Path) -> Option<Checkpoint> {
         let bytes = std::fs::read(dir.join(FILE_NAME)).ok()?;
         let c = Checkpoint::decode(&bytes);
@@ -128,25 +130,8 @@ impl Checkpoint {
     }
 }
 
-/// Replaces `dir/name` atomically and durably, with async I/O on the
-/// calling shard's executor.
-pub async fn write_durably(dir: &Path, name: &str, bytes: Vec<u8>) -> std::io::Result<()> {
-    // glommio opens directories by absolute path only.
-    let dir = &std::path::absolute(dir)?;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = glommio::io::BufferedFile::create(&tmp).await?;
-    if !bytes.is_empty() {
-        let n = f.write_at(bytes, 0).await?;
-        let _ = n;
-    }
-    f.fdatasync().await?;
-    f.rename(dir.join(name)).await?;
-    f.close().await?;
-    let d = glommio::io::Directory::open(dir).await?;
-    d.sync().await?;
-    d.close().await?;
-    Ok(())
-}
+/// Kept here for the broker, which writes its own files with it.
+pub use crate::durable::write_durably;
 
 #[cfg(test)]
 mod tests {

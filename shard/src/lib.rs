@@ -17,6 +17,8 @@
 //! - [`tail`]: the tail cache: the newest bytes in memory files, so readers
 //!   at the end of the log are served by sendfile without touching the disk.
 //! - [`checkpoint`]: the recovery point that bounds a restart's work.
+//! - [`durable`]: write-then-rename and directory removal, done on the
+//!   blocking thread so `std::fs` never stalls the core.
 //! - [`producers`]: idempotent-producer state (no duplicate on retry).
 //! - [`rt`]: the seam for spawning, timers, the clock and blocking work, so
 //!   shard logic can later run under a deterministic simulator.
@@ -28,6 +30,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod durable;
 pub mod error;
 pub mod index;
 pub mod limits;

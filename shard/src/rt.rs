@@ -70,14 +70,23 @@ pub async fn yield_if_needed() {
 /// io_uring: `read_dir`, `create_dir_all`, `remove_file`, `statvfs`, ...)
 /// on the executor's blocking thread, so the core keeps serving meanwhile.
 ///
-/// `f` must not panic: glommio 0.9 cannot carry a panic back from its
-/// blocking thread (it would abort the process). Return errors instead.
+/// `f` runs inside the caller's tracing span, so its log lines keep the
+/// shard's context. A panic in `f` resumes in the caller: glommio 0.9
+/// would otherwise lose the blocking thread and never wake the caller.
 pub async fn spawn_blocking<R, F>(f: F) -> R
 where
     F: FnOnce() -> R + Send + 'static,
     R: Send + 'static,
 {
-    glommio::executor().spawn_blocking(f).await
+    let span = tracing::Span::current();
+    let run = move || {
+        let _entered = span.enter();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+    };
+    match glommio::executor().spawn_blocking(run).await {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
 }
 
 #[cfg(test)]

@@ -13,11 +13,17 @@ use std::path::{Path, PathBuf};
 pub fn log_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.log"))
 }
+pub fn offset_index_name(base: u64) -> String {
+    format!("{base:020}.index")
+}
+pub fn time_index_name(base: u64) -> String {
+    format!("{base:020}.timeindex")
+}
 pub fn offset_index_path(dir: &Path, base: u64) -> PathBuf {
-    dir.join(format!("{base:020}.index"))
+    dir.join(offset_index_name(base))
 }
 pub fn time_index_path(dir: &Path, base: u64) -> PathBuf {
-    dir.join(format!("{base:020}.timeindex"))
+    dir.join(time_index_name(base))
 }
 
 pub struct Segment {

@@ -47,6 +47,7 @@ use writer::preallocate;
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{LogConfig, SyncMode};
+use crate::durable;
 use crate::error::{Error, Result};
 use crate::index::IndexBytes;
 use crate::limits::{CHUNK_BYTES, DIRECT_IO_ALIGN};
@@ -174,16 +175,6 @@ enum Accept {
     Done(Appended),
     Roll,
     WaitSpace,
-}
-
-fn index_files(seg: &Segment, dir: &Path) -> (Vec<u8>, Vec<u8>, PathBuf, PathBuf) {
-    let idx = seg.index();
-    (
-        idx.offsets.as_bytes().to_vec(),
-        idx.times.as_bytes().to_vec(),
-        segment::offset_index_path(dir, seg.base_offset),
-        segment::time_index_path(dir, seg.base_offset),
-    )
 }
 
 impl PartitionLog {
@@ -458,18 +449,24 @@ impl PartitionLog {
         // exactly its batches.
         dma.truncate(active_bytes).await?;
         dma.fdatasync().await?;
-        let (oi, ti, oi_path, ti_path) = index_files(&old, &inner.dir);
-        let oname = oi_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tname = ti_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        checkpoint::write_durably(&inner.dir, &oname, oi).await?;
-        checkpoint::write_durably(&inner.dir, &tname, ti).await?;
-        old.install_index(IndexBytes::map(&oi_path)?, IndexBytes::map(&ti_path)?);
+        let (oi, ti) = {
+            let idx = old.index();
+            (
+                idx.offsets.as_bytes().to_vec(),
+                idx.times.as_bytes().to_vec(),
+            )
+        };
+        let (dir, base) = (inner.dir.clone(), old.base_offset);
+        let (oi, ti) = rt::spawn_blocking(move || -> std::io::Result<_> {
+            durable::write_durably_blocking(&dir, &segment::offset_index_name(base), &oi)?;
+            durable::write_durably_blocking(&dir, &segment::time_index_name(base), &ti)?;
+            Ok((
+                IndexBytes::map(&segment::offset_index_path(&dir, base))?,
+                IndexBytes::map(&segment::time_index_path(&dir, base))?,
+            ))
+        })
+        .await?;
+        old.install_index(oi, ti);
 
         let path = segment::log_path(&inner.dir, next_offset);
         let new_dma = Rc::new(
@@ -482,11 +479,6 @@ impl PartitionLog {
         );
         let capacity = align_up(inner.config.segment_bytes + inner.config.batch_bytes_max as u64);
         preallocate(&new_dma, capacity).await;
-        let d = glommio::io::Directory::open(&inner.dir).await?;
-        d.sync().await?;
-        d.close().await?;
-        let seg = Rc::new(Segment::open(path, next_offset, capacity)?);
-        seg.set_visible(0, next_offset);
         let producers = inner.st.borrow().producers.clone();
         let ck = Checkpoint {
             clean: false,
@@ -497,8 +489,19 @@ impl PartitionLog {
             offset_index: Vec::new(),
             time_index: Vec::new(),
             producers,
-        };
-        checkpoint::write_durably(&inner.dir, checkpoint::FILE_NAME, ck.encode()).await?;
+        }
+        .encode();
+        let dir = inner.dir.clone();
+        let seg = rt::spawn_blocking(move || -> std::io::Result<_> {
+            // The new segment's entry is durable before a checkpoint names it.
+            durable::sync_dir_blocking(&dir)?;
+            let seg = Segment::open(path, next_offset, capacity)?;
+            durable::write_durably_blocking(&dir, checkpoint::FILE_NAME, &ck)?;
+            Ok(seg)
+        })
+        .await?;
+        let seg = Rc::new(seg);
+        seg.set_visible(0, next_offset);
         let mut st = inner.st.borrow_mut();
         let st = &mut *st;
         st.closed.push(std::mem::replace(&mut st.active, seg));
@@ -581,7 +584,7 @@ impl PartitionLog {
         };
         dma.truncate(ck.recovery_pos).await?;
         dma.fdatasync().await?;
-        checkpoint::write_durably(&inner.dir, checkpoint::FILE_NAME, ck.encode()).await?;
+        durable::write_durably(&inner.dir, checkpoint::FILE_NAME, ck.encode()).await?;
         Ok(())
     }
 }

@@ -12,6 +12,7 @@ use super::{
 };
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{LogConfig, SyncMode};
+use crate::durable;
 use crate::error::{Error, Result};
 use crate::index::{IndexBytes, SegmentIndex};
 use crate::limits::DIRECT_IO_ALIGN;
@@ -26,18 +27,25 @@ use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
 
-/// Opens a non-empty file with direct I/O before any segment: glommio's
-/// iopoll probe reads the first block of the first DMA file it sees on a
-/// device and misjudges an empty one.
-async fn dma_probe(dir: &Path) -> std::io::Result<()> {
-    let p = dir.join(".dma-probe");
+const DMA_PROBE_FILE: &str = ".dma-probe";
+
+/// Makes sure the probe file of [`dma_probe`] exists and is not empty.
+fn prepare_dma_probe(dir: &Path) -> std::io::Result<()> {
+    let p = dir.join(DMA_PROBE_FILE);
     if std::fs::metadata(&p)
         .map(|m| m.len() < DIRECT_IO_ALIGN)
         .unwrap_or(true)
     {
         std::fs::write(&p, vec![0x5a; DIRECT_IO_ALIGN as usize])?;
     }
-    let f = DmaFile::open(&p).await?;
+    Ok(())
+}
+
+/// Opens a non-empty file with direct I/O before any segment: glommio's
+/// iopoll probe reads the first block of the first DMA file it sees on a
+/// device and misjudges an empty one. [`prepare_dma_probe`] made the file.
+async fn dma_probe(dir: &Path) -> std::io::Result<()> {
+    let f = DmaFile::open(dir.join(DMA_PROBE_FILE)).await?;
     let _ = f.read_at_aligned(0, DIRECT_IO_ALIGN as usize).await?;
     f.close().await?;
     Ok(())
@@ -129,152 +137,206 @@ fn scan_tail(
     }
 }
 
+/// What the blocking half of an open found and repaired on disk.
+struct Found {
+    closed: Vec<Segment>,
+    /// The active segment's read side, its index and visible end set.
+    active: Segment,
+    end: u64,
+    next_offset: u64,
+    max_ts: Option<i64>,
+    producers: ProducerTable,
+    trusted: bool,
+    /// The checkpoint that clears the clean flag, encoded.
+    checkpoint: Vec<u8>,
+}
+
+/// Everything an open does with `std::fs` and the mappings, in one piece
+/// for the blocking thread: create the directory, list and open the
+/// segments, load or rebuild their indexes, load the checkpoint and scan
+/// (and truncate) the active segment's tail.
+fn recover_files(dir: &Path, bmax: usize, capacity: u64) -> Result<Found> {
+    std::fs::create_dir_all(dir)?;
+    prepare_dma_probe(dir)?;
+    let mut bases = list_segments(dir)?;
+    if bases.is_empty() {
+        std::fs::File::create(segment::log_path(dir, 0))?;
+        bases.push(0);
+    }
+    let ckpt = Checkpoint::load(dir);
+
+    let mut closed = Vec::with_capacity(bases.len());
+    for (i, &base) in bases[..bases.len() - 1].iter().enumerate() {
+        let path = segment::log_path(dir, base);
+        let seg = Segment::open(path, base, 0)?;
+        let len = seg.file().metadata()?.len();
+        seg.set_visible(len, bases[i + 1]);
+        let oi = segment::offset_index_path(dir, base);
+        let ti = segment::time_index_path(dir, base);
+        let loaded = match (IndexBytes::map(&oi), IndexBytes::map(&ti)) {
+            (Ok(o), Ok(t)) => {
+                let idx = SegmentIndex::from_parts(o, t);
+                idx.validate(len).map(|_| idx)
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+        };
+        match loaded {
+            Ok(idx) => *seg.index.borrow_mut() = idx,
+            Err(why) => {
+                tracing::warn!(segment = %seg.path.display(), %why, "rebuilding segment index");
+                let idx = rebuild_index(&seg, bmax);
+                let (oname, tname) = (
+                    segment::offset_index_name(base),
+                    segment::time_index_name(base),
+                );
+                durable::write_durably_blocking(dir, &oname, idx.offsets.as_bytes())?;
+                durable::write_durably_blocking(dir, &tname, idx.times.as_bytes())?;
+                seg.install_index(IndexBytes::map(&oi)?, IndexBytes::map(&ti)?);
+            }
+        }
+        closed.push(seg);
+    }
+
+    // The active segment.
+    let base = *bases.last().unwrap_or(&0);
+    let path = segment::log_path(dir, base);
+    let file_len = std::fs::metadata(&path)?.len();
+    let (mut idx, mut start_pos, mut next_offset, mut max_ts, mut producers, trusted) = match &ckpt
+    {
+        Some(c) if c.active_base == base && c.recovery_pos <= file_len => {
+            let idx = SegmentIndex::from_parts(
+                IndexBytes::Mem(c.offset_index.clone()),
+                IndexBytes::Mem(c.time_index.clone()),
+            );
+            let trusted = c.clean && c.recovery_pos == file_len;
+            (
+                idx,
+                c.recovery_pos,
+                c.next_offset,
+                c.max_timestamp,
+                c.producers.clone(),
+                trusted,
+            )
+        }
+        Some(c) => (
+            SegmentIndex::default(),
+            0,
+            base,
+            None,
+            c.producers.clone(),
+            false,
+        ),
+        None => (
+            SegmentIndex::default(),
+            0,
+            base,
+            None,
+            ProducerTable::default(),
+            false,
+        ),
+    };
+    if idx.validate(start_pos.max(1)).is_err() {
+        idx = SegmentIndex::default();
+        start_pos = 0;
+        next_offset = base;
+        max_ts = None;
+    }
+    let mut end = start_pos;
+    if !trusted {
+        let file = std::fs::File::open(&path)?;
+        if file_len > start_pos {
+            // SAFETY: read-only mapping of a file nothing else writes
+            // during open; dropped before the appender starts.
+            let map = unsafe { memmap2::Mmap::map(&file)? };
+            let from = Scan {
+                end: start_pos,
+                next_offset,
+                max_ts,
+            };
+            let scan = scan_tail(&map, from, base, &mut idx, &mut producers, bmax);
+            end = scan.end;
+            next_offset = scan.next_offset;
+            max_ts = scan.max_ts;
+        }
+        if end < file_len {
+            tracing::warn!(segment = %path.display(), valid = end, file = file_len, "truncating torn or corrupt tail");
+            let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+            f.set_len(end)?;
+        }
+        // What we scanned may still be only in the page cache: make it
+        // durable before a checkpoint vouches for it.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)?
+            .sync_data()?;
+        producers.truncate_to(next_offset);
+    }
+    // Clear the clean flag before anything changes the files.
+    let checkpoint = Checkpoint {
+        clean: false,
+        active_base: base,
+        recovery_pos: end,
+        next_offset,
+        max_timestamp: max_ts,
+        offset_index: idx.offsets.as_bytes().to_vec(),
+        time_index: idx.times.as_bytes().to_vec(),
+        producers: producers.clone(),
+    }
+    .encode();
+
+    let active = Segment::open(path, base, capacity)?;
+    *active.index.borrow_mut() = idx;
+    active.set_visible(end, next_offset);
+    Ok(Found {
+        closed,
+        active,
+        end,
+        next_offset,
+        max_ts,
+        producers,
+        trusted,
+        checkpoint,
+    })
+}
+
 impl PartitionLog {
     /// Opens (or creates) the log in `dir`, recovering after a crash.
     ///
     /// After a clean close nothing is scanned: the checkpoint holds the
     /// active segment's index and end. After a crash only the bytes past the
     /// last recovery point are scanned; a torn or corrupt tail is truncated.
+    /// The file-system work runs on the blocking thread ([`rt::spawn_blocking`]),
+    /// so opening many partitions never stalls the shard's other tasks.
     pub async fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<PartitionLog> {
         config.validate().map_err(Error::Config)?;
         // Absolute: glommio opens directories by absolute path only.
         let dir = std::path::absolute(dir.as_ref())?;
-        std::fs::create_dir_all(&dir)?;
-        dma_probe(&dir).await?;
-        let mut bases = list_segments(&dir)?;
-        if bases.is_empty() {
-            std::fs::File::create(segment::log_path(&dir, 0))?;
-            bases.push(0);
-        }
-        let ckpt = Checkpoint::load(&dir);
         let bmax = config.batch_bytes_max;
-
-        let mut closed = Vec::with_capacity(bases.len());
-        for (i, &base) in bases[..bases.len() - 1].iter().enumerate() {
-            let path = segment::log_path(&dir, base);
-            let seg = Segment::open(path, base, 0)?;
-            let len = seg.file().metadata()?.len();
-            seg.set_visible(len, bases[i + 1]);
-            let oi = segment::offset_index_path(&dir, base);
-            let ti = segment::time_index_path(&dir, base);
-            let loaded = match (IndexBytes::map(&oi), IndexBytes::map(&ti)) {
-                (Ok(o), Ok(t)) => {
-                    let idx = SegmentIndex::from_parts(o, t);
-                    idx.validate(len).map(|_| idx)
-                }
-                (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
-            };
-            match loaded {
-                Ok(idx) => *seg.index.borrow_mut() = idx,
-                Err(why) => {
-                    tracing::warn!(segment = %seg.path.display(), %why, "rebuilding segment index");
-                    let idx = rebuild_index(&seg, bmax);
-                    std::fs::write(&oi, idx.offsets.as_bytes())?;
-                    std::fs::write(&ti, idx.times.as_bytes())?;
-                    std::fs::File::open(&oi)?.sync_all()?;
-                    std::fs::File::open(&ti)?.sync_all()?;
-                    seg.install_index(IndexBytes::map(&oi)?, IndexBytes::map(&ti)?);
-                }
-            }
-            closed.push(Rc::new(seg));
-        }
-
-        // The active segment.
-        let base = *bases.last().unwrap_or(&0);
-        let path = segment::log_path(&dir, base);
         let capacity = align_up(config.segment_bytes + config.batch_bytes_max as u64);
-        let file_len = std::fs::metadata(&path)?.len();
-        let (mut idx, mut start_pos, mut next_offset, mut max_ts, mut producers, trusted) =
-            match &ckpt {
-                Some(c) if c.active_base == base && c.recovery_pos <= file_len => {
-                    let idx = SegmentIndex::from_parts(
-                        IndexBytes::Mem(c.offset_index.clone()),
-                        IndexBytes::Mem(c.time_index.clone()),
-                    );
-                    let trusted = c.clean && c.recovery_pos == file_len;
-                    (
-                        idx,
-                        c.recovery_pos,
-                        c.next_offset,
-                        c.max_timestamp,
-                        c.producers.clone(),
-                        trusted,
-                    )
-                }
-                Some(c) => (
-                    SegmentIndex::default(),
-                    0,
-                    base,
-                    None,
-                    c.producers.clone(),
-                    false,
-                ),
-                None => (
-                    SegmentIndex::default(),
-                    0,
-                    base,
-                    None,
-                    ProducerTable::default(),
-                    false,
-                ),
-            };
-        if idx.validate(start_pos.max(1)).is_err() {
-            idx = SegmentIndex::default();
-            start_pos = 0;
-            next_offset = base;
-            max_ts = None;
-        }
-        let mut end = start_pos;
-        if !trusted {
-            let file = std::fs::File::open(&path)?;
-            if file_len > start_pos {
-                // SAFETY: read-only mapping of a file nothing else writes
-                // during open; dropped before the appender starts.
-                let map = unsafe { memmap2::Mmap::map(&file)? };
-                let from = Scan {
-                    end: start_pos,
-                    next_offset,
-                    max_ts,
-                };
-                let scan = scan_tail(&map, from, base, &mut idx, &mut producers, bmax);
-                end = scan.end;
-                next_offset = scan.next_offset;
-                max_ts = scan.max_ts;
-            }
-            if end < file_len {
-                tracing::warn!(segment = %path.display(), valid = end, file = file_len, "truncating torn or corrupt tail");
-                let f = std::fs::OpenOptions::new().write(true).open(&path)?;
-                f.set_len(end)?;
-            }
-            // What we scanned may still be only in the page cache: make it
-            // durable before a checkpoint vouches for it.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)?
-                .sync_data()?;
-            producers.truncate_to(next_offset);
-        }
-        // Clear the clean flag before anything changes the files.
-        let ck = Checkpoint {
-            clean: false,
-            active_base: base,
-            recovery_pos: end,
-            next_offset,
-            max_timestamp: max_ts,
-            offset_index: idx.offsets.as_bytes().to_vec(),
-            time_index: idx.times.as_bytes().to_vec(),
-            producers: producers.clone(),
+        let found = {
+            let dir = dir.clone();
+            rt::spawn_blocking(move || recover_files(&dir, bmax, capacity)).await?
         };
-        checkpoint::write_durably(&dir, checkpoint::FILE_NAME, ck.encode()).await?;
+        dma_probe(&dir).await?;
+        let Found {
+            closed,
+            active,
+            end,
+            next_offset,
+            max_ts,
+            producers,
+            trusted,
+            checkpoint: ck,
+        } = found;
+        durable::write_durably(&dir, checkpoint::FILE_NAME, ck).await?;
 
-        let active = Rc::new(Segment::open(path.clone(), base, capacity)?);
-        *active.index.borrow_mut() = idx;
-        active.set_visible(end, next_offset);
+        let closed: Vec<Rc<Segment>> = closed.into_iter().map(Rc::new).collect();
+        let active = Rc::new(active);
         let dma = Rc::new(
             OpenOptions::new()
                 .read(true)
                 .write(true)
-                .dma_open(&path)
+                .dma_open(&active.path)
                 .await?,
         );
         preallocate(&dma, capacity).await;
@@ -291,7 +353,7 @@ impl PartitionLog {
             pending.push(&dma, &tail);
             pending.prefix = prefix;
         }
-        let first_offset = closed.first().map_or(base, |s| s.base_offset);
+        let first_offset = closed.first().map_or(active.base_offset, |s| s.base_offset);
         tracing::debug!(dir = %dir.display(), segments = closed.len() + 1, first_offset, next_offset, trusted, "opened partition log");
 
         let inner = Rc::new(Inner {

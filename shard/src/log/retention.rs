@@ -1,6 +1,7 @@
 //! Retention (S5): deleting whole closed segments by age and by size.
 
 use super::PartitionLog;
+use crate::durable;
 use crate::error::Result;
 use crate::segment::{self};
 
@@ -26,24 +27,22 @@ impl PartitionLog {
                 deleted.push(st.closed.remove(0));
             }
         }
-        for seg in &deleted {
-            for p in [
-                seg.path.clone(),
-                segment::offset_index_path(&self.inner.dir, seg.base_offset),
-                segment::time_index_path(&self.inner.dir, seg.base_offset),
-            ] {
-                match std::fs::remove_file(&p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            tracing::info!(segment = %seg.path.display(), "retention deleted segment");
-        }
         if !deleted.is_empty() {
-            let d = glommio::io::Directory::open(&self.inner.dir).await?;
-            d.sync().await?;
-            d.close().await?;
+            let dir = &self.inner.dir;
+            let paths = deleted
+                .iter()
+                .flat_map(|seg| {
+                    [
+                        seg.path.clone(),
+                        segment::offset_index_path(dir, seg.base_offset),
+                        segment::time_index_path(dir, seg.base_offset),
+                    ]
+                })
+                .collect();
+            durable::remove_files(dir, paths).await?;
+            for seg in &deleted {
+                tracing::info!(segment = %seg.path.display(), "retention deleted segment");
+            }
         }
         Ok(deleted.len())
     }

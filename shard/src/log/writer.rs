@@ -7,6 +7,7 @@
 use super::{align_down, align_up, Inner, State};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::SyncMode;
+use crate::durable;
 use crate::limits::{CHUNK_BYTES, RECOVERY_CHECKPOINT_BYTES, ROUNDS_IN_FLIGHT_MAX};
 use crate::rt;
 use crate::segment::Segment;
@@ -292,7 +293,7 @@ async fn write_recovery_point(
             producers,
         }
     };
-    checkpoint::write_durably(&inner.dir, checkpoint::FILE_NAME, ck.encode()).await?;
+    durable::write_durably(&inner.dir, checkpoint::FILE_NAME, ck.encode()).await?;
     inner.st.borrow_mut().ckpt_pos = end;
     Ok(())
 }
