@@ -62,6 +62,20 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Largest encoding of a checkpoint whose active segment is at most
+/// `segment_file_bytes` long: the header, an index entry pair per
+/// `INDEX_INTERVAL_BYTES` (the time index is no denser than the offset
+/// index), and a full producer table.
+pub fn encoded_bytes_max(segment_file_bytes: u64) -> u64 {
+    use crate::index::{OFFSET_ENTRY_BYTES, TIME_ENTRY_BYTES};
+    use crate::limits::{INDEX_INTERVAL_BYTES, PRODUCERS_MAX, PRODUCER_BATCHES_KEPT};
+    let header = 16 + 4 * 8 + 2 * 4;
+    let index_entries = segment_file_bytes / INDEX_INTERVAL_BYTES + 1;
+    let index = index_entries * (OFFSET_ENTRY_BYTES + TIME_ENTRY_BYTES) as u64;
+    let producer = 8 + 2 + 2 + PRODUCER_BATCHES_KEPT as u64 * (4 + 4 + 8 + 8);
+    header + index + 4 + PRODUCERS_MAX as u64 * producer
+}
+
 impl Checkpoint {
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(64 + self.offset_index.len() + self.time_index.len());

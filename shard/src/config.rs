@@ -91,6 +91,28 @@ impl Default for LogConfig {
 }
 
 impl LogConfig {
+    /// Largest a segment file of this configuration gets: a segment rolls
+    /// before a batch would take it past `segment_bytes`, unless it is
+    /// empty; direct I/O rounds it up to a block.
+    pub fn segment_file_bytes_max(&self) -> u64 {
+        (self.segment_bytes + self.batch_bytes_max as u64).div_ceil(DIRECT_IO_ALIGN)
+            * DIRECT_IO_ALIGN
+    }
+
+    /// Most disk a partition of this configuration takes beyond its batches
+    /// and the index files of its closed segments: the preallocated lead of
+    /// its active segment ([`PREALLOCATE_STEP_BYTES`]), the recovery
+    /// checkpoint and the temporary that replaces it, and the probe file.
+    /// A new, empty partition takes less than this, and never more: the
+    /// broker can refuse a topic whose partitions would not fit the free
+    /// space ([`crate::durable::free_bytes`]) before creating any of them.
+    pub fn reserved_bytes_max(&self) -> u64 {
+        let file_max = self.segment_file_bytes_max();
+        let lead = (PREALLOCATE_STEP_BYTES + DIRECT_IO_ALIGN).min(file_max);
+        let checkpoints = 2 * crate::checkpoint::encoded_bytes_max(file_max);
+        lead + checkpoints + DIRECT_IO_ALIGN
+    }
+
     /// Checks the relations between the bounds.
     pub fn validate(&self) -> Result<(), String> {
         if self.batch_bytes_max < wire_header() {

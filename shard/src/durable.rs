@@ -1,4 +1,5 @@
-//! Whole files and directories, changed durably and off the core.
+//! Whole files and directories, changed durably and off the core; the
+//! free space of a file system.
 //!
 //! Small files that must survive a crash whole (the recovery checkpoint,
 //! the index files of a closed segment, the broker's `topics.json`) are
@@ -93,6 +94,31 @@ pub async fn remove_files(dir: &Path, paths: Vec<PathBuf>) -> io::Result<()> {
     .await
 }
 
+/// Bytes an unprivileged writer can still use on the file system that
+/// holds `path` (statvfs `f_bavail`; the blocks reserved for root are not
+/// counted, so this errs on the safe side).
+pub async fn free_bytes(path: impl AsRef<Path>) -> io::Result<u64> {
+    let path = path.as_ref().to_path_buf();
+    rt::spawn_blocking(move || free_bytes_blocking(&path)).await
+}
+
+/// [`free_bytes`] on the calling thread.
+pub fn free_bytes_blocking(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let mut s = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `s` points at writable
+    // memory of the right type, which statvfs fills when it returns 0.
+    let r = unsafe { libc::statvfs(c.as_ptr(), s.as_mut_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it initialised `s`.
+    let s = unsafe { s.assume_init() };
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
 /// Makes the entries of `dir` (creations, renames, removals) durable.
 pub fn sync_dir_blocking(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -139,6 +165,9 @@ mod tests {
                 remove_dir_all(&topic).await.unwrap();
                 assert!(!topic.exists());
                 remove_dir_all(&topic).await.unwrap();
+                let free = free_bytes(&root).await.unwrap();
+                assert!(free > 0, "the test's file system has room");
+                assert!(free_bytes(root.join("missing")).await.is_err());
             })
             .expect("executor starts")
             .join()

@@ -13,6 +13,16 @@ pub const WRITE_BUFFER_BYTES_DEFAULT: usize = 16 * 1024 * 1024;
 pub const BATCH_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
 /// Default segment size before a roll.
 pub const SEGMENT_BYTES_DEFAULT: u64 = 1024 * 1024 * 1024;
+/// How far ahead of the accepted bytes an active segment's file is
+/// preallocated (`log/writer.rs`), and so the most disk a partition holds
+/// that carries no data. Large enough that the extensions (each a
+/// fallocate that waits for the writes in flight) are rare, about 30 a
+/// second at 1 GiB/s, and that an extension started with half a step left
+/// finishes long before the writer gets there (it takes well under a
+/// millisecond; half a step is ~16 ms of writing at 1 GiB/s). Small enough
+/// that 1,000 partitions reserve 32 GiB, not the 1 TiB that preallocating
+/// whole 1 GiB segments took.
+pub const PREALLOCATE_STEP_BYTES: u64 = 32 * 1024 * 1024;
 /// Index positions are `u32`: a segment (plus one batch) must fit.
 pub const SEGMENT_BYTES_LIMIT: u64 = u32::MAX as u64;
 /// A sparse index entry every this many bytes of log.
@@ -35,3 +45,6 @@ const _: () = assert!(WRITE_BUFFER_BYTES_DEFAULT >= 2 * BATCH_BYTES_MAX_DEFAULT)
 const _: () =
     assert!(SEGMENT_BYTES_DEFAULT + BATCH_BYTES_MAX_DEFAULT as u64 <= SEGMENT_BYTES_LIMIT);
 const _: () = assert!(INDEX_INTERVAL_BYTES >= DIRECT_IO_ALIGN);
+const _: () = assert!(PREALLOCATE_STEP_BYTES.is_multiple_of(DIRECT_IO_ALIGN));
+// An extension is due with half a step left: one maximal batch must fit.
+const _: () = assert!(PREALLOCATE_STEP_BYTES / 2 >= BATCH_BYTES_MAX_DEFAULT as u64);

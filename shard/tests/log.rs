@@ -481,3 +481,62 @@ fn the_tail_cache_shows_only_written_batches() {
         log.close().await.unwrap();
     });
 }
+
+/// A partition with 1 GiB segments reserves one preallocation step of disk,
+/// not the whole segment, and keeps its reservation ahead of the writer as
+/// it fills (issue 9 #2: one topic could reserve a terabyte).
+#[test]
+fn preallocation_is_a_bounded_step_ahead_of_the_writer() {
+    use shoal_shard::limits::PREALLOCATE_STEP_BYTES;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().into();
+    let config = LogConfig {
+        sync: SyncMode::None,
+        ..LogConfig::default()
+    };
+    assert!(config.segment_bytes >= 1 << 30);
+    let reserved_max = config.reserved_bytes_max();
+    assert!(reserved_max < config.segment_bytes / 8);
+    run(move || async move {
+        let log = PartitionLog::open(&path, config).await.unwrap();
+        let active = path.join(format!("{:020}.log", 0));
+        let allocated = |p: &PathBuf| std::fs::metadata(p).unwrap().blocks() * 512;
+        log.append_acked(&batch(0, 1, 100, 0)).await.unwrap();
+        assert!(
+            allocated(&active) <= reserved_max,
+            "a fresh segment holds {} bytes of disk, more than the {reserved_max} reserved at most",
+            allocated(&active)
+        );
+        // Fill well past a few steps: the reservation follows.
+        let b = batch(1, 64, 4000, 1);
+        let mut next = 0;
+        while log.size_bytes() < 3 * PREALLOCATE_STEP_BYTES + PREALLOCATE_STEP_BYTES / 4 {
+            for _ in 0..64 {
+                next = log.append(&b).await.unwrap().next_offset();
+            }
+            log.wait_written(next).await.unwrap();
+        }
+        let size = log.size_bytes();
+        let ahead = |len: u64| len >= size + PREALLOCATE_STEP_BYTES / 2;
+        for _ in 0..200 {
+            if ahead(std::fs::metadata(&active).unwrap().len()) {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        let len = std::fs::metadata(&active).unwrap().len();
+        assert!(
+            ahead(len),
+            "file length {len} is not ahead of the {size} bytes written"
+        );
+        assert!(
+            allocated(&active) <= size + reserved_max,
+            "{} bytes of disk for {size} bytes of log",
+            allocated(&active)
+        );
+        log.close().await.unwrap();
+        let len = std::fs::metadata(&active).unwrap().len();
+        assert_eq!(len, size, "close trims the reservation");
+    });
+}

@@ -43,7 +43,7 @@ mod retention;
 mod writer;
 
 pub use read::ReadSlice;
-use writer::preallocate;
+use writer::{extend_preallocation, preallocate, preallocation_target, Prealloc};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{LogConfig, SyncMode};
@@ -69,6 +69,10 @@ fn align_down(v: u64) -> u64 {
 }
 fn align_up(v: u64) -> u64 {
     v.div_ceil(DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN
+}
+
+fn capacity_bytes(config: &LogConfig) -> u64 {
+    config.segment_file_bytes_max()
 }
 
 /// Where an appended batch landed.
@@ -148,6 +152,8 @@ struct State {
     /// Rounds whose writes have all completed (they complete in order).
     rounds_written: u64,
     rounds_in_flight: usize,
+    /// How far the active segment's file is reserved.
+    prealloc: Prealloc,
     tail: TailCache,
     /// Last time a reader waited at the end of the log.
     tail_interest: Option<Instant>,
@@ -348,6 +354,13 @@ impl PartitionLog {
         st.next_offset = next;
         st.pending.next_offset = st.next_offset;
         st.active_bytes += blen as u64;
+        if let Some(target) = st
+            .prealloc
+            .due(st.active_bytes, capacity_bytes(&inner.config))
+        {
+            st.prealloc.running = true;
+            rt::spawn_detached(extend_preallocation(inner.clone(), st.dma.clone(), target));
+        }
         inner.wake_writer.notify_all();
         Ok(Accept::Done(Appended {
             base_offset: base,
@@ -433,7 +446,9 @@ impl PartitionLog {
         let inner = &self.inner;
         inner.wake_writer.notify_all();
         self.wait_until(|st| {
-            st.durable_next == st.next_offset && st.written_next == st.next_offset
+            st.durable_next == st.next_offset
+                && st.written_next == st.next_offset
+                && !st.prealloc.running
         })
         .await?;
         let (old, dma, active_bytes, next_offset) = {
@@ -477,8 +492,8 @@ impl PartitionLog {
                 .dma_open(&path)
                 .await?,
         );
-        let capacity = align_up(inner.config.segment_bytes + inner.config.batch_bytes_max as u64);
-        preallocate(&new_dma, capacity).await;
+        let capacity = capacity_bytes(&inner.config);
+        let prealloc = preallocate(&new_dma, 0, preallocation_target(0, capacity)).await;
         let producers = inner.st.borrow().producers.clone();
         let ck = Checkpoint {
             clean: false,
@@ -506,6 +521,7 @@ impl PartitionLog {
         let st = &mut *st;
         st.closed.push(std::mem::replace(&mut st.active, seg));
         st.dma = new_dma;
+        st.prealloc = prealloc;
         st.active_bytes = 0;
         st.active_created = rt::now();
         st.active_max_ts = None;
@@ -556,7 +572,7 @@ impl PartitionLog {
                 if let Some(why) = &st.poisoned {
                     return Err(Error::Poisoned(why.clone()));
                 }
-                if st.writer_done {
+                if st.writer_done && !st.prealloc.running {
                     break;
                 }
             }

@@ -6,8 +6,8 @@
 //! CRC, so restart time does not grow with the size of the log.
 
 use super::{
-    align_down, align_up,
-    writer::{interval_sync_loop, preallocate, writer_loop},
+    align_down, capacity_bytes,
+    writer::{interval_sync_loop, preallocate, preallocation_target, writer_loop},
     Inner, PartitionLog, Pending, State,
 };
 use crate::checkpoint::{self, Checkpoint};
@@ -312,7 +312,7 @@ impl PartitionLog {
         // Absolute: glommio opens directories by absolute path only.
         let dir = std::path::absolute(dir.as_ref())?;
         let bmax = config.batch_bytes_max;
-        let capacity = align_up(config.segment_bytes + config.batch_bytes_max as u64);
+        let capacity = capacity_bytes(&config);
         let found = {
             let dir = dir.clone();
             rt::spawn_blocking(move || recover_files(&dir, bmax, capacity)).await?
@@ -339,7 +339,7 @@ impl PartitionLog {
                 .dma_open(&active.path)
                 .await?,
         );
-        preallocate(&dma, capacity).await;
+        let prealloc = preallocate(&dma, end, preallocation_target(end, capacity)).await;
         let mut pending = Pending {
             chunks: Vec::new(),
             file_pos: align_down(end),
@@ -380,6 +380,7 @@ impl PartitionLog {
                 round_seq: 0,
                 rounds_written: 0,
                 rounds_in_flight: 0,
+                prealloc,
                 tail: TailCache::new(config.tail_cache_bytes),
                 tail_interest: None,
             }),

@@ -8,7 +8,9 @@ use super::{align_down, align_up, Inner, State};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::SyncMode;
 use crate::durable;
-use crate::limits::{CHUNK_BYTES, RECOVERY_CHECKPOINT_BYTES, ROUNDS_IN_FLIGHT_MAX};
+use crate::limits::{
+    CHUNK_BYTES, PREALLOCATE_STEP_BYTES, RECOVERY_CHECKPOINT_BYTES, ROUNDS_IN_FLIGHT_MAX,
+};
 use crate::rt;
 use crate::segment::Segment;
 use glommio::io::{DmaBuffer, DmaFile};
@@ -24,16 +26,102 @@ pub(super) struct Round {
     segment: Rc<Segment>,
 }
 
-/// Reserves the active segment's blocks and sets its length to the full
-/// capacity. Appends then never extend the file: an extending O_DIRECT
-/// write takes the inode lock exclusively (ext4) and serialises the writes
-/// a round keeps in flight. The length past the log end reads as zeros,
-/// which recovery stops at; roll and close truncate to the exact end.
-/// Best effort: where fallocate is unsupported the file grows as written.
-pub(super) async fn preallocate(dma: &DmaFile, bytes: u64) {
-    if let Err(e) = dma.pre_allocate(bytes, false).await {
-        tracing::debug!(error = %e, "segment preallocation unavailable");
+/// Preallocation of the active segment, kept [`PREALLOCATE_STEP_BYTES`]
+/// ahead of the accepted bytes.
+///
+/// Appends should never extend the file: an extending O_DIRECT write takes
+/// the inode lock exclusively (ext4) and serialises the writes a round
+/// keeps in flight. So the file's blocks are reserved (and its length set)
+/// ahead of the writer, but only a step ahead, not the whole segment: a
+/// segment of 1 GiB no longer takes 1 GiB of disk the moment it is created
+/// (issue 9 #2). The length past the log end reads as zeros, which recovery
+/// stops at; roll and close truncate to the exact end.
+///
+/// Best effort: where fallocate is unsupported the file grows as written;
+/// where it fails (a full disk) it is tried again after a pause, and the
+/// writes themselves report the error.
+pub(super) struct Prealloc {
+    /// File length reserved so far.
+    end: u64,
+    /// An extension is in flight; roll and close wait for it, so it never
+    /// lengthens a file they truncated.
+    pub(super) running: bool,
+    /// The file system has no fallocate.
+    unsupported: bool,
+    /// After a failure, no new attempt before this.
+    resume_at: Option<std::time::Instant>,
+}
+
+/// Pause after a failed preallocation before the next attempt.
+const PREALLOCATE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Prealloc {
+    /// A segment whose file is `len` bytes long and reserved no further.
+    pub(super) fn new(len: u64) -> Prealloc {
+        Prealloc {
+            end: len,
+            running: false,
+            unsupported: false,
+            resume_at: None,
+        }
     }
+
+    /// The file length to reserve now that `accepted` bytes of the segment
+    /// are accepted, if an extension is due.
+    pub(super) fn due(&self, accepted: u64, capacity: u64) -> Option<u64> {
+        if self.running || self.unsupported || self.end >= capacity {
+            return None;
+        }
+        if accepted + PREALLOCATE_STEP_BYTES / 2 < self.end {
+            return None;
+        }
+        if self.resume_at.is_some_and(|t| rt::now() < t) {
+            return None;
+        }
+        Some(preallocation_target(accepted, capacity))
+    }
+
+    fn finish(&mut self, target: u64, result: std::io::Result<()>) {
+        self.running = false;
+        match result {
+            Ok(()) => {
+                self.end = self.end.max(target);
+                self.resume_at = None;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                tracing::debug!(error = %e, "segment preallocation unavailable");
+                self.unsupported = true;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "segment preallocation failed; retrying later");
+                self.resume_at = Some(rt::now() + PREALLOCATE_RETRY);
+            }
+        }
+    }
+}
+
+/// The file length to reserve for a segment whose bytes end at `end`.
+pub(super) fn preallocation_target(end: u64, capacity: u64) -> u64 {
+    (align_up(end) + PREALLOCATE_STEP_BYTES).min(capacity)
+}
+
+/// Reserves `[0, target)` of a new active segment's file (open, roll).
+pub(super) async fn preallocate(dma: &DmaFile, len: u64, target: u64) -> Prealloc {
+    let mut p = Prealloc::new(len);
+    let result = dma.pre_allocate(target, false).await.map_err(Into::into);
+    p.finish(target, result);
+    p
+}
+
+/// Extends the active segment's reservation to `target`, beside the writer.
+pub(super) async fn extend_preallocation(inner: Rc<Inner>, dma: Rc<DmaFile>, target: u64) {
+    let result = dma.pre_allocate(target, false).await.map_err(Into::into);
+    {
+        let mut st = inner.st.borrow_mut();
+        debug_assert!(Rc::ptr_eq(&st.dma, &dma), "a roll waits for extensions");
+        st.prealloc.finish(target, result);
+    }
+    inner.progress.notify_all();
 }
 
 pub(super) fn take_round(st: &mut State) -> Option<Round> {
