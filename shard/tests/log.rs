@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use shoal_shard::log::TailEnd;
 use shoal_shard::{Error, LogConfig, PartitionLog, SyncMode};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -352,6 +353,11 @@ fn torn_and_corrupt_tails_are_truncated() {
                 }
             }
             let log = PartitionLog::open(&path, cfg).await.unwrap();
+            assert!(
+                matches!(log.recovered_tail(), TailEnd::Damaged { .. }),
+                "{damage}: {:?}",
+                log.recovered_tail()
+            );
             let all = read_all(&log);
             let n = log.next_offset();
             assert!((2 * 30..100).contains(&n), "{damage}: kept {n} records");
@@ -538,5 +544,41 @@ fn preallocation_is_a_bounded_step_ahead_of_the_writer() {
         log.close().await.unwrap();
         let len = std::fs::metadata(&active).unwrap().len();
         assert_eq!(len, size, "close trims the reservation");
+    });
+}
+
+/// A crash leaves the preallocated zeros after the last batch: recovery
+/// trims them as the normal end, not as damage, and keeps every batch; a
+/// clean close is recovered without a scan (issue 9 #10: every crash
+/// recovery warned of a torn or corrupt tail).
+#[test]
+fn preallocated_zeros_after_a_crash_are_no_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().into();
+    run(move || async move {
+        let cfg = LogConfig {
+            segment_bytes: 1 << 30,
+            ..small(SyncMode::Always)
+        };
+        let log = PartitionLog::open(&path, cfg.clone()).await.unwrap();
+        assert_eq!(log.recovered_tail(), &TailEnd::Zeros, "a new log");
+        for t in 0..20u64 {
+            log.append_acked(&batch(t, 2, 300, 0)).await.unwrap();
+        }
+        log.crash_stop().await;
+        let seg = active_segment(&path);
+        let file_len = std::fs::metadata(&seg).unwrap().len();
+        let log = PartitionLog::open(&path, cfg.clone()).await.unwrap();
+        assert!(
+            file_len > log.size_bytes(),
+            "the crash left preallocated bytes"
+        );
+        assert_eq!(log.recovered_tail(), &TailEnd::Zeros);
+        assert_eq!(log.next_offset(), 40);
+        assert_eq!(read_all(&log).len(), 40);
+        log.close().await.unwrap();
+        let log = PartitionLog::open(&path, cfg).await.unwrap();
+        assert_eq!(log.recovered_tail(), &TailEnd::Clean);
+        log.close().await.unwrap();
     });
 }

@@ -43,6 +43,7 @@ mod retention;
 mod writer;
 
 pub use read::ReadSlice;
+pub use recover::{TailDamage, TailEnd};
 use writer::{extend_preallocation, preallocate, preallocation_target, Prealloc};
 
 use crate::checkpoint::{self, Checkpoint};
@@ -161,6 +162,8 @@ struct State {
 
 struct Inner {
     dir: PathBuf,
+    /// What the open found at the end of the log.
+    tail_end: TailEnd,
     config: LogConfig,
     st: RefCell<State>,
     /// `written_next` or `durable_next` moved, or the log failed/closed.
@@ -190,6 +193,12 @@ impl PartitionLog {
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// What opening the log found past its last valid batch: whether a
+    /// crash recovery met only the preallocated zeros or real damage.
+    pub fn recovered_tail(&self) -> &TailEnd {
+        &self.inner.tail_end
     }
 
     /// First offset still in the log.

@@ -3,7 +3,10 @@
 //! Closed segments keep their index files (rebuilt from the batch headers
 //! when missing or damaged); the active segment resumes from the recovery
 //! checkpoint and only the bytes past its recovery point are scanned, by
-//! CRC, so restart time does not grow with the size of the log.
+//! CRC, so restart time does not grow with the size of the log. Zeros
+//! after the last valid batch are the normal end of a crashed log (the
+//! preallocated part) and are trimmed quietly; anything else there is a
+//! torn or corrupt write, truncated with a warning ([`TailEnd`]).
 
 use super::{
     align_down, capacity_bytes,
@@ -23,6 +26,7 @@ use crate::segment::{self, Segment};
 use crate::tail::TailCache;
 use glommio::io::{DmaFile, OpenOptions};
 use shoal_wire::batch::{self, check_header};
+use shoal_wire::BatchError;
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
@@ -86,11 +90,62 @@ fn rebuild_index(seg: &Segment, batch_bytes_max: usize) -> SegmentIndex {
     idx
 }
 
+/// What an open found past the active segment's last valid batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TailEnd {
+    /// Closed cleanly: the checkpoint vouched for the end; nothing scanned.
+    Clean,
+    /// Only zeros (or nothing) follow the valid batches: the preallocated
+    /// part of the file that a crash leaves behind. The normal end after a
+    /// crash; trimmed without a warning.
+    Zeros,
+    /// Something other than zeros follows the valid batches: a batch torn
+    /// by a crash mid-write, or corruption. Truncated, with a warning.
+    Damaged {
+        valid_bytes: u64,
+        file_bytes: u64,
+        why: TailDamage,
+    },
+}
+
+/// Why the bytes after the last valid batch are not a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TailDamage {
+    /// No valid header there, or a batch cut short by the end of the file.
+    Header(BatchError),
+    /// A whole batch whose CRC does not match.
+    Crc,
+    /// A valid batch that does not continue the offsets.
+    OffsetGap { expected: u64, found: u64 },
+}
+
+impl std::fmt::Display for TailDamage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TailDamage::Header(e) => write!(f, "{e}"),
+            TailDamage::Crc => write!(f, "batch CRC mismatch"),
+            TailDamage::OffsetGap { expected, found } => {
+                write!(f, "batch at offset {found} where {expected} was due")
+            }
+        }
+    }
+}
+
 /// Result of scanning a segment's tail.
 struct Scan {
     end: u64,
     next_offset: u64,
     max_ts: Option<i64>,
+    /// Set when the bytes after `end` are not all zeros.
+    damage: Option<TailDamage>,
+}
+
+/// Whether every byte is zero. Folds without an early exit so the compiler
+/// can vectorise it: a crash can leave a whole preallocation step to check.
+fn all_zero(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(4096)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 /// Validates batches from `from.end` (CRC, contiguous offsets) and
@@ -107,15 +162,23 @@ fn scan_tail(
         end: mut pos,
         mut next_offset,
         mut max_ts,
+        ..
     } = from;
-    loop {
+    let stop = loop {
         let rest = &bytes[pos as usize..];
-        let Ok(h) = check_header(rest, batch_bytes_max) else {
-            break;
+        let h = match check_header(rest, batch_bytes_max) {
+            Ok(h) => h,
+            Err(e) => break TailDamage::Header(e),
         };
         let blen = h.batch_len as usize;
-        if batch::compute_crc(&rest[..blen]) != h.crc || h.base_offset != next_offset {
-            break;
+        if batch::compute_crc(&rest[..blen]) != h.crc {
+            break TailDamage::Crc;
+        }
+        if h.base_offset != next_offset {
+            break TailDamage::OffsetGap {
+                expected: next_offset,
+                found: h.base_offset,
+            };
         }
         idx.on_batch(
             (h.base_offset - base) as u32,
@@ -129,11 +192,13 @@ fn scan_tail(
         }
         next_offset = h.next_offset();
         pos += blen as u64;
-    }
+    };
+    let damage = (!all_zero(&bytes[pos as usize..])).then_some(stop);
     Scan {
         end: pos,
         next_offset,
         max_ts,
+        damage,
     }
 }
 
@@ -147,6 +212,7 @@ struct Found {
     max_ts: Option<i64>,
     producers: ProducerTable,
     trusted: bool,
+    tail_end: TailEnd,
     /// The checkpoint that clears the clean flag, encoded.
     checkpoint: Vec<u8>,
 }
@@ -242,7 +308,9 @@ fn recover_files(dir: &Path, bmax: usize, capacity: u64) -> Result<Found> {
         max_ts = None;
     }
     let mut end = start_pos;
+    let mut tail_end = TailEnd::Clean;
     if !trusted {
+        tail_end = TailEnd::Zeros;
         let file = std::fs::File::open(&path)?;
         if file_len > start_pos {
             // SAFETY: read-only mapping of a file nothing else writes
@@ -252,14 +320,29 @@ fn recover_files(dir: &Path, bmax: usize, capacity: u64) -> Result<Found> {
                 end: start_pos,
                 next_offset,
                 max_ts,
+                damage: None,
             };
             let scan = scan_tail(&map, from, base, &mut idx, &mut producers, bmax);
             end = scan.end;
             next_offset = scan.next_offset;
             max_ts = scan.max_ts;
+            if let Some(why) = scan.damage {
+                tail_end = TailEnd::Damaged {
+                    valid_bytes: end,
+                    file_bytes: file_len,
+                    why,
+                };
+            }
         }
         if end < file_len {
-            tracing::warn!(segment = %path.display(), valid = end, file = file_len, "truncating torn or corrupt tail");
+            match &tail_end {
+                TailEnd::Damaged { why, .. } => {
+                    tracing::warn!(segment = %path.display(), valid = end, file = file_len, %why, "truncating torn or corrupt tail")
+                }
+                _ => {
+                    tracing::debug!(segment = %path.display(), valid = end, file = file_len, "trimming the preallocated zeros past the log end")
+                }
+            }
             let f = std::fs::OpenOptions::new().write(true).open(&path)?;
             f.set_len(end)?;
         }
@@ -295,6 +378,7 @@ fn recover_files(dir: &Path, bmax: usize, capacity: u64) -> Result<Found> {
         max_ts,
         producers,
         trusted,
+        tail_end,
         checkpoint,
     })
 }
@@ -326,6 +410,7 @@ impl PartitionLog {
             max_ts,
             producers,
             trusted,
+            tail_end,
             checkpoint: ck,
         } = found;
         durable::write_durably(&dir, checkpoint::FILE_NAME, ck).await?;
@@ -358,6 +443,7 @@ impl PartitionLog {
 
         let inner = Rc::new(Inner {
             dir,
+            tail_end,
             st: RefCell::new(State {
                 closed,
                 active,
@@ -394,5 +480,109 @@ impl PartitionLog {
             rt::spawn_detached(interval_sync_loop(Rc::downgrade(&inner), d));
         }
         Ok(PartitionLog { inner })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_wire::batch::{BatchBuilder, NewRecord, NO_PRODUCER_ID, NO_SEQUENCE};
+
+    fn batch(base: u64, n: u32) -> Vec<u8> {
+        let mut b = BatchBuilder::default();
+        for _ in 0..n {
+            b.push(&NewRecord {
+                value: Some(b"recovery"),
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let mut bytes = b.finish(NO_PRODUCER_ID, 0, NO_SEQUENCE);
+        let mut head = [0u8; shoal_wire::BATCH_HEADER_BYTES];
+        head.copy_from_slice(&bytes[..shoal_wire::BATCH_HEADER_BYTES]);
+        batch::set_base_offset(&mut head, base);
+        bytes[..head.len()].copy_from_slice(&head);
+        bytes
+    }
+
+    /// Three valid batches (offsets 0..6), then `tail`.
+    fn scan(tail: impl FnOnce(&mut Vec<u8>)) -> (Scan, usize) {
+        let mut log = Vec::new();
+        for i in 0..3 {
+            log.extend(batch(i * 2, 2));
+        }
+        let valid = log.len();
+        tail(&mut log);
+        let from = Scan {
+            end: 0,
+            next_offset: 0,
+            max_ts: None,
+            damage: None,
+        };
+        let mut idx = SegmentIndex::default();
+        let mut producers = ProducerTable::default();
+        let s = scan_tail(&log, from, 0, &mut idx, &mut producers, 1 << 20);
+        (s, valid)
+    }
+
+    /// Zeros after the last batch are the normal end of a crashed log, not
+    /// damage (issue 9 #10: every recovery used to warn).
+    #[test]
+    fn zeros_after_the_last_batch_are_no_damage() {
+        for zeros in [0, 100, 4096, 3 << 20] {
+            let (s, valid) = scan(|l| l.resize(l.len() + zeros, 0));
+            assert_eq!(s.end, valid as u64);
+            assert_eq!(s.next_offset, 6);
+            assert_eq!(s.damage, None, "{zeros} zeros");
+        }
+    }
+
+    /// A torn batch, a flipped bit, an offset gap and data after a zeroed
+    /// block are damage, each with its reason.
+    #[test]
+    fn torn_corrupt_or_stray_bytes_are_damage() {
+        let (s, valid) = scan(|l| {
+            let b = batch(6, 3);
+            l.extend(&b[..b.len() - 5]);
+            l.resize(l.len() + 8192, 0);
+        });
+        assert_eq!(s.end, valid as u64);
+        assert!(matches!(
+            s.damage,
+            Some(TailDamage::Crc | TailDamage::Header(BatchError::Truncated { .. }))
+        ));
+
+        let (s, _) = scan(|l| {
+            let b = batch(6, 3);
+            l.extend(&b[..b.len() - 5]);
+        });
+        assert!(matches!(
+            s.damage,
+            Some(TailDamage::Header(BatchError::Truncated { .. }))
+        ));
+
+        let (s, valid) = scan(|l| {
+            let mut b = batch(6, 1);
+            let last = b.len() - 1;
+            b[last] ^= 4;
+            l.extend(b);
+        });
+        assert_eq!((s.end, s.damage), (valid as u64, Some(TailDamage::Crc)));
+
+        let (s, _) = scan(|l| l.extend(batch(9, 1)));
+        assert_eq!(
+            s.damage,
+            Some(TailDamage::OffsetGap {
+                expected: 6,
+                found: 9
+            })
+        );
+
+        let (s, valid) = scan(|l| {
+            l.resize(l.len() + 4096, 0);
+            l.extend(batch(6, 1));
+        });
+        assert_eq!(s.end, valid as u64);
+        assert!(matches!(s.damage, Some(TailDamage::Header(_))));
     }
 }
