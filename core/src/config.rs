@@ -3,6 +3,8 @@
 //! Every setting can be given in the file (`--config shoal.toml`); a flag
 //! given on the command line wins over the file. Documented in README.md.
 
+use crate::error::{Error, Result};
+use crate::limits;
 use serde::Deserialize;
 use shoal_shard::SyncMode;
 use std::net::SocketAddr;
@@ -37,6 +39,8 @@ pub struct FileConfig {
     pub retention_check_ms: Option<u64>,
     pub idle_spin_us: Option<u64>,
     pub tail_cache_bytes: Option<usize>,
+    pub request_timeout_ms: Option<u64>,
+    pub partial_frames_bytes_max: Option<usize>,
 }
 
 /// The resolved configuration a broker runs with.
@@ -60,10 +64,16 @@ pub struct Config {
     /// Memory per partition for its newest bytes while readers wait at its
     /// end (0: off). See `shoal_shard::tail`.
     pub tail_cache_bytes: usize,
+    /// Longest a request frame may take from its first byte to its last;
+    /// a connection that is slower is closed.
+    pub request_timeout: Duration,
+    /// Per shard: bytes of receive buffers beyond their base size (partial
+    /// and large frames) all connections may hold at once.
+    pub partial_frames_bytes_max: usize,
 }
 
 /// Parses a core list: `all`, `0,2,3`, `0-3` or a mix (`0-1,4`).
-pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
+pub fn parse_cores(s: &str) -> Result<Vec<usize>> {
     let available = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -72,7 +82,11 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
     }
     let mut cores = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || format!("invalid core list {s:?}: expected all, N, N-M, comma-separated");
+        let bad = || {
+            Error::Config(format!(
+                "invalid core list {s:?}: expected all, N, N-M, comma-separated"
+            ))
+        };
         if let Some((a, b)) = part.split_once('-') {
             let (a, b): (usize, usize) =
                 (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
@@ -85,18 +99,18 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
         }
     }
     if cores.is_empty() {
-        return Err("the core list is empty".into());
+        return Err(Error::Config("the core list is empty".into()));
     }
     let mut seen = cores.clone();
     seen.sort_unstable();
     seen.dedup();
     if seen.len() != cores.len() {
-        return Err(format!("core list {s:?} names a core twice"));
+        return Err(Error::Config(format!("core list {s:?} names a core twice")));
     }
     if let Some(c) = cores.iter().find(|&&c| c >= available) {
-        return Err(format!(
+        return Err(Error::Config(format!(
             "core {c} does not exist (this machine has {available})"
-        ));
+        )));
     }
     Ok(cores)
 }
@@ -111,7 +125,7 @@ pub struct Overrides {
 }
 
 impl Config {
-    pub fn load(o: &Overrides) -> Result<Config, String> {
+    pub fn load(o: &Overrides) -> Result<Config> {
         let file = match &o.config {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
@@ -121,9 +135,11 @@ impl Config {
             .clone()
             .or(file.listen)
             .unwrap_or_else(|| "127.0.0.1:9400".into());
-        let listen: SocketAddr = listen
-            .parse()
-            .map_err(|_| format!("invalid listen address {listen:?}: expected IP:PORT"))?;
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            Error::Config(format!(
+                "invalid listen address {listen:?}: expected IP:PORT"
+            ))
+        })?;
         let cores = parse_cores(
             &o.cores
                 .clone()
@@ -131,20 +147,20 @@ impl Config {
                 .unwrap_or_else(|| "all".into()),
         )?;
         if usize::from(listen.port()) + cores.len() > usize::from(u16::MAX) {
-            return Err("listen port too high: shard ports are port+1 .. port+shards".into());
+            return Err(Error::Config(
+                "listen port too high: shard ports are port+1 .. port+shards".into(),
+            ));
         }
         let default_sync: SyncMode = file
             .default_sync
             .as_deref()
             .unwrap_or("interval:100")
-            .parse()?;
+            .parse()
+            .map_err(Error::Config)?;
         let frame_bytes_max = file
             .frame_bytes_max
             .unwrap_or(shoal_wire::frame::FRAME_BYTES_MAX_DEFAULT);
-        if frame_bytes_max < 64 * 1024 {
-            return Err("frame_bytes_max must be at least 65536".into());
-        }
-        Ok(Config {
+        let config = Config {
             listen,
             // Absolute, so logs name it unambiguously and glommio (which
             // opens directories by absolute path only) can use it.
@@ -154,13 +170,15 @@ impl Config {
                     .or(file.data_dir)
                     .unwrap_or_else(|| "./shoal-data".into()),
             )
-            .map_err(|e| format!("invalid data dir: {e}"))?,
+            .map_err(|e| Error::Config(format!("invalid data dir: {e}")))?,
             cores,
             advertised_host: file
                 .advertised_host
                 .unwrap_or_else(|| listen.ip().to_string()),
             frame_bytes_max,
-            connections_max: file.connections_max.unwrap_or(10_000),
+            connections_max: file
+                .connections_max
+                .unwrap_or(limits::CONNECTIONS_MAX_DEFAULT),
             default_sync,
             segment_bytes: file
                 .segment_bytes
@@ -182,7 +200,15 @@ impl Config {
                 .tail_cache_bytes
                 .unwrap_or(shoal_shard::limits::TAIL_CACHE_BYTES_DEFAULT)
                 .min(1 << 30),
-        })
+            request_timeout: file
+                .request_timeout_ms
+                .map_or(limits::REQUEST_TIMEOUT_DEFAULT, Duration::from_millis),
+            partial_frames_bytes_max: file
+                .partial_frames_bytes_max
+                .unwrap_or(limits::PARTIAL_FRAMES_BYTES_MAX_DEFAULT),
+        };
+        limits::check_config(&config)?;
+        Ok(config)
     }
 
     pub fn shard_port(&self, shard: usize) -> u16 {
@@ -190,10 +216,10 @@ impl Config {
     }
 }
 
-fn read_file(p: &Path) -> Result<FileConfig, String> {
+fn read_file(p: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(p)
-        .map_err(|e| format!("cannot read config {}: {e}", p.display()))?;
-    toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", p.display()))
+        .map_err(|e| Error::io(format!("read config {}", p.display()), e))?;
+    toml::from_str(&text).map_err(|e| Error::Config(format!("invalid config {}: {e}", p.display())))
 }
 
 #[cfg(test)]
@@ -229,9 +255,21 @@ mod tests {
         assert_eq!(c.default_sync, SyncMode::Always);
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(Config::load(&Overrides {
-            config: Some(p),
+            config: Some(p.clone()),
             ..Default::default()
         })
         .is_err());
+        // A frame that could never fit the partial-frame budget.
+        std::fs::write(
+            &p,
+            "frame_bytes_max = 16777216\npartial_frames_bytes_max = 8388608\n",
+        )
+        .unwrap();
+        let e = Config::load(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("partial_frames_bytes_max"), "{e}");
     }
 }

@@ -1,22 +1,37 @@
 //! `shoal-core`: the broker.
 //!
 //! # Tour
-//! - [`server`]: one pinned glommio executor per core, the channel mesh
-//!   between them, listeners (public port with SO_REUSEPORT, one port per
-//!   shard), signals and clean shutdown.
-//! - [`shard`]: what one core owns — partition logs, a copy of the topic
-//!   metadata, counters — and the operations on partitions, routed to the
-//!   owning shard through [`shard::ShardMsg`]s. Shard 0 is the controller
-//!   for topic creation and deletion.
-//! - [`conn`]: one client connection: frames, requests, responses, push
-//!   subscriptions with credit.
-//! - [`zerocopy`]: log bytes to the socket with sendfile.
-//! - [`metadata`]: topics, their settings and partition → shard placement.
-//! - [`config`]: `shoal serve` flags and the TOML file.
+//! - [`server`]: one pinned glommio executor per core, listeners (public
+//!   port with SO_REUSEPORT, one port per shard), signals, clean shutdown.
+//! - [`reactor`]: what one core's executor owns ([`reactor::Reactor`]: its
+//!   partitions, metadata copy, counters, ends of the mesh) and the mesh
+//!   messages it serves. (The storage engine, `shoal_shard`, owns the logs
+//!   themselves.)
+//! - [`mesh`]: the one way cores meet: typed messages, ordered per
+//!   partition, log bytes as a [`mesh::FileRange`] for sendfile.
+//! - [`partitions`]: the local partition table; produce (all batches or
+//!   none, in order) and fetch (long-poll, zero-copy), routed to the owner.
+//! - [`controller`]: topic create/delete and placement of partitions.
+//! - [`conn`]: one client connection: bounded receive, a dispatcher, one
+//!   file per API family, the protocol-neutral writer with sendfile.
+//! - [`metadata`]: topics, their settings and `topics.json`.
+//! - [`config`]: `shoal serve` flags and the TOML file; [`limits`]: every
+//!   bound and how they relate; [`error`]: the broker's errors and their
+//!   wire codes; [`metrics`]: per-shard counters; [`rt`]: the seam for
+//!   spawning and time.
+//!
+//! The client commands of the `shoal` binary live with the client
+//! (`shoal_client::cli`).
 
 pub mod config;
 pub mod conn;
+pub mod controller;
+pub mod error;
+pub mod limits;
+pub mod mesh;
 pub mod metadata;
+pub mod metrics;
+pub mod partitions;
+pub mod reactor;
+pub mod rt;
 pub mod server;
-pub mod shard;
-pub mod zerocopy;

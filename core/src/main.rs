@@ -133,7 +133,8 @@ fn main() {
             cores,
             config,
         })
-        .and_then(server::run),
+        .and_then(server::run)
+        .map_err(|e| e.to_string()),
         Command::Topic { command } => match command {
             TopicCommand::Create {
                 name,

@@ -1,16 +1,16 @@
 //! Topic metadata: what topics exist, their settings and which shard owns
 //! each partition. Persisted as `topics.json` in the data directory,
-//! replaced atomically by the controller shard (shard 0); every shard keeps
-//! its own copy, updated through the shard messaging.
+//! replaced atomically by the controller ([`crate::controller`]); every
+//! shard keeps its own copy ([`crate::partitions::Partitions`]), updated
+//! through the mesh.
 
+use crate::error::{Error, Result};
+use crate::limits::TOPIC_NAME_BYTES_MAX;
 use serde::{Deserialize, Serialize};
 use shoal_shard::{LogConfig, SyncMode};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-pub const TOPIC_NAME_BYTES_MAX: usize = 200;
-pub const PARTITIONS_MAX: u32 = 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TopicMeta {
@@ -52,35 +52,25 @@ impl TopicMeta {
 }
 
 /// Kafka's rule, shorter: 1-200 of `[A-Za-z0-9._-]`, not `.` or `..`.
-pub fn validate_topic_name(name: &str) -> Result<(), String> {
+pub fn validate_topic_name(name: &str) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidTopicName(m));
     if name.is_empty() || name.len() > TOPIC_NAME_BYTES_MAX {
-        return Err(format!(
+        return bad(format!(
             "topic name must be 1 to {TOPIC_NAME_BYTES_MAX} bytes"
         ));
     }
     if name == "." || name == ".." {
-        return Err("topic name cannot be . or ..".into());
+        return bad("topic name cannot be . or ..".into());
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
+        return bad(format!(
             "topic name {name:?} has invalid character {c:?}: use A-Z a-z 0-9 . _ -"
         ));
     }
     Ok(())
-}
-
-/// Stable assignment of a topic's partitions to shards: spread round-robin
-/// from a start derived from the name, so topics do not all begin on shard 0.
-pub fn assign_shards(name: &str, partitions: u32, shards: usize) -> Vec<u16> {
-    let start = name
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-    (0..partitions)
-        .map(|p| ((start.wrapping_add(p)) as usize % shards) as u16)
-        .collect()
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -93,14 +83,13 @@ impl Topics {
         data_dir.join("topics.json")
     }
 
-    pub fn load(data_dir: &Path) -> Result<Topics, String> {
+    pub fn load(data_dir: &Path) -> Result<Topics> {
         let p = Topics::path(data_dir);
         match std::fs::read(&p) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| format!("corrupt {}: {e}", p.display()))
-            }
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Config(format!("corrupt {}: {e}", p.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Topics::default()),
-            Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+            Err(e) => Err(Error::io(format!("read {}", p.display()), e)),
         }
     }
 
@@ -132,11 +121,5 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a b", "ü", &"x".repeat(201)] {
             assert!(validate_topic_name(bad).is_err(), "{bad}");
         }
-    }
-    #[test]
-    fn assignment_is_stable_and_spread() {
-        let a = assign_shards("t", 8, 2);
-        assert_eq!(a, assign_shards("t", 8, 2));
-        assert_eq!(a.iter().filter(|&&s| s == 0).count(), 4);
     }
 }

@@ -1,5 +1,5 @@
 //! Starting and stopping the broker: one pinned glommio executor per
-//! configured core, joined by a channel mesh.
+//! configured core, each running a [`Reactor`], joined by the [`crate::mesh`].
 //!
 //! Each shard listens on the public port (SO_REUSEPORT: the kernel spreads
 //! new connections over the shards) and on its own shard port (public + 1 +
@@ -9,9 +9,11 @@
 
 use crate::config::Config;
 use crate::conn;
+use crate::error::{Error, Result};
+use crate::mesh::{self, Mesh, MeshBuilderFull};
 use crate::metadata::Topics;
-use crate::shard::{Shard, ShardMsg};
-use glommio::channels::channel_mesh::MeshBuilder;
+use crate::reactor::Reactor;
+use crate::rt;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use std::rc::Rc;
@@ -19,12 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Messages queued between two shards before a sender waits.
-const MESH_CHANNEL_CAPACITY: usize = 1024;
-
-pub fn run(config: Config) -> Result<(), String> {
+pub fn run(config: Config) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
+        .map_err(|e| Error::io(format!("create data dir {}", config.data_dir.display()), e))?;
     let mut topics = Topics::load(&config.data_dir)?;
     topics.fit_to(config.cores.len());
     let stop = Arc::new(AtomicBool::new(false));
@@ -34,7 +33,7 @@ pub fn run(config: Config) -> Result<(), String> {
             signal_hook::consts::SIGINT,
             signal_hook::consts::SIGTERM,
         ])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        .map_err(|e| Error::io("install signal handlers", e))?;
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
@@ -43,7 +42,7 @@ pub fn run(config: Config) -> Result<(), String> {
                     stop.store(true, Ordering::SeqCst);
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::io("start the signal thread", e))?;
     }
     tracing::info!(
         listen = %config.listen,
@@ -54,9 +53,8 @@ pub fn run(config: Config) -> Result<(), String> {
         "starting shoal"
     );
     let n = config.cores.len();
-    let mesh: Option<MeshBuilder<ShardMsg, _>> =
-        (n > 1).then(|| MeshBuilder::full(n, MESH_CHANNEL_CAPACITY));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mesh = mesh::builder(n);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
     let mut handles = Vec::with_capacity(n);
     for (i, &core) in config.cores.iter().enumerate() {
         let (config, topics, mesh, stop, ready) = (
@@ -72,11 +70,11 @@ pub fn run(config: Config) -> Result<(), String> {
             .spawn(move || async move {
                 let r = shard_main(i, config, topics, mesh, stop, ready.clone()).await;
                 if let Err(e) = &r {
-                    let _ = ready.send(Err(e.clone()));
+                    let _ = ready.send(Err(e.to_string()));
                 }
                 r
             })
-            .map_err(|e| format!("cannot start shard {i} on core {core}: {e}"))?;
+            .map_err(|e| Error::Config(format!("cannot start shard {i} on core {core}: {e}")))?;
         handles.push(h);
     }
     drop(ready_tx);
@@ -88,7 +86,7 @@ pub fn run(config: Config) -> Result<(), String> {
                 for h in handles {
                     let _ = h.join();
                 }
-                return Err(e);
+                return Err(Error::Config(e));
             }
             Err(_) => break,
         }
@@ -99,7 +97,7 @@ pub fn run(config: Config) -> Result<(), String> {
         match h.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => result = Err(e),
-            Err(e) => result = Err(format!("a shard panicked: {e:?}")),
+            Err(e) => result = Err(Error::Config(format!("a shard panicked: {e:?}"))),
         }
     }
     tracing::info!("shoal stopped");
@@ -110,93 +108,80 @@ async fn shard_main(
     id: usize,
     config: Config,
     topics: Topics,
-    mesh: Option<MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>>,
+    mesh: Option<MeshBuilderFull>,
     stop: Arc<AtomicBool>,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
-) -> Result<(), String> {
-    let (senders, receivers) = match mesh {
-        Some(m) => {
-            let (s, r) = m
-                .join()
-                .await
-                .map_err(|_| format!("shard {id}: cannot join the shard mesh"))?;
-            (Some(s), Some(r))
-        }
-        None => (None, None),
-    };
+    ready: std::sync::mpsc::Sender<std::result::Result<(), String>>,
+) -> Result<()> {
+    let (mesh, receivers) = Mesh::join(id, mesh).await?;
     let core = config.cores[id];
     let public = config.listen;
     let shard_addr = std::net::SocketAddr::new(public.ip(), config.shard_port(id));
     let config = Rc::new(config);
-    let shard = Rc::new(Shard::new(id, config.clone(), topics, senders));
-    shard
+    let reactor = Rc::new(Reactor::new(
+        id,
+        config.clone(),
+        topics.topics.into_values(),
+        mesh,
+    ));
+    reactor
         .open_local_partitions()
         .await
-        .map_err(|e| format!("shard {id}: {e}"))?;
-    let listeners = [
-        TcpListener::bind(public)
-            .map_err(|e| format!("shard {id}: cannot listen on {public}: {e}"))?,
-        TcpListener::bind(shard_addr)
-            .map_err(|e| format!("shard {id}: cannot listen on {shard_addr}: {e}"))?,
-    ];
+        .map_err(|e| Error::Config(format!("shard {id}: {e}")))?;
+    let listen = |addr| {
+        TcpListener::bind(addr)
+            .map_err(|e| Error::Config(format!("shard {id}: cannot listen on {addr}: {e}")))
+    };
+    let listeners = [listen(public)?, listen(shard_addr)?];
     tracing::info!(shard = id, core, public = %public, shard_port = shard_addr.port(), "shard serving");
-    let mut tasks = Vec::new();
-    if let Some(mut r) = receivers {
-        for (_, rx) in r.streams() {
-            let shard = shard.clone();
-            tasks.push(glommio::spawn_local(async move {
-                while let Some(msg) = rx.recv().await {
-                    let shard = shard.clone();
-                    glommio::spawn_local(async move { shard.handle(msg).await }).detach();
-                }
-            }));
-        }
-    }
+    let mut tasks = match receivers {
+        Some(r) => mesh::serve(&reactor, r),
+        None => Vec::new(),
+    };
     let per_shard_max = config.connections_max.div_ceil(config.cores.len());
     for listener in listeners {
-        let shard = shard.clone();
-        tasks.push(glommio::spawn_local(async move {
+        let reactor = reactor.clone();
+        tasks.push(rt::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok(stream) => {
-                        if shard.metrics.connections_open.get() as usize >= per_shard_max {
+                        if reactor.metrics.connections_open.get() as usize >= per_shard_max {
                             tracing::warn!(
-                                shard = shard.id,
+                                shard = reactor.id,
                                 limit = per_shard_max,
                                 "connection limit reached; refusing"
                             );
                             drop(stream);
                             continue;
                         }
-                        glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
+                        rt::spawn_detached(conn::serve(reactor.clone(), stream));
                     }
                     Err(e) => {
-                        tracing::warn!(shard = shard.id, error = %e, "accept failed");
-                        glommio::timer::sleep(Duration::from_millis(10)).await;
+                        tracing::warn!(shard = reactor.id, error = %e, "accept failed");
+                        rt::sleep(Duration::from_millis(10)).await;
                     }
                 }
             }
         }));
     }
     {
-        let shard = shard.clone();
+        let reactor = reactor.clone();
         let every = config.retention_check;
-        tasks.push(glommio::spawn_local(async move {
+        tasks.push(rt::spawn(async move {
             loop {
-                glommio::timer::sleep(every).await;
-                shard.enforce_retention().await;
+                rt::sleep(every).await;
+                reactor.enforce_retention().await;
             }
         }));
     }
     let _ = ready.send(Ok(()));
     while !stop.load(Ordering::SeqCst) {
-        glommio::timer::sleep(Duration::from_millis(50)).await;
+        rt::sleep(Duration::from_millis(50)).await;
     }
-    shard.stopping.set(true);
+    reactor.stopping.set(true);
     for t in tasks {
         t.cancel().await;
     }
-    shard.close_all().await;
+    reactor.close_all().await;
     tracing::info!(shard = id, "shard stopped; partitions flushed");
     Ok(())
 }

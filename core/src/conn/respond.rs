@@ -1,0 +1,97 @@
+//! Shoal's response frames: a flatbuffers `Response` header built in one
+//! reused builder, optionally followed by log bytes.
+
+use crate::conn::writer::Writer;
+use crate::conn::Conn;
+use crate::error::Error;
+use crate::partitions::FetchData;
+use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
+use shoal_wire::{fb, frame};
+
+/// A connection's outbound side: the writer and the builder its headers
+/// are encoded in. Behind one async lock, so responses and pushes never
+/// interleave on the socket.
+pub struct Out {
+    writer: Writer,
+    fbb: FlatBufferBuilder<'static>,
+}
+
+impl Out {
+    pub fn new(writer: Writer) -> Out {
+        Out {
+            writer,
+            fbb: FlatBufferBuilder::with_capacity(1024),
+        }
+    }
+}
+
+impl Conn {
+    pub async fn respond<F>(
+        &self,
+        corr: u32,
+        body_type: fb::ResponseBody,
+        body: F,
+    ) -> std::io::Result<()>
+    where
+        F: FnOnce(&mut FlatBufferBuilder<'static>) -> WIPOffset<UnionWIPOffset>,
+    {
+        self.respond_with(corr, body_type, body, None).await
+    }
+
+    /// A response whose payload is `data`'s log bytes.
+    pub async fn respond_with<F>(
+        &self,
+        corr: u32,
+        body_type: fb::ResponseBody,
+        body: F,
+        data: Option<&FetchData>,
+    ) -> std::io::Result<()>
+    where
+        F: FnOnce(&mut FlatBufferBuilder<'static>) -> WIPOffset<UnionWIPOffset>,
+    {
+        let mut out = self.out.lock().await;
+        let Out { writer, fbb } = &mut *out;
+        fbb.reset();
+        let b = body(fbb);
+        let resp = fb::Response::create(
+            fbb,
+            &fb::ResponseArgs {
+                correlation_id: corr,
+                error_code: 0,
+                error_message: None,
+                body_type,
+                body: Some(b),
+            },
+        );
+        fbb.finish(resp, None);
+        let header = fbb.finished_data();
+        let payload_len = data.map_or(0, FetchData::len) as usize;
+        let prefix = frame::prefix(header.len(), payload_len);
+        writer
+            .write(&[&prefix, header], data, &self.reactor.metrics)
+            .await
+    }
+
+    pub async fn respond_error(&self, corr: u32, e: &Error) -> std::io::Result<()> {
+        let mut out = self.out.lock().await;
+        let Out { writer, fbb } = &mut *out;
+        fbb.reset();
+        let msg = fbb.create_string(&e.to_string());
+        let resp = fb::Response::create(
+            fbb,
+            &fb::ResponseArgs {
+                correlation_id: corr,
+                error_code: e.code() as u16,
+                error_message: Some(msg),
+                body_type: fb::ResponseBody::NONE,
+                body: None,
+            },
+        );
+        fbb.finish(resp, None);
+        let header = fbb.finished_data();
+        let prefix = frame::prefix(header.len(), 0);
+        writer
+            .write(&[&prefix, header], None, &self.reactor.metrics)
+            .await
+    }
+}

@@ -1,0 +1,206 @@
+//! Topic requests: create, delete, list, describe, and the metadata
+//! clients route by (brokers, shard ports, partition owners and offsets).
+
+use crate::conn::dispatch::{body_mismatch, s};
+use crate::conn::Conn;
+use crate::controller::TopicSpec;
+use crate::error::{Error, Result};
+use crate::metadata::TopicMeta;
+use crate::partitions::PartitionState;
+use flatbuffers::{FlatBufferBuilder, WIPOffset};
+use shoal_wire::fb;
+
+/// A topic with each partition's owner and current offsets.
+struct TopicInfo {
+    meta: TopicMeta,
+    parts: Vec<(u32, u16, PartitionState)>,
+}
+
+impl Conn {
+    pub async fn create_topic(&self, corr: u32, req: fb::Request<'_>) -> std::io::Result<()> {
+        let Some(c) = req.body_as_create_topic_request() else {
+            return self.fail(corr, body_mismatch()).await;
+        };
+        let opt = |v: i64| (v >= 0).then_some(v as u64);
+        let spec = TopicSpec {
+            name: s(c.name()).to_string(),
+            partitions: c.partitions(),
+            replication_factor: c.replication_factor(),
+            sync: c.sync().filter(|s| !s.is_empty()).map(str::to_string),
+            retention_ms: opt(c.retention_ms()),
+            retention_bytes: opt(c.retention_bytes()),
+            segment_bytes: opt(c.segment_bytes()),
+        };
+        match self.reactor.create_topic(spec).await {
+            Ok(()) => {
+                self.respond(corr, fb::ResponseBody::CreateTopicResponse, |fbb| {
+                    fb::CreateTopicResponse::create(fbb, &fb::CreateTopicResponseArgs {})
+                        .as_union_value()
+                })
+                .await
+            }
+            Err(e) => self.fail(corr, e).await,
+        }
+    }
+
+    pub async fn delete_topic(&self, corr: u32, req: fb::Request<'_>) -> std::io::Result<()> {
+        let Some(d) = req.body_as_delete_topic_request() else {
+            return self.fail(corr, body_mismatch()).await;
+        };
+        match self.reactor.delete_topic(s(d.name()).to_string()).await {
+            Ok(()) => {
+                self.respond(corr, fb::ResponseBody::DeleteTopicResponse, |fbb| {
+                    fb::DeleteTopicResponse::create(fbb, &fb::DeleteTopicResponseArgs {})
+                        .as_union_value()
+                })
+                .await
+            }
+            Err(e) => self.fail(corr, e).await,
+        }
+    }
+
+    pub async fn list_topics(&self, corr: u32) -> std::io::Result<()> {
+        let infos = match self.topic_infos(None).await {
+            Ok(t) => t,
+            Err(e) => return self.fail(corr, e).await,
+        };
+        self.respond(corr, fb::ResponseBody::ListTopicsResponse, |fbb| {
+            let topics = build_topics(fbb, &infos);
+            fb::ListTopicsResponse::create(
+                fbb,
+                &fb::ListTopicsResponseArgs {
+                    topics: Some(topics),
+                },
+            )
+            .as_union_value()
+        })
+        .await
+    }
+
+    pub async fn describe_topic(&self, corr: u32, req: fb::Request<'_>) -> std::io::Result<()> {
+        let Some(d) = req.body_as_describe_topic_request() else {
+            return self.fail(corr, body_mismatch()).await;
+        };
+        let name = s(d.name()).to_string();
+        let infos = match self.topic_infos(Some(vec![name])).await {
+            Ok(t) => t,
+            Err(e) => return self.fail(corr, e).await,
+        };
+        self.respond(corr, fb::ResponseBody::DescribeTopicResponse, |fbb| {
+            let topic = build_topic(fbb, &infos[0]);
+            fb::DescribeTopicResponse::create(
+                fbb,
+                &fb::DescribeTopicResponseArgs { topic: Some(topic) },
+            )
+            .as_union_value()
+        })
+        .await
+    }
+
+    pub async fn metadata(&self, corr: u32, req: fb::Request<'_>) -> std::io::Result<()> {
+        let wanted: Option<Vec<String>> = req
+            .body_as_metadata_request()
+            .and_then(|m| m.topics())
+            .map(|t| t.iter().map(str::to_string).collect())
+            .filter(|v: &Vec<String>| !v.is_empty());
+        let topics = match self.topic_infos(wanted).await {
+            Ok(t) => t,
+            Err(e) => return self.fail(corr, e).await,
+        };
+        let cfg = self.reactor.config.clone();
+        self.respond(corr, fb::ResponseBody::MetadataResponse, |fbb| {
+            let host = fbb.create_string(&cfg.advertised_host);
+            let ports: Vec<u16> = (0..cfg.cores.len()).map(|i| cfg.shard_port(i)).collect();
+            let ports = fbb.create_vector(&ports);
+            let broker = fb::BrokerInfo::create(
+                fbb,
+                &fb::BrokerInfoArgs {
+                    id: 0,
+                    host: Some(host),
+                    port: cfg.listen.port(),
+                    shard_ports: Some(ports),
+                },
+            );
+            let brokers = fbb.create_vector(&[broker]);
+            let topics = build_topics(fbb, &topics);
+            fb::MetadataResponse::create(
+                fbb,
+                &fb::MetadataResponseArgs {
+                    brokers: Some(brokers),
+                    topics: Some(topics),
+                },
+            )
+            .as_union_value()
+        })
+        .await
+    }
+
+    /// Topic descriptions with each partition's current offsets.
+    async fn topic_infos(&self, names: Option<Vec<String>>) -> Result<Vec<TopicInfo>> {
+        let partitions = &self.reactor.partitions;
+        let metas: Vec<TopicMeta> = match names {
+            None => partitions.topics(),
+            Some(names) => names
+                .into_iter()
+                .map(|n| partitions.topic(&n).ok_or(Error::UnknownTopic(n)))
+                .collect::<Result<_>>()?,
+        };
+        let mut out = Vec::with_capacity(metas.len());
+        for meta in metas {
+            let mut parts = Vec::with_capacity(meta.shards.len());
+            for (p, &shard) in meta.shards.iter().enumerate() {
+                let st = self
+                    .reactor
+                    .partition_state(&meta.name, p as u32)
+                    .await
+                    .unwrap_or_default();
+                parts.push((p as u32, shard, st));
+            }
+            out.push(TopicInfo { meta, parts });
+        }
+        Ok(out)
+    }
+}
+
+fn build_topic<'a>(fbb: &mut FlatBufferBuilder<'a>, t: &TopicInfo) -> WIPOffset<fb::TopicInfo<'a>> {
+    let parts: Vec<_> = t
+        .parts
+        .iter()
+        .map(|(p, shard, st)| {
+            fb::PartitionInfo::create(
+                fbb,
+                &fb::PartitionInfoArgs {
+                    partition: *p,
+                    leader_broker: 0,
+                    shard: *shard,
+                    leader_epoch: 0,
+                    log_start_offset: st.log_start_offset,
+                    high_watermark: st.high_watermark,
+                },
+            )
+        })
+        .collect();
+    let parts = fbb.create_vector(&parts);
+    let name = fbb.create_string(&t.meta.name);
+    let sync = fbb.create_string(&t.meta.sync);
+    fb::TopicInfo::create(
+        fbb,
+        &fb::TopicInfoArgs {
+            name: Some(name),
+            partitions: Some(parts),
+            replication_factor: 1,
+            sync: Some(sync),
+            retention_ms: t.meta.retention_ms.map_or(-1, |v| v as i64),
+            retention_bytes: t.meta.retention_bytes.map_or(-1, |v| v as i64),
+            segment_bytes: t.meta.segment_bytes as i64,
+        },
+    )
+}
+
+fn build_topics<'a>(
+    fbb: &mut FlatBufferBuilder<'a>,
+    topics: &[TopicInfo],
+) -> WIPOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<fb::TopicInfo<'a>>>> {
+    let items: Vec<_> = topics.iter().map(|t| build_topic(fbb, t)).collect();
+    fbb.create_vector(&items)
+}

@@ -1,0 +1,122 @@
+//! The broker's errors: one enum, each variant mapping to the wire
+//! [`ErrorCode`] a client receives, its `Display` the message sent with it.
+//! Errors cross cores inside mesh replies, so the type is `Send`.
+
+use shoal_wire::ErrorCode;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    #[error("topic {topic:?} has no partition {partition} (it has {count})")]
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+        count: u32,
+    },
+    #[error("partition {topic}-{partition} is owned by another shard")]
+    NotOwner { topic: String, partition: u32 },
+    #[error("the owning shard is not answering (shutting down)")]
+    ShardGone,
+    #[error("{0}")]
+    InvalidTopicName(String),
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error("{0}")]
+    Malformed(String),
+    #[error("invalid batch {index} of the request: {source}")]
+    InvalidBatch {
+        index: usize,
+        source: shoal_wire::BatchError,
+    },
+    #[error("{0}")]
+    Frame(#[from] shoal_wire::frame::FrameError),
+    /// A framing error: the byte stream cannot be trusted any more.
+    #[error("{0}; closing the connection")]
+    BadFrame(shoal_wire::frame::FrameError),
+    #[error("request frame not complete within {ms} ms; closing the connection")]
+    RequestTimeout { ms: u64 },
+    #[error("unknown request type {0}")]
+    UnsupportedApi(u8),
+    #[error("protocol version {0} is not supported (1 is)")]
+    UnsupportedVersion(u16),
+    #[error("{0}")]
+    ResourceLimit(String),
+    #[error("{0}")]
+    Storage(#[from] shoal_shard::Error),
+    #[error("partition {partition}: {source}")]
+    Partition {
+        partition: String,
+        source: shoal_shard::Error,
+    },
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// A configuration that cannot run (start-up only).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl Error {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::UnknownTopic(_) => ErrorCode::UnknownTopic,
+            Error::UnknownPartition { .. } => ErrorCode::UnknownPartition,
+            Error::NotOwner { .. } => ErrorCode::NotOwner,
+            Error::ShardGone => ErrorCode::ShuttingDown,
+            Error::InvalidTopicName(_) => ErrorCode::InvalidTopicName,
+            Error::TopicExists(_) => ErrorCode::TopicExists,
+            Error::InvalidConfig(_) | Error::Config(_) => ErrorCode::InvalidConfig,
+            Error::Malformed(_) => ErrorCode::MalformedRequest,
+            Error::InvalidBatch { source, .. } => source.code(),
+            Error::Frame(e) | Error::BadFrame(e) => e.code(),
+            Error::RequestTimeout { .. } => ErrorCode::Timeout,
+            Error::UnsupportedApi(_) => ErrorCode::UnsupportedApi,
+            Error::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            Error::ResourceLimit(_) => ErrorCode::ResourceLimit,
+            Error::Storage(e) | Error::Partition { source: e, .. } => e.code(),
+            Error::Io { .. } => ErrorCode::StorageError,
+        }
+    }
+
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_messages() {
+        let e = Error::UnknownPartition {
+            topic: "t".into(),
+            partition: 9,
+            count: 2,
+        };
+        assert_eq!(e.code(), ErrorCode::UnknownPartition);
+        assert_eq!(e.to_string(), "topic \"t\" has no partition 9 (it has 2)");
+        let e = Error::InvalidBatch {
+            index: 1,
+            source: shoal_wire::BatchError::BadCrc {
+                stored: 1,
+                computed: 2,
+            },
+        };
+        assert_eq!(e.code(), ErrorCode::CorruptBatch);
+        assert_eq!(Error::ShardGone.code(), ErrorCode::ShuttingDown);
+        fn is_send<T: Send>() {}
+        is_send::<Error>();
+    }
+}

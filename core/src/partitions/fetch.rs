@@ -1,0 +1,144 @@
+//! Fetch: read a partition by offset or timestamp, long-polling for data,
+//! and the partition offsets metadata reports.
+//!
+//! The answer is never the bytes themselves: a local [`ReadSlice`] (a
+//! segment or tail-cache range the connection sends with sendfile) or, from
+//! another shard, a [`FileRange`] over a duplicated descriptor.
+
+use crate::error::Result;
+use crate::limits::RESIDENT_WAIT_MAX;
+use crate::mesh::{FileRange, MeshMsg};
+use crate::metrics::add;
+use crate::reactor::Reactor;
+use crate::rt;
+use shoal_shard::ReadSlice;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct FetchParams {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub timestamp_ms: Option<i64>,
+    pub max_bytes: u32,
+    pub min_bytes: u32,
+    pub max_wait: Duration,
+}
+
+/// Log bytes to send.
+pub enum FetchData {
+    /// A slice of a partition this shard owns.
+    Local(ReadSlice),
+    /// A range another shard answered with.
+    Remote(FileRange),
+}
+
+impl FetchData {
+    pub fn len(&self) -> u64 {
+        match self {
+            FetchData::Local(s) => s.len,
+            FetchData::Remote(r) => r.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct FetchOk {
+    pub data: Option<FetchData>,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+    pub next_offset: u64,
+}
+
+/// State of one partition as seen by its owner.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PartitionState {
+    pub log_start_offset: u64,
+    pub high_watermark: u64,
+}
+
+impl Reactor {
+    pub async fn fetch(&self, params: FetchParams) -> Result<FetchOk> {
+        let owner = self.partitions.owner(&params.topic, params.partition)?;
+        if owner == self.id {
+            return self.fetch_local(&params).await;
+        }
+        let r = self
+            .mesh
+            .call(self, owner, |reply| MeshMsg::Fetch { params, reply })
+            .await?;
+        Ok(FetchOk {
+            data: r.data.map(FetchData::Remote),
+            high_watermark: r.high_watermark,
+            log_start_offset: r.log_start_offset,
+            next_offset: r.next_offset,
+        })
+    }
+
+    /// Reads from a local partition, long-polling up to `max_wait` for
+    /// `min_bytes`.
+    pub(crate) async fn fetch_local(&self, p: &FetchParams) -> Result<FetchOk> {
+        let log = self.partitions.local_log(&p.topic, p.partition)?;
+        add(&self.metrics.fetch_requests, 1);
+        let deadline = rt::now() + p.max_wait;
+        let mut offset = p.offset;
+        if let Some(ts) = p.timestamp_ms {
+            offset = log
+                .offset_for_timestamp(ts)
+                .unwrap_or_else(|| log.end_offset());
+        }
+        loop {
+            let slice = log.read(offset, u64::from(p.max_bytes.max(1)))?;
+            let now = rt::now();
+            // A slice that stops short of the data already there (at
+            // max_bytes, a segment's end or a tail cache block's end) cannot
+            // grow by waiting: answer now, the consumer comes straight back.
+            let stopped_short = !slice.is_empty() && slice.next_offset < slice.high_watermark;
+            if slice.len >= u64::from(p.min_bytes)
+                || stopped_short
+                || now >= deadline
+                || self.stopping.get()
+            {
+                if slice.is_cached() {
+                    add(&self.metrics.tail_cache_bytes, slice.len);
+                }
+                slice.make_resident(RESIDENT_WAIT_MAX).await;
+                let ok = FetchOk {
+                    high_watermark: slice.high_watermark,
+                    log_start_offset: log.start_offset(),
+                    next_offset: slice.next_offset,
+                    data: (!slice.is_empty()).then_some(FetchData::Local(slice)),
+                };
+                return Ok(ok);
+            }
+            let wait_from = if slice.is_empty() {
+                offset
+            } else {
+                slice.next_offset
+            };
+            let _ = rt::timeout(deadline - now, log.wait_for_data(wait_from)).await;
+        }
+    }
+
+    pub async fn partition_state(&self, topic: &str, partition: u32) -> Result<PartitionState> {
+        let owner = self.partitions.owner(topic, partition)?;
+        if owner == self.id {
+            let log = self.partitions.local_log(topic, partition)?;
+            return Ok(PartitionState {
+                log_start_offset: log.start_offset(),
+                high_watermark: log.end_offset(),
+            });
+        }
+        let topic = topic.to_string();
+        self.mesh
+            .call(self, owner, |reply| MeshMsg::PartitionState {
+                topic,
+                partition,
+                reply,
+            })
+            .await
+    }
+}

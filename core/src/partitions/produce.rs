@@ -1,0 +1,188 @@
+//! Produce: append in request order, acknowledge beside the next request.
+//!
+//! A produce has two halves. [`Reactor::produce_start`] is the
+//! order-sensitive one: it validates the request's batches and appends them
+//! (or sends them to the owning shard, whose lane appends them in arrival
+//! order). The [`PendingProduce`] it returns waits for the acknowledgement
+//! the acks level asks for, so a connection goes on to its next request
+//! while the disk works.
+
+use crate::error::{Error, Result};
+use crate::mesh::MeshMsg;
+use crate::metrics::add;
+use crate::reactor::Reactor;
+use futures::channel::oneshot;
+use shoal_shard::PartitionLog;
+use shoal_wire::batch::{validate_batch, Batches};
+use std::rc::Rc;
+
+/// What a produce waits for before it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    /// Answered once appended (ordered, given offsets); nothing promised
+    /// about the file or the disk.
+    None,
+    /// Answered once the topic's sync mode acknowledges: in the file under
+    /// `interval` and `none`, on stable storage under `always`.
+    Leader,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProduceOk {
+    pub base_offset: u64,
+    pub last_offset: u64,
+    /// Every batch was a retry the log had already appended.
+    pub duplicate: bool,
+}
+
+/// A produce whose batches are appended (or on their way to the owning
+/// shard), waiting for its acknowledgement.
+pub enum PendingProduce {
+    Local {
+        log: Rc<PartitionLog>,
+        ok: ProduceOk,
+        /// Offset the acknowledgement must reach, if any.
+        wait: Option<u64>,
+    },
+    Remote(oneshot::Receiver<Result<ProduceOk>>),
+}
+
+impl PendingProduce {
+    pub async fn finish(self) -> Result<ProduceOk> {
+        match self {
+            PendingProduce::Local { log, ok, wait } => {
+                if let Some(next) = wait {
+                    log.wait_acked(next).await?;
+                }
+                Ok(ok)
+            }
+            PendingProduce::Remote(rx) => rx.await.map_err(|_| Error::ShardGone)?,
+        }
+    }
+}
+
+/// Checks every batch of a request before any is appended, so a bad batch
+/// anywhere refuses the whole request and leaves the log untouched. A
+/// request of one batch is left to the log's own check (no second pass
+/// over its bytes).
+fn validate_all(payload: &[u8], batch_bytes_max: usize) -> Result<()> {
+    if payload.is_empty() {
+        return Err(Error::Malformed(
+            "produce request carries no record batch".into(),
+        ));
+    }
+    let mut batches = Batches::new(payload, batch_bytes_max).enumerate();
+    let Some((_, first)) = batches.next() else {
+        return Ok(());
+    };
+    let (_, first) = first.map_err(|source| Error::InvalidBatch { index: 0, source })?;
+    if first.len() == payload.len() {
+        return Ok(());
+    }
+    validate_batch(first, batch_bytes_max)
+        .map_err(|source| Error::InvalidBatch { index: 0, source })?;
+    for (index, b) in batches {
+        let (_, bytes) = b.map_err(|source| Error::InvalidBatch { index, source })?;
+        validate_batch(bytes, batch_bytes_max)
+            .map_err(|source| Error::InvalidBatch { index, source })?;
+    }
+    Ok(())
+}
+
+impl Reactor {
+    /// The order-sensitive half of a produce: appends the batches here or
+    /// hands them to the owning shard, in request order.
+    pub async fn produce_start(
+        &self,
+        topic: &str,
+        partition: u32,
+        payload: &[u8],
+        acks: Acks,
+    ) -> Result<PendingProduce> {
+        let owner = self.partitions.owner(topic, partition)?;
+        if owner == self.id {
+            let (log, ok) = self.produce_append(topic, partition, payload).await?;
+            let wait = (acks == Acks::Leader).then_some(ok.last_offset + 1);
+            return Ok(PendingProduce::Local { log, ok, wait });
+        }
+        let (tx, rx) = oneshot::channel();
+        let msg = MeshMsg::Produce {
+            topic: topic.into(),
+            partition,
+            payload: payload.to_vec(),
+            acks,
+            reply: tx,
+        };
+        self.mesh.send(self, owner, msg).await?;
+        Ok(PendingProduce::Remote(rx))
+    }
+
+    /// Appends every batch of `payload` to a local partition, or none.
+    pub(crate) async fn produce_append(
+        &self,
+        topic: &str,
+        partition: u32,
+        payload: &[u8],
+    ) -> Result<(Rc<PartitionLog>, ProduceOk)> {
+        let log = self.partitions.local_log(topic, partition)?;
+        let batch_bytes_max = log.config().batch_bytes_max;
+        validate_all(payload, batch_bytes_max)?;
+        add(&self.metrics.produce_requests, 1);
+        let mut result: Option<ProduceOk> = None;
+        for (index, b) in Batches::new(payload, batch_bytes_max).enumerate() {
+            let (_, bytes) = b.map_err(|source| Error::InvalidBatch { index, source })?;
+            let a = log.append(bytes).await?;
+            let r = result.get_or_insert(ProduceOk {
+                base_offset: a.base_offset,
+                last_offset: a.last_offset,
+                duplicate: true,
+            });
+            r.last_offset = a.last_offset;
+            r.duplicate &= a.duplicate;
+        }
+        let r = result.ok_or_else(|| Error::Malformed("no record batch".into()))?;
+        add(&self.metrics.produce_bytes, payload.len() as u64);
+        Ok((log, r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_wire::{BatchBuilder, NewRecord};
+
+    fn batch(n: usize) -> Vec<u8> {
+        let mut b = BatchBuilder::default();
+        for i in 0..n {
+            let value = format!("v{i}");
+            b.push(&NewRecord {
+                key: None,
+                value: Some(value.as_bytes()),
+                timestamp_ms: 1,
+                headers: &[],
+            })
+            .expect("small record");
+        }
+        b.finish(-1, 0, -1)
+    }
+
+    #[test]
+    fn a_bad_batch_anywhere_refuses_the_request() {
+        let mut two = batch(3);
+        two.extend_from_slice(&batch(2));
+        validate_all(&two, 1 << 20).unwrap();
+        let mut bad = batch(3);
+        let mut second = batch(2);
+        let last = second.len() - 1;
+        second[last] ^= 0xff;
+        bad.extend_from_slice(&second);
+        match validate_all(&bad, 1 << 20) {
+            Err(Error::InvalidBatch { index: 1, .. }) => {}
+            other => panic!("expected batch 1 refused, got {other:?}"),
+        }
+        assert!(matches!(
+            validate_all(&[], 1 << 20),
+            Err(Error::Malformed(_))
+        ));
+    }
+}

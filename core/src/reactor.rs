@@ -1,0 +1,149 @@
+//! One core's broker: the state a shard's executor owns and the messages
+//! it serves for other cores.
+//!
+//! A [`Reactor`] lives on one glommio executor pinned to one core and is
+//! single-threaded on purpose (`Rc`, `Cell`, `RefCell`): the partition logs
+//! it owns (`shoal_shard::PartitionLog`, the storage engine), its copy of
+//! the topic metadata, its counters, its ends of the [`Mesh`]. Its
+//! operations live with their subject: partitions (produce, fetch) in
+//! [`crate::partitions`], topic changes in [`crate::controller`],
+//! connections in [`crate::conn`].
+
+use crate::config::Config;
+use crate::conn::RecvBudget;
+use crate::error::Result;
+use crate::mesh::{FetchReply, FileRange, Mesh, MeshMsg, Rest};
+use crate::metadata::TopicMeta;
+use crate::metrics::Metrics;
+use crate::partitions::{FetchData, Partitions};
+use std::cell::Cell;
+use std::rc::Rc;
+
+pub struct Reactor {
+    /// This shard's index (its core is `config.cores[id]`).
+    pub id: usize,
+    pub nshards: usize,
+    pub config: Rc<Config>,
+    pub partitions: Partitions,
+    pub mesh: Mesh,
+    pub metrics: Metrics,
+    /// Memory the connections of this shard may hold for partial frames.
+    pub recv_budget: RecvBudget,
+    pub stopping: Cell<bool>,
+    next_subscription: Cell<u64>,
+}
+
+impl Reactor {
+    pub fn new(
+        id: usize,
+        config: Rc<Config>,
+        topics: impl IntoIterator<Item = TopicMeta>,
+        mesh: Mesh,
+    ) -> Reactor {
+        Reactor {
+            id,
+            nshards: config.cores.len(),
+            recv_budget: RecvBudget::new(config.partial_frames_bytes_max),
+            config,
+            partitions: Partitions::new(topics),
+            mesh,
+            metrics: Metrics::default(),
+            stopping: Cell::new(false),
+            next_subscription: Cell::new(1),
+        }
+    }
+
+    pub fn next_subscription_id(&self) -> u64 {
+        let id = self.next_subscription.get();
+        self.next_subscription.set(id + 1);
+        id
+    }
+
+    /// Serves an unordered message from another shard.
+    pub async fn handle(self: Rc<Self>, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Produce { .. } => {
+                if let Some(rest) = self.start_ordered(msg).await {
+                    rest.await;
+                }
+            }
+            MeshMsg::Fetch { params, reply } => {
+                let r = self.fetch_local(&params).await.and_then(|ok| {
+                    let data = match ok.data {
+                        Some(FetchData::Local(s)) => Some(FileRange {
+                            file: s.file().try_clone().map_err(|e| {
+                                crate::error::Error::io("share a log file with another core", e)
+                            })?,
+                            position: s.file_position(),
+                            len: s.len,
+                        }),
+                        Some(FetchData::Remote(range)) => Some(range),
+                        None => None,
+                    };
+                    Ok(FetchReply {
+                        data,
+                        high_watermark: ok.high_watermark,
+                        log_start_offset: ok.log_start_offset,
+                        next_offset: ok.next_offset,
+                    })
+                });
+                let _ = reply.send(r);
+            }
+            MeshMsg::PartitionState {
+                topic,
+                partition,
+                reply,
+            } => {
+                let _ = reply.send(self.partition_state(&topic, partition).await);
+            }
+            MeshMsg::CreateTopic { spec, reply } => {
+                let _ = reply.send(self.create_topic(spec).await);
+            }
+            MeshMsg::DeleteTopic { name, reply } => {
+                let _ = reply.send(self.delete_topic(name).await);
+            }
+            MeshMsg::OpenTopic { meta, reply } => {
+                let _ = reply.send(self.open_topic(&meta).await);
+            }
+            MeshMsg::DropTopic { name, reply } => {
+                let _ = reply.send(self.drop_topic(&name).await);
+            }
+            MeshMsg::Metrics { reply } => {
+                let _ = reply.send(self.metrics.snapshot());
+            }
+        }
+    }
+
+    /// Runs the order-sensitive part of an ordered message (in its lane)
+    /// and returns the rest, which may run beside later messages.
+    pub async fn start_ordered(self: Rc<Self>, msg: MeshMsg) -> Option<Rest> {
+        match msg {
+            MeshMsg::Produce {
+                topic,
+                partition,
+                payload,
+                acks,
+                reply,
+            } => match self.produce_append(&topic, partition, &payload).await {
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    None
+                }
+                Ok((log, ok)) => Some(Box::pin(async move {
+                    let r: Result<_> = match acks {
+                        crate::partitions::Acks::Leader => log
+                            .wait_acked(ok.last_offset + 1)
+                            .await
+                            .map(|()| ok)
+                            .map_err(Into::into),
+                        crate::partitions::Acks::None => Ok(ok),
+                    };
+                    let _ = reply.send(r);
+                })),
+            },
+            // Unordered messages never reach a lane; should one, it still
+            // gets served.
+            other => Some(Box::pin(self.handle(other))),
+        }
+    }
+}
