@@ -3,9 +3,7 @@
 //! built on; the binary in `shoal-core` only parses flags and calls them,
 //! each on a small current-thread tokio runtime of its own.
 
-use crate::{
-    Acks, Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig, StartAt,
-};
+use crate::{Acks, Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig, StartAt};
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
@@ -111,12 +109,15 @@ pub fn produce(
         let mut sent = 0u64;
         while let Some(line) = rx.recv().await {
             let d = match partition {
-                Some(part) => p.send_to(
-                    topic,
-                    part,
-                    key.as_deref().map(str::as_bytes),
-                    line.as_bytes(),
-                ),
+                Some(part) => {
+                    p.send_nowait_to(
+                        topic,
+                        part,
+                        key.as_deref().map(str::as_bytes),
+                        line.as_bytes(),
+                    )
+                    .await
+                }
                 None => {
                     p.send_nowait(topic, key.as_deref().map(str::as_bytes), line.as_bytes())
                         .await

@@ -8,7 +8,7 @@ use shoal_wire::{fb, ErrorCode};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -35,11 +35,146 @@ impl Frame {
 /// Smallest read the receive loop asks the kernel for.
 const SMALL_FRAME_BYTES: usize = 64 * 1024;
 
-type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Frame>>>>>;
-type Pushes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Frame>>>>>;
+/// Connection-level errors one route may hold unread; more are dropped
+/// (they are logged, and one is enough to tell the subscriber).
+const ROUTE_ERRORS_QUEUED_MAX: u32 = 4;
+
+/// A request waiting for its response, with the credit it grants if it is
+/// a subscribe (the push route must know it before the first push).
+struct Waiting {
+    tx: oneshot::Sender<Result<Frame>>,
+    subscribe_credit_bytes: Option<u64>,
+}
+
+type Pending = Arc<Mutex<HashMap<u32, Waiting>>>;
+type Pushes = Arc<Mutex<HashMap<u64, RouteTx>>>;
 /// Push routes the reader created for new subscriptions, waiting for the
 /// subscriber to take them.
-type NewRoutes = Arc<Mutex<HashMap<u64, mpsc::UnboundedReceiver<Result<Frame>>>>>;
+type NewRoutes = Arc<Mutex<HashMap<u64, PushRoute>>>;
+
+/// Credit accounting of one push route, shared by the reader (which
+/// queues pushes) and the subscription (which takes them and grants).
+///
+/// The broker may only push within the credit granted, so the bytes a
+/// route holds are bounded by that credit: the reader checks it instead of
+/// trusting it, and ends the subscription of a broker that pushes past it.
+#[derive(Default)]
+struct RouteCredit {
+    /// Payload bytes granted so far: the subscribe's credit plus every
+    /// grant, counted before the grant is sent so a push it allows is
+    /// never mistaken for a violation.
+    granted_bytes: AtomicU64,
+    /// Payload bytes pushed so far (the reader alone writes it).
+    pushed_bytes: AtomicU64,
+    /// Payload bytes queued and not yet taken by the subscriber.
+    queued_bytes: AtomicU64,
+    errors_queued: AtomicU32,
+}
+
+struct RouteTx {
+    tx: mpsc::UnboundedSender<Result<Frame>>,
+    credit: Arc<RouteCredit>,
+}
+
+/// The pushes of one subscription, as the connection's reader queues them.
+///
+/// Unbounded as a channel, bounded by credit: the reader queues a push only
+/// while the subscription has credit left (one push may overrun what is
+/// left; the broker itself never does), so the queue holds at most the
+/// credit granted plus one push. A bounded channel would instead make the
+/// reader wait for the slowest subscriber, stalling every response and
+/// every other subscription on the connection.
+pub struct PushRoute {
+    rx: mpsc::UnboundedReceiver<Result<Frame>>,
+    credit: Arc<RouteCredit>,
+}
+
+impl PushRoute {
+    fn new(credit_bytes: u64) -> (RouteTx, PushRoute) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let credit = Arc::new(RouteCredit::default());
+        credit.granted_bytes.store(credit_bytes, Ordering::SeqCst);
+        (
+            RouteTx {
+                tx,
+                credit: credit.clone(),
+            },
+            PushRoute { rx, credit },
+        )
+    }
+
+    /// The next push (or the error that ended the subscription); `None`
+    /// once the route is closed. Cancel-safe: a push is either returned or
+    /// stays queued.
+    pub async fn recv(&mut self) -> Option<Result<Frame>> {
+        let item = self.rx.recv().await?;
+        match &item {
+            Ok(f) => {
+                self.credit
+                    .queued_bytes
+                    .fetch_sub(f.payload().len() as u64, Ordering::SeqCst);
+            }
+            Err(_) => {
+                self.credit.errors_queued.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        Some(item)
+    }
+
+    /// Records a grant of `bytes` more credit. Call it before sending the
+    /// grant: the broker may use it as soon as it arrives.
+    pub fn granting(&self, bytes: u64) {
+        self.credit.granted_bytes.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    /// Payload bytes queued for the subscriber and not yet taken.
+    pub fn queued_bytes(&self) -> u64 {
+        self.credit.queued_bytes.load(Ordering::SeqCst)
+    }
+}
+
+impl RouteTx {
+    /// Queues a push, or ends the route if the broker pushed beyond the
+    /// credit granted. Returns false once the route is over.
+    fn push(&self, subscription: u64, frame: Frame) -> bool {
+        let bytes = frame.payload().len() as u64;
+        let c = &self.credit;
+        let granted = c.granted_bytes.load(Ordering::SeqCst);
+        let pushed = c.pushed_bytes.load(Ordering::SeqCst);
+        if bytes > 0 && pushed >= granted {
+            tracing::warn!(
+                subscription,
+                granted,
+                pushed,
+                bytes,
+                "broker pushed beyond the credit granted; ending the subscription"
+            );
+            let _ = self.tx.send(Err(Error::Protocol(format!(
+                "subscription {subscription}: the broker pushed {bytes} bytes after \
+                 {pushed} of {granted} granted"
+            ))));
+            return false;
+        }
+        c.pushed_bytes.fetch_add(bytes, Ordering::SeqCst);
+        c.queued_bytes.fetch_add(bytes, Ordering::SeqCst);
+        if self.tx.send(Ok(frame)).is_err() {
+            // The subscriber is gone: nothing will take these bytes.
+            c.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        }
+        true
+    }
+
+    fn error(&self, e: Error) {
+        let c = &self.credit;
+        if c.errors_queued.load(Ordering::SeqCst) >= ROUTE_ERRORS_QUEUED_MAX {
+            return;
+        }
+        c.errors_queued.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send(Err(e)).is_err() {
+            c.errors_queued.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
 
 pub struct Connection {
     pub addr: SocketAddr,
@@ -89,11 +224,11 @@ impl Connection {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "shoal connection closed");
             }
-            for (_, tx) in lock(&p2).drain() {
-                let _ = tx.send(Err(Error::Closed));
+            for (_, w) in lock(&p2).drain() {
+                let _ = w.tx.send(Err(Error::Closed));
             }
-            for (_, tx) in lock(&s2).drain() {
-                let _ = tx.send(Err(Error::Closed));
+            for (_, route) in lock(&s2).drain() {
+                let _ = route.tx.send(Err(Error::Closed));
             }
         });
         Ok(Arc::new(Connection {
@@ -143,8 +278,24 @@ impl Connection {
         );
         fbb.finish(req, None);
         let header = fbb.finished_data();
+        let subscribe_credit_bytes = if body_type == fb::RequestBody::SubscribeRequest {
+            // Read back from the request itself, so a subscribe sent through
+            // this generic path is accounted for like any other.
+            flatbuffers::root::<fb::Request>(header)
+                .ok()
+                .and_then(|r| r.body_as_subscribe_request())
+                .map(|s| s.credit_bytes())
+        } else {
+            None
+        };
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(corr, tx);
+        lock(&self.pending).insert(
+            corr,
+            Waiting {
+                tx,
+                subscribe_credit_bytes,
+            },
+        );
         {
             let mut w = self.writer.lock().await;
             // One write per request: one segment, one wake-up at the broker.
@@ -175,14 +326,16 @@ impl Connection {
     }
 
     /// The pushes for `subscription`. The route exists from the moment its
-    /// subscribe response arrived, so no push is lost in between.
-    pub fn register_push(&self, subscription: u64) -> mpsc::UnboundedReceiver<Result<Frame>> {
-        if let Some(rx) = lock(&self.new_routes).remove(&subscription) {
-            return rx;
+    /// subscribe response arrived, so no push is lost in between. A route
+    /// not made by a subscribe on this connection starts with no credit:
+    /// grant some through [`PushRoute::granting`] first.
+    pub fn register_push(&self, subscription: u64) -> PushRoute {
+        if let Some(route) = lock(&self.new_routes).remove(&subscription) {
+            return route;
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, route) = PushRoute::new(0);
         lock(&self.pushes).insert(subscription, tx);
-        rx
+        route
     }
 
     pub fn unregister_push(&self, subscription: u64) {
@@ -216,10 +369,12 @@ async fn read_loop(
                     .map_err(|e| Error::Protocol(e.to_string()))?;
                 let corr = resp.correlation_id();
                 let push_id = resp.body_as_push().map(|p| p.subscription_id());
+                let waiting = (corr != 0).then(|| lock(pending).remove(&corr)).flatten();
                 if let Some(sub) = resp.body_as_subscribe_response() {
-                    let (tx, rx) = mpsc::unbounded_channel();
+                    let credit = waiting.as_ref().and_then(|w| w.subscribe_credit_bytes);
+                    let (tx, route) = PushRoute::new(credit.unwrap_or(0));
                     lock(pushes).insert(sub.subscription_id(), tx);
-                    lock(new_routes).insert(sub.subscription_id(), rx);
+                    lock(new_routes).insert(sub.subscription_id(), route);
                 }
                 let err = (resp.error_code() != 0).then(|| {
                     (
@@ -233,22 +388,25 @@ async fn read_loop(
                     payload: parts.payload,
                 };
                 if corr != 0 {
-                    if let Some(tx) = lock(pending).remove(&corr) {
-                        let _ = tx.send(Ok(frame));
+                    if let Some(w) = waiting {
+                        let _ = w.tx.send(Ok(frame));
                     }
                 } else if let Some(id) = push_id {
-                    if let Some(tx) = lock(pushes).get(&id) {
-                        let _ = tx.send(Ok(frame));
+                    let mut routes = lock(pushes);
+                    let over = routes.get(&id).is_some_and(|route| !route.push(id, frame));
+                    if over {
+                        // Dropping the sender ends the route after the error.
+                        routes.remove(&id);
                     }
                 } else if let Some((code, message)) = err {
                     // Connection-level errors (a push that ended, a request the
                     // broker could not parse): every subscription hears it.
                     tracing::warn!(?code, %message, "broker reported an error");
-                    for tx in lock(pushes).values() {
-                        let _ = tx.send(Err(Error::Broker {
+                    for route in lock(pushes).values() {
+                        route.error(Error::Broker {
                             code,
                             message: message.clone(),
-                        }));
+                        });
                     }
                 }
             }

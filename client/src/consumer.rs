@@ -403,7 +403,7 @@ pub struct Subscription {
     topic: String,
     partition: u32,
     next: u64,
-    pushes: tokio::sync::mpsc::UnboundedReceiver<Result<crate::connection::Frame>>,
+    pushes: crate::connection::PushRoute,
     auto_credit: bool,
     /// Credit granted at subscribe; automatic grants return consumed
     /// bytes in steps of half of it, not one request per push.
@@ -479,6 +479,7 @@ impl Subscription {
     /// Grants the broker `bytes` more payload.
     pub async fn grant(&self, bytes: u64) -> Result<()> {
         let id = self.id;
+        self.pushes.granting(bytes);
         self.conn
             .request(
                 fb::RequestBody::GrantCreditRequest,
@@ -496,6 +497,12 @@ impl Subscription {
             )
             .await?;
         Ok(())
+    }
+
+    /// Payload bytes received and not yet taken by [`Self::next`]; bounded
+    /// by the credit granted.
+    pub fn queued_bytes(&self) -> u64 {
+        self.pushes.queued_bytes()
     }
 
     /// Next offset the subscription will deliver.
@@ -522,5 +529,83 @@ impl Subscription {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_broker::FakeBroker;
+    use shoal_wire::batch::{build_batch, set_base_offset};
+
+    /// One record of 400 bytes at `offset`.
+    fn batch_at(offset: u64) -> Vec<u8> {
+        let mut b = build_batch(&[&[1u8; 400][..]], 0);
+        set_base_offset(&mut b, offset);
+        b
+    }
+
+    async fn wait_queued(sub: &Subscription, bytes: u64) {
+        for _ in 0..2000 {
+            if sub.queued_bytes() >= bytes {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("expected {bytes} queued bytes, have {}", sub.queued_bytes());
+    }
+
+    /// Pushes are queued only within the credit granted (one push may
+    /// overrun what is left); a broker that pushes past it ends the
+    /// subscription with a protocol error instead of growing the queue.
+    #[tokio::test]
+    async fn pushes_beyond_credit_end_the_subscription() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        let client = Client::connect(&fake.addr_string()).await.expect("connect");
+        let consumer = Consumer::new(client, ConsumerConfig::default());
+        let n = batch_at(0).len() as u64;
+        let mut sub = consumer
+            .subscribe("t", 0, 0, n + 1)
+            .await
+            .expect("subscribe");
+        sub.manual_credit();
+        let id = sub.id();
+        // Within credit, then one push that overruns what is left.
+        fake.push(id, &batch_at(0), 1);
+        fake.push(id, &batch_at(1), 2);
+        wait_queued(&sub, 2 * n).await;
+        // Past the credit: refused, not queued.
+        fake.push(id, &batch_at(2), 3);
+        fake.push(id, &batch_at(3), 4);
+        let mut got = 0;
+        let err = loop {
+            match sub.next().await {
+                Ok(p) => got += p.records.len(),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(got, 2);
+        assert!(matches!(err, Error::Protocol(_)), "{err}");
+        assert_eq!(sub.queued_bytes(), 0);
+        assert!(matches!(sub.next().await, Err(Error::Closed)));
+    }
+
+    /// Credit granted later is counted: pushes it allows are delivered.
+    #[tokio::test]
+    async fn granted_credit_allows_more_pushes() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        let client = Client::connect(&fake.addr_string()).await.expect("connect");
+        let consumer = Consumer::new(client, ConsumerConfig::default());
+        let n = batch_at(0).len() as u64;
+        let mut sub = consumer.subscribe("t", 0, 0, n).await.expect("subscribe");
+        sub.manual_credit();
+        fake.push(sub.id(), &batch_at(0), 1);
+        assert_eq!(sub.next().await.expect("within credit").records.len(), 1);
+        sub.grant(2 * n).await.expect("grant");
+        fake.push(sub.id(), &batch_at(1), 2);
+        fake.push(sub.id(), &batch_at(2), 3);
+        assert_eq!(sub.next().await.expect("granted").records.len(), 1);
+        assert_eq!(sub.next().await.expect("granted").records.len(), 1);
+        assert_eq!(sub.position(), 3);
     }
 }

@@ -20,6 +20,14 @@ pub enum Error {
     Closed,
     #[error("{0}")]
     Invalid(String),
+    /// The producer's buffer stayed full for all of `buffer_wait_max`:
+    /// records are accepted faster than the broker acknowledges them.
+    #[error("the producer's buffer of {bytes_max} bytes stayed full for the whole wait")]
+    BufferFull { bytes_max: usize },
+    /// One record larger than the producer's whole buffer: it could never
+    /// be accepted, however long it waited.
+    #[error("a record of {bytes} bytes cannot fit the producer's buffer of {bytes_max} bytes")]
+    RecordTooLarge { bytes: usize, bytes_max: usize },
 }
 
 impl Error {
@@ -35,7 +43,7 @@ impl Error {
     pub fn is_retriable(&self) -> bool {
         match self {
             Error::Broker { code, .. } => code.is_retriable(),
-            Error::Io(_) | Error::Closed | Error::Connect { .. } => true,
+            Error::Io(_) | Error::Closed | Error::Connect { .. } | Error::BufferFull { .. } => true,
             _ => false,
         }
     }

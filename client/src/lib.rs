@@ -34,6 +34,8 @@ pub mod client;
 pub mod connection;
 pub mod consumer;
 pub mod error;
+#[cfg(test)]
+mod fake_broker;
 pub mod producer;
 
 pub use client::{Client, NewTopic, PartitionInfo, TopicInfo};
