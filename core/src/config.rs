@@ -40,6 +40,7 @@ pub struct FileConfig {
     pub idle_spin_us: Option<u64>,
     pub tail_cache_bytes: Option<usize>,
     pub request_timeout_ms: Option<u64>,
+    pub slow_consumer_timeout_ms: Option<u64>,
     pub partial_frames_bytes_max: Option<usize>,
 }
 
@@ -67,6 +68,9 @@ pub struct Config {
     /// Longest a request frame may take from its first byte to its last;
     /// a connection that is slower is closed.
     pub request_timeout: Duration,
+    /// A connection whose outbound data makes no progress this long is
+    /// closed (a consumer that stopped reading).
+    pub slow_consumer_timeout: Duration,
     /// Per shard: bytes of receive buffers beyond their base size (partial
     /// and large frames) all connections may hold at once.
     pub partial_frames_bytes_max: usize,
@@ -203,6 +207,9 @@ impl Config {
             request_timeout: file
                 .request_timeout_ms
                 .map_or(limits::REQUEST_TIMEOUT_DEFAULT, Duration::from_millis),
+            slow_consumer_timeout: file
+                .slow_consumer_timeout_ms
+                .map_or(limits::SLOW_CONSUMER_TIMEOUT_DEFAULT, Duration::from_millis),
             partial_frames_bytes_max: file
                 .partial_frames_bytes_max
                 .unwrap_or(limits::PARTIAL_FRAMES_BYTES_MAX_DEFAULT),

@@ -45,6 +45,14 @@ pub enum Error {
     UnsupportedVersion(u16),
     #[error("{0}")]
     ResourceLimit(String),
+    #[error("the broker is at its limit of {limit} connections per shard; try again later")]
+    TooManyConnections { limit: usize },
+    #[error("topic {topic:?} has id {current}, not {asked}: it was deleted (and maybe re-created); refresh metadata")]
+    UnknownTopicId {
+        topic: String,
+        asked: u64,
+        current: u64,
+    },
     #[error("{0}")]
     Storage(#[from] shoal_shard::Error),
     #[error("partition {partition}: {source}")]
@@ -79,6 +87,8 @@ impl Error {
             Error::UnsupportedApi(_) => ErrorCode::UnsupportedApi,
             Error::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
             Error::ResourceLimit(_) => ErrorCode::ResourceLimit,
+            Error::TooManyConnections { .. } => ErrorCode::TooManyConnections,
+            Error::UnknownTopicId { .. } => ErrorCode::UnknownTopicId,
             Error::Storage(e) | Error::Partition { source: e, .. } => e.code(),
             Error::Io { .. } => ErrorCode::StorageError,
         }

@@ -42,6 +42,9 @@ pub const PARTIAL_FRAMES_BYTES_MAX_DEFAULT: usize = 256 * 1024 * 1024;
 /// Default time a frame may take from its first byte to its last before
 /// the connection is closed (`request_timeout_ms`).
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Default time a connection's outbound data may make no progress before
+/// the connection is closed (`slow_consumer_timeout_ms`).
+pub const SLOW_CONSUMER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 /// Default open connections, split evenly over shards.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 /// Smallest `frame_bytes_max` a configuration may set.
@@ -112,6 +115,9 @@ pub fn check_config(c: &Config) -> Result<()> {
     }
     if c.request_timeout.is_zero() {
         return bad("request_timeout_ms must be above 0".into());
+    }
+    if c.slow_consumer_timeout.is_zero() {
+        return bad("slow_consumer_timeout_ms must be above 0".into());
     }
     if c.connections_max < c.cores.len() {
         return bad(format!(

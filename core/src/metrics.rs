@@ -82,6 +82,14 @@ pub struct Metrics {
     pub cross_shard_requests: Cell<u64>,
     pub connections_accepted: Cell<u64>,
     pub connections_open: Cell<u64>,
+    /// Connections refused at `connections_max` (with a
+    /// `TooManyConnections` error frame).
+    pub connections_refused: Cell<u64>,
+    /// Failed accepts (e.g. out of file descriptors).
+    pub accept_errors: Cell<u64>,
+    /// Connections closed because their outbound data made no progress
+    /// for `slow_consumer_timeout_ms`.
+    pub slow_consumers_closed: Cell<u64>,
     /// Connections closed because a frame did not complete within
     /// `request_timeout_ms`.
     pub request_timeouts: Cell<u64>,
@@ -118,6 +126,9 @@ impl Metrics {
             ("cross_shard_requests", self.cross_shard_requests.get()),
             ("connections_accepted", self.connections_accepted.get()),
             ("connections_open", self.connections_open.get()),
+            ("connections_refused", self.connections_refused.get()),
+            ("accept_errors", self.accept_errors.get()),
+            ("slow_consumers_closed", self.slow_consumers_closed.get()),
             ("request_timeouts", self.request_timeouts.get()),
             ("recv_budget_waits", self.recv_budget_waits.get()),
             ("recv_buffer_bytes", self.recv_buffer_bytes.get()),
@@ -126,5 +137,52 @@ impl Metrics {
         self.produce_latency
             .snapshot_into(&PRODUCE_LATENCY_NAMES, &mut v);
         v
+    }
+}
+
+/// Lets a repeated warning through at most once per period, counting what
+/// it held back, so a flood (a full fd table, thousands of timeouts) costs
+/// one log line per period instead of one per event. Owned by one core.
+pub struct LogLimiter {
+    period: Duration,
+    last: Cell<Option<std::time::Instant>>,
+    held_back: Cell<u64>,
+}
+
+impl LogLimiter {
+    pub const fn new(period: Duration) -> LogLimiter {
+        LogLimiter {
+            period,
+            last: Cell::new(None),
+            held_back: Cell::new(0),
+        }
+    }
+
+    /// `Some(n)` if a line may be logged now (`n` events were held back
+    /// since the last one), `None` if this one is held back.
+    pub fn allow(&self) -> Option<u64> {
+        let now = crate::rt::now();
+        if self.last.get().is_some_and(|t| now - t < self.period) {
+            self.held_back.set(self.held_back.get() + 1);
+            return None;
+        }
+        self.last.set(Some(now));
+        Some(self.held_back.replace(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limiter_lets_one_line_through_per_period() {
+        let l = LogLimiter::new(Duration::from_secs(3600));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        let l2 = LogLimiter::new(Duration::ZERO);
+        assert_eq!(l2.allow(), Some(0));
+        assert_eq!(l2.allow(), Some(0));
     }
 }

@@ -29,6 +29,8 @@ pub struct Reactor {
     pub metrics: Metrics,
     /// Memory the connections of this shard may hold for partial frames.
     pub recv_budget: RecvBudget,
+    /// Every connection's writer, for the slow-consumer sweeper.
+    pub writers: crate::conn::writer::Watches,
     pub stopping: Cell<bool>,
     next_subscription: Cell<u64>,
 }
@@ -44,6 +46,7 @@ impl Reactor {
             id,
             nshards: config.cores.len(),
             recv_budget: RecvBudget::new(config.partial_frames_bytes_max),
+            writers: Default::default(),
             config,
             partitions: Partitions::new(topics),
             mesh,

@@ -12,6 +12,7 @@ use crate::conn;
 use crate::error::{Error, Result};
 use crate::mesh::{self, Mesh, MeshBuilderFull};
 use crate::metadata::Topics;
+use crate::metrics::{add, LogLimiter};
 use crate::reactor::Reactor;
 use crate::rt;
 use glommio::net::TcpListener;
@@ -139,29 +140,11 @@ async fn shard_main(
     };
     let per_shard_max = config.connections_max.div_ceil(config.cores.len());
     for listener in listeners {
-        let reactor = reactor.clone();
-        tasks.push(rt::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok(stream) => {
-                        if reactor.metrics.connections_open.get() as usize >= per_shard_max {
-                            tracing::warn!(
-                                shard = reactor.id,
-                                limit = per_shard_max,
-                                "connection limit reached; refusing"
-                            );
-                            drop(stream);
-                            continue;
-                        }
-                        rt::spawn_detached(conn::serve(reactor.clone(), stream));
-                    }
-                    Err(e) => {
-                        tracing::warn!(shard = reactor.id, error = %e, "accept failed");
-                        rt::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-            }
-        }));
+        tasks.push(rt::spawn(accept_loop(
+            reactor.clone(),
+            listener,
+            per_shard_max,
+        )));
     }
     {
         let reactor = reactor.clone();
@@ -170,6 +153,18 @@ async fn shard_main(
             loop {
                 rt::sleep(every).await;
                 reactor.enforce_retention().await;
+            }
+        }));
+    }
+    {
+        let reactor = reactor.clone();
+        let timeout = config.slow_consumer_timeout;
+        tasks.push(rt::spawn(async move {
+            let log = LogLimiter::new(Duration::from_secs(10));
+            let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            loop {
+                rt::sleep(every).await;
+                reactor.sweep_stalled_writers(timeout, &log);
             }
         }));
     }
@@ -184,4 +179,57 @@ async fn shard_main(
     reactor.close_all().await;
     tracing::info!(shard = id, "shard stopped; partitions flushed");
     Ok(())
+}
+
+/// Longest pause between accept attempts after failures (e.g. out of file
+/// descriptors): backs off from 10 ms so a full fd table does not spin.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+async fn accept_loop(reactor: Rc<Reactor>, listener: TcpListener, per_shard_max: usize) {
+    let refused_log = LogLimiter::new(Duration::from_secs(10));
+    let failed_log = LogLimiter::new(Duration::from_secs(10));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                backoff = Duration::from_millis(10);
+                if reactor.metrics.connections_open.get() as usize >= per_shard_max {
+                    add(&reactor.metrics.connections_refused, 1);
+                    if let Some(held_back) = refused_log.allow() {
+                        tracing::warn!(
+                            shard = reactor.id,
+                            limit = per_shard_max,
+                            more_since_last_line = held_back,
+                            "connection limit reached; refusing with TooManyConnections"
+                        );
+                    }
+                    rt::spawn_detached(refuse(stream, per_shard_max));
+                    continue;
+                }
+                rt::spawn_detached(conn::serve(reactor.clone(), stream));
+            }
+            Err(e) => {
+                add(&reactor.metrics.accept_errors, 1);
+                if let Some(held_back) = failed_log.allow() {
+                    tracing::warn!(
+                        shard = reactor.id,
+                        error = %e,
+                        more_since_last_line = held_back,
+                        "accept failed; backing off"
+                    );
+                }
+                rt::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Tells a connection over the limit why, then closes it.
+async fn refuse(stream: glommio::net::TcpStream, limit: usize) {
+    use futures::io::AsyncWriteExt;
+    let frame = conn::respond::error_frame(0, &Error::TooManyConnections { limit });
+    let mut stream = stream;
+    // A peer that reads nothing must not hold the slot.
+    let _ = rt::timeout(Duration::from_millis(200), stream.write_all(&frame)).await;
 }

@@ -39,6 +39,7 @@ pub enum ErrorCode {
     UnknownPartition = 12,
     TopicExists = 13,
     InvalidConfig = 14,
+    UnknownTopicId = 15,
     CorruptBatch = 20,
     BatchTooLarge = 21,
     OffsetOutOfRange = 22,
@@ -49,6 +50,7 @@ pub enum ErrorCode {
     NotOwner = 32,
     Timeout = 33,
     ResourceLimit = 34,
+    TooManyConnections = 35,
 }
 
 impl ErrorCode {
@@ -65,6 +67,7 @@ impl ErrorCode {
             12 => UnknownPartition,
             13 => TopicExists,
             14 => InvalidConfig,
+            15 => UnknownTopicId,
             20 => CorruptBatch,
             21 => BatchTooLarge,
             22 => OffsetOutOfRange,
@@ -75,6 +78,7 @@ impl ErrorCode {
             32 => NotOwner,
             33 => Timeout,
             34 => ResourceLimit,
+            35 => TooManyConnections,
             _ => Unknown,
         }
     }

@@ -19,8 +19,14 @@ use thiserror::Error;
 pub const FRAME_PREFIX_BYTES: usize = 8;
 /// Default largest frame a peer may send (a 1 MiB batch fits with room).
 pub const FRAME_BYTES_MAX_DEFAULT: usize = 8 * 1024 * 1024;
-/// Largest flatbuffer header accepted, whatever the frame limit.
+/// Largest request header accepted, whatever the frame limit: requests
+/// are small (names and numbers; record batches travel as payload).
 pub const HEADER_BYTES_MAX: usize = 64 * 1024;
+/// Largest response a client accepts, header included. Responses are as
+/// large as the data requires (metadata for thousands of partitions runs to
+/// megabytes); this bound only stops a broken peer from making a client
+/// buffer without end.
+pub const RESPONSE_BYTES_MAX: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum FrameError {
@@ -28,6 +34,8 @@ pub enum FrameError {
     TooLarge { len: usize, max: usize },
     #[error("header length {header_len} does not fit a frame of {frame_len} bytes")]
     BadHeaderLength { header_len: usize, frame_len: usize },
+    #[error("header of {len} bytes exceeds the maximum of {max}")]
+    HeaderTooLarge { len: usize, max: usize },
     #[error("invalid flatbuffer header: {0}")]
     InvalidHeader(String),
 }
@@ -35,7 +43,9 @@ pub enum FrameError {
 impl FrameError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            FrameError::TooLarge { .. } | FrameError::HeaderTooLarge { .. } => {
+                ErrorCode::FrameTooLarge
+            }
             _ => ErrorCode::MalformedRequest,
         }
     }
@@ -60,9 +70,25 @@ pub enum Check {
     Complete(FrameParts),
 }
 
-/// Inspects `buf` for one frame without allocating. Errors are fatal for
-/// the connection: the framing can no longer be trusted.
+/// Inspects `buf` for one request frame without allocating (headers up to
+/// [`HEADER_BYTES_MAX`]). Errors are fatal for the connection: the framing
+/// can no longer be trusted.
 pub fn check(buf: &[u8], frame_bytes_max: usize) -> Result<Check, FrameError> {
+    check_with(buf, frame_bytes_max, HEADER_BYTES_MAX)
+}
+
+/// Inspects `buf` for one response frame: any header that fits the frame,
+/// frames up to [`RESPONSE_BYTES_MAX`].
+pub fn check_response(buf: &[u8]) -> Result<Check, FrameError> {
+    check_with(buf, RESPONSE_BYTES_MAX, RESPONSE_BYTES_MAX)
+}
+
+/// [`check`] with explicit bounds on the frame and on its header.
+pub fn check_with(
+    buf: &[u8],
+    frame_bytes_max: usize,
+    header_bytes_max: usize,
+) -> Result<Check, FrameError> {
     if buf.len() < 4 {
         return Ok(Check::Incomplete {
             total: FRAME_PREFIX_BYTES,
@@ -86,10 +112,16 @@ pub fn check(buf: &[u8], frame_bytes_max: usize) -> Result<Check, FrameError> {
         return Ok(Check::Incomplete { total });
     }
     let header_len = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
-    if header_len > frame_len - 4 || header_len > HEADER_BYTES_MAX {
+    if header_len > frame_len - 4 {
         return Err(FrameError::BadHeaderLength {
             header_len,
             frame_len,
+        });
+    }
+    if header_len > header_bytes_max {
+        return Err(FrameError::HeaderTooLarge {
+            len: header_len,
+            max: header_bytes_max,
         });
     }
     if buf.len() < total {
@@ -210,5 +242,26 @@ mod tests {
         };
         let err = decode_request(&garbage[parts.header]).unwrap_err();
         assert_eq!(err.code(), ErrorCode::MalformedRequest);
+    }
+
+    #[test]
+    fn responses_may_carry_headers_larger_than_requests() {
+        let header_len = HEADER_BYTES_MAX + 1024;
+        let mut f = prefix(header_len, 0).to_vec();
+        f.resize(FRAME_PREFIX_BYTES + header_len, 0);
+        assert!(matches!(
+            check(&f, 1 << 30),
+            Err(FrameError::HeaderTooLarge { .. })
+        ));
+        let Check::Complete(parts) = check_response(&f).unwrap() else {
+            panic!("complete")
+        };
+        assert_eq!(parts.header.len(), header_len);
+        let mut huge = prefix(10, RESPONSE_BYTES_MAX).to_vec();
+        huge.resize(64, 0);
+        assert!(matches!(
+            check_response(&huge),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 }

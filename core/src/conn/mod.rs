@@ -195,7 +195,7 @@ pub async fn serve(reactor: Rc<Reactor>, stream: TcpStream) {
     let (mut r, w) = stream.split();
     let conn = Rc::new(Conn {
         reactor: reactor.clone(),
-        out: Mutex::new(respond::Out::new(writer::Writer::new(w, sock))),
+        out: Mutex::new(respond::Out::new(writer::Writer::new(w, sock, &reactor))),
         subs: RefCell::new(HashMap::new()),
         closed: Cell::new(false),
         fetches_in_flight: Cell::new(0),

@@ -75,23 +75,37 @@ impl Conn {
     pub async fn respond_error(&self, corr: u32, e: &Error) -> std::io::Result<()> {
         let mut out = self.out.lock().await;
         let Out { writer, fbb } = &mut *out;
-        fbb.reset();
-        let msg = fbb.create_string(&e.to_string());
-        let resp = fb::Response::create(
-            fbb,
-            &fb::ResponseArgs {
-                correlation_id: corr,
-                error_code: e.code() as u16,
-                error_message: Some(msg),
-                body_type: fb::ResponseBody::NONE,
-                body: None,
-            },
-        );
-        fbb.finish(resp, None);
-        let header = fbb.finished_data();
+        let header = encode_error(fbb, corr, e);
         let prefix = frame::prefix(header.len(), 0);
         writer
             .write(&[&prefix, header], None, &self.reactor.metrics)
             .await
     }
+}
+
+/// Encodes an error response header into `fbb`.
+pub fn encode_error<'a>(fbb: &'a mut FlatBufferBuilder<'static>, corr: u32, e: &Error) -> &'a [u8] {
+    fbb.reset();
+    let msg = fbb.create_string(&e.to_string());
+    let resp = fb::Response::create(
+        fbb,
+        &fb::ResponseArgs {
+            correlation_id: corr,
+            error_code: e.code() as u16,
+            error_message: Some(msg),
+            body_type: fb::ResponseBody::NONE,
+            body: None,
+        },
+    );
+    fbb.finish(resp, None);
+    fbb.finished_data()
+}
+
+/// A whole error frame, for a connection that is refused before it is
+/// served.
+pub fn error_frame(corr: u32, e: &Error) -> Vec<u8> {
+    let mut fbb = FlatBufferBuilder::with_capacity(256);
+    let mut out = Vec::new();
+    frame::write_frame(&mut out, encode_error(&mut fbb, corr, e), &[]);
+    out
 }

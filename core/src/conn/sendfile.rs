@@ -36,13 +36,15 @@ fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<libc::c_int> {
 }
 
 /// Sends `len` bytes of `file` from `position` to the socket `sock`, whose
-/// writable half is `w` (used only to wait for room).
+/// writable half is `w` (used only to wait for room). Each time bytes go
+/// out, `progress_since` is set to now (the slow-consumer sweeper reads it).
 pub async fn send_file<W: AsyncWrite + Unpin>(
     w: &mut W,
     sock: RawFd,
     file: RawFd,
     mut position: u64,
     mut len: u64,
+    progress_since: &std::cell::Cell<Option<std::time::Instant>>,
 ) -> io::Result<Sent> {
     let mut sent = Sent::default();
     while len > 0 {
@@ -59,6 +61,7 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
             position += n as u64;
             len -= n as u64;
             sent.zero_copy += n as u64;
+            progress_since.set(Some(std::time::Instant::now()));
             continue;
         }
         if n == 0 {
@@ -80,6 +83,7 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
                     ));
                 }
                 w.write_all(&b).await?;
+                progress_since.set(Some(std::time::Instant::now()));
                 position += 1;
                 len -= 1;
                 sent.copied += 1;

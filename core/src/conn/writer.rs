@@ -2,13 +2,36 @@
 //! (frame prefix, header), then log bytes straight from a file with
 //! sendfile. A second protocol (a Kafka listener) encodes differently and
 //! writes through the same path.
+//!
+//! Slow consumers (C9): every writer has a [`Watch`] that says since when
+//! its current write has been waiting. The shard's sweeper
+//! ([`Reactor::sweep_stalled_writers`]) shuts down a connection whose write
+//! made no progress for `slow_consumer_timeout_ms`, so a consumer that
+//! stops reading never holds memory or a push loop forever, and never slows
+//! the others (each connection writes on its own). No timer is armed per
+//! write: the data path pays two `Cell` stores.
 
 use crate::conn::sendfile;
+use crate::metrics::LogLimiter;
 use crate::metrics::{add, Metrics};
 use crate::partitions::FetchData;
+use crate::reactor::Reactor;
+use crate::rt;
 use futures::io::{AsyncWriteExt, WriteHalf};
 use glommio::net::TcpStream;
+use std::cell::Cell;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::{Rc, Weak};
+use std::time::{Duration, Instant};
+
+/// What the sweeper sees of a writer. Lives exactly as long as the
+/// [`Writer`] (which holds the socket open), so a shutdown through it never
+/// reaches a descriptor number reused by another connection.
+pub struct Watch {
+    sock: RawFd,
+    /// Since when the current write has been waiting for the socket.
+    progress_since: Cell<Option<Instant>>,
+}
 
 pub struct Writer {
     w: WriteHalf<TcpStream>,
@@ -16,19 +39,38 @@ pub struct Writer {
     /// Reused for the encoded parts, so each response is one write (one
     /// segment, one wake-up at the client).
     head: Vec<u8>,
+    watch: Rc<Watch>,
 }
 
 impl Writer {
-    pub fn new(w: WriteHalf<TcpStream>, sock: RawFd) -> Writer {
+    pub fn new(w: WriteHalf<TcpStream>, sock: RawFd, reactor: &Reactor) -> Writer {
+        let watch = Rc::new(Watch {
+            sock,
+            progress_since: Cell::new(None),
+        });
+        reactor.watch_writer(&watch);
         Writer {
             w,
             sock,
             head: Vec::with_capacity(1024),
+            watch,
         }
     }
 
     /// Writes `parts` in one write, then `data` from its file, and flushes.
     pub async fn write(
+        &mut self,
+        parts: &[&[u8]],
+        data: Option<&FetchData>,
+        metrics: &Metrics,
+    ) -> std::io::Result<()> {
+        self.watch.progress_since.set(Some(rt::now()));
+        let r = self.write_inner(parts, data, metrics).await;
+        self.watch.progress_since.set(None);
+        r
+    }
+
+    async fn write_inner(
         &mut self,
         parts: &[&[u8]],
         data: Option<&FetchData>,
@@ -44,11 +86,70 @@ impl Writer {
                 FetchData::Local(s) => (s.file().as_raw_fd(), s.file_position(), s.len),
                 FetchData::Remote(r) => (r.file.as_raw_fd(), r.position, r.len),
             };
-            let sent = sendfile::send_file(&mut self.w, self.sock, fd, position, len).await?;
+            let sent = sendfile::send_file(
+                &mut self.w,
+                self.sock,
+                fd,
+                position,
+                len,
+                &self.watch.progress_since,
+            )
+            .await?;
             add(&metrics.fetch_bytes, len);
             add(&metrics.zero_copy_bytes, sent.zero_copy);
             add(&metrics.copied_bytes, sent.copied);
         }
         self.w.flush().await
+    }
+}
+
+/// The writers of one shard, for the sweeper.
+#[derive(Default)]
+pub struct Watches {
+    all: std::cell::RefCell<Vec<Weak<Watch>>>,
+}
+
+impl Reactor {
+    fn watch_writer(&self, w: &Rc<Watch>) {
+        self.writers.all.borrow_mut().push(Rc::downgrade(w));
+    }
+
+    /// Shuts down every connection whose write has waited longer than
+    /// `timeout` without progress, and forgets writers that are gone.
+    /// Returns how many it shut down.
+    pub fn sweep_stalled_writers(&self, timeout: Duration, log: &LogLimiter) -> usize {
+        let now = rt::now();
+        let mut closed = 0;
+        self.writers.all.borrow_mut().retain(|w| {
+            let Some(w) = w.upgrade() else {
+                return false;
+            };
+            let stalled = w
+                .progress_since
+                .get()
+                .is_some_and(|t| now.saturating_duration_since(t) >= timeout);
+            if stalled {
+                w.progress_since.set(None);
+                // SAFETY: shutdown(2) on a socket this shard's connection
+                // still owns (the Watch lives no longer than its Writer);
+                // no memory is passed.
+                unsafe { libc::shutdown(w.sock, libc::SHUT_RDWR) };
+                closed += 1;
+            }
+            true
+        });
+        if closed > 0 {
+            add(&self.metrics.slow_consumers_closed, closed as u64);
+            if let Some(held_back) = log.allow() {
+                tracing::warn!(
+                    shard = self.id,
+                    closed,
+                    more_since_last_line = held_back,
+                    timeout_ms = timeout.as_millis() as u64,
+                    "closed connections whose outbound data made no progress (slow consumers)"
+                );
+            }
+        }
+        closed
     }
 }
