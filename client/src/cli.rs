@@ -2,10 +2,73 @@
 //! `produce`, `consume`, `metrics`. They live with the client they are
 //! built on; the binary in `shoal-core` only parses flags and calls them,
 //! each on a small current-thread tokio runtime of its own.
+//!
+//! Output goes through [`Out`], never `println!`: a reader that goes away
+//! early (`shoal topic list | head -1`) closes the pipe, and the command
+//! then stops quietly with success, as `cat` or `grep` would, instead of
+//! panicking on the failed write.
 
-use crate::{Acks, Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig, StartAt};
+use crate::{
+    Acks, Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig, StartAt, TopicInfo,
+};
 use std::io::{BufRead, Write};
 use std::time::Duration;
+
+/// Why a command stopped before its end.
+#[derive(Debug)]
+enum Stop {
+    /// Whoever read the output has gone: not a failure of the command.
+    OutputClosed,
+    Failed(String),
+}
+
+impl From<String> for Stop {
+    fn from(m: String) -> Stop {
+        Stop::Failed(m)
+    }
+}
+
+impl From<std::io::Error> for Stop {
+    fn from(e: std::io::Error) -> Stop {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Stop::OutputClosed
+        } else {
+            Stop::Failed(format!("cannot write the output: {e}"))
+        }
+    }
+}
+
+/// What a command reports to the binary: a closed output is success.
+fn finish(r: Result<(), Stop>) -> Result<(), String> {
+    match r {
+        Ok(()) | Err(Stop::OutputClosed) => Ok(()),
+        Err(Stop::Failed(m)) => Err(m),
+    }
+}
+
+/// A command's output stream. Every write reports a closed pipe as
+/// [`Stop::OutputClosed`], so `?` ends the command quietly.
+struct Out<W: Write>(W);
+
+impl<W: Write> Out<W> {
+    fn line(&mut self, args: std::fmt::Arguments<'_>) -> Result<(), Stop> {
+        self.0.write_fmt(args)?;
+        self.0.write_all(b"\n")?;
+        Ok(())
+    }
+
+    fn bytes(&mut self, b: &[u8]) -> Result<(), Stop> {
+        Ok(self.0.write_all(b)?)
+    }
+
+    fn flush(&mut self) -> Result<(), Stop> {
+        Ok(self.0.flush()?)
+    }
+}
+
+fn stdout() -> Out<std::io::StdoutLock<'static>> {
+    Out(std::io::stdout().lock())
+}
 
 fn rt() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_current_thread()
@@ -25,56 +88,73 @@ fn fmt_opt(v: Option<u64>) -> String {
 }
 
 pub fn topic_create(broker: &str, t: NewTopic) -> Result<(), String> {
-    rt()?.block_on(async {
+    finish(rt()?.block_on(async {
         let c = connect(broker).await?;
         c.create_topic(&t).await.map_err(|e| e.to_string())?;
-        println!("created topic {} with {} partitions", t.name, t.partitions);
-        Ok(())
-    })
+        let mut out = stdout();
+        out.line(format_args!(
+            "created topic {} with {} partitions",
+            t.name, t.partitions
+        ))?;
+        out.flush()
+    }))
 }
 
 pub fn topic_list(broker: &str) -> Result<(), String> {
-    rt()?.block_on(async {
+    finish(rt()?.block_on(async {
         let c = connect(broker).await?;
-        for t in c.list_topics().await.map_err(|e| e.to_string())? {
-            println!(
-                "{}\tpartitions={}\tsync={}",
-                t.name,
-                t.partitions.len(),
-                t.sync
-            );
-        }
-        Ok(())
-    })
+        let topics = c.list_topics().await.map_err(|e| e.to_string())?;
+        print_topic_list(&mut stdout(), &topics)
+    }))
+}
+
+fn print_topic_list<W: Write>(out: &mut Out<W>, topics: &[TopicInfo]) -> Result<(), Stop> {
+    for t in topics {
+        out.line(format_args!(
+            "{}\tpartitions={}\tsync={}",
+            t.name,
+            t.partitions.len(),
+            t.sync
+        ))?;
+    }
+    out.flush()
 }
 
 pub fn topic_describe(broker: &str, name: &str) -> Result<(), String> {
-    rt()?.block_on(async {
+    finish(rt()?.block_on(async {
         let c = connect(broker).await?;
         let t = c.describe_topic(name).await.map_err(|e| e.to_string())?;
-        println!(
-            "topic {}  partitions={}  replication=1  sync={}  retention_ms={}  retention_bytes={}  segment_bytes={}",
-            t.name,
-            t.partitions.len(),
-            t.sync,
-            fmt_opt(t.retention_ms),
-            fmt_opt(t.retention_bytes),
-            t.segment_bytes
-        );
-        for p in &t.partitions {
-            println!("  partition {}\tshard={}\tstart={}\tend={}", p.partition, p.shard, p.log_start_offset, p.high_watermark);
-        }
-        Ok(())
-    })
+        print_topic(&mut stdout(), &t)
+    }))
+}
+
+fn print_topic<W: Write>(out: &mut Out<W>, t: &TopicInfo) -> Result<(), Stop> {
+    out.line(format_args!(
+        "topic {}  partitions={}  replication=1  sync={}  retention_ms={}  retention_bytes={}  segment_bytes={}",
+        t.name,
+        t.partitions.len(),
+        t.sync,
+        fmt_opt(t.retention_ms),
+        fmt_opt(t.retention_bytes),
+        t.segment_bytes
+    ))?;
+    for p in &t.partitions {
+        out.line(format_args!(
+            "  partition {}\tshard={}\tstart={}\tend={}",
+            p.partition, p.shard, p.log_start_offset, p.high_watermark
+        ))?;
+    }
+    out.flush()
 }
 
 pub fn topic_delete(broker: &str, name: &str) -> Result<(), String> {
-    rt()?.block_on(async {
+    finish(rt()?.block_on(async {
         let c = connect(broker).await?;
         c.delete_topic(name).await.map_err(|e| e.to_string())?;
-        println!("deleted topic {name}");
-        Ok(())
-    })
+        let mut out = stdout();
+        out.line(format_args!("deleted topic {name}"))?;
+        out.flush()
+    }))
 }
 
 /// One message per stdin line; exits after stdin closes and every message
@@ -86,7 +166,7 @@ pub fn produce(
     partition: Option<u32>,
     acks: Acks,
 ) -> Result<(), String> {
-    rt()?.block_on(async {
+    finish(rt()?.block_on(async {
         let c = connect(broker).await?;
         c.topic(topic).await.map_err(|e| e.to_string())?;
         let p = Producer::new(
@@ -138,9 +218,9 @@ pub fn produce(
             d.await
                 .map_err(|e| format!("message not acknowledged: {e}"))?;
         }
-        eprintln!("{sent} messages acknowledged");
-        Ok(())
-    })
+        let mut err = Out(std::io::stderr().lock());
+        err.line(format_args!("{sent} messages acknowledged"))
+    }))
 }
 
 /// One message value per stdout line.
@@ -152,7 +232,7 @@ pub fn consume(
     follow: bool,
     partition: Option<u32>,
 ) -> Result<(), String> {
-    rt()?.block_on(async {
+    finish(rt()?.block_on(async {
         let c = connect(broker).await?;
         let info = c.topic(topic).await.map_err(|e| e.to_string())?;
         let mut consumer = Consumer::new(
@@ -184,7 +264,7 @@ pub fn consume(
             .map_err(|e| e.to_string())?
             .partitions;
         let mut printed = 0u64;
-        let stdout = std::io::stdout();
+        let mut out = stdout();
         loop {
             if count.is_some_and(|n| printed >= n) {
                 return Ok(());
@@ -198,27 +278,115 @@ pub fn consume(
                 return Ok(());
             }
             let records = consumer.poll().await.map_err(|e| e.to_string())?;
-            let mut out = stdout.lock();
             for r in records {
                 if count.is_some_and(|n| printed >= n) {
                     break;
                 }
-                out.write_all(r.value.as_deref().unwrap_or_default())
-                    .map_err(|e| e.to_string())?;
-                out.write_all(b"\n").map_err(|e| e.to_string())?;
+                out.bytes(r.value.as_deref().unwrap_or_default())?;
+                out.bytes(b"\n")?;
                 printed += 1;
             }
-            out.flush().map_err(|e| e.to_string())?;
+            out.flush()?;
         }
-    })
+    }))
 }
 
 pub fn metrics(broker: &str) -> Result<(), String> {
-    rt()?.block_on(async {
+    finish(rt()?.block_on(async {
         let c = connect(broker).await?;
-        for (k, v) in c.metrics().await.map_err(|e| e.to_string())? {
-            println!("{k} {v}");
+        let metrics = c.metrics().await.map_err(|e| e.to_string())?;
+        let mut out = stdout();
+        for (k, v) in metrics {
+            out.line(format_args!("{k} {v}"))?;
         }
-        Ok(())
-    })
+        out.flush()
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PartitionInfo;
+    use std::io::{Error as IoError, ErrorKind};
+
+    /// Takes `room` bytes, then fails every write with `kind`: a reader
+    /// that read a little and left (`| head -1`), or a full disk.
+    struct Leaving {
+        taken: Vec<u8>,
+        room: usize,
+        kind: ErrorKind,
+    }
+
+    impl Write for Leaving {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.taken.len() >= self.room {
+                return Err(IoError::from(self.kind));
+            }
+            let n = buf.len().min(self.room - self.taken.len());
+            self.taken.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn out(room: usize, kind: ErrorKind) -> Out<Leaving> {
+        Out(Leaving {
+            taken: Vec::new(),
+            room,
+            kind,
+        })
+    }
+
+    fn topic(partitions: u32) -> TopicInfo {
+        TopicInfo {
+            name: "orders".into(),
+            partitions: (0..partitions)
+                .map(|p| PartitionInfo {
+                    partition: p,
+                    shard: 0,
+                    log_start_offset: 0,
+                    high_watermark: 10,
+                })
+                .collect(),
+            sync: "always".into(),
+            retention_ms: None,
+            retention_bytes: None,
+            segment_bytes: 1 << 30,
+        }
+    }
+
+    /// `shoal topic describe X | head -1`: the first line goes out, the
+    /// rest meets a closed pipe, and the command ends with success.
+    #[test]
+    fn a_closed_pipe_ends_a_command_quietly() {
+        let mut o = out(100, ErrorKind::BrokenPipe);
+        let r = print_topic(&mut o, &topic(64));
+        assert!(matches!(r, Err(Stop::OutputClosed)), "{r:?}");
+        assert_eq!(finish(r), Ok(()));
+        assert_eq!(o.0.taken.len(), 100);
+        let mut o = out(0, ErrorKind::BrokenPipe);
+        assert_eq!(finish(print_topic_list(&mut o, &[topic(1)])), Ok(()));
+    }
+
+    /// Other write failures are still failures, with the cause.
+    #[test]
+    fn other_write_errors_fail_the_command() {
+        let mut o = out(10, ErrorKind::StorageFull);
+        let e = finish(print_topic(&mut o, &topic(4))).expect_err("a failure");
+        assert!(e.starts_with("cannot write the output"), "{e}");
+    }
+
+    #[test]
+    fn describe_prints_every_partition() {
+        let mut o = out(usize::MAX, ErrorKind::BrokenPipe);
+        print_topic(&mut o, &topic(2)).expect("written");
+        let text = String::from_utf8(o.0.taken).expect("utf-8");
+        assert_eq!(text.lines().count(), 3);
+        assert!(
+            text.contains("  partition 1\tshard=0\tstart=0\tend=10\n"),
+            "{text}"
+        );
+    }
 }
