@@ -28,7 +28,9 @@ pub enum Error {
     Closed,
     #[error("storage I/O failed: {0}")]
     Io(#[from] io::Error),
-    #[error("an earlier write failed, the log refuses further appends: {0}")]
+    /// A write, fdatasync or roll failed (a full disk, say). Retriable:
+    /// the log retries on its own and takes appends again once that works.
+    #[error("storage write failed, appends are refused until a retry succeeds: {0}")]
     Poisoned(String),
     #[error("corrupt storage: {0}")]
     Corrupt(String),

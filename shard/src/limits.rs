@@ -1,5 +1,7 @@
 //! Every bound the storage engine works within, in one place.
 
+use std::time::Duration;
+
 /// O_DIRECT alignment of file positions, lengths and buffers.
 pub const DIRECT_IO_ALIGN: u64 = 4096;
 /// Size of one DMA write buffer; a flush writes a run of them concurrently.
@@ -30,6 +32,13 @@ pub const INDEX_INTERVAL_BYTES: u64 = 4096;
 /// A recovery point is checkpointed after this many new bytes, bounding
 /// the bytes a crash recovery has to scan.
 pub const RECOVERY_CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+/// First pause before a failed write (a full disk, say) is retried; the
+/// pause doubles with each failure up to [`WRITE_RETRY_PAUSE_MAX`]. Appends
+/// are refused meanwhile, so a producer learns of the failure at once.
+pub const WRITE_RETRY_PAUSE_MIN: Duration = Duration::from_millis(100);
+/// Longest pause between retries of a failed write: appends resume at
+/// most this long after the disk has room again.
+pub const WRITE_RETRY_PAUSE_MAX: Duration = Duration::from_secs(2);
 /// Producer ids remembered per partition for idempotence.
 pub const PRODUCERS_MAX: usize = 4096;
 /// Recent batches remembered per producer to answer retries.
@@ -46,5 +55,6 @@ const _: () =
     assert!(SEGMENT_BYTES_DEFAULT + BATCH_BYTES_MAX_DEFAULT as u64 <= SEGMENT_BYTES_LIMIT);
 const _: () = assert!(INDEX_INTERVAL_BYTES >= DIRECT_IO_ALIGN);
 const _: () = assert!(PREALLOCATE_STEP_BYTES.is_multiple_of(DIRECT_IO_ALIGN));
+const _: () = assert!(WRITE_RETRY_PAUSE_MIN.as_millis() <= WRITE_RETRY_PAUSE_MAX.as_millis());
 // An extension is due with half a step left: one maximal batch must fit.
 const _: () = assert!(PREALLOCATE_STEP_BYTES / 2 >= BATCH_BYTES_MAX_DEFAULT as u64);

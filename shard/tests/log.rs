@@ -582,3 +582,213 @@ fn preallocated_zeros_after_a_crash_are_no_damage() {
         log.close().await.unwrap();
     });
 }
+
+/// Tag of each batch in the log, in order (values are `tag:i:...`).
+fn batch_tags(log: &PartitionLog) -> Vec<u64> {
+    let mut tags: Vec<u64> = Vec::new();
+    for (_, v) in read_all(log) {
+        let s = String::from_utf8_lossy(&v);
+        let (tag, rest) = s.split_once(':').unwrap();
+        if rest.starts_with("0:") {
+            tags.push(tag.parse().unwrap());
+        }
+    }
+    tags
+}
+
+/// Appends `b` until it is acknowledged, failing after `limit`.
+async fn append_until_accepted(log: &PartitionLog, b: &[u8], limit: Duration) -> u64 {
+    let t0 = std::time::Instant::now();
+    loop {
+        match log.append_acked(b).await {
+            Ok(a) => return a.base_offset,
+            Err(Error::Poisoned(_)) => {
+                assert!(
+                    t0.elapsed() < limit,
+                    "appends did not resume within {limit:?}"
+                );
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("unexpected error while waiting to resume: {e}"),
+        }
+    }
+}
+
+/// A failed write (an injected ENOSPC, three times in a row) refuses
+/// appends until a retry of the same round succeeds, then appends resume
+/// on their own. Every acknowledged batch is in the log exactly once; the
+/// batch whose write failed was never acknowledged and is written by the
+/// retry, once (issue 9 #4: a full disk used to poison the log for good).
+#[test]
+fn a_failed_write_is_retried_and_appends_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().into();
+    run(move || async move {
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
+        for t in 0..10u64 {
+            log.append_acked(&batch(t, 2, 300, 0)).await.unwrap();
+        }
+        log.inject_write_failures(3);
+        let failed = log.append_acked(&batch(10, 2, 300, 0)).await;
+        assert!(matches!(failed, Err(Error::Poisoned(_))), "{failed:?}");
+        assert!(log.failure().is_some());
+        let refused = log.append(&batch(11, 2, 300, 0)).await;
+        assert!(
+            matches!(refused, Err(Error::Poisoned(_))),
+            "appends are refused at once while the write fails: {refused:?}"
+        );
+        let at = append_until_accepted(&log, &batch(12, 2, 300, 0), Duration::from_secs(10)).await;
+        assert_eq!(at, 22, "the retried batch kept its offsets");
+        assert_eq!(log.failure(), None);
+        let expect: Vec<u64> = (0..=10).chain([12]).collect();
+        assert_eq!(batch_tags(&log), expect);
+        log.close().await.unwrap();
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
+        assert_eq!(batch_tags(&log), expect);
+        log.close().await.unwrap();
+    });
+}
+
+/// A tmpfs of a few MiB, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// `None` (with the reason printed) where mounting is not allowed.
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallDisk { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "skipped: cannot mount a tmpfs ({})",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: cannot run mount ({e})");
+                None
+            }
+        }
+    }
+    fn path(&self) -> PathBuf {
+        self.dir.path().into()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("umount");
+            if lazy {
+                c.arg("-l");
+            }
+            // Files glommio closes lazily can keep the mount busy; the lazy
+            // unmount then detaches it.
+            c.arg(self.dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !umount(false) {
+            umount(true);
+        }
+    }
+}
+
+/// Appends acknowledged batches tagged from `*tag` until one fails;
+/// returns the acknowledged tags.
+async fn fill_until_full(log: &PartitionLog, tag: &mut u64) -> Vec<u64> {
+    let mut acked = Vec::new();
+    loop {
+        let t = *tag;
+        *tag += 1;
+        match log.append_acked(&batch(t, 4, 4000, 0)).await {
+            Ok(_) => acked.push(t),
+            Err(Error::Poisoned(_)) => return acked,
+            Err(e) => panic!("a full disk gives a storage error, not {e}"),
+        }
+        assert!(acked.len() < 10_000, "the small disk never filled");
+    }
+}
+
+/// No batch twice, and every acknowledged batch at or after the log's
+/// first batch is there (retention may have deleted a prefix).
+fn check_acked(log: &PartitionLog, acked: &[u64]) {
+    let tags = batch_tags(log);
+    let mut seen = std::collections::HashSet::new();
+    for t in &tags {
+        assert!(seen.insert(*t), "batch {t} is in the log twice");
+    }
+    let first = tags.first().copied().unwrap_or(u64::MAX);
+    for t in acked.iter().filter(|t| **t >= first) {
+        assert!(seen.contains(t), "acknowledged batch {t} is missing");
+    }
+}
+
+/// On a real full disk (an 8 MiB tmpfs): appends fail with a storage
+/// error and resume on their own once space is freed; after a crash on the
+/// full disk the log opens without needing new space, and retention can
+/// free room. No acknowledged batch is lost or written twice (issue 9 #4).
+#[test]
+fn a_full_disk_refuses_appends_and_resumes_when_space_returns() {
+    let Some(disk) = SmallDisk::mount("8m") else {
+        return;
+    };
+    let root = disk.path();
+    run(move || async move {
+        let path = root.join("p");
+        let ballast = root.join("ballast");
+        std::fs::write(&ballast, vec![1u8; 3 << 20]).unwrap();
+        let cfg = LogConfig {
+            sync: SyncMode::Always,
+            segment_bytes: 1 << 20,
+            batch_bytes_max: 64 * 1024,
+            write_buffer_bytes: 1 << 20,
+            ..LogConfig::default()
+        };
+        let log = PartitionLog::open(&path, cfg.clone()).await.unwrap();
+        let mut tag = 0;
+        let mut acked = fill_until_full(&log, &mut tag).await;
+        assert!(!acked.is_empty());
+        assert!(log.failure().is_some());
+        check_acked(&log, &acked);
+
+        // Space returns: appends resume without anyone touching the log.
+        std::fs::remove_file(&ballast).unwrap();
+        let t = tag;
+        tag += 1;
+        append_until_accepted(&log, &batch(t, 4, 4000, 0), Duration::from_secs(10)).await;
+        acked.push(t);
+        assert_eq!(log.failure(), None);
+        check_acked(&log, &acked);
+
+        // Full again, then a crash: the log opens on the full disk, and
+        // retention (which needs no space) makes room for appends.
+        acked.extend(fill_until_full(&log, &mut tag).await);
+        log.crash_stop().await;
+        let cfg = LogConfig {
+            retention_bytes: Some(2 << 20),
+            ..cfg
+        };
+        let log = PartitionLog::open(&path, cfg).await.unwrap();
+        check_acked(&log, &acked);
+        assert!(log.enforce_retention(0).await.unwrap() > 0);
+        let t = tag;
+        append_until_accepted(&log, &batch(t, 4, 4000, 0), Duration::from_secs(10)).await;
+        acked.push(t);
+        check_acked(&log, &acked);
+        log.close().await.unwrap();
+    });
+    drop(disk);
+}

@@ -14,6 +14,17 @@
 //! earlier round's writes completed, so overlapping writes never reorder and
 //! rounds complete in order.
 //!
+//! # Failures
+//! A write, fdatasync or roll that fails (a full disk, say) does not end
+//! the log. Its waiters get [`Error::Poisoned`] (a retriable storage
+//! error), appends are refused at once, and a warning says so. A round's
+//! chunks are kept, so after a pause (`WRITE_RETRY_PAUSE_MIN`, doubling up
+//! to `WRITE_RETRY_PAUSE_MAX`) the writer writes the failed rounds again,
+//! in order, at the same positions with the same offsets; once they land,
+//! an info line says so and appends resume. What was acknowledged is never
+//! rewritten; what was not may be written by the retry, once, so a
+//! producer's retry of it is at least once (exactly once with idempotence).
+//!
 //! # Visibility
 //! Readers see a segment up to `Segment::len`, which only ever covers whole
 //! batches whose write has completed: the zero padding of the tail block is
@@ -44,7 +55,10 @@ mod writer;
 
 pub use read::ReadSlice;
 pub use recover::{TailDamage, TailEnd};
-use writer::{extend_preallocation, preallocate, preallocation_target, Prealloc};
+use writer::{
+    clear_failure, extend_preallocation, preallocate, preallocation_target, record_failure,
+    Failure, Prealloc, Round,
+};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{LogConfig, SyncMode};
@@ -60,7 +74,8 @@ use crate::tail::{TailCache, TAIL_INTEREST};
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use shoal_wire::batch::{self, validate_batch, BatchHeader};
 use shoal_wire::BATCH_HEADER_BYTES;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
@@ -144,7 +159,21 @@ struct State {
     rolling: bool,
     closing: bool,
     writer_done: bool,
-    poisoned: Option<String>,
+    /// A write or fdatasync failed: appends are refused and the writer
+    /// retries the failed rounds after a pause.
+    write_failure: Option<Failure>,
+    /// A roll failed: appends are refused until the pause is over, then
+    /// the next append rolls again.
+    roll_failure: Option<Failure>,
+    /// Write failures so far; a round dispatched before the latest one
+    /// cannot complete (its predecessor failed) and is retried too.
+    failures: u64,
+    /// Rounds whose write failed, by sequence number, written again in
+    /// order when the writer retries.
+    retry: BTreeMap<u64, Round>,
+    /// A roll started changing files and has not finished: the active
+    /// segment takes no more batches, the next append rolls.
+    roll_needed: bool,
     producers: ProducerTable,
     ckpt_pos: u64,
     ckpt_running: bool,
@@ -172,6 +201,16 @@ struct Inner {
     wake_writer: Notify,
     /// Buffer space freed or a roll finished.
     space: Notify,
+    /// Round writes still to fail on purpose (tests of the retry).
+    injected_failures: Cell<u32>,
+}
+
+impl Inner {
+    fn take_injected_failure(&self) -> bool {
+        let n = self.injected_failures.get();
+        self.injected_failures.set(n.saturating_sub(1));
+        n > 0
+    }
 }
 
 /// A partition's append-only log. See the module docs for the write path
@@ -193,6 +232,22 @@ impl PartitionLog {
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// Why appends are refused for now, if they are: a write, fdatasync or
+    /// roll failed (a full disk, say) and is retried after a pause of at
+    /// most `WRITE_RETRY_PAUSE_MAX`; appends resume once it succeeds.
+    pub fn failure(&self) -> Option<String> {
+        let st = self.inner.st.borrow();
+        let f = st.write_failure.as_ref().or(st.roll_failure.as_ref());
+        f.map(|f| f.why.clone())
+    }
+
+    /// Makes the next `n` round writes fail with ENOSPC, as a full disk
+    /// would. For tests of the retry.
+    #[doc(hidden)]
+    pub fn inject_write_failures(&self, n: u32) {
+        self.inner.injected_failures.set(n);
     }
 
     /// What opening the log found past its last valid batch: whether a
@@ -288,14 +343,19 @@ impl PartitionLog {
         let inner = &self.inner;
         let blen = batch.len();
         let mut st = inner.st.borrow_mut();
-        if let Some(why) = &st.poisoned {
-            return Err(Error::Poisoned(why.clone()));
-        }
         if st.closing {
             return Err(Error::Closed);
         }
         if st.rolling {
             return Ok(Accept::WaitSpace);
+        }
+        if let Some(f) = &st.write_failure {
+            return Err(Error::Poisoned(f.why.clone()));
+        }
+        if let Some(f) = &st.roll_failure {
+            if !f.retry_due() {
+                return Err(Error::Poisoned(f.why.clone()));
+            }
         }
         if let Some(expected) = expect_base {
             if expected != st.next_offset {
@@ -316,7 +376,9 @@ impl PartitionLog {
         }
         let age_due = rt::since(st.active_created) >= inner.config.segment_age;
         if st.active_bytes > 0
-            && (st.active_bytes + blen as u64 > inner.config.segment_bytes || age_due)
+            && (st.roll_needed
+                || st.active_bytes + blen as u64 > inner.config.segment_bytes
+                || age_due)
         {
             return Ok(Accept::Roll);
         }
@@ -411,8 +473,8 @@ impl PartitionLog {
                 if done(&st) {
                     return Ok(());
                 }
-                if let Some(why) = &st.poisoned {
-                    return Err(Error::Poisoned(why.clone()));
+                if let Some(f) = &st.write_failure {
+                    return Err(Error::Poisoned(f.why.clone()));
                 }
                 if st.writer_done {
                     return Err(Error::Closed);
@@ -432,6 +494,9 @@ impl PartitionLog {
             if !busy {
                 st.rolling = true;
                 st.sync_requested = true;
+                if let Some(f) = &mut st.roll_failure {
+                    f.retrying = true;
+                }
             }
             busy
         };
@@ -442,8 +507,12 @@ impl PartitionLog {
         let r = self.roll_inner().await;
         let mut st = inner.st.borrow_mut();
         st.rolling = false;
-        if let Err(e) = &r {
-            st.poisoned.get_or_insert_with(|| e.to_string());
+        match &r {
+            Ok(()) => clear_failure(&mut st.roll_failure, "roll", &inner.dir),
+            // Failing before it changed anything (a write failed, the log
+            // closed), the roll has nothing to retry of its own.
+            Err(e) if st.roll_needed => record_failure(&mut st.roll_failure, "roll", &inner.dir, e),
+            Err(_) => {}
         }
         drop(st);
         inner.space.notify_all();
@@ -460,6 +529,9 @@ impl PartitionLog {
                 && !st.prealloc.running
         })
         .await?;
+        // From here on the old segment changes (truncated, its index
+        // mapped): it must take no more batches, even if the roll fails.
+        inner.st.borrow_mut().roll_needed = true;
         let (old, dma, active_bytes, next_offset) = {
             let st = inner.st.borrow();
             (
@@ -531,6 +603,7 @@ impl PartitionLog {
         st.closed.push(std::mem::replace(&mut st.active, seg));
         st.dma = new_dma;
         st.prealloc = prealloc;
+        st.roll_needed = false;
         st.active_bytes = 0;
         st.active_created = rt::now();
         st.active_max_ts = None;
@@ -578,8 +651,8 @@ impl PartitionLog {
             let changed = inner.progress.changed();
             {
                 let st = inner.st.borrow();
-                if let Some(why) = &st.poisoned {
-                    return Err(Error::Poisoned(why.clone()));
+                if let Some(f) = &st.write_failure {
+                    return Err(Error::Poisoned(f.why.clone()));
                 }
                 if st.writer_done && !st.prealloc.running {
                     break;

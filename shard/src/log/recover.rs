@@ -27,7 +27,8 @@ use crate::tail::TailCache;
 use glommio::io::{DmaFile, OpenOptions};
 use shoal_wire::batch::{self, check_header};
 use shoal_wire::BatchError;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::rc::Rc;
 
@@ -255,9 +256,21 @@ fn recover_files(dir: &Path, bmax: usize, capacity: u64) -> Result<Found> {
                     segment::offset_index_name(base),
                     segment::time_index_name(base),
                 );
-                durable::write_durably_blocking(dir, &oname, idx.offsets.as_bytes())?;
-                durable::write_durably_blocking(dir, &tname, idx.times.as_bytes())?;
-                seg.install_index(IndexBytes::map(&oi)?, IndexBytes::map(&ti)?);
+                let saved = durable::write_durably_blocking(dir, &oname, idx.offsets.as_bytes())
+                    .and_then(|()| {
+                        durable::write_durably_blocking(dir, &tname, idx.times.as_bytes())
+                    })
+                    .and_then(|()| Ok((IndexBytes::map(&oi)?, IndexBytes::map(&ti)?)));
+                match saved {
+                    Ok((o, t)) => seg.install_index(o, t),
+                    // A full disk must not keep the partition from
+                    // opening: serve the index from memory, rebuild it
+                    // again next time.
+                    Err(e) => {
+                        tracing::warn!(segment = %seg.path.display(), error = %e, "cannot save the rebuilt index; keeping it in memory");
+                        *seg.index.borrow_mut() = idx;
+                    }
+                }
             }
         }
         closed.push(seg);
@@ -413,7 +426,12 @@ impl PartitionLog {
             tail_end,
             checkpoint: ck,
         } = found;
-        durable::write_durably(&dir, checkpoint::FILE_NAME, ck).await?;
+        if let Err(e) = durable::write_durably(&dir, checkpoint::FILE_NAME, ck).await {
+            // A full disk must not keep the partition from opening. The old
+            // checkpoint stays; one that says "clean" is trusted only while
+            // the file keeps exactly its length, and any write changes that.
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot write the recovery checkpoint on open; a crash recovery will scan more");
+        }
 
         let closed: Vec<Rc<Segment>> = closed.into_iter().map(Rc::new).collect();
         let active = Rc::new(active);
@@ -459,7 +477,11 @@ impl PartitionLog {
                 rolling: false,
                 closing: false,
                 writer_done: false,
-                poisoned: None,
+                write_failure: None,
+                roll_failure: None,
+                failures: 0,
+                retry: BTreeMap::new(),
+                roll_needed: false,
                 producers,
                 ckpt_pos: end,
                 ckpt_running: false,
@@ -474,6 +496,7 @@ impl PartitionLog {
             progress: Notify::default(),
             wake_writer: Notify::default(),
             space: Notify::default(),
+            injected_failures: Cell::new(0),
         });
         rt::spawn_detached(writer_loop(inner.clone()));
         if let SyncMode::Interval(d) = inner.config.sync {

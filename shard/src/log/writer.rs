@@ -1,8 +1,9 @@
 //! The writer pipeline: one writer task per partition turns the pending
 //! chunks into *rounds* of concurrent direct-I/O writes, with one
 //! fdatasync per durable round (group commit), a background fdatasync for
-//! `interval` mode, and recovery points every `RECOVERY_CHECKPOINT_BYTES`.
-//! See the parent module for the ordering rules.
+//! `interval` mode, recovery points every `RECOVERY_CHECKPOINT_BYTES`, the
+//! preallocation that stays ahead of it, and the retry of failed rounds.
+//! See the parent module for the ordering rules and the failure model.
 
 use super::{align_down, align_up, Inner, State};
 use crate::checkpoint::{self, Checkpoint};
@@ -10,14 +11,20 @@ use crate::config::SyncMode;
 use crate::durable;
 use crate::limits::{
     CHUNK_BYTES, PREALLOCATE_STEP_BYTES, RECOVERY_CHECKPOINT_BYTES, ROUNDS_IN_FLIGHT_MAX,
+    WRITE_RETRY_PAUSE_MAX, WRITE_RETRY_PAUSE_MIN,
 };
 use crate::rt;
 use crate::segment::Segment;
 use glommio::io::{DmaBuffer, DmaFile};
+use std::path::Path;
 use std::rc::{Rc, Weak};
+use std::time::{Duration, Instant};
 
+/// One write of the pending chunks, with at most one fdatasync. Its chunks
+/// are ready to write (zero-padded to the block) and shared, so a round
+/// whose write failed can be written again as it is.
 pub(super) struct Round {
-    chunks: Vec<DmaBuffer>,
+    chunks: Vec<Rc<DmaBuffer>>,
     file_pos: u64,
     len: usize,
     next_offset: u64,
@@ -161,6 +168,17 @@ pub(super) fn take_round(st: &mut State) -> Option<Round> {
         p.prefix = tail.len();
     }
     debug_assert_eq!(chunks.len(), len.div_ceil(CHUNK_BYTES));
+    let chunks = chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut chunk)| {
+            let valid = (len - i * CHUNK_BYTES).min(CHUNK_BYTES);
+            let aligned = align_up(valid as u64) as usize;
+            chunk.as_bytes_mut()[valid..aligned].fill(0);
+            chunk.trim_to_size(aligned);
+            Rc::new(chunk)
+        })
+        .collect();
     Some(Round {
         chunks,
         file_pos,
@@ -172,8 +190,10 @@ pub(super) fn take_round(st: &mut State) -> Option<Round> {
     })
 }
 
-/// Waits until every round before `seq` has completed its writes.
-async fn wait_predecessors(inner: &Inner, seq: u64) -> std::io::Result<()> {
+/// Waits until every round before `seq` has completed its writes. Fails if
+/// a write failed since the round was dispatched (`failures` moved past
+/// `gen`): an earlier round will not complete until it is retried.
+async fn wait_predecessors(inner: &Inner, seq: u64, gen: u64) -> std::io::Result<()> {
     loop {
         let changed = inner.progress.changed();
         {
@@ -181,8 +201,8 @@ async fn wait_predecessors(inner: &Inner, seq: u64) -> std::io::Result<()> {
             if st.rounds_written >= seq {
                 return Ok(());
             }
-            if let Some(why) = &st.poisoned {
-                return Err(std::io::Error::other(why.clone()));
+            if st.failures != gen {
+                return Err(std::io::Error::other("an earlier round failed"));
             }
         }
         changed.await;
@@ -192,27 +212,20 @@ async fn wait_predecessors(inner: &Inner, seq: u64) -> std::io::Result<()> {
 /// Writes one round. Its first chunk rewrites the previous round's tail
 /// block, so it is submitted only after every earlier round's writes are
 /// done; the other chunks go at once. Rounds therefore complete in order.
-async fn write_round(
-    inner: &Inner,
-    chunks: Vec<DmaBuffer>,
-    file_pos: u64,
-    len: usize,
-    dma: &Rc<DmaFile>,
-    seq: u64,
-) -> std::io::Result<()> {
-    let mut writes = Vec::with_capacity(chunks.len());
-    for (i, mut chunk) in chunks.into_iter().enumerate() {
-        let valid = (len - i * CHUNK_BYTES).min(CHUNK_BYTES);
-        let aligned = align_up(valid as u64) as usize;
-        chunk.as_bytes_mut()[valid..aligned].fill(0);
-        chunk.trim_to_size(aligned);
-        let pos = file_pos + (i * CHUNK_BYTES) as u64;
-        let dma = dma.clone();
+async fn write_round(inner: &Inner, round: &Round, seq: u64, gen: u64) -> std::io::Result<()> {
+    let mut writes = Vec::with_capacity(round.chunks.len());
+    for (i, chunk) in round.chunks.iter().enumerate() {
+        let aligned = chunk.len();
+        let pos = round.file_pos + (i * CHUNK_BYTES) as u64;
+        let (dma, chunk) = (round.dma.clone(), chunk.clone());
         writes.push(async move {
             if i == 0 {
-                wait_predecessors(inner, seq).await?;
+                wait_predecessors(inner, seq, gen).await?;
+                if inner.take_injected_failure() {
+                    return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+                }
             }
-            let n = dma.write_at(chunk, pos).await?;
+            let n = dma.write_rc_at(chunk, pos).await?;
             if n != aligned {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::WriteZero,
@@ -225,65 +238,68 @@ async fn write_round(
     for r in futures::future::join_all(writes).await {
         r?;
     }
-    wait_predecessors(inner, seq).await
+    wait_predecessors(inner, seq, gen).await
 }
 
-async fn round_task(inner: Rc<Inner>, round: Round, seq: u64) {
+async fn round_task(inner: Rc<Inner>, round: Round, seq: u64, gen: u64) {
     let always = inner.config.sync == SyncMode::Always;
-    let Round {
-        chunks,
-        file_pos,
-        len,
-        next_offset: next,
-        sync,
-        dma,
-        segment,
-    } = round;
-    let end = file_pos + len as u64;
-    let mut result = write_round(&inner, chunks, file_pos, len, &dma, seq).await;
-    if result.is_ok() {
-        {
-            let mut st = inner.st.borrow_mut();
-            debug_assert_eq!(st.rounds_written, seq, "rounds complete in order");
-            st.rounds_written = seq + 1;
-            segment.set_visible(end.max(segment.len()), next.max(segment.next_offset()));
-            st.written_next = st.written_next.max(next);
-        }
-        inner.progress.notify_all();
-        inner.space.notify_all();
-        if sync || always {
-            result = dma.fdatasync().await.map_err(Into::into);
-            if result.is_ok() {
-                let mut st = inner.st.borrow_mut();
-                st.durable_next = st.durable_next.max(next);
-            }
-        }
-    }
-    match result {
+    let end = round.file_pos + round.len as u64;
+    let next = round.next_offset;
+    let segment = round.segment.clone();
+    match write_round(&inner, &round, seq, gen).await {
         Ok(()) => {
-            let ckpt_due = {
+            {
                 let mut st = inner.st.borrow_mut();
-                let due = !st.ckpt_running
-                    && Rc::ptr_eq(&st.active, &segment)
-                    && end >= st.ckpt_pos + RECOVERY_CHECKPOINT_BYTES;
-                st.ckpt_running |= due;
-                due
+                debug_assert_eq!(st.rounds_written, seq, "rounds complete in order");
+                st.rounds_written = seq + 1;
+                segment.set_visible(end.max(segment.len()), next.max(segment.next_offset()));
+                st.written_next = st.written_next.max(next);
+            }
+            inner.progress.notify_all();
+            inner.space.notify_all();
+            let synced: std::io::Result<()> = if round.sync || always {
+                round.dma.fdatasync().await.map_err(std::io::Error::from)
+            } else {
+                Ok(())
             };
-            if ckpt_due {
-                if let Err(e) = write_recovery_point(&inner, &segment, end, next).await {
-                    tracing::warn!(error = %e, "recovery checkpoint failed; a crash recovery will scan more");
+            match synced {
+                Ok(()) if round.sync || always => {
+                    let mut st = inner.st.borrow_mut();
+                    st.durable_next = st.durable_next.max(next);
                 }
-                inner.st.borrow_mut().ckpt_running = false;
+                Ok(()) => {}
+                Err(e) => {
+                    // The bytes are written (readers may have seen them);
+                    // only their durability is owed: the retry syncs.
+                    let mut st = inner.st.borrow_mut();
+                    st.sync_requested = true;
+                    record_write_failure(&mut st, &inner.dir, &e);
+                }
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, dir = %inner.dir.display(), "log write failed; refusing further appends");
-            inner
-                .st
-                .borrow_mut()
-                .poisoned
-                .get_or_insert_with(|| e.to_string());
+            let mut st = inner.st.borrow_mut();
+            // A round failing only because an earlier one did is no news.
+            if st.failures == gen {
+                record_write_failure(&mut st, &inner.dir, &e);
+            }
+            st.retry.insert(seq, round);
         }
+    }
+    let ckpt_due = {
+        let mut st = inner.st.borrow_mut();
+        let due = st.write_failure.is_none()
+            && !st.ckpt_running
+            && Rc::ptr_eq(&st.active, &segment)
+            && end >= st.ckpt_pos + RECOVERY_CHECKPOINT_BYTES;
+        st.ckpt_running |= due;
+        due
+    };
+    if ckpt_due {
+        if let Err(e) = write_recovery_point(&inner, &segment, end, next).await {
+            tracing::warn!(error = %e, "recovery checkpoint failed; a crash recovery will scan more");
+        }
+        inner.st.borrow_mut().ckpt_running = false;
     }
     inner.st.borrow_mut().rounds_in_flight -= 1;
     inner.progress.notify_all();
@@ -291,36 +307,133 @@ async fn round_task(inner: Rc<Inner>, round: Round, seq: u64) {
     inner.wake_writer.notify_all();
 }
 
+/// Why appends are refused for now, and when to try again.
+pub(super) struct Failure {
+    pub(super) why: String,
+    since: Instant,
+    retry_at: Instant,
+    pause: Duration,
+    /// The retry is under way (for a write: the failed rounds are being
+    /// written again; for a roll: an append is rolling again).
+    pub(super) retrying: bool,
+}
+
+impl Failure {
+    /// Whether the next attempt is due.
+    pub(super) fn retry_due(&self) -> bool {
+        !self.retrying && rt::now() >= self.retry_at
+    }
+}
+
+/// Records a failed write, roll or fdatasync in `slot`. The first failure
+/// of a streak is a warning; later ones only push the next retry out.
+pub(super) fn record_failure(
+    slot: &mut Option<Failure>,
+    what: &'static str,
+    dir: &Path,
+    e: &dyn std::fmt::Display,
+) {
+    let now = rt::now();
+    match slot {
+        None => {
+            tracing::warn!(dir = %dir.display(), error = %e, "log {what} failed; appends are refused until a retry succeeds");
+            *slot = Some(Failure {
+                why: e.to_string(),
+                since: now,
+                retry_at: now + WRITE_RETRY_PAUSE_MIN,
+                pause: WRITE_RETRY_PAUSE_MIN,
+                retrying: false,
+            });
+        }
+        Some(f) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "log {what} retry failed");
+            f.why = e.to_string();
+            f.pause = (f.pause * 2).min(WRITE_RETRY_PAUSE_MAX);
+            f.retry_at = now + f.pause;
+            f.retrying = false;
+        }
+    }
+}
+
+/// Ends a failure streak in `slot`, with the one line that says so.
+pub(super) fn clear_failure(slot: &mut Option<Failure>, what: &'static str, dir: &Path) {
+    if let Some(f) = slot.take() {
+        tracing::info!(dir = %dir.display(), after_ms = rt::since(f.since).as_millis() as u64, "log {what} succeeded again; appends resume");
+    }
+}
+
+fn record_write_failure(st: &mut State, dir: &Path, e: &dyn std::fmt::Display) {
+    st.failures += 1;
+    record_failure(&mut st.write_failure, "write", dir, e);
+}
+
 pub(super) async fn writer_loop(inner: Rc<Inner>) {
     loop {
         let wake = inner.wake_writer.changed();
-        let round = {
+        let mut pause_until = None;
+        let dispatch = {
             let mut st = inner.st.borrow_mut();
-            if st.poisoned.is_some() || st.rounds_in_flight >= ROUNDS_IN_FLIGHT_MAX {
+            let st = &mut *st;
+            let may_write = match &mut st.write_failure {
+                None => true,
+                Some(_) if st.closing => false,
+                Some(f) if f.retrying => true,
+                // The rounds in flight settle before anything is retried.
+                Some(_) if st.rounds_in_flight > 0 => false,
+                Some(f) if f.retry_due() => {
+                    f.retrying = true;
+                    true
+                }
+                Some(f) => {
+                    pause_until = Some(f.retry_at);
+                    false
+                }
+            };
+            if !may_write || st.rounds_in_flight >= ROUNDS_IN_FLIGHT_MAX {
                 None
+            } else if let Some((seq, round)) = st.retry.pop_first() {
+                st.rounds_in_flight += 1;
+                Some((round, seq, st.failures))
             } else {
-                take_round(&mut st).map(|r| {
+                take_round(st).map(|r| {
                     let seq = st.round_seq;
                     st.round_seq += 1;
                     st.rounds_in_flight += 1;
-                    (r, seq)
+                    (r, seq, st.failures)
                 })
             }
         };
-        if let Some((round, seq)) = round {
-            rt::spawn_detached(round_task(inner.clone(), round, seq));
+        if let Some((round, seq, gen)) = dispatch {
+            rt::spawn_detached(round_task(inner.clone(), round, seq, gen));
             continue;
         }
         {
             let mut st = inner.st.borrow_mut();
-            if (st.closing || st.poisoned.is_some()) && st.rounds_in_flight == 0 {
+            let retried_all = st.write_failure.as_ref().is_some_and(|f| f.retrying)
+                && st.rounds_in_flight == 0
+                && st.retry.is_empty()
+                && !st.pending.has_new_bytes()
+                && !st.sync_requested;
+            if retried_all {
+                clear_failure(&mut st.write_failure, "write", &inner.dir);
+                drop(st);
+                inner.progress.notify_all();
+                inner.space.notify_all();
+                continue;
+            }
+            if st.closing && st.rounds_in_flight == 0 {
                 st.writer_done = true;
                 drop(st);
                 inner.progress.notify_all();
                 return;
             }
         }
-        wake.await;
+        match pause_until {
+            Some(at) => {
+                let _ = rt::timeout(at.saturating_duration_since(rt::now()), wake).await;
+            }
+            None => wake.await,
+        }
     }
 }
 
@@ -387,27 +500,38 @@ async fn write_recovery_point(
 }
 
 pub(super) async fn interval_sync_loop(inner: Weak<Inner>, every: std::time::Duration) {
+    // Warn once per streak of failures, not every interval.
+    let mut failing = false;
     loop {
         rt::sleep(every).await;
         let Some(inner) = inner.upgrade() else { return };
         let (target, dma) = {
             let st = inner.st.borrow();
-            if st.closing || st.poisoned.is_some() {
+            if st.closing {
                 return;
             }
-            if st.durable_next >= st.written_next {
+            // A failed write is retried by the writer, which syncs then.
+            if st.write_failure.is_some() || st.durable_next >= st.written_next {
                 continue;
             }
             (st.written_next, st.dma.clone())
         };
         match dma.fdatasync().await {
             Ok(()) => {
+                if failing {
+                    tracing::info!(dir = %inner.dir.display(), "background fdatasync succeeded again");
+                    failing = false;
+                }
                 let mut st = inner.st.borrow_mut();
                 st.durable_next = st.durable_next.max(target);
                 drop(st);
                 inner.progress.notify_all();
             }
-            Err(e) => tracing::warn!(error = %e, "background fdatasync failed"),
+            Err(e) if !failing => {
+                tracing::warn!(dir = %inner.dir.display(), error = %e, "background fdatasync failed");
+                failing = true;
+            }
+            Err(e) => tracing::debug!(error = %e, "background fdatasync failed again"),
         }
     }
 }
