@@ -255,6 +255,7 @@ impl Consumer {
                     fb::SubscribeRequest::create(
                         fbb,
                         &fb::SubscribeRequestArgs {
+                            topic_id: 0,
                             topic: Some(t),
                             partition,
                             offset,
@@ -321,6 +322,7 @@ async fn fetch_frame(
                 fb::FetchRequest::create(
                     fbb,
                     &fb::FetchRequestArgs {
+                        topic_id: 0,
                         topic: Some(t),
                         partition: q.partition,
                         offset: q.offset,

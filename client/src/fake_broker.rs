@@ -261,6 +261,7 @@ fn metadata(corr: u32, st: &State, port: u16) -> Vec<u8> {
             let broker = fb::BrokerInfo::create(
                 fbb,
                 &fb::BrokerInfoArgs {
+                    version: None,
                     id: 0,
                     host: Some(host),
                     port,
@@ -289,6 +290,7 @@ fn metadata(corr: u32, st: &State, port: u16) -> Vec<u8> {
                     fb::TopicInfo::create(
                         fbb,
                         &fb::TopicInfoArgs {
+                            topic_id: 0,
                             name: Some(name),
                             partitions: Some(parts),
                             ..Default::default()

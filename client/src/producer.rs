@@ -632,6 +632,7 @@ pub async fn produce_batches(
                 fb::ProduceRequest::create(
                     fbb,
                     &fb::ProduceRequestArgs {
+                        topic_id: 0,
                         topic: Some(t),
                         partition,
                         acks,

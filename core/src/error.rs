@@ -45,6 +45,12 @@ pub enum Error {
     UnsupportedVersion(u16),
     #[error("{0}")]
     ResourceLimit(String),
+    #[error("topic {topic:?} may need {needed_bytes} bytes of disk, only {free_bytes} are free")]
+    NoSpace {
+        topic: String,
+        needed_bytes: u64,
+        free_bytes: u64,
+    },
     #[error("the broker is at its limit of {limit} connections per shard; try again later")]
     TooManyConnections { limit: usize },
     #[error("topic {topic:?} has id {current}, not {asked}: it was deleted (and maybe re-created); refresh metadata")]
@@ -86,7 +92,7 @@ impl Error {
             Error::RequestTimeout { .. } => ErrorCode::Timeout,
             Error::UnsupportedApi(_) => ErrorCode::UnsupportedApi,
             Error::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
-            Error::ResourceLimit(_) => ErrorCode::ResourceLimit,
+            Error::ResourceLimit(_) | Error::NoSpace { .. } => ErrorCode::ResourceLimit,
             Error::TooManyConnections { .. } => ErrorCode::TooManyConnections,
             Error::UnknownTopicId { .. } => ErrorCode::UnknownTopicId,
             Error::Storage(e) | Error::Partition { source: e, .. } => e.code(),

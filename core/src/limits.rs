@@ -64,6 +64,8 @@ pub const MESH_LANE_QUEUED_MAX: usize = 256;
 /// Longest a fetch waits (yielding) for its log bytes to reach the page
 /// cache before sending them anyway.
 pub const RESIDENT_WAIT_MAX: Duration = Duration::from_millis(100);
+/// Partitions a shard opens (or closes) at once when it starts (or stops).
+pub const PARTITION_OPENS_IN_FLIGHT_MAX: usize = 64;
 /// Longest topic name, in bytes.
 pub const TOPIC_NAME_BYTES_MAX: usize = 200;
 /// Most partitions a topic may have.

@@ -75,6 +75,7 @@ pub enum MeshMsg {
     /// Ordered per partition: appended in arrival order.
     Produce {
         topic: String,
+        topic_id: u64,
         partition: u32,
         payload: Vec<u8>,
         acks: Acks,
@@ -93,10 +94,14 @@ pub enum MeshMsg {
     CreateTopic { spec: TopicSpec, reply: Reply<()> },
     /// To the controller (shard 0).
     DeleteTopic { name: String, reply: Reply<()> },
-    /// From the controller: open the local partitions of a new topic.
-    OpenTopic { meta: TopicMeta, reply: Reply<()> },
-    /// From the controller: close and delete the local partitions.
-    DropTopic { name: String, reply: Reply<()> },
+    /// From the controller: open the local partitions of a topic being
+    /// created, not yet visible.
+    StageTopic { meta: TopicMeta, reply: Reply<()> },
+    /// From the controller: the topic is recorded; make it visible.
+    CommitTopic { name: String, reply: Reply<()> },
+    /// From the controller: close and delete the local partitions (of a
+    /// deleted topic, or of a creation that is rolled back).
+    DropTopic { meta: TopicMeta, reply: Reply<()> },
     Metrics {
         reply: oneshot::Sender<Vec<(&'static str, u64)>>,
     },

@@ -15,6 +15,12 @@ use std::time::Duration;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TopicMeta {
     pub name: String,
+    /// This incarnation of the topic: a topic deleted and created again
+    /// under the same name gets a new id, so a client that still means the
+    /// old one is refused (`UnknownTopicId`) instead of writing into the
+    /// new. 0 for topics created before ids (never refused).
+    #[serde(default)]
+    pub id: u64,
     /// Owning shard of partition `i` at index `i`.
     pub shards: Vec<u16>,
     pub sync: String,

@@ -32,6 +32,8 @@ pub struct Reactor {
     /// Every connection's writer, for the slow-consumer sweeper.
     pub writers: crate::conn::writer::Watches,
     pub stopping: Cell<bool>,
+    /// Controller only: names of topics being created.
+    pub creating: std::cell::RefCell<std::collections::BTreeSet<String>>,
     next_subscription: Cell<u64>,
 }
 
@@ -52,6 +54,7 @@ impl Reactor {
             mesh,
             metrics: Metrics::default(),
             stopping: Cell::new(false),
+            creating: Default::default(),
             next_subscription: Cell::new(1),
         }
     }
@@ -105,11 +108,14 @@ impl Reactor {
             MeshMsg::DeleteTopic { name, reply } => {
                 let _ = reply.send(self.delete_topic(name).await);
             }
-            MeshMsg::OpenTopic { meta, reply } => {
-                let _ = reply.send(self.open_topic(&meta).await);
+            MeshMsg::StageTopic { meta, reply } => {
+                let _ = reply.send(self.stage_topic(&meta).await);
             }
-            MeshMsg::DropTopic { name, reply } => {
-                let _ = reply.send(self.drop_topic(&name).await);
+            MeshMsg::CommitTopic { name, reply } => {
+                let _ = reply.send(self.commit_topic(&name));
+            }
+            MeshMsg::DropTopic { meta, reply } => {
+                let _ = reply.send(self.drop_topic(&meta).await);
             }
             MeshMsg::Metrics { reply } => {
                 let _ = reply.send(self.metrics.snapshot());
@@ -123,11 +129,15 @@ impl Reactor {
         match msg {
             MeshMsg::Produce {
                 topic,
+                topic_id,
                 partition,
                 payload,
                 acks,
                 reply,
-            } => match self.produce_append(&topic, partition, &payload).await {
+            } => match self
+                .produce_append(&topic, topic_id, partition, &payload)
+                .await
+            {
                 Err(e) => {
                     let _ = reply.send(Err(e));
                     None

@@ -27,6 +27,7 @@ pub fn run(config: Config) -> Result<()> {
         .map_err(|e| Error::io(format!("create data dir {}", config.data_dir.display()), e))?;
     let mut topics = Topics::load(&config.data_dir)?;
     topics.fit_to(config.cores.len());
+    remove_orphans(&config.data_dir, &topics);
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -232,4 +233,31 @@ async fn refuse(stream: glommio::net::TcpStream, limit: usize) {
     let mut stream = stream;
     // A peer that reads nothing must not hold the slot.
     let _ = rt::timeout(Duration::from_millis(200), stream.write_all(&frame)).await;
+}
+
+/// Removes partition directories no recorded topic owns: what a topic
+/// creation that never committed (a crash between opening its partitions
+/// and recording it) left behind. Runs before any shard starts.
+fn remove_orphans(data_dir: &std::path::Path, topics: &Topics) {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("topics")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let owned = name.rsplit_once('-').is_some_and(|(topic, p)| {
+            let p: Option<u32> = p.parse().ok();
+            topics
+                .topics
+                .get(topic)
+                .zip(p)
+                .is_some_and(|(t, p)| p < t.partitions())
+        });
+        if !owned {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => tracing::info!(dir = %e.path().display(), "removed the files of a topic creation that never completed"),
+                Err(err) => tracing::warn!(dir = %e.path().display(), error = %err, "cannot remove an unrecorded partition directory"),
+            }
+        }
+    }
 }

@@ -127,6 +127,7 @@ async fn a_stalled_consumer_is_disconnected_and_slows_no_one() {
             fb::SubscribeRequest::create(
                 fbb,
                 &fb::SubscribeRequestArgs {
+                    topic_id: 0,
                     topic: Some(t),
                     partition: 0,
                     offset: 0,
@@ -186,4 +187,170 @@ async fn a_stalled_consumer_is_disconnected_and_slows_no_one() {
     }
     assert!(drained < 64 << 20, "the broker stopped sending to it");
     assert!(broker.log_text().contains("slow consumers"));
+}
+
+/// A topic creation that fails on one shard leaves nothing behind: no
+/// entry in `topics.json`, no partition on any shard, a broker that
+/// restarts, and the name free for a later creation (issue 9 #3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_creation_is_all_or_nothing() {
+    let mut broker = Broker::start(shoal_tests::two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client
+        .create_topic(&NewTopic::new("kept", 2))
+        .await
+        .unwrap();
+    // A file where partition 3's directory must go: that partition cannot
+    // be created, the others (on both shards) can.
+    let topics_dir = broker.data.path().join("data").join("topics");
+    let blocker = topics_dir.join("blocked-3");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let e = client
+        .create_topic(&NewTopic::new("blocked", 4))
+        .await
+        .expect_err("creation must fail");
+    assert!(e.to_string().contains("blocked"), "{e}");
+    let names: Vec<String> = client
+        .list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, vec!["kept".to_string()]);
+    match client.describe_topic("blocked").await {
+        Err(shoal_client::Error::Broker { code, .. }) => assert_eq!(code, ErrorCode::UnknownTopic),
+        other => panic!("expected UnknownTopic, got {:?}", other.map(|t| t.name)),
+    }
+    for p in 0..3 {
+        assert!(
+            !topics_dir.join(format!("blocked-{p}")).exists(),
+            "partition {p} rolled back"
+        );
+    }
+    let json =
+        std::fs::read_to_string(broker.data.path().join("data").join("topics.json")).unwrap();
+    assert!(!json.contains("blocked"), "{json}");
+    // The broker restarts, and the name can be used once the obstacle is gone.
+    assert!(broker.terminate());
+    broker.restart();
+    std::fs::remove_file(&blocker).unwrap();
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client
+        .create_topic(&NewTopic::new("blocked", 4))
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .describe_topic("blocked")
+            .await
+            .unwrap()
+            .partitions
+            .len(),
+        4
+    );
+}
+
+async fn topic_id(conn: &Connection, topic: &str) -> u64 {
+    let f = conn
+        .request(
+            fb::RequestBody::MetadataRequest,
+            |fbb| {
+                let t = fbb.create_string(topic);
+                let v = fbb.create_vector(&[t]);
+                fb::MetadataRequest::create(fbb, &fb::MetadataRequestArgs { topics: Some(v) })
+                    .as_union_value()
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    let m = f.response().body_as_metadata_response().unwrap();
+    let brokers = m.brokers().unwrap();
+    assert!(
+        !brokers.get(0).version().unwrap_or("").is_empty(),
+        "the broker reports its version"
+    );
+    m.topics().unwrap().get(0).topic_id()
+}
+
+async fn produce_with_id(conn: &Connection, topic: &str, id: u64) -> Result<(), ErrorCode> {
+    let payload = batch_of(1, 10);
+    conn.request(
+        fb::RequestBody::ProduceRequest,
+        |fbb| {
+            let t = fbb.create_string(topic);
+            fb::ProduceRequest::create(
+                fbb,
+                &fb::ProduceRequestArgs {
+                    topic: Some(t),
+                    topic_id: id,
+                    partition: 0,
+                    acks: fb::Acks::Leader,
+                    timeout_ms: 30_000,
+                },
+            )
+            .as_union_value()
+        },
+        &payload,
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| match e {
+        shoal_client::Error::Broker { code, .. } => code,
+        other => panic!("unexpected {other}"),
+    })
+}
+
+/// A topic deleted and created again under the same name is a new
+/// incarnation with a new id: a request that still names the old id is
+/// refused (UnknownTopicId), on the owning shard and through the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_topic_is_not_the_same_topic() {
+    let broker = Broker::start(shoal_tests::two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client
+        .create_topic(&NewTopic::new("again", 1))
+        .await
+        .unwrap();
+    let shards = broker.shards as u16;
+    let conns: Vec<Connection> = {
+        let mut v = Vec::new();
+        for s in 0..shards {
+            let addr = format!("127.0.0.1:{}", broker.port + 1 + s)
+                .parse()
+                .unwrap();
+            v.push(
+                std::sync::Arc::into_inner(Connection::connect(addr, "test").await.unwrap())
+                    .unwrap(),
+            );
+        }
+        v
+    };
+    let old = topic_id(&conns[0], "again").await;
+    assert_ne!(old, 0);
+    for c in &conns {
+        produce_with_id(c, "again", old).await.unwrap();
+    }
+    client.delete_topic("again").await.unwrap();
+    client
+        .create_topic(&NewTopic::new("again", 1))
+        .await
+        .unwrap();
+    let new = topic_id(&conns[0], "again").await;
+    assert_ne!(new, old);
+    for c in &conns {
+        assert_eq!(
+            produce_with_id(c, "again", old).await,
+            Err(ErrorCode::UnknownTopicId)
+        );
+        produce_with_id(c, "again", new).await.unwrap();
+        produce_with_id(c, "again", 0).await.unwrap();
+    }
+    let t = client.describe_topic("again").await.unwrap();
+    assert_eq!(
+        t.partitions[0].high_watermark,
+        2 * shards as u64,
+        "only the new incarnation's records"
+    );
 }

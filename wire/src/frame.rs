@@ -171,6 +171,7 @@ mod tests {
         let body = fb::ProduceRequest::create(
             fbb,
             &fb::ProduceRequestArgs {
+                topic_id: 0,
                 topic: Some(topic),
                 partition: 3,
                 acks: fb::Acks::Leader,

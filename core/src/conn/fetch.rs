@@ -18,6 +18,7 @@ impl Conn {
         };
         let params = FetchParams {
             topic: s(f.topic()).to_string(),
+            topic_id: f.topic_id(),
             partition: f.partition(),
             offset: f.offset(),
             timestamp_ms: f.by_timestamp().then_some(f.timestamp_ms()),

@@ -34,7 +34,7 @@ impl Conn {
         let started = rt::now();
         let pending = match self
             .reactor
-            .produce_start(s(p.topic()), p.partition(), payload, acks)
+            .produce_start(s(p.topic()), p.topic_id(), p.partition(), payload, acks)
             .await
         {
             Ok(p) => p,

@@ -22,7 +22,8 @@ impl Conn {
             return self.fail(corr, body_mismatch()).await;
         };
         let (topic, partition, offset) = (s(sr.topic()).to_string(), sr.partition(), sr.offset());
-        let (id, sub) = match self.add_subscription(&topic, partition, sr.credit_bytes()) {
+        let topic_id = sr.topic_id();
+        let (id, sub) = match self.add_subscription(&topic, topic_id, partition, sr.credit_bytes()) {
             Ok(v) => v,
             Err(e) => return self.fail(corr, e).await,
         };
@@ -38,7 +39,7 @@ impl Conn {
         .await?;
         // Only now: no push may reach the client before the response that
         // tells it the subscription id.
-        self.start_push(id, sub, topic, partition, offset);
+        self.start_push(id, sub, (topic, topic_id), partition, offset);
         Ok(())
     }
 
@@ -79,10 +80,12 @@ impl Conn {
     fn add_subscription(
         &self,
         topic: &str,
+        topic_id: u64,
         partition: u32,
         credit: u64,
     ) -> Result<(u64, Rc<Subscription>)> {
         self.reactor.partitions.owner(topic, partition)?;
+        self.reactor.partitions.check_id(topic, topic_id)?;
         if self.subs.borrow().len() >= SUBSCRIPTIONS_MAX {
             return Err(Error::ResourceLimit(format!(
                 "at most {SUBSCRIPTIONS_MAX} subscriptions per connection"
@@ -102,7 +105,7 @@ impl Conn {
         self: &Rc<Self>,
         id: u64,
         sub: Rc<Subscription>,
-        topic: String,
+        topic: (String, u64),
         partition: u32,
         offset: u64,
     ) {
@@ -126,7 +129,7 @@ impl Conn {
         &self,
         id: u64,
         sub: Rc<Subscription>,
-        topic: String,
+        (topic, topic_id): (String, u64),
         partition: u32,
         mut offset: u64,
     ) -> Result<()> {
@@ -141,6 +144,7 @@ impl Conn {
             }
             let params = FetchParams {
                 topic: topic.clone(),
+                topic_id,
                 partition,
                 offset,
                 timestamp_ms: None,

@@ -110,6 +110,7 @@ impl Conn {
         let cfg = self.reactor.config.clone();
         self.respond(corr, fb::ResponseBody::MetadataResponse, |fbb| {
             let host = fbb.create_string(&cfg.advertised_host);
+            let version = fbb.create_string(env!("CARGO_PKG_VERSION"));
             let ports: Vec<u16> = (0..cfg.cores.len()).map(|i| cfg.shard_port(i)).collect();
             let ports = fbb.create_vector(&ports);
             let broker = fb::BrokerInfo::create(
@@ -119,6 +120,7 @@ impl Conn {
                     host: Some(host),
                     port: cfg.listen.port(),
                     shard_ports: Some(ports),
+                    version: Some(version),
                 },
             );
             let brokers = fbb.create_vector(&[broker]);
@@ -193,6 +195,7 @@ fn build_topic<'a>(fbb: &mut FlatBufferBuilder<'a>, t: &TopicInfo) -> WIPOffset<
             retention_ms: t.meta.retention_ms.map_or(-1, |v| v as i64),
             retention_bytes: t.meta.retention_bytes.map_or(-1, |v| v as i64),
             segment_bytes: t.meta.segment_bytes as i64,
+            topic_id: t.meta.id,
         },
     )
 }

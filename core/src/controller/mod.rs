@@ -32,7 +32,22 @@ pub struct TopicSpec {
     pub segment_bytes: Option<u64>,
 }
 
+/// A new incarnation id: the creation time in nanoseconds, which no earlier
+/// incarnation of a name can share (never 0, the "any" id).
+fn new_topic_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    nanos.max(1)
+}
+
 impl Reactor {
+    /// Creates a topic on every shard, or on none. Every shard first opens
+    /// its share without showing it (stage); only when all did is the topic
+    /// recorded in `topics.json`, then shown (commit). A failure anywhere
+    /// before the record rolls every shard back, files included; a crash
+    /// before the record leaves only directories that the next creation of
+    /// the name (or the next start) removes.
     pub async fn create_topic(&self, spec: TopicSpec) -> Result<()> {
         if self.id != CONTROLLER_SHARD {
             return self
@@ -44,22 +59,79 @@ impl Reactor {
                 .await;
         }
         let meta = self.topic_meta(&spec)?;
-        if self.partitions.contains(&spec.name) {
+        if self.partitions.contains(&spec.name) || !self.creating.borrow_mut().insert(spec.name.clone())
+        {
             return Err(Error::TopicExists(spec.name));
         }
-        // Reserve the name before any await.
-        self.partitions.reserve(&meta);
-        let all = self.partitions.topic_map();
-        if let Err(e) = self.persist_topics(all).await {
-            self.partitions.forget(&meta.name);
+        let r = match self.check_space(&meta).await {
+            Ok(()) => self.create_everywhere(&meta).await,
+            Err(e) => Err(e),
+        };
+        self.creating.borrow_mut().remove(&meta.name);
+        r
+    }
+
+    /// Refuses a topic whose partitions could not all preallocate what
+    /// they reserve at most (their active segments' lead, checkpoints)
+    /// in the space left.
+    async fn check_space(&self, meta: &TopicMeta) -> Result<()> {
+        let needed_bytes = meta
+            .log_config()
+            .reserved_bytes_max()
+            .saturating_mul(u64::from(meta.partitions()));
+        let free_bytes = shoal_shard::durable::free_bytes(&self.config.data_dir)
+            .await
+            .map_err(|e| Error::io("read the free space of the data directory", e))?;
+        if needed_bytes > free_bytes {
+            return Err(Error::NoSpace {
+                topic: meta.name.clone(),
+                needed_bytes,
+                free_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    async fn create_everywhere(&self, meta: &TopicMeta) -> Result<()> {
+        let staged = self
+            .broadcast(
+                |reply| MeshMsg::StageTopic {
+                    meta: meta.clone(),
+                    reply,
+                },
+                self.stage_topic(meta),
+            )
+            .await;
+        let recorded = match staged {
+            Ok(()) => {
+                let mut all = self.partitions.topic_map();
+                all.insert(meta.name.clone(), meta.clone());
+                self.persist_topics(all).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = recorded {
+            tracing::warn!(topic = %meta.name, error = %e, "topic creation failed; rolling back on every shard");
+            let rolled_back = self
+                .broadcast(
+                    |reply| MeshMsg::DropTopic {
+                        meta: meta.clone(),
+                        reply,
+                    },
+                    self.drop_topic(meta),
+                )
+                .await;
+            if let Err(r) = rolled_back {
+                tracing::warn!(topic = %meta.name, error = %r, "rollback incomplete; leftovers are removed when the name is created again or at the next start");
+            }
             return Err(e);
         }
         self.broadcast(
-            |reply| MeshMsg::OpenTopic {
-                meta: meta.clone(),
+            |reply| MeshMsg::CommitTopic {
+                name: meta.name.clone(),
                 reply,
             },
-            self.open_topic(&meta),
+            async { self.commit_topic(&meta.name) },
         )
         .await
     }
@@ -85,6 +157,7 @@ impl Reactor {
             .map_err(Error::InvalidConfig)?;
         let meta = TopicMeta {
             name: spec.name.clone(),
+            id: new_topic_id(),
             shards: placement::assign_shards(&spec.name, spec.partitions, self.nshards),
             sync,
             retention_ms: spec
@@ -97,6 +170,11 @@ impl Reactor {
         Ok(meta)
     }
 
+    /// Deletes a topic: records it gone, then every shard closes its
+    /// partitions and deletes their files. On a full disk the record cannot
+    /// be rewritten first, so the files go first to make room, then the
+    /// record; a crash in between brings the topic back empty, never with
+    /// old records.
     pub async fn delete_topic(&self, name: String) -> Result<()> {
         if self.id != CONTROLLER_SHARD {
             return self
@@ -107,20 +185,32 @@ impl Reactor {
                 })
                 .await;
         }
-        if !self.partitions.contains(&name) {
-            return Err(Error::UnknownTopic(name));
-        }
+        let meta = self
+            .partitions
+            .topic(&name)
+            .ok_or_else(|| Error::UnknownTopic(name.clone()))?;
         let mut remaining = self.partitions.topic_map();
         remaining.remove(&name);
-        self.persist_topics(remaining).await?;
+        let persisted = self.persist_topics(remaining.clone()).await;
+        let disk_full = matches!(&persisted, Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOSPC));
+        if persisted.is_err() && !disk_full {
+            return persisted;
+        }
+        if disk_full {
+            tracing::warn!(topic = %name, "disk full: deleting the topic's files before recording the deletion");
+        }
         self.broadcast(
             |reply| MeshMsg::DropTopic {
-                name: name.clone(),
+                meta: meta.clone(),
                 reply,
             },
-            self.drop_topic(&name),
+            self.drop_topic(&meta),
         )
-        .await
+        .await?;
+        if disk_full {
+            self.persist_topics(remaining).await?;
+        }
+        Ok(())
     }
 
     async fn persist_topics(&self, topics: BTreeMap<String, TopicMeta>) -> Result<()> {

@@ -17,6 +17,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct FetchParams {
     pub topic: String,
+    /// The incarnation asked for (0: any).
+    pub topic_id: u64,
     pub partition: u32,
     pub offset: u64,
     pub timestamp_ms: Option<i64>,
@@ -66,6 +68,7 @@ impl Reactor {
         if owner == self.id {
             return self.fetch_local(&params).await;
         }
+        self.partitions.check_id(&params.topic, params.topic_id)?;
         let r = self
             .mesh
             .call(self, owner, |reply| MeshMsg::Fetch { params, reply })
@@ -81,6 +84,7 @@ impl Reactor {
     /// Reads from a local partition, long-polling up to `max_wait` for
     /// `min_bytes`.
     pub(crate) async fn fetch_local(&self, p: &FetchParams) -> Result<FetchOk> {
+        self.partitions.check_id(&p.topic, p.topic_id)?;
         let log = self.partitions.local_log(&p.topic, p.partition)?;
         add(&self.metrics.fetch_requests, 1);
         let deadline = rt::now() + p.max_wait;

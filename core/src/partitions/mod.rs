@@ -15,6 +15,8 @@ pub use fetch::{FetchData, FetchOk, FetchParams, PartitionState};
 pub use produce::{Acks, PendingProduce, ProduceOk};
 
 use crate::error::{Error, Result};
+use crate::limits::PARTITION_OPENS_IN_FLIGHT_MAX;
+use futures::stream::{self, StreamExt};
 use crate::metadata::TopicMeta;
 use crate::reactor::Reactor;
 use shoal_shard::PartitionLog;
@@ -29,13 +31,19 @@ pub struct Partitions {
     /// Per topic, the log of partition `i` at index `i` if this shard owns
     /// it.
     logs: RefCell<HashMap<String, Vec<Option<Rc<PartitionLog>>>>>,
+    /// Topics being created: opened here, not visible until committed.
+    staged: RefCell<HashMap<String, Staged>>,
 }
+
+/// A topic's metadata and this shard's logs of it.
+type Staged = (TopicMeta, Vec<Option<Rc<PartitionLog>>>);
 
 impl Partitions {
     pub fn new(topics: impl IntoIterator<Item = TopicMeta>) -> Partitions {
         Partitions {
             topics: RefCell::new(topics.into_iter().map(|t| (t.name.clone(), t)).collect()),
             logs: RefCell::new(HashMap::new()),
+            staged: RefCell::new(HashMap::new()),
         }
     }
 
@@ -54,6 +62,26 @@ impl Partitions {
 
     pub fn topic_map(&self) -> BTreeMap<String, TopicMeta> {
         self.topics.borrow().clone()
+    }
+
+    /// Refuses a request that names another incarnation of `topic` than
+    /// the current one (`topic_id` 0: any).
+    pub fn check_id(&self, topic: &str, topic_id: u64) -> Result<()> {
+        if topic_id == 0 {
+            return Ok(());
+        }
+        let topics = self.topics.borrow();
+        let meta = topics
+            .get(topic)
+            .ok_or_else(|| Error::UnknownTopic(topic.into()))?;
+        if meta.id != 0 && meta.id != topic_id {
+            return Err(Error::UnknownTopicId {
+                topic: topic.into(),
+                asked: topic_id,
+                current: meta.id,
+            });
+        }
+        Ok(())
     }
 
     /// Which shard owns `topic`/`partition`.
@@ -127,66 +155,129 @@ impl Partitions {
 }
 
 impl Reactor {
-    /// Opens the logs of every partition this shard owns.
+    /// Opens the logs of every partition this shard owns, many at a time
+    /// (a restart with thousands of partitions is bound by I/O latency, not
+    /// by any one open).
     pub async fn open_local_partitions(&self) -> Result<()> {
-        for meta in self.partitions.topics() {
-            self.open_topic(&meta).await?;
+        let topics = self.partitions.topics();
+        let opened: Vec<Result<Vec<Option<Rc<PartitionLog>>>>> = stream::iter(&topics)
+            .map(|meta| self.open_logs(meta, false))
+            .buffered(PARTITION_OPENS_IN_FLIGHT_MAX)
+            .collect()
+            .await;
+        for (meta, logs) in topics.iter().zip(opened) {
+            self.partitions.install(meta, logs?);
         }
         Ok(())
     }
 
-    /// Opens this shard's partitions of `meta` and makes the topic known.
-    pub async fn open_topic(&self, meta: &TopicMeta) -> Result<()> {
-        let mut logs = Vec::with_capacity(meta.shards.len());
+    /// Opens this shard's partitions of a topic being created, without
+    /// making it visible: [`Self::commit_topic`] does that once every shard
+    /// opened its share and the controller recorded the topic. On failure
+    /// this shard's share is removed again.
+    pub async fn stage_topic(&self, meta: &TopicMeta) -> Result<()> {
+        match self.open_logs(meta, true).await {
+            Ok(logs) => {
+                self.partitions
+                    .staged
+                    .borrow_mut()
+                    .insert(meta.name.clone(), (meta.clone(), logs));
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(cleanup) = self.remove_partition_dirs(meta).await {
+                    tracing::warn!(topic = %meta.name, error = %cleanup, "could not remove a failed topic's files");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes a staged topic visible.
+    pub fn commit_topic(&self, name: &str) -> Result<()> {
+        let (meta, logs) = self
+            .partitions
+            .staged
+            .borrow_mut()
+            .remove(name)
+            .ok_or_else(|| Error::UnknownTopic(name.into()))?;
+        self.partitions.install(&meta, logs);
+        Ok(())
+    }
+
+    /// Opens this shard's partitions of `meta`. `fresh`: a topic being
+    /// created, whose directories can only hold the leftovers of a creation
+    /// that never committed (the name is in no `topics.json`): they are
+    /// removed first, so a new topic never inherits old records.
+    async fn open_logs(&self, meta: &TopicMeta, fresh: bool) -> Result<Vec<Option<Rc<PartitionLog>>>> {
+        let mut logs: Vec<Option<Rc<PartitionLog>>> = Vec::with_capacity(meta.shards.len());
         for (p, &s) in meta.shards.iter().enumerate() {
             if usize::from(s) != self.id {
                 logs.push(None);
                 continue;
             }
             let dir = meta.partition_dir(&self.config.data_dir, p as u32);
+            if fresh {
+                remove_dir(&dir).await?;
+            }
             let config = shoal_shard::LogConfig {
                 tail_cache_bytes: self.config.tail_cache_bytes,
                 ..meta.log_config()
             };
-            let log =
-                PartitionLog::open(&dir, config)
-                    .await
-                    .map_err(|source| Error::Partition {
+            let log = match PartitionLog::open(&dir, config).await {
+                Ok(log) => log,
+                Err(source) => {
+                    // Close what this call opened: nothing may keep writing.
+                    for log in logs.into_iter().flatten() {
+                        let _ = log.shutdown().await;
+                    }
+                    return Err(Error::Partition {
                         partition: format!("{}-{p}", meta.name),
                         source,
-                    })?;
+                    });
+                }
+            };
             logs.push(Some(Rc::new(log)));
         }
-        self.partitions.install(meta, logs);
-        Ok(())
+        Ok(logs)
     }
 
-    /// Forgets the topic, closes this shard's partitions of it and deletes
-    /// their files (off the core: a large directory tree must not stall
-    /// the other partitions' produce path).
-    pub async fn drop_topic(&self, name: &str) -> Result<()> {
-        let (meta, logs) = self.partitions.remove(name);
-        for (p, log) in logs.into_iter().enumerate() {
-            let Some(log) = log else { continue };
+    /// Forgets the topic (live or staged), closes this shard's partitions
+    /// of it and deletes their files (off the core: a large directory tree
+    /// must not stall the other partitions' produce path). Idempotent: a
+    /// topic this shard never opened is fine.
+    pub async fn drop_topic(&self, meta: &TopicMeta) -> Result<()> {
+        let (_, mut logs) = self.partitions.remove(&meta.name);
+        if let Some((_, staged)) = self.partitions.staged.borrow_mut().remove(&meta.name) {
+            logs.extend(staged);
+        }
+        for log in logs.into_iter().flatten() {
             let _ = log.shutdown().await;
-            drop(log);
-            if let Some(meta) = &meta {
-                let dir = meta.partition_dir(&self.config.data_dir, p as u32);
-                shoal_shard::durable::remove_dir_all(&dir)
-                    .await
-                    .map_err(|e| Error::io(format!("delete {}", dir.display()), e))?;
+        }
+        self.remove_partition_dirs(meta).await
+    }
+
+    /// Deletes the directories of this shard's partitions of `meta`.
+    async fn remove_partition_dirs(&self, meta: &TopicMeta) -> Result<()> {
+        for (p, &s) in meta.shards.iter().enumerate() {
+            if usize::from(s) == self.id {
+                remove_dir(&meta.partition_dir(&self.config.data_dir, p as u32)).await?;
             }
         }
         Ok(())
     }
 
-    /// Flushes and closes every local partition (clean shutdown).
+    /// Flushes and closes every local partition (clean shutdown), many at a
+    /// time.
     pub async fn close_all(&self) {
-        for log in self.partitions.all_logs() {
-            if let Err(e) = log.shutdown().await {
-                tracing::error!(shard = self.id, dir = %log.dir().display(), error = %e, "partition did not close cleanly");
-            }
-        }
+        let logs = self.partitions.all_logs();
+        stream::iter(logs)
+            .for_each_concurrent(PARTITION_OPENS_IN_FLIGHT_MAX, |log| async move {
+                if let Err(e) = log.shutdown().await {
+                    tracing::error!(shard = self.id, dir = %log.dir().display(), error = %e, "partition did not close cleanly");
+                }
+            })
+            .await;
     }
 
     /// Periodic retention over the local partitions.
@@ -197,6 +288,15 @@ impl Reactor {
                 tracing::warn!(dir = %log.dir().display(), error = %e, "retention failed");
             }
         }
+    }
+}
+
+/// Removes a partition directory, if there is one.
+async fn remove_dir(dir: &std::path::Path) -> Result<()> {
+    match shoal_shard::durable::remove_dir_all(dir).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("delete {}", dir.display()), e)),
     }
 }
 

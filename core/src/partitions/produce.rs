@@ -95,19 +95,24 @@ impl Reactor {
     pub async fn produce_start(
         &self,
         topic: &str,
+        topic_id: u64,
         partition: u32,
         payload: &[u8],
         acks: Acks,
     ) -> Result<PendingProduce> {
         let owner = self.partitions.owner(topic, partition)?;
         if owner == self.id {
-            let (log, ok) = self.produce_append(topic, partition, payload).await?;
+            let (log, ok) = self
+                .produce_append(topic, topic_id, partition, payload)
+                .await?;
             let wait = (acks == Acks::Leader).then_some(ok.last_offset + 1);
             return Ok(PendingProduce::Local { log, ok, wait });
         }
         let (tx, rx) = oneshot::channel();
+        self.partitions.check_id(topic, topic_id)?;
         let msg = MeshMsg::Produce {
             topic: topic.into(),
+            topic_id,
             partition,
             payload: payload.to_vec(),
             acks,
@@ -121,9 +126,11 @@ impl Reactor {
     pub(crate) async fn produce_append(
         &self,
         topic: &str,
+        topic_id: u64,
         partition: u32,
         payload: &[u8],
     ) -> Result<(Rc<PartitionLog>, ProduceOk)> {
+        self.partitions.check_id(topic, topic_id)?;
         let log = self.partitions.local_log(topic, partition)?;
         let batch_bytes_max = log.config().batch_bytes_max;
         validate_all(payload, batch_bytes_max)?;

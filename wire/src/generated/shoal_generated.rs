@@ -1374,6 +1374,7 @@ impl<'a> TopicInfo<'a> {
   pub const VT_RETENTION_MS: ::flatbuffers::VOffsetT = 12;
   pub const VT_RETENTION_BYTES: ::flatbuffers::VOffsetT = 14;
   pub const VT_SEGMENT_BYTES: ::flatbuffers::VOffsetT = 16;
+  pub const VT_TOPIC_ID: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1385,6 +1386,7 @@ impl<'a> TopicInfo<'a> {
     args: &'args TopicInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<TopicInfo<'bldr>> {
     let mut builder = TopicInfoBuilder::new(_fbb);
+    builder.add_topic_id(args.topic_id);
     builder.add_segment_bytes(args.segment_bytes);
     builder.add_retention_bytes(args.retention_bytes);
     builder.add_retention_ms(args.retention_ms);
@@ -1445,6 +1447,13 @@ impl<'a> TopicInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<i64>(TopicInfo::VT_SEGMENT_BYTES, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn topic_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(TopicInfo::VT_TOPIC_ID, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for TopicInfo<'_> {
@@ -1460,6 +1469,7 @@ impl ::flatbuffers::Verifiable for TopicInfo<'_> {
      .visit_field::<i64>("retention_ms", Self::VT_RETENTION_MS, false)?
      .visit_field::<i64>("retention_bytes", Self::VT_RETENTION_BYTES, false)?
      .visit_field::<i64>("segment_bytes", Self::VT_SEGMENT_BYTES, false)?
+     .visit_field::<u64>("topic_id", Self::VT_TOPIC_ID, false)?
      .finish();
     Ok(())
   }
@@ -1472,6 +1482,7 @@ pub struct TopicInfoArgs<'a> {
     pub retention_ms: i64,
     pub retention_bytes: i64,
     pub segment_bytes: i64,
+    pub topic_id: u64,
 }
 impl<'a> Default for TopicInfoArgs<'a> {
   #[inline]
@@ -1484,6 +1495,7 @@ impl<'a> Default for TopicInfoArgs<'a> {
       retention_ms: 0,
       retention_bytes: 0,
       segment_bytes: 0,
+      topic_id: 0,
     }
   }
 }
@@ -1522,6 +1534,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TopicInfoBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<i64>(TopicInfo::VT_SEGMENT_BYTES, segment_bytes, 0);
   }
   #[inline]
+  pub fn add_topic_id(&mut self, topic_id: u64) {
+    self.fbb_.push_slot::<u64>(TopicInfo::VT_TOPIC_ID, topic_id, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TopicInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     TopicInfoBuilder {
@@ -1546,6 +1562,7 @@ impl ::core::fmt::Debug for TopicInfo<'_> {
       ds.field("retention_ms", &self.retention_ms());
       ds.field("retention_bytes", &self.retention_bytes());
       ds.field("segment_bytes", &self.segment_bytes());
+      ds.field("topic_id", &self.topic_id());
       ds.finish()
   }
 }
@@ -1569,6 +1586,7 @@ impl<'a> BrokerInfo<'a> {
   pub const VT_HOST: ::flatbuffers::VOffsetT = 6;
   pub const VT_PORT: ::flatbuffers::VOffsetT = 8;
   pub const VT_SHARD_PORTS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_VERSION: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1580,6 +1598,7 @@ impl<'a> BrokerInfo<'a> {
     args: &'args BrokerInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<BrokerInfo<'bldr>> {
     let mut builder = BrokerInfoBuilder::new(_fbb);
+    if let Some(x) = args.version { builder.add_version(x); }
     if let Some(x) = args.shard_ports { builder.add_shard_ports(x); }
     if let Some(x) = args.host { builder.add_host(x); }
     builder.add_id(args.id);
@@ -1616,6 +1635,13 @@ impl<'a> BrokerInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u16>>>(BrokerInfo::VT_SHARD_PORTS, None)}
   }
+  #[inline]
+  pub fn version(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(BrokerInfo::VT_VERSION, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for BrokerInfo<'_> {
@@ -1628,6 +1654,7 @@ impl ::flatbuffers::Verifiable for BrokerInfo<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("host", Self::VT_HOST, false)?
      .visit_field::<u16>("port", Self::VT_PORT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u16>>>("shard_ports", Self::VT_SHARD_PORTS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("version", Self::VT_VERSION, false)?
      .finish();
     Ok(())
   }
@@ -1637,6 +1664,7 @@ pub struct BrokerInfoArgs<'a> {
     pub host: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub port: u16,
     pub shard_ports: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u16>>>,
+    pub version: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for BrokerInfoArgs<'a> {
   #[inline]
@@ -1646,6 +1674,7 @@ impl<'a> Default for BrokerInfoArgs<'a> {
       host: None,
       port: 0,
       shard_ports: None,
+      version: None,
     }
   }
 }
@@ -1672,6 +1701,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BrokerInfoBuilder<'a, 'b, A> 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BrokerInfo::VT_SHARD_PORTS, shard_ports);
   }
   #[inline]
+  pub fn add_version(&mut self, version: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BrokerInfo::VT_VERSION, version);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BrokerInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     BrokerInfoBuilder {
@@ -1693,6 +1726,7 @@ impl ::core::fmt::Debug for BrokerInfo<'_> {
       ds.field("host", &self.host());
       ds.field("port", &self.port());
       ds.field("shard_ports", &self.shard_ports());
+      ds.field("version", &self.version());
       ds.finish()
   }
 }
@@ -1925,6 +1959,7 @@ impl<'a> ProduceRequest<'a> {
   pub const VT_PARTITION: ::flatbuffers::VOffsetT = 6;
   pub const VT_ACKS: ::flatbuffers::VOffsetT = 8;
   pub const VT_TIMEOUT_MS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_TOPIC_ID: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1936,6 +1971,7 @@ impl<'a> ProduceRequest<'a> {
     args: &'args ProduceRequestArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ProduceRequest<'bldr>> {
     let mut builder = ProduceRequestBuilder::new(_fbb);
+    builder.add_topic_id(args.topic_id);
     builder.add_timeout_ms(args.timeout_ms);
     builder.add_partition(args.partition);
     if let Some(x) = args.topic { builder.add_topic(x); }
@@ -1972,6 +2008,13 @@ impl<'a> ProduceRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(ProduceRequest::VT_TIMEOUT_MS, Some(30000)).unwrap()}
   }
+  #[inline]
+  pub fn topic_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ProduceRequest::VT_TOPIC_ID, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ProduceRequest<'_> {
@@ -1984,6 +2027,7 @@ impl ::flatbuffers::Verifiable for ProduceRequest<'_> {
      .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
      .visit_field::<Acks>("acks", Self::VT_ACKS, false)?
      .visit_field::<u32>("timeout_ms", Self::VT_TIMEOUT_MS, false)?
+     .visit_field::<u64>("topic_id", Self::VT_TOPIC_ID, false)?
      .finish();
     Ok(())
   }
@@ -1993,6 +2037,7 @@ pub struct ProduceRequestArgs<'a> {
     pub partition: u32,
     pub acks: Acks,
     pub timeout_ms: u32,
+    pub topic_id: u64,
 }
 impl<'a> Default for ProduceRequestArgs<'a> {
   #[inline]
@@ -2002,6 +2047,7 @@ impl<'a> Default for ProduceRequestArgs<'a> {
       partition: 0,
       acks: Acks::Leader,
       timeout_ms: 30000,
+      topic_id: 0,
     }
   }
 }
@@ -2028,6 +2074,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ProduceRequestBuilder<'a, 'b,
     self.fbb_.push_slot::<u32>(ProduceRequest::VT_TIMEOUT_MS, timeout_ms, 30000);
   }
   #[inline]
+  pub fn add_topic_id(&mut self, topic_id: u64) {
+    self.fbb_.push_slot::<u64>(ProduceRequest::VT_TOPIC_ID, topic_id, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ProduceRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ProduceRequestBuilder {
@@ -2049,6 +2099,7 @@ impl ::core::fmt::Debug for ProduceRequest<'_> {
       ds.field("partition", &self.partition());
       ds.field("acks", &self.acks());
       ds.field("timeout_ms", &self.timeout_ms());
+      ds.field("topic_id", &self.topic_id());
       ds.finish()
   }
 }
@@ -2206,6 +2257,7 @@ impl<'a> FetchRequest<'a> {
   pub const VT_MAX_BYTES: ::flatbuffers::VOffsetT = 14;
   pub const VT_MIN_BYTES: ::flatbuffers::VOffsetT = 16;
   pub const VT_MAX_WAIT_MS: ::flatbuffers::VOffsetT = 18;
+  pub const VT_TOPIC_ID: ::flatbuffers::VOffsetT = 20;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2217,6 +2269,7 @@ impl<'a> FetchRequest<'a> {
     args: &'args FetchRequestArgs<'args>
   ) -> ::flatbuffers::WIPOffset<FetchRequest<'bldr>> {
     let mut builder = FetchRequestBuilder::new(_fbb);
+    builder.add_topic_id(args.topic_id);
     builder.add_timestamp_ms(args.timestamp_ms);
     builder.add_offset(args.offset);
     builder.add_max_wait_ms(args.max_wait_ms);
@@ -2285,6 +2338,13 @@ impl<'a> FetchRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(FetchRequest::VT_MAX_WAIT_MS, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn topic_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(FetchRequest::VT_TOPIC_ID, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for FetchRequest<'_> {
@@ -2301,6 +2361,7 @@ impl ::flatbuffers::Verifiable for FetchRequest<'_> {
      .visit_field::<u32>("max_bytes", Self::VT_MAX_BYTES, false)?
      .visit_field::<u32>("min_bytes", Self::VT_MIN_BYTES, false)?
      .visit_field::<u32>("max_wait_ms", Self::VT_MAX_WAIT_MS, false)?
+     .visit_field::<u64>("topic_id", Self::VT_TOPIC_ID, false)?
      .finish();
     Ok(())
   }
@@ -2314,6 +2375,7 @@ pub struct FetchRequestArgs<'a> {
     pub max_bytes: u32,
     pub min_bytes: u32,
     pub max_wait_ms: u32,
+    pub topic_id: u64,
 }
 impl<'a> Default for FetchRequestArgs<'a> {
   #[inline]
@@ -2327,6 +2389,7 @@ impl<'a> Default for FetchRequestArgs<'a> {
       max_bytes: 1048576,
       min_bytes: 1,
       max_wait_ms: 0,
+      topic_id: 0,
     }
   }
 }
@@ -2369,6 +2432,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FetchRequestBuilder<'a, 'b, A
     self.fbb_.push_slot::<u32>(FetchRequest::VT_MAX_WAIT_MS, max_wait_ms, 0);
   }
   #[inline]
+  pub fn add_topic_id(&mut self, topic_id: u64) {
+    self.fbb_.push_slot::<u64>(FetchRequest::VT_TOPIC_ID, topic_id, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FetchRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     FetchRequestBuilder {
@@ -2394,6 +2461,7 @@ impl ::core::fmt::Debug for FetchRequest<'_> {
       ds.field("max_bytes", &self.max_bytes());
       ds.field("min_bytes", &self.min_bytes());
       ds.field("max_wait_ms", &self.max_wait_ms());
+      ds.field("topic_id", &self.topic_id());
       ds.finish()
   }
 }
@@ -2547,6 +2615,7 @@ impl<'a> SubscribeRequest<'a> {
   pub const VT_PARTITION: ::flatbuffers::VOffsetT = 6;
   pub const VT_OFFSET: ::flatbuffers::VOffsetT = 8;
   pub const VT_CREDIT_BYTES: ::flatbuffers::VOffsetT = 10;
+  pub const VT_TOPIC_ID: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2558,6 +2627,7 @@ impl<'a> SubscribeRequest<'a> {
     args: &'args SubscribeRequestArgs<'args>
   ) -> ::flatbuffers::WIPOffset<SubscribeRequest<'bldr>> {
     let mut builder = SubscribeRequestBuilder::new(_fbb);
+    builder.add_topic_id(args.topic_id);
     builder.add_credit_bytes(args.credit_bytes);
     builder.add_offset(args.offset);
     builder.add_partition(args.partition);
@@ -2594,6 +2664,13 @@ impl<'a> SubscribeRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(SubscribeRequest::VT_CREDIT_BYTES, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn topic_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscribeRequest::VT_TOPIC_ID, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for SubscribeRequest<'_> {
@@ -2606,6 +2683,7 @@ impl ::flatbuffers::Verifiable for SubscribeRequest<'_> {
      .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
      .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
      .visit_field::<u64>("credit_bytes", Self::VT_CREDIT_BYTES, false)?
+     .visit_field::<u64>("topic_id", Self::VT_TOPIC_ID, false)?
      .finish();
     Ok(())
   }
@@ -2615,6 +2693,7 @@ pub struct SubscribeRequestArgs<'a> {
     pub partition: u32,
     pub offset: u64,
     pub credit_bytes: u64,
+    pub topic_id: u64,
 }
 impl<'a> Default for SubscribeRequestArgs<'a> {
   #[inline]
@@ -2624,6 +2703,7 @@ impl<'a> Default for SubscribeRequestArgs<'a> {
       partition: 0,
       offset: 0,
       credit_bytes: 0,
+      topic_id: 0,
     }
   }
 }
@@ -2650,6 +2730,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SubscribeRequestBuilder<'a, '
     self.fbb_.push_slot::<u64>(SubscribeRequest::VT_CREDIT_BYTES, credit_bytes, 0);
   }
   #[inline]
+  pub fn add_topic_id(&mut self, topic_id: u64) {
+    self.fbb_.push_slot::<u64>(SubscribeRequest::VT_TOPIC_ID, topic_id, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SubscribeRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     SubscribeRequestBuilder {
@@ -2671,6 +2755,7 @@ impl ::core::fmt::Debug for SubscribeRequest<'_> {
       ds.field("partition", &self.partition());
       ds.field("offset", &self.offset());
       ds.field("credit_bytes", &self.credit_bytes());
+      ds.field("topic_id", &self.topic_id());
       ds.finish()
   }
 }
