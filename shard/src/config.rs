@@ -73,6 +73,10 @@ pub struct LogConfig {
     /// Memory for the newest bytes, served to readers at the end of the
     /// log without a disk read (`crate::tail`); 0 turns the cache off.
     pub tail_cache_bytes: usize,
+    /// Lifts [`SEGMENT_BYTES_MIN`] for tests that need many rolls of
+    /// little data. Never set outside tests.
+    #[doc(hidden)]
+    pub test_segments: bool,
 }
 
 impl Default for LogConfig {
@@ -86,6 +90,7 @@ impl Default for LogConfig {
             batch_bytes_max: BATCH_BYTES_MAX_DEFAULT,
             write_buffer_bytes: WRITE_BUFFER_BYTES_DEFAULT,
             tail_cache_bytes: TAIL_CACHE_BYTES_DEFAULT,
+            test_segments: false,
         }
     }
 }
@@ -118,8 +123,18 @@ impl LogConfig {
         if self.batch_bytes_max < wire_header() {
             return Err("batch_bytes_max is smaller than a batch header".into());
         }
-        if self.segment_bytes < DIRECT_IO_ALIGN {
-            return Err(format!("segment_bytes must be at least {DIRECT_IO_ALIGN}"));
+        let segment_min = if self.test_segments {
+            DIRECT_IO_ALIGN
+        } else {
+            SEGMENT_BYTES_MIN
+        };
+        if self.segment_bytes < segment_min {
+            return Err(format!(
+                "segment_bytes {} is below the minimum of {segment_min} ({} KiB): every \
+                 segment costs three files and, while open, a file descriptor",
+                self.segment_bytes,
+                segment_min / 1024
+            ));
         }
         if self.segment_bytes + self.batch_bytes_max as u64 > SEGMENT_BYTES_LIMIT {
             return Err(format!(
@@ -157,5 +172,21 @@ mod tests {
             ..LogConfig::default()
         };
         assert!(c.validate().is_err());
+    }
+    /// Tiny segments are refused with a message that says why (issue 9 #7:
+    /// 4 KiB segments were accepted and ran the broker out of descriptors).
+    #[test]
+    fn tiny_segments_are_refused() {
+        let tiny = LogConfig {
+            segment_bytes: 4096,
+            ..LogConfig::default()
+        };
+        let e = tiny.validate().unwrap_err();
+        assert!(e.contains("below the minimum of 1048576"), "{e}");
+        let floor = LogConfig {
+            segment_bytes: SEGMENT_BYTES_MIN,
+            ..LogConfig::default()
+        };
+        floor.validate().unwrap();
     }
 }

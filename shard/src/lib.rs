@@ -11,7 +11,8 @@
 //!   pipeline (rounds, group commit), `log/read.rs` reads (whole batches as
 //!   a file range for sendfile or an mmap view), `log/recover.rs` open and
 //!   crash recovery, `log/retention.rs` retention.
-//! - [`segment`]: one segment's read side: file, mapping, indexes.
+//! - [`segment`]: one segment's read side: file, mapping, indexes; closed
+//!   segments open them on demand within the shard's [`FdBudget`].
 //! - [`index`]: sparse offset and time indexes (in memory for the active
 //!   segment, memory-mapped files for closed ones).
 //! - [`tail`]: the tail cache: the newest bytes in memory files, so readers
@@ -45,3 +46,4 @@ pub use config::{LogConfig, SyncMode};
 pub use error::{Error, Result};
 pub use log::{Appended, PartitionLog, ReadSlice};
 pub use notify::Notify;
+pub use segment::FdBudget;

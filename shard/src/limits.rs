@@ -25,6 +25,14 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 1024 * 1024 * 1024;
 /// that 1,000 partitions reserve 32 GiB, not the 1 TiB that preallocating
 /// whole 1 GiB segments took.
 pub const PREALLOCATE_STEP_BYTES: u64 = 32 * 1024 * 1024;
+/// Smallest segment accepted. Every segment costs three files, and while
+/// open a descriptor and three mappings (issue 9 #7: 4 KiB segments
+/// exhausted the descriptor limit); 1 MiB is also Redpanda's floor.
+pub const SEGMENT_BYTES_MIN: u64 = 1024 * 1024;
+/// Default number of closed segments per shard that keep their files open
+/// (`segment::FdBudget`); colder ones are reopened when read. Leaves most
+/// of a typical 65,536-descriptor limit to sockets and active segments.
+pub const SEGMENT_FDS_DEFAULT: usize = 1024;
 /// Index positions are `u32`: a segment (plus one batch) must fit.
 pub const SEGMENT_BYTES_LIMIT: u64 = u32::MAX as u64;
 /// A sparse index entry every this many bytes of log.
@@ -54,6 +62,10 @@ const _: () = assert!(WRITE_BUFFER_BYTES_DEFAULT >= 2 * BATCH_BYTES_MAX_DEFAULT)
 const _: () =
     assert!(SEGMENT_BYTES_DEFAULT + BATCH_BYTES_MAX_DEFAULT as u64 <= SEGMENT_BYTES_LIMIT);
 const _: () = assert!(INDEX_INTERVAL_BYTES >= DIRECT_IO_ALIGN);
+const _: () = assert!(SEGMENT_BYTES_MIN.is_multiple_of(DIRECT_IO_ALIGN));
+const _: () = assert!(SEGMENT_BYTES_MIN <= SEGMENT_BYTES_DEFAULT);
+const _: () = assert!(SEGMENT_BYTES_MIN >= BATCH_BYTES_MAX_DEFAULT as u64);
+const _: () = assert!(SEGMENT_FDS_DEFAULT >= 1);
 const _: () = assert!(PREALLOCATE_STEP_BYTES.is_multiple_of(DIRECT_IO_ALIGN));
 const _: () = assert!(WRITE_RETRY_PAUSE_MIN.as_millis() <= WRITE_RETRY_PAUSE_MAX.as_millis());
 // An extension is due with half a step left: one maximal batch must fit.

@@ -19,6 +19,7 @@ fn config() -> LogConfig {
     LogConfig {
         sync: SyncMode::Always,
         segment_bytes: 256 * 1024,
+        test_segments: true,
         batch_bytes_max: 64 * 1024,
         write_buffer_bytes: 1024 * 1024,
         ..LogConfig::default()

@@ -12,6 +12,8 @@ fn small(sync: SyncMode) -> LogConfig {
     LogConfig {
         sync,
         segment_bytes: 64 * 1024,
+        // Many rolls of little data, below the product's 1 MiB floor.
+        test_segments: true,
         batch_bytes_max: 16 * 1024,
         write_buffer_bytes: 1024 * 1024,
         ..LogConfig::default()
@@ -791,4 +793,94 @@ fn a_full_disk_refuses_appends_and_resumes_when_space_returns() {
         log.close().await.unwrap();
     });
     drop(disk);
+}
+
+/// Descriptors of `dir`'s segment files (`*.log`) this process holds.
+fn open_segment_fds(dir: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p.starts_with(dir) && p.extension().is_some_and(|e| e == "log"))
+        .count()
+}
+
+/// Closed segments hold descriptors only while read, never more than the
+/// shard's budget at a time, and a restart opens none; reads, timestamp
+/// lookups and retention work across closed and reopened segments (issue 9
+/// #7: every segment kept a descriptor, and tiny segments ran the broker
+/// out of them).
+#[test]
+fn closed_segments_hold_descriptors_within_the_budget() {
+    use shoal_shard::FdBudget;
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().into();
+    run(move || async move {
+        // The active segment holds two: its read side and its writer.
+        const ACTIVE_FDS: usize = 2;
+        let budget = FdBudget::new(3);
+        let cfg = small(SyncMode::None);
+        let log = PartitionLog::open_with_budget(&path, cfg.clone(), budget.clone())
+            .await
+            .unwrap();
+        let mut expect = Vec::new();
+        for t in 0..120u64 {
+            log.append_acked(&batch(t, 8, 2000, t as i64))
+                .await
+                .unwrap();
+            expect.extend((0..8).map(|i| (t * 8 + u64::from(i), value(t, i, 2000))));
+        }
+        assert!(
+            log.segment_count() >= 20,
+            "{} segments",
+            log.segment_count()
+        );
+        // Descriptors of rolled writers are closed by the executor soon.
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+        let settled = |what: &str| {
+            let fds = open_segment_fds(&path);
+            assert!(
+                fds <= budget.segments_max() + ACTIVE_FDS,
+                "{what}: {fds} segment descriptors open"
+            );
+            assert!(budget.open_segments() <= budget.segments_max());
+        };
+        settled("after the rolls");
+        assert_eq!(read_all(&log), expect);
+        settled("after reading every segment");
+        let at = log.offset_for_timestamp(7).unwrap();
+        assert_eq!(at, 7 * 8);
+        settled("after a timestamp lookup");
+        log.close().await.unwrap();
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+
+        let log = PartitionLog::open_with_budget(&path, cfg.clone(), budget.clone())
+            .await
+            .unwrap();
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            budget.open_segments(),
+            0,
+            "a restart opens no closed segment"
+        );
+        assert!(open_segment_fds(&path) <= ACTIVE_FDS);
+        assert_eq!(log.offset_for_timestamp(100), Some(100 * 8));
+        assert_eq!(read_all(&log), expect);
+        settled("after reading again");
+        log.close().await.unwrap();
+
+        let cfg = LogConfig {
+            retention_bytes: Some(256 * 1024),
+            ..cfg
+        };
+        let log = PartitionLog::open_with_budget(&path, cfg, budget.clone())
+            .await
+            .unwrap();
+        read_all(&log);
+        let deleted = log.enforce_retention(0).await.unwrap();
+        assert!(deleted > 10);
+        assert!(budget.open_segments() <= log.segment_count());
+        let rest = read_all(&log);
+        assert_eq!(rest.as_slice(), &expect[expect.len() - rest.len()..]);
+        log.close().await.unwrap();
+    });
 }

@@ -43,6 +43,7 @@ fn config(sync: SyncMode) -> LogConfig {
     LogConfig {
         sync,
         segment_bytes: 16 * 1024,
+        test_segments: true,
         batch_bytes_max: 16 * 1024,
         write_buffer_bytes: 1024 * 1024,
         retention_bytes: Some(48 * 1024),

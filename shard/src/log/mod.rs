@@ -69,7 +69,7 @@ use crate::limits::{CHUNK_BYTES, DIRECT_IO_ALIGN};
 use crate::notify::Notify;
 use crate::producers::ProducerTable;
 use crate::rt;
-use crate::segment::{self, Segment};
+use crate::segment::{self, FdBudget, Segment, SegmentFiles};
 use crate::tail::{TailCache, TAIL_INTEREST};
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use shoal_wire::batch::{self, validate_batch, BatchHeader};
@@ -191,6 +191,8 @@ struct State {
 
 struct Inner {
     dir: PathBuf,
+    /// The shard's bound on closed segments with open files.
+    budget: Rc<FdBudget>,
     /// What the open found at the end of the log.
     tail_end: TailEnd,
     config: LogConfig,
@@ -409,7 +411,7 @@ impl PartitionLog {
             st.tail.clear();
         }
         let rel = (base - st.active.base_offset) as u32;
-        st.active.index.borrow_mut().on_batch(
+        st.active.open_files().index.borrow_mut().on_batch(
             rel,
             pos as u32,
             header.max_timestamp_ms,
@@ -546,7 +548,8 @@ impl PartitionLog {
         dma.truncate(active_bytes).await?;
         dma.fdatasync().await?;
         let (oi, ti) = {
-            let idx = old.index();
+            let files = old.open_files();
+            let idx = files.index();
             (
                 idx.offsets.as_bytes().to_vec(),
                 idx.times.as_bytes().to_vec(),
@@ -563,6 +566,7 @@ impl PartitionLog {
         })
         .await?;
         old.install_index(oi, ti);
+        old.join_budget(&inner.budget);
 
         let path = segment::log_path(&inner.dir, next_offset);
         let new_dma = Rc::new(
@@ -591,12 +595,12 @@ impl PartitionLog {
         let seg = rt::spawn_blocking(move || -> std::io::Result<_> {
             // The new segment's entry is durable before a checkpoint names it.
             durable::sync_dir_blocking(&dir)?;
-            let seg = Segment::open(path, next_offset, capacity)?;
+            let files = SegmentFiles::open(&path, capacity)?;
             durable::write_durably_blocking(&dir, checkpoint::FILE_NAME, &ck)?;
-            Ok(seg)
+            Ok((path, files))
         })
         .await?;
-        let seg = Rc::new(seg);
+        let seg = Rc::new(Segment::new(seg.0, next_offset, capacity, Some(seg.1)));
         seg.set_visible(0, next_offset);
         let mut st = inner.st.borrow_mut();
         let st = &mut *st;
@@ -666,7 +670,8 @@ impl PartitionLog {
                 st.written_next, st.next_offset,
                 "writer stopped with pending batches"
             );
-            let idx = st.active.index();
+            let files = st.active.open_files();
+            let idx = files.index();
             let ck = Checkpoint {
                 clean: true,
                 active_base: st.active.base_offset,

@@ -5,7 +5,7 @@
 use super::PartitionLog;
 use crate::error::{Error, Result};
 use crate::rt;
-use crate::segment::Segment;
+use crate::segment::{Segment, SegmentFiles};
 use crate::tail::TailBlock;
 use std::rc::Rc;
 
@@ -14,8 +14,18 @@ use std::rc::Rc;
 /// microsecond of pause is latency for the consumer.
 const RESIDENT_POLL_MAX: std::time::Duration = std::time::Duration::from_micros(50);
 
+/// Where a slice's bytes are: the segment's files (held open for as long
+/// as the slice lives) or the tail cache's memory file.
+#[derive(Clone)]
+enum Source {
+    Segment(Rc<SegmentFiles>),
+    Cached(Rc<TailBlock>),
+}
+
 /// Whole batches of one segment, ready for sendfile (`file()`, `position`,
-/// `len`) or for in-process reading (`bytes()`).
+/// `len`) or for in-process reading (`bytes()`). The slice keeps the file
+/// it reads open: a segment closed for the descriptor budget or deleted by
+/// retention meanwhile stays readable through it.
 #[derive(Clone)]
 pub struct ReadSlice {
     pub segment: Rc<Segment>,
@@ -28,35 +38,34 @@ pub struct ReadSlice {
     pub next_offset: u64,
     /// The log's visible end when the slice was taken.
     pub high_watermark: u64,
-    /// Set when the bytes come from the tail cache's memory file.
-    cached: Option<Rc<TailBlock>>,
+    source: Source,
 }
 
 impl ReadSlice {
     pub fn bytes(&self) -> &[u8] {
-        match &self.cached {
-            Some(b) => b.bytes(self.position, self.len),
-            None => self.segment.bytes(self.position, self.len),
+        match &self.source {
+            Source::Cached(b) => b.bytes(self.position, self.len),
+            Source::Segment(f) => f.bytes(self.position, self.len),
         }
     }
     /// The file to sendfile from, at [`ReadSlice::file_position`]: the
     /// segment file, or the tail cache's memory file holding the same bytes.
     pub fn file(&self) -> &std::fs::File {
-        match &self.cached {
-            Some(b) => b.file(),
-            None => self.segment.file(),
+        match &self.source {
+            Source::Cached(b) => b.file(),
+            Source::Segment(f) => f.file(),
         }
     }
     /// Where the slice starts in [`ReadSlice::file`].
     pub fn file_position(&self) -> u64 {
-        match &self.cached {
-            Some(b) => b.offset_of(self.position),
-            None => self.position,
+        match &self.source {
+            Source::Cached(b) => b.offset_of(self.position),
+            Source::Segment(_) => self.position,
         }
     }
     /// Whether the slice is served from memory (the tail cache).
     pub fn is_cached(&self) -> bool {
-        self.cached.is_some()
+        matches!(self.source, Source::Cached(_))
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -67,13 +76,16 @@ impl ReadSlice {
     /// `limit` passes). A sendfile afterwards copies from memory instead of
     /// stalling every task of the core on the disk.
     pub async fn make_resident(&self, limit: std::time::Duration) {
-        if self.cached.is_some() || self.segment.resident(self.position, self.len) {
+        let Source::Segment(files) = &self.source else {
+            return;
+        };
+        if files.resident(self.position, self.len) {
             return;
         }
-        self.segment.prefetch(self.position, self.len);
+        files.prefetch(self.position, self.len);
         let deadline = rt::now() + limit;
         let mut pause = std::time::Duration::from_micros(20);
-        while !self.segment.resident(self.position, self.len) && rt::now() < deadline {
+        while !files.resident(self.position, self.len) && rt::now() < deadline {
             rt::sleep(pause).await;
             pause = (pause * 2).min(RESIDENT_POLL_MAX);
         }
@@ -113,17 +125,17 @@ impl PartitionLog {
             .cloned()
             .unwrap_or_else(|| st.active.clone());
         let bmax = self.inner.config.batch_bytes_max;
-        let empty = |seg: Rc<Segment>| ReadSlice {
-            position: seg.len(),
-            len: 0,
-            first_offset: from,
-            next_offset: from,
-            high_watermark: end,
-            segment: seg,
-            cached: None,
-        };
         if from == end {
-            return Ok(empty(st.active.clone()));
+            let active = st.active.clone();
+            return Ok(ReadSlice {
+                position: active.len(),
+                len: 0,
+                first_offset: from,
+                next_offset: from,
+                high_watermark: end,
+                source: Source::Segment(active.open_files()),
+                segment: active,
+            });
         }
         if let Some(c) = st.tail.read(seg.base_offset, seg.len(), from, max_bytes) {
             return Ok(ReadSlice {
@@ -133,10 +145,11 @@ impl PartitionLog {
                 next_offset: c.next_offset,
                 high_watermark: end,
                 segment: seg,
-                cached: Some(c.block),
+                source: Source::Cached(c.block),
             });
         }
-        let Some(position) = seg.find_batch(from, bmax) else {
+        let files = seg.files()?;
+        let Some(position) = seg.find_batch(&files, from, bmax) else {
             return Err(Error::Corrupt(format!(
                 "offset {from} is in range but segment {} has no batch for it",
                 seg.path.display()
@@ -145,7 +158,7 @@ impl PartitionLog {
         let mut pos = position;
         let mut first = None;
         let mut next = from;
-        while let Some(h) = seg.header_at(pos, bmax) {
+        while let Some(h) = seg.header_at(&files, pos, bmax) {
             let blen = u64::from(h.batch_len);
             if first.is_some() && pos + blen - position > max_bytes {
                 break;
@@ -161,7 +174,7 @@ impl PartitionLog {
             position,
             len: pos - position,
             segment: seg,
-            cached: None,
+            source: Source::Segment(files),
         })
     }
 
@@ -174,6 +187,12 @@ impl PartitionLog {
             .iter()
             .chain(std::iter::once(&st.active))
             .filter(|s| s.max_timestamp().is_some_and(|m| m >= ts_ms))
-            .find_map(|s| s.find_timestamp(ts_ms, bmax))
+            .find_map(|s| match s.files() {
+                Ok(files) => s.find_timestamp(&files, ts_ms, bmax),
+                Err(e) => {
+                    tracing::warn!(segment = %s.path.display(), error = %e, "cannot open segment for a timestamp lookup");
+                    None
+                }
+            })
     }
 }

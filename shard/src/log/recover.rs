@@ -22,7 +22,7 @@ use crate::limits::DIRECT_IO_ALIGN;
 use crate::notify::Notify;
 use crate::producers::ProducerTable;
 use crate::rt;
-use crate::segment::{self, Segment};
+use crate::segment::{self, FdBudget, Segment, SegmentFiles};
 use crate::tail::TailCache;
 use glommio::io::{DmaFile, OpenOptions};
 use shoal_wire::batch::{self, check_header};
@@ -71,24 +71,6 @@ fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
     }
     bases.sort_unstable();
     Ok(bases)
-}
-
-/// Rebuilds a closed segment's indexes by walking its batch headers.
-fn rebuild_index(seg: &Segment, batch_bytes_max: usize) -> SegmentIndex {
-    let mut idx = SegmentIndex::default();
-    let mut pos = 0u64;
-    let mut max_ts = None;
-    while let Some(h) = seg.header_at(pos, batch_bytes_max) {
-        idx.on_batch(
-            (h.base_offset - seg.base_offset) as u32,
-            pos as u32,
-            h.max_timestamp_ms,
-            max_ts,
-        );
-        max_ts = Some(max_ts.map_or(h.max_timestamp_ms, |m: i64| m.max(h.max_timestamp_ms)));
-        pos += u64::from(h.batch_len);
-    }
-    idx
 }
 
 /// What an open found past the active segment's last valid batch.
@@ -203,11 +185,22 @@ fn scan_tail(
     }
 }
 
+/// A closed segment as the blocking half of an open found it.
+struct ClosedFound {
+    base: u64,
+    path: std::path::PathBuf,
+    len: u64,
+    next_offset: u64,
+    max_ts: Option<i64>,
+}
+
 /// What the blocking half of an open found and repaired on disk.
 struct Found {
-    closed: Vec<Segment>,
-    /// The active segment's read side, its index and visible end set.
-    active: Segment,
+    closed: Vec<ClosedFound>,
+    /// The active segment's files, its index set.
+    active: SegmentFiles,
+    active_path: std::path::PathBuf,
+    base: u64,
     end: u64,
     next_offset: u64,
     max_ts: Option<i64>,
@@ -235,9 +228,8 @@ fn recover_files(dir: &Path, bmax: usize, capacity: u64) -> Result<Found> {
     let mut closed = Vec::with_capacity(bases.len());
     for (i, &base) in bases[..bases.len() - 1].iter().enumerate() {
         let path = segment::log_path(dir, base);
-        let seg = Segment::open(path, base, 0)?;
-        let len = seg.file().metadata()?.len();
-        seg.set_visible(len, bases[i + 1]);
+        let files = SegmentFiles::open(&path, 0)?;
+        let len = files.file().metadata()?.len();
         let oi = segment::offset_index_path(dir, base);
         let ti = segment::time_index_path(dir, base);
         let loaded = match (IndexBytes::map(&oi), IndexBytes::map(&ti)) {
@@ -248,10 +240,10 @@ fn recover_files(dir: &Path, bmax: usize, capacity: u64) -> Result<Found> {
             (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
         };
         match loaded {
-            Ok(idx) => *seg.index.borrow_mut() = idx,
+            Ok(idx) => *files.index.borrow_mut() = idx,
             Err(why) => {
-                tracing::warn!(segment = %seg.path.display(), %why, "rebuilding segment index");
-                let idx = rebuild_index(&seg, bmax);
+                tracing::warn!(segment = %path.display(), %why, "rebuilding segment index");
+                let idx = segment::rebuild_index(&files, base, len, bmax);
                 let (oname, tname) = (
                     segment::offset_index_name(base),
                     segment::time_index_name(base),
@@ -262,18 +254,27 @@ fn recover_files(dir: &Path, bmax: usize, capacity: u64) -> Result<Found> {
                     })
                     .and_then(|()| Ok((IndexBytes::map(&oi)?, IndexBytes::map(&ti)?)));
                 match saved {
-                    Ok((o, t)) => seg.install_index(o, t),
+                    Ok((o, t)) => *files.index.borrow_mut() = SegmentIndex::from_parts(o, t),
                     // A full disk must not keep the partition from
                     // opening: serve the index from memory, rebuild it
                     // again next time.
                     Err(e) => {
-                        tracing::warn!(segment = %seg.path.display(), error = %e, "cannot save the rebuilt index; keeping it in memory");
-                        *seg.index.borrow_mut() = idx;
+                        tracing::warn!(segment = %path.display(), error = %e, "cannot save the rebuilt index; it is rebuilt when read");
+                        *files.index.borrow_mut() = idx;
                     }
                 }
             }
         }
-        closed.push(seg);
+        // Closed segments open their files again when read, within the
+        // shard's budget: a restart holds no descriptor per segment.
+        let max_ts = files.index().max_timestamp();
+        closed.push(ClosedFound {
+            base,
+            path,
+            len,
+            next_offset: bases[i + 1],
+            max_ts,
+        });
     }
 
     // The active segment.
@@ -380,12 +381,13 @@ fn recover_files(dir: &Path, bmax: usize, capacity: u64) -> Result<Found> {
     }
     .encode();
 
-    let active = Segment::open(path, base, capacity)?;
+    let active = SegmentFiles::open(&path, capacity)?;
     *active.index.borrow_mut() = idx;
-    active.set_visible(end, next_offset);
     Ok(Found {
         closed,
         active,
+        active_path: path,
+        base,
         end,
         next_offset,
         max_ts,
@@ -405,6 +407,17 @@ impl PartitionLog {
     /// The file-system work runs on the blocking thread ([`rt::spawn_blocking`]),
     /// so opening many partitions never stalls the shard's other tasks.
     pub async fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<PartitionLog> {
+        Self::open_with_budget(dir, config, FdBudget::shard_default()).await
+    }
+
+    /// [`Self::open`], with the closed segments' open files counted in
+    /// `budget` (one per shard, shared by its partitions) instead of the
+    /// shard's default budget.
+    pub async fn open_with_budget(
+        dir: impl AsRef<Path>,
+        config: LogConfig,
+        budget: Rc<FdBudget>,
+    ) -> Result<PartitionLog> {
         config.validate().map_err(Error::Config)?;
         // Absolute: glommio opens directories by absolute path only.
         let dir = std::path::absolute(dir.as_ref())?;
@@ -418,6 +431,8 @@ impl PartitionLog {
         let Found {
             closed,
             active,
+            active_path,
+            base,
             end,
             next_offset,
             max_ts,
@@ -433,8 +448,18 @@ impl PartitionLog {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot write the recovery checkpoint on open; a crash recovery will scan more");
         }
 
-        let closed: Vec<Rc<Segment>> = closed.into_iter().map(Rc::new).collect();
-        let active = Rc::new(active);
+        let closed: Vec<Rc<Segment>> = closed
+            .into_iter()
+            .map(|c| {
+                let seg = Rc::new(Segment::new(c.path, c.base, 0, None));
+                seg.set_visible(c.len, c.next_offset);
+                seg.set_max_timestamp(c.max_ts);
+                seg.join_budget(&budget);
+                seg
+            })
+            .collect();
+        let active = Rc::new(Segment::new(active_path, base, capacity, Some(active)));
+        active.set_visible(end, next_offset);
         let dma = Rc::new(
             OpenOptions::new()
                 .read(true)
@@ -452,7 +477,10 @@ impl PartitionLog {
         };
         let prefix = (end - pending.file_pos) as usize;
         if prefix > 0 {
-            let tail = active.bytes(pending.file_pos, prefix as u64).to_vec();
+            let files = active.open_files();
+            let tail = active
+                .bytes(&files, pending.file_pos, prefix as u64)
+                .to_vec();
             pending.push(&dma, &tail);
             pending.prefix = prefix;
         }
@@ -461,6 +489,7 @@ impl PartitionLog {
 
         let inner = Rc::new(Inner {
             dir,
+            budget,
             tail_end,
             st: RefCell::new(State {
                 closed,

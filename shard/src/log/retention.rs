@@ -41,6 +41,7 @@ impl PartitionLog {
                 .collect();
             durable::remove_files(dir, paths).await?;
             for seg in &deleted {
+                seg.retire();
                 tracing::info!(segment = %seg.path.display(), "retention deleted segment");
             }
         }

@@ -459,7 +459,8 @@ async fn write_recovery_point(
         if !Rc::ptr_eq(&st.active, segment) {
             return Ok(());
         }
-        let idx = segment.index();
+        let files = segment.open_files();
+        let idx = files.index();
         let rel_end = next - segment.base_offset;
         let mut offsets = Vec::new();
         for i in 0..idx.offset_entries() {
