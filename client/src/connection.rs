@@ -178,7 +178,7 @@ impl RouteTx {
 
 pub struct Connection {
     pub addr: SocketAddr,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     pending: Pending,
     pushes: Pushes,
     new_routes: NewRoutes,
@@ -233,7 +233,7 @@ impl Connection {
         });
         Ok(Arc::new(Connection {
             addr,
-            writer: tokio::sync::Mutex::new(w),
+            writer: Arc::new(tokio::sync::Mutex::new(w)),
             pending,
             pushes,
             new_routes,
@@ -250,11 +250,29 @@ impl Connection {
 
     /// Sends a request and waits for its response. `body` builds the
     /// request body; `payload` follows the header raw (record batches).
+    ///
+    /// Cancel-safe: a caller that stops waiting (a timeout, `select!`)
+    /// never leaves part of a frame on the connection; the request is then
+    /// either not sent at all or sent whole, its response dropped.
     pub async fn request<F>(
         &self,
         body_type: fb::RequestBody,
         body: F,
         payload: &[u8],
+    ) -> Result<Frame>
+    where
+        F: FnOnce(&mut FlatBufferBuilder<'static>) -> WIPOffset<flatbuffers::UnionWIPOffset>,
+    {
+        self.request_parts(body_type, body, &[payload]).await
+    }
+
+    /// Like [`Self::request`], with the payload in parts (batches as they
+    /// lie in memory) written with one vectored write, not copied together.
+    pub async fn request_parts<F>(
+        &self,
+        body_type: fb::RequestBody,
+        body: F,
+        payload: &[&[u8]],
     ) -> Result<Frame>
     where
         F: FnOnce(&mut FlatBufferBuilder<'static>) -> WIPOffset<flatbuffers::UnionWIPOffset>,
@@ -289,6 +307,8 @@ impl Connection {
             None
         };
         let (tx, rx) = oneshot::channel();
+        // Waiting for the lock writes nothing, so it may be cancelled.
+        let w = self.writer.clone().lock_owned().await;
         lock(&self.pending).insert(
             corr,
             Waiting {
@@ -296,23 +316,9 @@ impl Connection {
                 subscribe_credit_bytes,
             },
         );
-        {
-            let mut w = self.writer.lock().await;
-            // One write per request: one segment, one wake-up at the broker.
-            let mut frame_bytes =
-                Vec::with_capacity(frame::FRAME_PREFIX_BYTES + header.len() + payload.len());
-            frame_bytes.extend_from_slice(&frame::prefix(header.len(), payload.len()));
-            frame_bytes.extend_from_slice(header);
-            frame_bytes.extend_from_slice(payload);
-            let r = async {
-                w.write_all(&frame_bytes).await?;
-                w.flush().await
-            }
-            .await;
-            if let Err(e) = r {
-                lock(&self.pending).remove(&corr);
-                return Err(e.into());
-            }
+        if let Err(e) = write_frame(w, header, payload).await {
+            lock(&self.pending).remove(&corr);
+            return Err(e.into());
         }
         let frame = rx.await.map_err(|_| Error::Closed)??;
         let resp = frame.response();
@@ -342,6 +348,55 @@ impl Connection {
         lock(&self.pushes).remove(&subscription);
         lock(&self.new_routes).remove(&subscription);
     }
+}
+
+/// Writes one frame: the prefix and header, then the payload parts.
+///
+/// What is written before the first await is written by this future; if
+/// the socket cannot take it all at once, the rest is copied and written
+/// by a task of its own, which holds the writer until the frame is whole.
+/// So dropping this future never cuts a frame short, and the common case
+/// (the socket has room) costs one `writev` and no copy of the payload.
+async fn write_frame(
+    mut w: tokio::sync::OwnedMutexGuard<OwnedWriteHalf>,
+    header: &[u8],
+    payload: &[&[u8]],
+) -> std::io::Result<()> {
+    let payload_bytes: usize = payload.iter().map(|p| p.len()).sum();
+    let mut head = Vec::with_capacity(frame::FRAME_PREFIX_BYTES + header.len());
+    head.extend_from_slice(&frame::prefix(header.len(), payload_bytes));
+    head.extend_from_slice(header);
+    let mut slices: Vec<std::io::IoSlice<'_>> = std::iter::once(std::io::IoSlice::new(&head))
+        .chain(
+            payload
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| std::io::IoSlice::new(p)),
+        )
+        .collect();
+    let mut left = head.len() + payload_bytes;
+    let mut bufs = &mut slices[..];
+    while left > 0 {
+        match w.try_write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                left -= n;
+                std::io::IoSlice::advance_slices(&mut bufs, n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut rest = Vec::with_capacity(left);
+                for s in bufs.iter() {
+                    rest.extend_from_slice(s);
+                }
+                let finish = tokio::spawn(async move { w.write_all(&rest).await });
+                return finish
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 async fn read_loop(
@@ -411,5 +466,48 @@ async fn read_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_broker::FakeBroker;
+    use std::time::Duration;
+
+    async fn metadata(conn: &Connection) -> Result<Frame> {
+        conn.request(
+            fb::RequestBody::MetadataRequest,
+            |fbb| {
+                fb::MetadataRequest::create(fbb, &fb::MetadataRequestArgs::default())
+                    .as_union_value()
+            },
+            &[],
+        )
+        .await
+    }
+
+    /// A request given up halfway through its write (the broker was not
+    /// reading, a timeout fired) still goes out whole, so the requests
+    /// after it are read as they were sent and answered.
+    #[tokio::test]
+    async fn a_cancelled_request_never_cuts_a_frame_short() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        let conn = Connection::connect(fake.addr, "test")
+            .await
+            .expect("connect");
+        fake.pause_reading(true);
+        // Far more than the socket buffers hold while nobody reads.
+        let big = vec![0u8; 16 << 20];
+        let produce = crate::produce_batches(&conn, "t", 0, crate::Acks::Leader, &big);
+        let r = tokio::time::timeout(Duration::from_millis(200), produce).await;
+        assert!(r.is_err(), "the write cannot have finished");
+        fake.pause_reading(false);
+        let m = tokio::time::timeout(Duration::from_secs(10), metadata(&conn))
+            .await
+            .expect("answered in time")
+            .expect("a metadata response");
+        assert!(m.response().body_as_metadata_response().is_some());
+        assert_eq!(fake.produces().len(), 1);
     }
 }

@@ -32,6 +32,14 @@ pub enum StartAt {
     Timestamp(i64),
 }
 
+/// A bare offset, so `subscribe(topic, partition, offset, credit)` reads
+/// as it always did.
+impl From<u64> for StartAt {
+    fn from(offset: u64) -> StartAt {
+        StartAt::Offset(offset)
+    }
+}
+
 /// Decodes the records at or after `from` in a run of batches.
 pub fn decode_records(
     topic: &str,
@@ -112,13 +120,24 @@ impl Consumer {
 
     /// Reads `partition` of `topic` from `start`.
     pub async fn assign(&mut self, topic: &str, partition: u32, start: StartAt) -> Result<()> {
-        let t = self.client.topic(topic).await?;
-        if partition as usize >= t.partitions.len() {
+        let next = self.start_offset(topic, partition, start).await?;
+        self.assigned.push(Assignment {
+            topic: topic.to_string(),
+            partition,
+            next,
+        });
+        Ok(())
+    }
+
+    /// The offset `start` means for `partition` of `topic` now.
+    async fn start_offset(&self, topic: &str, partition: u32, start: StartAt) -> Result<u64> {
+        let n = self.client.partition_count(topic).await?;
+        if partition >= n {
             return Err(Error::Invalid(format!(
                 "topic {topic:?} has no partition {partition}"
             )));
         }
-        let next = match start {
+        Ok(match start {
             StartAt::Offset(o) => o,
             StartAt::Beginning => self
                 .fetch_once(topic, partition, 0, None, 0, Duration::ZERO)
@@ -131,23 +150,23 @@ impl Consumer {
                         Err(e)
                     }
                 })?,
-            StartAt::End => {
-                self.client.describe_topic(topic).await?.partitions[partition as usize]
-                    .high_watermark
-            }
+            StartAt::End => self
+                .client
+                .describe_topic(topic)
+                .await?
+                .partitions
+                .get(partition as usize)
+                .map(|p| p.high_watermark)
+                .ok_or_else(|| {
+                    Error::Invalid(format!("topic {topic:?} has no partition {partition}"))
+                })?,
             StartAt::Timestamp(ts) => {
                 let f = self
                     .fetch_once(topic, partition, 0, Some(ts), 1, Duration::ZERO)
                     .await?;
                 f.records.first().map_or(f.next_offset, |r| r.offset)
             }
-        };
-        self.assigned.push(Assignment {
-            topic: topic.to_string(),
-            partition,
-            next,
-        });
-        Ok(())
+        })
     }
 
     /// Assigns every partition of `topic`.
@@ -236,16 +255,21 @@ impl Consumer {
         Ok(Vec::new())
     }
 
-    /// Subscribes to pushes of `partition` from `offset`, granting
-    /// `credit_bytes` up front. The broker never sends more payload than
-    /// granted; [`Subscription::next`] grants back what it consumed.
+    /// Subscribes to pushes of `partition` from `start` (a [`StartAt`], or
+    /// a bare offset), granting `credit_bytes` up front. The broker never
+    /// sends more payload than granted; [`Subscription::next`] grants back
+    /// what it consumed.
     pub async fn subscribe(
         &self,
         topic: &str,
         partition: u32,
-        offset: u64,
+        start: impl Into<StartAt>,
         credit_bytes: u64,
     ) -> Result<Subscription> {
+        let offset = match start.into() {
+            StartAt::Offset(o) => o,
+            start => self.start_offset(topic, partition, start).await?,
+        };
         let conn = self.client.partition_connection(topic, partition).await?;
         let f = conn
             .request(
@@ -282,7 +306,7 @@ impl Consumer {
             pushes,
             auto_credit: true,
             initial_credit: credit_bytes,
-            consumed: 0,
+            owed_bytes: 0,
         })
     }
 }
@@ -398,6 +422,25 @@ async fn fetch(
     })
 }
 
+async fn grant_request(conn: &Connection, subscription: u64, bytes: u64) -> Result<()> {
+    conn.request(
+        fb::RequestBody::GrantCreditRequest,
+        |fbb| {
+            fb::GrantCreditRequest::create(
+                fbb,
+                &fb::GrantCreditRequestArgs {
+                    subscription_id: subscription,
+                    bytes,
+                },
+            )
+            .as_union_value()
+        },
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
 /// A push subscription to one partition.
 pub struct Subscription {
     conn: Arc<Connection>,
@@ -410,7 +453,8 @@ pub struct Subscription {
     /// Credit granted at subscribe; automatic grants return consumed
     /// bytes in steps of half of it, not one request per push.
     initial_credit: u64,
-    consumed: u64,
+    /// Bytes consumed and not yet granted back.
+    owed_bytes: u64,
 }
 
 /// One push: its records and the payload bytes it used of the credit.
@@ -431,7 +475,12 @@ impl Subscription {
     }
 
     /// Waits for the next push. With automatic credit, consumed bytes are
-    /// granted back in steps of half the initial credit.
+    /// granted back in steps of half the initial credit, without waiting
+    /// for the broker's answer.
+    ///
+    /// Cancel-safe: the only wait is for the push itself, so a `next()`
+    /// dropped by a timeout or `select!` has taken nothing, and the push
+    /// is returned by the next call.
     pub async fn next(&mut self) -> Result<Pushed> {
         let frame = self.pushes.recv().await.ok_or(Error::Closed)??;
         let p = frame
@@ -442,9 +491,7 @@ impl Subscription {
         let records = decode_records(&self.topic, self.partition, frame.payload(), self.next)?;
         self.next = next;
         let payload_bytes = frame.payload().len() as u64;
-        if self.auto_credit {
-            self.grant(payload_bytes).await?;
-        }
+        self.consumed(payload_bytes);
         Ok(Pushed {
             records,
             payload_bytes,
@@ -462,43 +509,37 @@ impl Subscription {
         self.next = p.next_offset();
         let payload_bytes = frame.payload().len() as u64;
         let records = count_records(frame.payload())?;
-        self.consumed(payload_bytes).await?;
+        self.consumed(payload_bytes);
         Ok((payload_bytes, records))
     }
 
-    async fn consumed(&mut self, bytes: u64) -> Result<()> {
+    /// Counts consumed bytes and, with automatic credit, grants them back
+    /// once they reach half the initial credit. The grant goes out on a
+    /// task of its own: the caller holds records it must not lose to a
+    /// cancelled wait, and a failed grant shows up as the end of the
+    /// subscription (the broker reports it, or the connection closes).
+    fn consumed(&mut self, bytes: u64) {
         if !self.auto_credit {
-            return Ok(());
+            return;
         }
-        self.consumed += bytes;
-        if self.consumed >= (self.initial_credit / 2).max(1) {
-            let n = std::mem::take(&mut self.consumed);
-            self.grant(n).await?;
+        self.owed_bytes += bytes;
+        if self.owed_bytes < (self.initial_credit / 2).max(1) {
+            return;
         }
-        Ok(())
+        let bytes = std::mem::take(&mut self.owed_bytes);
+        self.pushes.granting(bytes);
+        let (conn, id) = (self.conn.clone(), self.id);
+        tokio::spawn(async move {
+            if let Err(e) = grant_request(&conn, id, bytes).await {
+                tracing::debug!(subscription = id, error = %e, "credit grant failed");
+            }
+        });
     }
 
-    /// Grants the broker `bytes` more payload.
+    /// Grants the broker `bytes` more payload and waits for its answer.
     pub async fn grant(&self, bytes: u64) -> Result<()> {
-        let id = self.id;
         self.pushes.granting(bytes);
-        self.conn
-            .request(
-                fb::RequestBody::GrantCreditRequest,
-                |fbb| {
-                    fb::GrantCreditRequest::create(
-                        fbb,
-                        &fb::GrantCreditRequestArgs {
-                            subscription_id: id,
-                            bytes,
-                        },
-                    )
-                    .as_union_value()
-                },
-                &[],
-            )
-            .await?;
-        Ok(())
+        grant_request(&self.conn, self.id, bytes).await
     }
 
     /// Payload bytes received and not yet taken by [`Self::next`]; bounded
@@ -545,6 +586,16 @@ mod tests {
         let mut b = build_batch(&[&[1u8; 400][..]], 0);
         set_base_offset(&mut b, offset);
         b
+    }
+
+    async fn wait_granted(fake: &FakeBroker, bytes: u64) {
+        for _ in 0..2000 {
+            if fake.grants().iter().map(|g| g.1).sum::<u64>() >= bytes {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("expected {bytes} bytes granted, have {:?}", fake.grants());
     }
 
     async fn wait_queued(sub: &Subscription, bytes: u64) {
@@ -609,5 +660,94 @@ mod tests {
         assert_eq!(sub.next().await.expect("granted").records.len(), 1);
         assert_eq!(sub.next().await.expect("granted").records.len(), 1);
         assert_eq!(sub.position(), 3);
+    }
+
+    /// A `next()` cut short by a timeout loses nothing, even when the
+    /// broker is slow to answer credit grants: the grant is not waited for.
+    #[tokio::test]
+    async fn next_is_cancel_safe_and_never_waits_for_a_grant() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        fake.leave_grants_unanswered();
+        let client = Client::connect(&fake.addr_string()).await.expect("connect");
+        let consumer = Consumer::new(client, ConsumerConfig::default());
+        let n = batch_at(0).len() as u64;
+        // Every push is at least half the credit, so each one grants.
+        let mut sub = consumer
+            .subscribe("t", 0, 0, 2 * n)
+            .await
+            .expect("subscribe");
+        fake.push(sub.id(), &batch_at(0), 1);
+        fake.push(sub.id(), &batch_at(1), 2);
+        let mut offsets = Vec::new();
+        for _ in 0..10 {
+            if offsets.len() == 2 {
+                break;
+            }
+            if let Ok(p) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+                offsets.extend(p.expect("a push").records.iter().map(|r| r.offset));
+            }
+        }
+        // The grants went out though unanswered: the broker may push again.
+        wait_granted(&fake, 2 * n).await;
+        fake.push(sub.id(), &batch_at(2), 3);
+        let p = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
+        offsets.extend(
+            p.expect("in time")
+                .expect("a push")
+                .records
+                .iter()
+                .map(|r| r.offset),
+        );
+        assert_eq!(offsets, [0, 1, 2]);
+        assert_eq!(sub.position(), 3);
+    }
+
+    /// Automatic credit goes back in steps of half the initial credit, not
+    /// one grant per push.
+    #[tokio::test]
+    async fn grants_are_batched_in_half_credit_steps() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        let client = Client::connect(&fake.addr_string()).await.expect("connect");
+        let consumer = Consumer::new(client, ConsumerConfig::default());
+        let n = batch_at(0).len() as u64;
+        let mut sub = consumer
+            .subscribe("t", 0, 0, 10 * n)
+            .await
+            .expect("subscribe");
+        for o in 0..10 {
+            fake.push(sub.id(), &batch_at(o), o + 1);
+        }
+        for _ in 0..10 {
+            sub.next().await.expect("a push");
+        }
+        wait_granted(&fake, 10 * n).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let id = sub.id();
+        assert_eq!(fake.grants(), [(id, 5 * n), (id, 5 * n)]);
+    }
+
+    /// `subscribe` takes a [`StartAt`] as `assign` does (and still a bare
+    /// offset).
+    #[tokio::test]
+    async fn subscribe_starts_where_asked() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        let client = Client::connect(&fake.addr_string()).await.expect("connect");
+        let consumer = Consumer::new(client, ConsumerConfig::default());
+        let sub = consumer
+            .subscribe("t", 0, 7u64, 1024)
+            .await
+            .expect("offset");
+        assert_eq!(sub.position(), 7);
+        let sub = consumer
+            .subscribe("t", 0, StartAt::Offset(9), 1024)
+            .await
+            .expect("StartAt");
+        assert_eq!(sub.position(), 9);
+        let e = consumer
+            .subscribe("t", 3, StartAt::Beginning, 1024)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("no partition 3")));
     }
 }

@@ -56,6 +56,10 @@ struct State {
     offsets: HashMap<(String, u32), u64>,
     subs: HashMap<u64, mpsc::UnboundedSender<Vec<u8>>>,
     grants: Vec<(u64, u64)>,
+    /// Grants are recorded but never answered.
+    grants_unanswered: bool,
+    /// Connections stop reading requests (their socket buffers fill up).
+    reading_paused: bool,
     subscribe_credits: Vec<u64>,
     connections: usize,
     metadata_requests: usize,
@@ -126,6 +130,14 @@ impl FakeBroker {
 
     pub fn metadata_requests(&self) -> usize {
         lock(&self.state).metadata_requests
+    }
+
+    pub fn pause_reading(&self, paused: bool) {
+        lock(&self.state).reading_paused = paused;
+    }
+
+    pub fn leave_grants_unanswered(&self) {
+        lock(&self.state).grants_unanswered = true;
     }
 
     pub fn grants(&self) -> Vec<(u64, u64)> {
@@ -347,6 +359,9 @@ async fn serve(s: tokio::net::TcpStream, st: Arc<Mutex<State>>) {
         let parts = match frame::check(&buf, usize::MAX / 2) {
             Ok(Check::Complete(p)) => p,
             Ok(Check::Incomplete { .. }) => {
+                while lock(&st).reading_paused {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
                 let mut chunk = [0u8; 64 * 1024];
                 match r.read(&mut chunk).await {
                     Ok(0) | Err(_) => return,
@@ -416,7 +431,7 @@ async fn serve(s: tokio::net::TcpStream, st: Arc<Mutex<State>>) {
             ))
         } else if let Some(g) = req.body_as_grant_credit_request() {
             st.grants.push((g.subscription_id(), g.bytes()));
-            Some(empty_ok(corr, fb::ResponseBody::GrantCreditResponse))
+            (!st.grants_unanswered).then(|| empty_ok(corr, fb::ResponseBody::GrantCreditResponse))
         } else if req.body_as_unsubscribe_request().is_some() {
             Some(empty_ok(corr, fb::ResponseBody::UnsubscribeResponse))
         } else {
