@@ -21,8 +21,11 @@ pub const FETCHES_IN_FLIGHT_MAX: usize = 64;
 pub const PRODUCES_IN_FLIGHT_MAX: usize = 64;
 /// Subscriptions per connection.
 pub const SUBSCRIPTIONS_MAX: usize = 1024;
-/// How long a push subscription long-polls before checking its state.
-pub const PUSH_POLL: Duration = Duration::from_millis(250);
+/// Longest a push subscription at the end of its log waits before it looks
+/// again. It wakes at once for data, credit or cancellation; this only
+/// bounds a wait nothing ended. Below the tail cache's interest window
+/// (10 s), so an idle follower keeps the newest batches in memory.
+pub const PUSH_IDLE_WAIT: Duration = Duration::from_secs(5);
 /// A connection's receive buffer when it opens: an idle connection costs
 /// this much. The buffer grows towards a frame's announced size only as the
 /// frame's bytes arrive (at most doubling what has arrived), so an

@@ -354,3 +354,114 @@ async fn a_recreated_topic_is_not_the_same_topic() {
         "only the new incarnation's records"
     );
 }
+
+/// CPU time (user + system) the process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Thousands of push subscriptions idle at the end of their logs cost
+/// nothing until data arrives: the broker stays idle (a re-poll never
+/// scans the other waiters), and a round trip through another partition is
+/// not held up (issue 9 #5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_subscriptions_cost_nothing() {
+    let broker = Broker::start(shoal_tests::two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client
+        .create_topic(&NewTopic::new("idle", 1))
+        .await
+        .unwrap();
+    client
+        .create_topic(&NewTopic::new("busy", 1))
+        .await
+        .unwrap();
+    let mut idle = Vec::new();
+    for c in 0..5 {
+        let mut s = TcpStream::connect(broker.addr()).unwrap();
+        let mut all = Vec::new();
+        for i in 0..1024u32 {
+            all.extend(request(
+                c * 10_000 + i + 1,
+                fb::RequestBody::SubscribeRequest,
+                |fbb| {
+                    let t = fbb.create_string("idle");
+                    fb::SubscribeRequest::create(
+                        fbb,
+                        &fb::SubscribeRequestArgs {
+                            topic_id: 0,
+                            topic: Some(t),
+                            partition: 0,
+                            offset: 0,
+                            credit_bytes: 1 << 20,
+                        },
+                    )
+                    .as_union_value()
+                },
+            ));
+        }
+        s.write_all(&all).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut answered = 0;
+        while answered < 1024 {
+            if let Ok(Check::Complete(p)) = frame::check_response(&buf) {
+                let r = frame::decode_response(&buf[p.header.clone()]).unwrap();
+                assert_eq!(r.error_code(), 0, "{:?}", r.error_message());
+                buf.drain(..p.total);
+                answered += 1;
+                continue;
+            }
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        idle.push(s);
+    }
+    let pid = broker.pid().unwrap();
+    let ticks_per_s = 100; // USER_HZ on Linux
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid) - before;
+    println!("5 x 1024 idle subscriptions: broker used {used} ticks of CPU in 2 s");
+    assert!(
+        used < ticks_per_s / 2,
+        "idle subscriptions burned {used} ticks in 2 s"
+    );
+
+    // A 100-message round trip through another partition is not held up.
+    let conn = Connection::connect(broker.addr().parse().unwrap(), "test")
+        .await
+        .unwrap();
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer
+        .assign("busy", 0, StartAt::Beginning)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for _ in 0..100 {
+        shoal_client::produce_batches(
+            &conn,
+            "busy",
+            0,
+            shoal_client::Acks::Leader,
+            &batch_of(1, 10),
+        )
+        .await
+        .unwrap();
+    }
+    let mut got = 0;
+    while got < 100 {
+        got += consumer.poll().await.unwrap().len();
+    }
+    println!(
+        "100-message round trip beside them: {:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

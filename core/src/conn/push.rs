@@ -4,7 +4,7 @@
 use crate::conn::dispatch::{body_mismatch, s};
 use crate::conn::{Conn, Subscription};
 use crate::error::{Error, Result};
-use crate::limits::{FETCH_BYTES_MAX, PUSH_POLL, SUBSCRIPTIONS_MAX};
+use crate::limits::{FETCH_BYTES_MAX, PUSH_IDLE_WAIT, SUBSCRIPTIONS_MAX};
 use crate::partitions::FetchParams;
 use crate::rt;
 use shoal_shard::Notify;
@@ -119,9 +119,9 @@ impl Conn {
         });
     }
 
-    /// Waits up to [`PUSH_POLL`] for a credit grant or a cancellation.
+    /// Waits up to [`PUSH_IDLE_WAIT`] for a credit grant or a cancellation.
     async fn wait_for_credit(sub: &Subscription) {
-        let _ = rt::timeout(PUSH_POLL, sub.changed.changed()).await;
+        let _ = rt::timeout(PUSH_IDLE_WAIT, sub.changed.changed()).await;
     }
 
     /// Streams new batches to the client within its credit.
@@ -150,9 +150,18 @@ impl Conn {
                 timestamp_ms: None,
                 max_bytes: credit.min(u64::from(FETCH_BYTES_MAX)) as u32,
                 min_bytes: 1,
-                max_wait: PUSH_POLL,
+                max_wait: PUSH_IDLE_WAIT,
             };
-            let ok = self.reactor.fetch(params).await?;
+            // Waits for data without polling: an idle subscription costs a
+            // waiter slot, nothing more. A grant or a cancellation ends the
+            // wait early (the loop then looks again).
+            let changed = sub.changed.changed();
+            let fetch = self.reactor.fetch(params);
+            futures::pin_mut!(changed, fetch);
+            let ok = match futures::future::select(fetch, changed).await {
+                futures::future::Either::Left((r, _)) => r?,
+                futures::future::Either::Right(_) => continue,
+            };
             let Some(data) = &ok.data else { continue };
             if data.len() > sub.credit.get() {
                 // The next batch is larger than the credit left: wait for more.
