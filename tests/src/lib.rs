@@ -50,6 +50,7 @@ pub struct Broker {
     log: PathBuf,
     relative: bool,
     config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
 }
 
 impl Broker {
@@ -87,10 +88,40 @@ impl Broker {
             child: None,
             log,
             relative: relative.is_some(),
+            data_dir: None,
             config,
         };
         b.spawn();
         b
+    }
+
+    /// Like [`Broker::start_with_config`], with the data directory at
+    /// `data_dir` (e.g. on a small file system of its own).
+    pub fn start_at(cores: &str, data_dir: PathBuf, toml: &str) -> Broker {
+        let data = tempfile::tempdir().expect("temp dir");
+        let config = data.path().join("shoal.toml");
+        std::fs::write(&config, toml).expect("config file");
+        let shards = cores.split(',').count();
+        let mut b = Broker {
+            port: free_ports(shards),
+            shards,
+            log: data.path().join("broker.log"),
+            data,
+            cores: cores.into(),
+            child: None,
+            relative: false,
+            config: Some(config),
+            data_dir: Some(data_dir),
+        };
+        b.spawn();
+        b
+    }
+
+    /// Where the broker keeps its topics and partitions.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| self.data.path().join("data"))
     }
 
     pub fn addr(&self) -> String {
@@ -109,7 +140,7 @@ impl Broker {
         if self.relative {
             cmd.current_dir(self.data.path()).arg("data");
         } else {
-            cmd.arg(self.data.path().join("data"));
+            cmd.arg(self.data_dir());
         }
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
