@@ -410,7 +410,7 @@ async fn read_loop(
     // no zero-filling per frame).
     let mut buf = bytes::BytesMut::with_capacity(SMALL_FRAME_BYTES);
     loop {
-        match frame::check(&buf, usize::MAX / 2).map_err(|e| Error::Protocol(e.to_string()))? {
+        match frame::check_response(&buf).map_err(|e| Error::Protocol(e.to_string()))? {
             Check::Incomplete { total } => {
                 buf.reserve(total.saturating_sub(buf.len()).max(SMALL_FRAME_BYTES));
                 let n = r.read_buf(&mut buf).await?;

@@ -2,11 +2,14 @@
 //! idempotence and retries (L1, C3).
 //!
 //! Records for one partition accumulate in a [`BatchBuilder`]; a batch is
-//! sent when it reaches `batch_bytes` or `linger` after its first record.
+//! sealed when it reaches `batch_bytes`, `linger` after its first record,
+//! on [`Producer::flush`], or, with a linger of zero, as soon as the
+//! partition's sender is free: records that arrive while a request is in
+//! flight share the next batch instead of each making its own.
 //! Each partition has one sender task that sends its batches in order, one
-//! at a time, so with idempotence on (the default) a retry after an error
-//! carries the same producer id and sequence and the broker never writes it
-//! twice.
+//! request at a time, so with idempotence on (the default) a retry after an
+//! error carries the same producer id and sequence and the broker never
+//! writes it twice.
 //!
 //! Memory is bounded by `buffer_bytes_max`: a record takes its encoded size
 //! from the buffer when it is accepted and gives it back when its batch is
@@ -15,14 +18,17 @@
 //! `send` wait (up to `buffer_wait_max`, Kafka's `max.block.ms`) and sends
 //! whatever is pending at once, since waiting for linger would only make
 //! the wait longer.
+//!
+//! A record's bytes are copied once, into its batch; batches reach the
+//! socket from where they lie (one vectored write per request).
 
 use crate::client::Client;
 use crate::error::{Error, Result};
 use shoal_wire::batch::{BatchBuilder, NewRecord, NO_PRODUCER_ID, NO_SEQUENCE};
-use shoal_wire::fb;
+use shoal_wire::{fb, ErrorCode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore, TryAcquireError};
@@ -48,6 +54,9 @@ pub enum Partitioner {
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
     pub batch_bytes: usize,
+    /// How long a batch waits for more records after its first. Zero: no
+    /// waiting, but records that arrive while the partition's previous
+    /// request is in flight still go out together.
     pub linger: Duration,
     pub acks: Acks,
     pub idempotent: bool,
@@ -86,6 +95,9 @@ pub struct RecordMetadata {
     pub offset: u64,
 }
 
+/// Why a batch failed: the broker's code if it gave one, and the message.
+type Failure = (Option<ErrorCode>, String);
+
 /// The outcome of one batch, shared by the deliveries of its records: one
 /// allocation per batch, not per record.
 #[derive(Default)]
@@ -95,13 +107,13 @@ struct BatchSlot {
 
 #[derive(Default)]
 struct SlotState {
-    /// Base offset, or the error (code and message) every record reports.
-    result: Option<std::result::Result<u64, (Option<shoal_wire::ErrorCode>, String)>>,
+    /// Base offset, or the failure every record reports.
+    result: Option<std::result::Result<u64, Failure>>,
     wakers: Vec<Waker>,
 }
 
 impl BatchSlot {
-    fn complete(&self, r: std::result::Result<u64, (Option<shoal_wire::ErrorCode>, String)>) {
+    fn complete(&self, r: std::result::Result<u64, Failure>) {
         let wakers = {
             let mut st = lock(&self.state);
             st.result = Some(r);
@@ -110,6 +122,16 @@ impl BatchSlot {
         for w in wakers {
             w.wake();
         }
+    }
+}
+
+fn failure_error((code, message): &Failure) -> Error {
+    match code {
+        Some(code) => Error::Broker {
+            code: *code,
+            message: message.clone(),
+        },
+        None => Error::Protocol(message.clone()),
     }
 }
 
@@ -138,11 +160,7 @@ impl std::future::Future for Delivery {
                 partition: self.partition,
                 offset: base + u64::from(self.index),
             })),
-            Some(Err((Some(code), message))) => Poll::Ready(Err(Error::Broker {
-                code: *code,
-                message: message.clone(),
-            })),
-            Some(Err((None, message))) => Poll::Ready(Err(Error::Protocol(message.clone()))),
+            Some(Err(f)) => Poll::Ready(Err(failure_error(f))),
             None => {
                 if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
                     st.wakers.push(cx.waker().clone());
@@ -153,47 +171,81 @@ impl std::future::Future for Delivery {
     }
 }
 
+/// Smallest buffer a new batch starts with.
+const BATCH_CAPACITY_BYTES_MIN: usize = 4 * 1024;
+
 struct Pending {
     builder: BatchBuilder,
     slot: Arc<BatchSlot>,
-    linger_armed: bool,
     /// Buffer bytes its records hold.
     buffer_bytes: usize,
+    /// Counts sealed batches: a linger timer seals the batch it was armed
+    /// for, never a later one.
+    generation: u64,
+    linger_armed: bool,
 }
 
 struct PartitionState {
     pending: Pending,
     next_sequence: i32,
     queue: mpsc::UnboundedSender<Outgoing>,
+    /// The sender has a batch to send or is sending one; it clears this
+    /// (under the partition table's lock) only when its queue is empty and
+    /// nothing pending is due, so a record seen while it is set is sealed
+    /// by the sender when it is free.
+    sender_busy: bool,
 }
 
-/// A sealed batch on its way to the partition's sender task. The queue of
-/// these is bounded by the buffer: every batch holds its records' buffer
-/// bytes until it is answered (flush markers hold none, and there is at
-/// most one per waiting `flush` call).
-struct Outgoing {
-    batch: Vec<u8>,
-    slot: Arc<BatchSlot>,
-    buffer_bytes: usize,
+/// What a partition's sender task is handed. The queue of these is bounded
+/// by the buffer: every batch holds its records' buffer bytes until it is
+/// answered, and a flush marker exists only while its `flush` call waits.
+enum Outgoing {
+    Batch {
+        batch: Vec<u8>,
+        record_count: u32,
+        slot: Arc<BatchSlot>,
+        buffer_bytes: usize,
+    },
+    /// Answered once everything before it is answered: with the first
+    /// failure since the previous marker, or success.
+    FlushMarker(Arc<BatchSlot>),
 }
 
 /// Per topic, per partition; looked up by `&str` without allocating.
 type Partitions = HashMap<String, HashMap<u32, PartitionState>>;
 
-struct Shared {
+/// What sender tasks need. It holds no reference to the partition table,
+/// so the table (and its queues) go away with the last [`Producer`], and
+/// the sender tasks end once they have sent what was queued.
+struct Core {
     client: Client,
     config: ProducerConfig,
-    producer_id: i64,
-    partitions: Mutex<Partitions>,
     /// One permit per byte of `buffer_bytes_max`.
     buffer: Semaphore,
     buffer_bytes_max: usize,
 }
 
-impl Shared {
+impl Core {
     fn release(&self, buffer_bytes: usize) {
         if buffer_bytes > 0 {
             self.buffer.add_permits(buffer_bytes);
+        }
+    }
+}
+
+struct Shared {
+    core: Arc<Core>,
+    producer_id: i64,
+    partitions: Mutex<Partitions>,
+}
+
+impl Drop for Shared {
+    /// Records accepted are sent even if the producer is dropped before
+    /// their linger ran out: their deliveries still resolve.
+    fn drop(&mut self) {
+        let mut parts = lock(&self.partitions);
+        for st in parts.values_mut().flat_map(|p| p.values_mut()) {
+            seal(&self.core, self.producer_id, st);
         }
     }
 }
@@ -232,6 +284,48 @@ fn hash(key: &[u8]) -> u32 {
     })
 }
 
+/// Turns the pending records into a batch and queues it for the sender.
+fn seal(core: &Core, producer_id: i64, st: &mut PartitionState) {
+    let p = &mut st.pending;
+    p.linger_armed = false;
+    if p.builder.is_empty() {
+        return;
+    }
+    p.generation += 1;
+    let record_count = p.builder.record_count();
+    let seq = if producer_id >= 0 {
+        st.next_sequence
+    } else {
+        NO_SEQUENCE
+    };
+    st.next_sequence = st.next_sequence.wrapping_add(record_count as i32) & i32::MAX;
+    let batch = p.builder.finish(producer_id, 0, seq);
+    // `finish` hands its buffer over; the next batch starts with room for
+    // one like it, so it does not grow (and copy) its way up again.
+    p.builder = BatchBuilder::with_capacity(
+        batch
+            .len()
+            .min(core.config.batch_bytes)
+            .max(BATCH_CAPACITY_BYTES_MIN),
+    );
+    let slot = std::mem::take(&mut p.slot);
+    let buffer_bytes = std::mem::take(&mut p.buffer_bytes);
+    st.sender_busy = true;
+    let o = Outgoing::Batch {
+        batch,
+        record_count,
+        slot,
+        buffer_bytes,
+    };
+    if let Err(mpsc::error::SendError(Outgoing::Batch {
+        slot, buffer_bytes, ..
+    })) = st.queue.send(o)
+    {
+        slot.complete(Err((None, Error::Closed.to_string())));
+        core.release(buffer_bytes);
+    }
+}
+
 impl Producer {
     pub fn new(client: Client, config: ProducerConfig) -> Producer {
         // A random id: with 63 bits a collision between producers is
@@ -244,15 +338,21 @@ impl Producer {
         let buffer_bytes_max = config.buffer_bytes_max.min(Semaphore::MAX_PERMITS);
         Producer {
             shared: Arc::new(Shared {
-                client,
-                config,
+                core: Arc::new(Core {
+                    client,
+                    config,
+                    buffer: Semaphore::new(buffer_bytes_max),
+                    buffer_bytes_max,
+                }),
                 producer_id,
                 partitions: Mutex::new(HashMap::new()),
-                buffer: Semaphore::new(buffer_bytes_max),
-                buffer_bytes_max,
             }),
             round_robin: Arc::new(AtomicU32::new(rand::random::<u32>())),
         }
+    }
+
+    fn core(&self) -> &Core {
+        &self.shared.core
     }
 
     /// Sends a record and waits for its acknowledgement.
@@ -274,15 +374,19 @@ impl Producer {
         key: Option<&[u8]>,
         value: &[u8],
     ) -> Result<Delivery> {
-        let n = self.shared.client.partition_count(topic).await?;
+        let partition = self.partition_for(topic, key).await?;
+        self.send_nowait_to(topic, partition, key, value).await
+    }
+
+    async fn partition_for(&self, topic: &str, key: Option<&[u8]>) -> Result<u32> {
+        let n = self.core().client.partition_count(topic).await?;
         if n == 0 {
             return Err(Error::Invalid(format!("topic {topic:?} has no partitions")));
         }
-        let partition = match (self.shared.config.partitioner, key) {
+        Ok(match (self.core().config.partitioner, key) {
             (Partitioner::KeyOrRoundRobin, Some(k)) => hash(k) % n,
             _ => self.round_robin.fetch_add(1, Ordering::Relaxed) % n,
-        };
-        self.send_nowait_to(topic, partition, key, value).await
+        })
     }
 
     /// Queues a record for a given partition, waiting while the buffer is
@@ -296,16 +400,59 @@ impl Producer {
     ) -> Result<Delivery> {
         let bytes = record(key, value, 0).encoded_len();
         self.reserve(bytes).await?;
-        self.append(topic, partition, key, value, bytes)
+        self.append(topic, partition, &[(key, value)], bytes)
+    }
+
+    /// Queues a record for a given partition. Not being async, it cannot
+    /// wait: with the buffer full it fails at once with
+    /// [`Error::BufferFull`] ([`Self::send_nowait_to`] waits).
+    pub fn send_to(
+        &self,
+        topic: &str,
+        partition: u32,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<Delivery> {
+        let bytes = record(key, value, 0).encoded_len();
+        if !self.try_reserve(self.buffer_permits(bytes)?)? {
+            self.seal_all();
+            return Err(Error::BufferFull {
+                bytes_max: self.core().buffer_bytes_max,
+            });
+        }
+        self.append(topic, partition, &[(key, value)], bytes)
+    }
+
+    /// Sends `records` (key, value) to `partition` now, as one batch of
+    /// their own, behind whatever was sent to that partition before.
+    /// Waits for buffer room like [`Self::send_nowait`]. The delivery
+    /// resolves to where the first record was stored; the others follow
+    /// it in order. The batch may exceed `batch_bytes` (not the broker's
+    /// batch limit).
+    pub async fn send_batch(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: &[(Option<&[u8]>, &[u8])],
+    ) -> Result<Delivery> {
+        if records.is_empty() {
+            return Err(Error::Invalid("a batch needs at least one record".into()));
+        }
+        let bytes = records
+            .iter()
+            .map(|(k, v)| record(*k, v, 0).encoded_len())
+            .sum();
+        self.reserve(bytes).await?;
+        self.append(topic, partition, records, bytes)
     }
 
     /// Bytes of records accepted and not yet acknowledged or failed.
     pub fn buffered_bytes(&self) -> usize {
-        self.shared.buffer_bytes_max - self.shared.buffer.available_permits()
+        self.core().buffer_bytes_max - self.core().buffer.available_permits()
     }
 
     fn buffer_permits(&self, bytes: usize) -> Result<u32> {
-        let bytes_max = self.shared.buffer_bytes_max;
+        let bytes_max = self.core().buffer_bytes_max;
         match u32::try_from(bytes) {
             Ok(n) if bytes <= bytes_max => Ok(n),
             _ => Err(Error::RecordTooLarge { bytes, bytes_max }),
@@ -313,7 +460,7 @@ impl Producer {
     }
 
     fn try_reserve(&self, permits: u32) -> Result<bool> {
-        match self.shared.buffer.try_acquire_many(permits) {
+        match self.core().buffer.try_acquire_many(permits) {
             Ok(p) => {
                 // Given back by hand when the record's batch is answered.
                 p.forget();
@@ -333,13 +480,13 @@ impl Producer {
         }
         self.seal_all();
         let (wait, bytes_max) = (
-            self.shared.config.buffer_wait_max,
-            self.shared.buffer_bytes_max,
+            self.core().config.buffer_wait_max,
+            self.core().buffer_bytes_max,
         );
         if wait.is_zero() {
             return Err(Error::BufferFull { bytes_max });
         }
-        match tokio::time::timeout(wait, self.shared.buffer.acquire_many(permits)).await {
+        match tokio::time::timeout(wait, self.core().buffer.acquire_many(permits)).await {
             Ok(Ok(p)) => {
                 p.forget();
                 Ok(())
@@ -353,63 +500,46 @@ impl Producer {
     fn seal_all(&self) {
         let mut parts = lock(&self.shared.partitions);
         for st in parts.values_mut().flat_map(|p| p.values_mut()) {
-            Self::seal(&self.shared, st);
+            seal(&self.shared.core, self.shared.producer_id, st);
         }
     }
 
     fn new_partition(&self, topic: &str, partition: u32) -> PartitionState {
         let (q, rx) = mpsc::unbounded_channel();
         tokio::spawn(partition_sender(
-            self.shared.clone(),
+            self.shared.core.clone(),
+            Arc::downgrade(&self.shared),
             topic.to_string(),
             partition,
             rx,
         ));
         PartitionState {
             pending: Pending {
-                builder: BatchBuilder::with_capacity(self.shared.config.batch_bytes),
+                builder: BatchBuilder::with_capacity(BATCH_CAPACITY_BYTES_MIN),
                 slot: Arc::default(),
-                linger_armed: false,
                 buffer_bytes: 0,
+                generation: 0,
+                linger_armed: false,
             },
             next_sequence: 0,
             queue: q,
+            sender_busy: false,
         }
     }
 
-    /// Queues a record for a given partition. Not being async, it cannot
-    /// wait: with the buffer full it fails at once with
-    /// [`Error::BufferFull`] ([`Self::send_nowait_to`] waits).
-    pub fn send_to(
-        &self,
-        topic: &str,
-        partition: u32,
-        key: Option<&[u8]>,
-        value: &[u8],
-    ) -> Result<Delivery> {
-        let bytes = record(key, value, 0).encoded_len();
-        if !self.try_reserve(self.buffer_permits(bytes)?)? {
-            self.seal_all();
-            return Err(Error::BufferFull {
-                bytes_max: self.shared.buffer_bytes_max,
-            });
-        }
-        self.append(topic, partition, key, value, bytes)
-    }
-
-    /// Adds a record whose `buffer_bytes` are already reserved to its
-    /// partition's pending batch; gives them back if it fails.
+    /// Adds records whose `buffer_bytes` are already reserved to their
+    /// partition (one record: to its pending batch; several: as a batch of
+    /// their own); gives the bytes back if that fails.
     fn append(
         &self,
         topic: &str,
         partition: u32,
-        key: Option<&[u8]>,
-        value: &[u8],
+        records: &[(Option<&[u8]>, &[u8])],
         buffer_bytes: usize,
     ) -> Result<Delivery> {
-        let r = self.append_reserved(topic, partition, key, value, buffer_bytes);
+        let r = self.append_reserved(topic, partition, records, buffer_bytes);
         if r.is_err() {
-            self.shared.release(buffer_bytes);
+            self.core().release(buffer_bytes);
         }
         r
     }
@@ -418,14 +548,14 @@ impl Producer {
         &self,
         topic: &str,
         partition: u32,
-        key: Option<&[u8]>,
-        value: &[u8],
+        records: &[(Option<&[u8]>, &[u8])],
         buffer_bytes: usize,
     ) -> Result<Delivery> {
         // Stamped when accepted, after any wait for room, so records of a
         // batch are in time order.
-        let record = record(key, value, now_ms());
-        let cfg = &self.shared.config;
+        let timestamp_ms = now_ms();
+        let (core, producer_id) = (&*self.shared.core, self.shared.producer_id);
+        let cfg = &core.config;
         let mut parts = lock(&self.shared.partitions);
         if !parts.contains_key(topic) {
             parts.insert(topic.to_string(), HashMap::new());
@@ -434,33 +564,51 @@ impl Producer {
         let st = by_partition
             .entry(partition)
             .or_insert_with(|| self.new_partition(topic, partition));
+        let own_batch = records.len() > 1;
+        let first_bytes = records
+            .first()
+            .map_or(0, |(k, v)| record(*k, v, 0).encoded_len());
         if !st.pending.builder.is_empty()
-            && st.pending.builder.len() + record.encoded_len() > cfg.batch_bytes
+            && (own_batch || st.pending.builder.len() + first_bytes > cfg.batch_bytes)
         {
-            Self::seal(&self.shared, st);
+            seal(core, producer_id, st);
         }
         let index = st.pending.builder.record_count();
-        st.pending
-            .builder
-            .push(&record)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        for (i, (key, value)) in records.iter().enumerate() {
+            if let Err(e) = st.pending.builder.push(&record(*key, value, timestamp_ms)) {
+                if i > 0 {
+                    // Half a batch of our own: drop it, nobody holds a
+                    // delivery for it yet.
+                    st.pending.builder = BatchBuilder::with_capacity(BATCH_CAPACITY_BYTES_MIN);
+                }
+                return Err(Error::Invalid(e.to_string()));
+            }
+        }
         st.pending.buffer_bytes += buffer_bytes;
         let delivery = Delivery {
             slot: st.pending.slot.clone(),
             partition,
             index,
         };
-        if st.pending.builder.len() >= cfg.batch_bytes || cfg.linger.is_zero() {
-            Self::seal(&self.shared, st);
-        } else if !st.pending.linger_armed {
+        let due = own_batch
+            || st.pending.builder.len() >= cfg.batch_bytes
+            || (cfg.linger.is_zero() && !st.sender_busy);
+        if due {
+            seal(core, producer_id, st);
+        } else if !cfg.linger.is_zero() && !st.pending.linger_armed {
             st.pending.linger_armed = true;
-            let (shared, linger, topic) = (self.shared.clone(), cfg.linger, topic.to_string());
+            let (shared, linger, topic) =
+                (Arc::downgrade(&self.shared), cfg.linger, topic.to_string());
+            let generation = st.pending.generation;
             tokio::spawn(async move {
                 tokio::time::sleep(linger).await;
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
                 let mut parts = lock(&shared.partitions);
                 if let Some(st) = parts.get_mut(&topic).and_then(|p| p.get_mut(&partition)) {
-                    if st.pending.linger_armed {
-                        Self::seal(&shared, st);
+                    if st.pending.generation == generation {
+                        seal(&shared.core, shared.producer_id, st);
                     }
                 }
             });
@@ -468,53 +616,20 @@ impl Producer {
         Ok(delivery)
     }
 
-    /// Turns the pending records into a batch and queues it for sending.
-    fn seal(shared: &Shared, st: &mut PartitionState) {
-        st.pending.linger_armed = false;
-        if st.pending.builder.is_empty() {
-            return;
-        }
-        let count = st.pending.builder.record_count() as i32;
-        let seq = if shared.producer_id >= 0 {
-            st.next_sequence
-        } else {
-            NO_SEQUENCE
-        };
-        st.next_sequence = st.next_sequence.wrapping_add(count) & i32::MAX;
-        let batch = st.pending.builder.finish(shared.producer_id, 0, seq);
-        let slot = std::mem::take(&mut st.pending.slot);
-        let buffer_bytes = std::mem::take(&mut st.pending.buffer_bytes);
-        if let Err(mpsc::error::SendError(o)) = st.queue.send(Outgoing {
-            batch,
-            slot,
-            buffer_bytes,
-        }) {
-            o.slot.complete(Err((None, Error::Closed.to_string())));
-            shared.release(o.buffer_bytes);
-        }
-    }
-
-    /// Sends everything queued so far and waits for it.
+    /// Sends everything accepted so far and waits until it is answered.
+    /// Fails if anything it waited for failed (the first failure of each
+    /// partition since the previous flush, so each is reported once), after
+    /// waiting for all of it.
     pub async fn flush(&self) -> Result<()> {
         let mut waits = Vec::new();
         {
             let mut parts = lock(&self.shared.partitions);
             for (&partition, st) in parts.values_mut().flat_map(|p| p.iter_mut()) {
-                let slot = if st.pending.builder.is_empty() {
-                    // A marker behind everything queued: the sender answers
-                    // it once all earlier batches are answered.
-                    let slot: Arc<BatchSlot> = Arc::default();
-                    let _ = st.queue.send(Outgoing {
-                        batch: Vec::new(),
-                        slot: slot.clone(),
-                        buffer_bytes: 0,
-                    });
-                    slot
-                } else {
-                    let slot = st.pending.slot.clone();
-                    Self::seal(&self.shared, st);
-                    slot
-                };
+                seal(&self.shared.core, self.shared.producer_id, st);
+                let slot: Arc<BatchSlot> = Arc::default();
+                if st.queue.send(Outgoing::FlushMarker(slot.clone())).is_err() {
+                    slot.complete(Err((None, Error::Closed.to_string())));
+                }
                 waits.push(Delivery {
                     slot,
                     partition,
@@ -522,24 +637,36 @@ impl Producer {
                 });
             }
         }
+        let mut first_error = None;
         for w in waits {
-            w.await?;
+            if let Err(e) = w.await {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 
 /// Bytes of batches one produce request may carry.
 const REQUEST_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// One partition's batches, sent in order, one request at a time; batches
+/// queued while a request is in flight travel together in the next.
 async fn partition_sender(
-    shared: Arc<Shared>,
+    core: Arc<Core>,
+    table: Weak<Shared>,
     topic: String,
     partition: u32,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let mut next: Option<Outgoing> = None;
+    let mut unreported: Option<Failure> = None;
+    let mut batches: Vec<Vec<u8>> = Vec::new();
+    let mut groups: Vec<(u32, Arc<BatchSlot>)> = Vec::new();
     loop {
+        if next.is_none() && rx.is_empty() {
+            going_idle(&core, &table, &topic, partition, &rx);
+        }
         let first = match next.take() {
             Some(o) => o,
             None => match rx.recv().await {
@@ -547,30 +674,33 @@ async fn partition_sender(
                 None => return,
             },
         };
-        if first.batch.is_empty() {
-            first.slot.complete(Ok(0));
-            continue;
-        }
-        // Everything queued behind it goes in the same request: batches
-        // sealed while the previous request was in flight travel together.
-        let mut payload = first.batch;
-        let mut groups = vec![(
-            shoal_wire::BatchHeader::decode(&payload).map_or(0, |h| h.record_count),
-            first.slot,
-        )];
-        let mut buffer_bytes = first.buffer_bytes;
-        while payload.len() < REQUEST_BYTES_MAX {
+        let (batch, record_count, slot, mut buffer_bytes) = match first {
+            Outgoing::FlushMarker(slot) => {
+                slot.complete(unreported.take().map_or(Ok(0), Err));
+                continue;
+            }
+            Outgoing::Batch {
+                batch,
+                record_count,
+                slot,
+                buffer_bytes,
+            } => (batch, record_count, slot, buffer_bytes),
+        };
+        let mut payload_bytes = batch.len();
+        batches.push(batch);
+        groups.push((record_count, slot));
+        while payload_bytes < REQUEST_BYTES_MAX {
             match rx.try_recv() {
-                Ok(o)
-                    if !o.batch.is_empty()
-                        && payload.len() + o.batch.len() <= REQUEST_BYTES_MAX =>
-                {
-                    groups.push((
-                        shoal_wire::BatchHeader::decode(&o.batch).map_or(0, |h| h.record_count),
-                        o.slot,
-                    ));
-                    buffer_bytes += o.buffer_bytes;
-                    payload.extend_from_slice(&o.batch);
+                Ok(Outgoing::Batch {
+                    batch,
+                    record_count,
+                    slot,
+                    buffer_bytes: b,
+                }) if payload_bytes + batch.len() <= REQUEST_BYTES_MAX => {
+                    payload_bytes += batch.len();
+                    buffer_bytes += b;
+                    batches.push(batch);
+                    groups.push((record_count, slot));
                 }
                 Ok(o) => {
                     next = Some(o);
@@ -579,23 +709,55 @@ async fn partition_sender(
                 Err(_) => break,
             }
         }
-        match send_with_retries(&shared, &topic, partition, &payload).await {
+        let parts: Vec<&[u8]> = batches.iter().map(Vec::as_slice).collect();
+        match send_with_retries(&core, &topic, partition, &parts).await {
             Ok(base) => {
                 // The broker stores the batches back to back.
                 let mut offset = base;
-                for (count, slot) in groups {
+                for (count, slot) in groups.drain(..) {
                     slot.complete(Ok(offset));
                     offset += u64::from(count);
                 }
             }
             Err(e) => {
-                let (code, msg) = (e.code(), e.to_string());
-                for (_, slot) in groups {
-                    slot.complete(Err((code, msg.clone())));
+                let failure: Failure = (e.code(), e.to_string());
+                for (_, slot) in groups.drain(..) {
+                    slot.complete(Err(failure.clone()));
                 }
+                unreported.get_or_insert(failure);
             }
         }
-        shared.release(buffer_bytes);
+        drop(parts);
+        batches.clear();
+        core.release(buffer_bytes);
+    }
+}
+
+/// The sender is about to wait for work: with a linger of zero, what
+/// accumulated while it was busy goes now; otherwise it is marked free, so
+/// the next record (linger zero) is sealed at once by whoever sends it.
+fn going_idle(
+    core: &Core,
+    table: &Weak<Shared>,
+    topic: &str,
+    partition: u32,
+    rx: &mpsc::UnboundedReceiver<Outgoing>,
+) {
+    let Some(shared) = table.upgrade() else {
+        return;
+    };
+    let mut parts = lock(&shared.partitions);
+    let Some(st) = parts.get_mut(topic).and_then(|p| p.get_mut(&partition)) else {
+        return;
+    };
+    // Checked again under the lock every seal holds: nothing can be queued
+    // between this check and clearing the flag.
+    if !rx.is_empty() {
+        return;
+    }
+    st.sender_busy = false;
+    if core.config.linger.is_zero() {
+        seal(core, shared.producer_id, st);
     }
 }
 
@@ -620,28 +782,39 @@ pub async fn produce_batches(
     acks: Acks,
     payload: &[u8],
 ) -> Result<Produced> {
+    produce_parts(conn, topic, partition, acks, &[payload]).await
+}
+
+/// Like [`produce_batches`], with the batches where they lie.
+async fn produce_parts(
+    conn: &crate::connection::Connection,
+    topic: &str,
+    partition: u32,
+    acks: Acks,
+    batches: &[&[u8]],
+) -> Result<Produced> {
     let acks = match acks {
         Acks::None => fb::Acks::None,
         Acks::Leader => fb::Acks::Leader,
     };
     let f = conn
-        .request(
+        .request_parts(
             fb::RequestBody::ProduceRequest,
             |fbb| {
                 let t = fbb.create_string(topic);
                 fb::ProduceRequest::create(
                     fbb,
                     &fb::ProduceRequestArgs {
-                        topic_id: 0,
                         topic: Some(t),
                         partition,
                         acks,
                         timeout_ms: 30_000,
+                        ..Default::default()
                     },
                 )
                 .as_union_value()
             },
-            payload,
+            batches,
         )
         .await?;
     let resp = f.response();
@@ -656,17 +829,17 @@ pub async fn produce_batches(
 }
 
 async fn send_with_retries(
-    shared: &Shared,
+    core: &Core,
     topic: &str,
     partition: u32,
-    batch: &[u8],
+    batches: &[&[u8]],
 ) -> Result<u64> {
-    let cfg = &shared.config;
+    let cfg = &core.config;
     let mut attempt = 0;
     loop {
         let r = async {
-            let conn = shared.client.partition_connection(topic, partition).await?;
-            produce_batches(&conn, topic, partition, cfg.acks, batch)
+            let conn = core.client.partition_connection(topic, partition).await?;
+            produce_parts(&conn, topic, partition, cfg.acks, batches)
                 .await
                 .map(|p| p.base_offset)
         }
@@ -676,7 +849,7 @@ async fn send_with_retries(
             Err(e) if e.is_retriable() && attempt < cfg.retries => {
                 attempt += 1;
                 tracing::debug!(error = %e, attempt, "produce failed; retrying");
-                shared.client.invalidate();
+                core.client.invalidate();
                 tokio::time::sleep(cfg.retry_backoff * attempt).await;
             }
             Err(e) => return Err(e),
@@ -808,5 +981,148 @@ mod tests {
         let e = p.send("t", None, &big).await.expect_err("too large");
         assert!(matches!(e, Error::RecordTooLarge { .. }), "{e}");
         assert_eq!(p.buffered_bytes(), 0);
+    }
+
+    fn producer_with(client: Client, linger: Duration, batch_bytes: usize) -> Producer {
+        Producer::new(
+            client,
+            ProducerConfig {
+                linger,
+                batch_bytes,
+                retries: 0,
+                ..ProducerConfig::default()
+            },
+        )
+    }
+
+    /// `flush` fails if any batch it waited for failed, not only the last
+    /// one of each partition; it reports each failure once.
+    #[tokio::test]
+    async fn flush_reports_an_earlier_failed_batch() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        fake.set_produce_mode(ProduceMode::Hold);
+        let client = Client::connect(&fake.addr_string()).await.expect("connect");
+        // Every record is a batch of its own.
+        let p = producer_with(client, Duration::from_secs(3600), 1);
+        let first = p.send_to("t", 0, None, b"one").expect("room");
+        fake.wait_held(1).await;
+        // Queued behind the first request: it goes in a second one.
+        let second = p.send_to("t", 0, None, b"two").expect("room");
+        let p2 = p.clone();
+        let flush = tokio::spawn(async move { p2.flush().await });
+        assert!(fake.release(Some(ErrorCode::CorruptBatch)));
+        fake.wait_held(1).await;
+        assert!(fake.release(None));
+        let r = flush.await.expect("task");
+        assert!(
+            matches!(
+                &r,
+                Err(Error::Broker {
+                    code: ErrorCode::CorruptBatch,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        assert!(first.await.is_err());
+        assert_eq!(second.await.expect("stored").offset, 0);
+        fake.set_produce_mode(ProduceMode::Ack);
+        p.flush().await.expect("nothing failed since");
+    }
+
+    /// A linger timer armed for a batch that was sealed early (by size)
+    /// does not seal the next batch: every batch waits its full linger.
+    #[tokio::test]
+    async fn a_stale_linger_timer_does_not_seal_the_next_batch() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        let client = Client::connect(&fake.addr_string()).await.expect("connect");
+        let linger = Duration::from_millis(400);
+        let value = [1u8; VALUE_BYTES];
+        // Two records fill a batch.
+        let p = producer_with(client, linger, 2 * RECORD_BYTES + 64);
+        let a = p.send_to("t", 0, None, &value).expect("room");
+        let b = p.send_to("t", 0, None, &value).expect("room");
+        a.await.expect("sealed by size");
+        b.await.expect("sealed by size");
+        tokio::time::sleep(linger / 2).await;
+        let t0 = std::time::Instant::now();
+        p.send_to("t", 0, None, &value)
+            .expect("room")
+            .await
+            .expect("stored");
+        let waited = t0.elapsed();
+        assert!(
+            waited >= linger * 9 / 10,
+            "sealed after {waited:?}, linger is {linger:?}"
+        );
+    }
+
+    /// With a linger of zero, records sent while the partition's request is
+    /// in flight go out together as one batch, not one batch each.
+    #[tokio::test]
+    async fn linger_zero_batches_what_arrives_during_a_request() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        fake.set_produce_mode(ProduceMode::Hold);
+        let client = Client::connect(&fake.addr_string()).await.expect("connect");
+        let p = producer_with(client, Duration::ZERO, 64 * 1024);
+        let mut ds = vec![p.send_to("t", 0, None, b"first").expect("room")];
+        fake.wait_held(1).await;
+        for i in 0..9 {
+            ds.push(
+                p.send_to("t", 0, None, format!("r{i}").as_bytes())
+                    .expect("room"),
+            );
+        }
+        fake.set_produce_mode(ProduceMode::Ack);
+        assert!(fake.release(None));
+        for (i, d) in ds.into_iter().enumerate() {
+            assert_eq!(d.await.expect("stored").offset, i as u64);
+        }
+        let counts: Vec<Vec<u32>> = fake
+            .produces()
+            .iter()
+            .map(|c| c.headers.iter().map(|h| h.record_count).collect())
+            .collect();
+        assert_eq!(counts, [vec![1], vec![9]]);
+    }
+
+    /// `send_batch` sends its records at once as one batch, behind what was
+    /// pending for the partition.
+    #[tokio::test]
+    async fn send_batch_sends_its_records_now_as_one_batch() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        let client = Client::connect(&fake.addr_string()).await.expect("connect");
+        let p = producer_with(client, Duration::from_secs(3600), 64 * 1024);
+        let pending = p.send_to("t", 0, None, b"pending").expect("room");
+        let batch = p
+            .send_batch("t", 0, &[(None, b"a"), (Some(b"k"), b"b"), (None, b"c")])
+            .await
+            .expect("room");
+        let t0 = std::time::Instant::now();
+        assert_eq!(batch.await.expect("stored").offset, 1);
+        assert_eq!(pending.await.expect("stored").offset, 0);
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        let counts: Vec<u32> = fake
+            .produces()
+            .iter()
+            .flat_map(|c| c.headers.iter().map(|h| h.record_count))
+            .collect();
+        assert_eq!(counts, [1, 3]);
+        assert!(p.send_batch("t", 0, &[]).await.is_err());
+    }
+
+    /// Dropping the producer sends what it accepted; the deliveries resolve.
+    #[tokio::test]
+    async fn dropping_the_producer_still_sends_what_it_accepted() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        let client = Client::connect(&fake.addr_string()).await.expect("connect");
+        let p = producer_with(client, Duration::from_secs(3600), 64 * 1024);
+        let d = p.send_to("t", 0, None, b"last words").expect("room");
+        drop(p);
+        let m = tokio::time::timeout(Duration::from_secs(5), d)
+            .await
+            .expect("delivered without waiting for the linger")
+            .expect("stored");
+        assert_eq!(m.offset, 0);
     }
 }
