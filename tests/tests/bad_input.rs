@@ -19,7 +19,7 @@ fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        if let Ok(Check::Complete(p)) = frame::check(&buf, usize::MAX / 2) {
+        if let Ok(Check::Complete(p)) = frame::check_response(&buf) {
             return Some(buf[p.header].to_vec());
         }
         match s.read(&mut chunk) {

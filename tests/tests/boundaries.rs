@@ -37,6 +37,7 @@ fn produce_frame(corr: u32, topic: &str, partition: u32, payload: &[u8]) -> Vec<
     let body = fb::ProduceRequest::create(
         &mut fbb,
         &fb::ProduceRequestArgs {
+            topic_id: 0,
             topic: Some(t),
             partition,
             acks: fb::Acks::Leader,
@@ -63,7 +64,7 @@ fn produce_frame(corr: u32, topic: &str, partition: u32, payload: &[u8]) -> Vec<
 fn read_header(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
     let mut chunk = [0u8; 64 * 1024];
     loop {
-        if let Ok(Check::Complete(p)) = frame::check(buf, usize::MAX / 2) {
+        if let Ok(Check::Complete(p)) = frame::check_response(buf) {
             let h = buf[p.header].to_vec();
             buf.drain(..p.total);
             return Some(h);

@@ -378,6 +378,7 @@ async fn zero_copy_counter_equals_bytes_fetched() {
                     fb::FetchRequest::create(
                         fbb,
                         &fb::FetchRequestArgs {
+                            topic_id: 0,
                             topic: Some(t),
                             partition: p,
                             max_bytes: 1 << 20,
