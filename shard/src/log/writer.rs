@@ -20,11 +20,14 @@ use std::path::Path;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
-/// One write of the pending chunks, with at most one fdatasync. Its chunks
-/// are ready to write (zero-padded to the block) and shared, so a round
-/// whose write failed can be written again as it is.
+/// One write of the pending chunks, with at most one fdatasync.
 pub(super) struct Round {
-    chunks: Vec<Rc<DmaBuffer>>,
+    /// The chunks still to write, by index in the round, ready to write
+    /// (zero-padded to the block). A chunk's buffer is freed as soon as its
+    /// write lands, as with an owned write (it goes back to the executor's
+    /// registered DMA memory at once); a failed round keeps only the chunks
+    /// it must write again.
+    chunks: Vec<(usize, Rc<DmaBuffer>)>,
     file_pos: u64,
     len: usize,
     next_offset: u64,
@@ -176,7 +179,7 @@ pub(super) fn take_round(st: &mut State) -> Option<Round> {
             let aligned = align_up(valid as u64) as usize;
             chunk.as_bytes_mut()[valid..aligned].fill(0);
             chunk.trim_to_size(aligned);
-            Rc::new(chunk)
+            (i, Rc::new(chunk))
         })
         .collect();
     Some(Round {
@@ -212,41 +215,55 @@ async fn wait_predecessors(inner: &Inner, seq: u64, gen: u64) -> std::io::Result
 /// Writes one round. Its first chunk rewrites the previous round's tail
 /// block, so it is submitted only after every earlier round's writes are
 /// done; the other chunks go at once. Rounds therefore complete in order.
-async fn write_round(inner: &Inner, round: &Round, seq: u64, gen: u64) -> std::io::Result<()> {
+///
+/// The chunks that did not land stay in `round` for a retry.
+async fn write_round(inner: &Inner, round: &mut Round, seq: u64, gen: u64) -> std::io::Result<()> {
     let mut writes = Vec::with_capacity(round.chunks.len());
-    for (i, chunk) in round.chunks.iter().enumerate() {
-        let aligned = chunk.len();
+    for (i, chunk) in std::mem::take(&mut round.chunks) {
         let pos = round.file_pos + (i * CHUNK_BYTES) as u64;
-        let (dma, chunk) = (round.dma.clone(), chunk.clone());
+        let dma = round.dma.clone();
         writes.push(async move {
-            if i == 0 {
-                wait_predecessors(inner, seq, gen).await?;
-                if inner.take_injected_failure() {
-                    return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            let written = async {
+                if i == 0 {
+                    wait_predecessors(inner, seq, gen).await?;
+                    if inner.take_injected_failure() {
+                        return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+                    }
                 }
+                let aligned = chunk.len();
+                let n = dma.write_rc_at(chunk.clone(), pos).await?;
+                if n != aligned {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::WriteZero,
+                        format!("short direct write: {n} of {aligned} bytes at {pos}"),
+                    ));
+                }
+                Ok(())
             }
-            let n = dma.write_rc_at(chunk, pos).await?;
-            if n != aligned {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::WriteZero,
-                    format!("short direct write: {n} of {aligned} bytes at {pos}"),
-                ));
-            }
-            Ok::<(), std::io::Error>(())
+            .await;
+            // Landed: the buffer is freed here, not when the round ends.
+            written.map_err(|e| (i, chunk, e))
         });
     }
+    let mut failed = None;
     for r in futures::future::join_all(writes).await {
-        r?;
+        if let Err((i, chunk, e)) = r {
+            round.chunks.push((i, chunk));
+            failed.get_or_insert(e);
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     wait_predecessors(inner, seq, gen).await
 }
 
-async fn round_task(inner: Rc<Inner>, round: Round, seq: u64, gen: u64) {
+async fn round_task(inner: Rc<Inner>, mut round: Round, seq: u64, gen: u64) {
     let always = inner.config.sync == SyncMode::Always;
     let end = round.file_pos + round.len as u64;
     let next = round.next_offset;
     let segment = round.segment.clone();
-    match write_round(&inner, &round, seq, gen).await {
+    match write_round(&inner, &mut round, seq, gen).await {
         Ok(()) => {
             {
                 let mut st = inner.st.borrow_mut();
