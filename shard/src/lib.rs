@@ -8,9 +8,10 @@
 //! # Tour
 //! - [`log`]: the partition log, one room per job: `log/mod.rs` append
 //!   (direct I/O into pending chunks) and roll, `log/writer.rs` the writer
-//!   pipeline (rounds, group commit), `log/read.rs` reads (whole batches as
-//!   a file range for sendfile or an mmap view), `log/recover.rs` open and
-//!   crash recovery, `log/retention.rs` retention.
+//!   pipeline (rounds, group commit, preallocation a step ahead, retry of
+//!   failed writes), `log/read.rs` reads (whole batches as a file range for
+//!   sendfile or an mmap view), `log/recover.rs` open and crash recovery,
+//!   `log/retention.rs` retention.
 //! - [`segment`]: one segment's read side: file, mapping, indexes; closed
 //!   segments open them on demand within the shard's [`FdBudget`].
 //! - [`index`]: sparse offset and time indexes (in memory for the active
@@ -18,8 +19,8 @@
 //! - [`tail`]: the tail cache: the newest bytes in memory files, so readers
 //!   at the end of the log are served by sendfile without touching the disk.
 //! - [`checkpoint`]: the recovery point that bounds a restart's work.
-//! - [`durable`]: write-then-rename and directory removal, done on the
-//!   blocking thread so `std::fs` never stalls the core.
+//! - [`durable`]: write-then-rename, directory removal and free space,
+//!   done on the blocking thread so `std::fs` never stalls the core.
 //! - [`producers`]: idempotent-producer state (no duplicate on retry).
 //! - [`rt`]: the seam for spawning, timers, the clock and blocking work, so
 //!   shard logic can later run under a deterministic simulator.
