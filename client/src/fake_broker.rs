@@ -16,6 +16,9 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+/// The release the fake reports in metadata.
+pub(crate) const FAKE_VERSION: &str = "0.0.0-fake";
+
 /// How the fake answers produce requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ProduceMode {
@@ -68,13 +71,27 @@ struct State {
 pub(crate) struct FakeBroker {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for FakeBroker {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            t.abort();
+        }
     }
+}
+
+fn accept_loop(
+    listener: tokio::net::TcpListener,
+    st: Arc<Mutex<State>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            lock(&st).connections += 1;
+            tokio::spawn(serve(s, st.clone()));
+        }
+    })
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -94,14 +111,21 @@ impl FakeBroker {
             produce_mode: Some(ProduceMode::Ack),
             ..State::default()
         }));
-        let st = state.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                lock(&st).connections += 1;
-                tokio::spawn(serve(s, st.clone()));
-            }
-        });
-        FakeBroker { addr, state, task }
+        let task = accept_loop(listener, state.clone());
+        FakeBroker {
+            addr,
+            state,
+            tasks: Mutex::new(vec![task]),
+        }
+    }
+
+    /// Serves on `listener` too (a shard port).
+    pub fn also_listen(&self, listener: tokio::net::TcpListener) {
+        let task = accept_loop(listener, self.state.clone());
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
     }
 
     pub fn addr_string(&self) -> String {
@@ -269,11 +293,12 @@ fn metadata(corr: u32, st: &State, port: u16) -> Vec<u8> {
         None,
         |fbb| {
             let host = fbb.create_string("127.0.0.1");
+            let version = fbb.create_string(FAKE_VERSION);
             let ports = fbb.create_vector(&st.shard_ports);
             let broker = fb::BrokerInfo::create(
                 fbb,
                 &fb::BrokerInfoArgs {
-                    version: None,
+                    version: Some(version),
                     id: 0,
                     host: Some(host),
                     port,

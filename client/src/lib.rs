@@ -38,9 +38,14 @@ pub mod error;
 mod fake_broker;
 pub mod producer;
 
-pub use client::{Client, NewTopic, PartitionInfo, TopicInfo};
-pub use consumer::{ConsumedRecord, Consumer, ConsumerConfig, StartAt, Subscription};
+pub use client::{Client, ClientConfig, NewTopic, PartitionInfo, TopicInfo};
+pub use consumer::{
+    decode_records, ConsumedRecord, Consumer, ConsumerConfig, Fetched, Pushed, StartAt,
+    Subscription,
+};
 pub use error::{Error, Result};
 pub use producer::{
-    produce_batches, Acks, Partitioner, Produced, Producer, ProducerConfig, RecordMetadata,
+    produce_batches, Acks, Delivery, Partitioner, Produced, Producer, ProducerConfig,
+    RecordMetadata,
 };
+pub use shoal_wire::ErrorCode;
