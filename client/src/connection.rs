@@ -30,6 +30,11 @@ impl Frame {
     pub fn payload(&self) -> &[u8] {
         &self.buf[self.payload.clone()]
     }
+
+    /// The payload as a view that shares the frame's buffer (no copy).
+    pub fn payload_bytes(&self) -> bytes::Bytes {
+        self.buf.slice(self.payload.clone())
+    }
 }
 
 /// Smallest read the receive loop asks the kernel for.

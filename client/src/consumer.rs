@@ -4,6 +4,7 @@
 use crate::client::Client;
 use crate::connection::Connection;
 use crate::error::{Error, Result};
+use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use shoal_wire::batch::{Batches, Records};
 use shoal_wire::fb;
@@ -40,6 +41,63 @@ impl From<u64> for StartAt {
     }
 }
 
+/// A record as it arrived: its key, value and headers are views into the
+/// frame that carried it, so decoding copies no bytes and allocates no
+/// topic name per record. A view keeps that whole frame's buffer alive;
+/// copy what you keep for long ([`ConsumedRecord::from`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordView {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(Bytes, Bytes)>,
+}
+
+impl From<RecordView> for ConsumedRecord {
+    fn from(r: RecordView) -> ConsumedRecord {
+        ConsumedRecord {
+            topic: r.topic.to_string(),
+            partition: r.partition,
+            offset: r.offset,
+            timestamp_ms: r.timestamp_ms,
+            key: r.key.map(|b| b.to_vec()),
+            value: r.value.map(|b| b.to_vec()),
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
+        }
+    }
+}
+
+/// Calls `f` with each record at or after `from` in a run of batches, and
+/// its offset and timestamp.
+fn for_each_record<'a>(
+    payload: &'a [u8],
+    from: u64,
+    mut f: impl FnMut(u64, i64, shoal_wire::batch::Record<'a>),
+) -> Result<()> {
+    for b in Batches::new(payload, usize::MAX) {
+        let (h, batch) = b.map_err(|e| Error::Protocol(format!("bad batch from broker: {e}")))?;
+        for r in Records::new(batch) {
+            let r = r.map_err(|e| Error::Protocol(format!("bad record from broker: {e}")))?;
+            let offset = h.base_offset + u64::from(r.offset_delta);
+            if offset >= from {
+                f(
+                    offset,
+                    h.first_timestamp_ms + i64::from(r.timestamp_delta_ms),
+                    r,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Decodes the records at or after `from` in a run of batches.
 pub fn decode_records(
     topic: &str,
@@ -48,25 +106,41 @@ pub fn decode_records(
     from: u64,
 ) -> Result<Vec<ConsumedRecord>> {
     let mut out = Vec::new();
-    for b in Batches::new(payload, usize::MAX) {
-        let (h, batch) = b.map_err(|e| Error::Protocol(format!("bad batch from broker: {e}")))?;
-        for r in Records::new(batch) {
-            let r = r.map_err(|e| Error::Protocol(format!("bad record from broker: {e}")))?;
-            let offset = h.base_offset + u64::from(r.offset_delta);
-            if offset < from {
-                continue;
-            }
-            out.push(ConsumedRecord {
-                topic: topic.to_string(),
-                partition,
-                offset,
-                timestamp_ms: h.first_timestamp_ms + i64::from(r.timestamp_delta_ms),
-                key: r.key.map(<[u8]>::to_vec),
-                value: r.value.map(<[u8]>::to_vec),
-                headers: r.headers().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
-            });
-        }
-    }
+    for_each_record(payload, from, |offset, timestamp_ms, r| {
+        out.push(ConsumedRecord {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            timestamp_ms,
+            key: r.key.map(<[u8]>::to_vec),
+            value: r.value.map(<[u8]>::to_vec),
+            headers: r.headers().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+        });
+    })?;
+    Ok(out)
+}
+
+/// Like [`decode_records`], handing out views into `payload` instead of
+/// copies.
+pub fn decode_record_views(
+    topic: &Arc<str>,
+    partition: u32,
+    payload: &Bytes,
+    from: u64,
+) -> Result<Vec<RecordView>> {
+    let mut out = Vec::new();
+    let view = |s: &[u8]| payload.slice_ref(s);
+    for_each_record(payload, from, |offset, timestamp_ms, r| {
+        out.push(RecordView {
+            topic: topic.clone(),
+            partition,
+            offset,
+            timestamp_ms,
+            key: r.key.map(view),
+            value: r.value.map(view),
+            headers: r.headers().map(|(k, v)| (view(k), view(v))).collect(),
+        });
+    })?;
     Ok(out)
 }
 
@@ -300,7 +374,7 @@ impl Consumer {
         Ok(Subscription {
             conn,
             id,
-            topic: topic.to_string(),
+            topic: topic.into(),
             partition,
             next: offset,
             pushes,
@@ -445,7 +519,7 @@ async fn grant_request(conn: &Connection, subscription: u64, bytes: u64) -> Resu
 pub struct Subscription {
     conn: Arc<Connection>,
     id: u64,
-    topic: String,
+    topic: Arc<str>,
     partition: u32,
     next: u64,
     pushes: crate::connection::PushRoute,
@@ -461,6 +535,13 @@ pub struct Subscription {
 #[derive(Debug)]
 pub struct Pushed {
     pub records: Vec<ConsumedRecord>,
+    pub payload_bytes: u64,
+}
+
+/// One push as [`RecordView`]s ([`Subscription::next_views`]).
+#[derive(Debug)]
+pub struct PushedViews {
+    pub records: Vec<RecordView>,
     pub payload_bytes: u64,
 }
 
@@ -482,35 +563,43 @@ impl Subscription {
     /// dropped by a timeout or `select!` has taken nothing, and the push
     /// is returned by the next call.
     pub async fn next(&mut self) -> Result<Pushed> {
-        let frame = self.pushes.recv().await.ok_or(Error::Closed)??;
-        let p = frame
-            .response()
-            .body_as_push()
-            .ok_or_else(|| Error::Protocol("expected a push".into()))?;
-        let next = p.next_offset();
-        let records = decode_records(&self.topic, self.partition, frame.payload(), self.next)?;
-        self.next = next;
-        let payload_bytes = frame.payload().len() as u64;
-        self.consumed(payload_bytes);
+        let (payload, from) = self.next_payload().await?;
         Ok(Pushed {
-            records,
-            payload_bytes,
+            records: decode_records(&self.topic, self.partition, &payload, from)?,
+            payload_bytes: payload.len() as u64,
+        })
+    }
+
+    /// Like [`Self::next`], with records that are views into the received
+    /// push (no copy of keys, values or headers). Cancel-safe too.
+    pub async fn next_views(&mut self) -> Result<PushedViews> {
+        let (payload, from) = self.next_payload().await?;
+        Ok(PushedViews {
+            records: decode_record_views(&self.topic, self.partition, &payload, from)?,
+            payload_bytes: payload.len() as u64,
         })
     }
 
     /// Like [`Self::next`] without decoding records (benchmarks): payload
     /// bytes and record count.
     pub async fn next_raw(&mut self) -> Result<(u64, u64)> {
+        let (payload, _) = self.next_payload().await?;
+        Ok((payload.len() as u64, count_records(&payload)?))
+    }
+
+    /// The next push's payload and the offset to decode it from. Nothing
+    /// after the wait for the push awaits (see [`Self::next`]).
+    async fn next_payload(&mut self) -> Result<(Bytes, u64)> {
         let frame = self.pushes.recv().await.ok_or(Error::Closed)??;
-        let p = frame
+        let next = frame
             .response()
             .body_as_push()
-            .ok_or_else(|| Error::Protocol("expected a push".into()))?;
-        self.next = p.next_offset();
-        let payload_bytes = frame.payload().len() as u64;
-        let records = count_records(frame.payload())?;
-        self.consumed(payload_bytes);
-        Ok((payload_bytes, records))
+            .ok_or_else(|| Error::Protocol("expected a push".into()))?
+            .next_offset();
+        let from = std::mem::replace(&mut self.next, next);
+        let payload = frame.payload_bytes();
+        self.consumed(payload.len() as u64);
+        Ok((payload, from))
     }
 
     /// Counts consumed bytes and, with automatic credit, grants them back
@@ -749,5 +838,59 @@ mod tests {
             .err()
             .map(|e| e.to_string());
         assert!(e.is_some_and(|e| e.contains("no partition 3")));
+    }
+
+    /// Views decode to the same records as copies, and point into the
+    /// payload they came in (nothing copied).
+    #[test]
+    fn record_views_are_the_records_without_copies() {
+        use shoal_wire::batch::{BatchBuilder, NewRecord};
+        let mut b = BatchBuilder::default();
+        for (i, v) in [&b"first"[..], b"second", b"third"].iter().enumerate() {
+            b.push(&NewRecord {
+                key: (i == 1).then_some(&b"key"[..]),
+                value: Some(v),
+                headers: &[(&b"h"[..], &b"hv"[..])],
+                timestamp_ms: 1000 + i as i64,
+            })
+            .expect("fits");
+        }
+        let mut batch = b.finish(-1, 0, -1);
+        set_base_offset(&mut batch, 10);
+        let payload = Bytes::from(batch);
+        let topic: Arc<str> = "t".into();
+        let views = decode_record_views(&topic, 3, &payload, 11).expect("decoded");
+        let copies = decode_records("t", 3, &payload, 11).expect("decoded");
+        assert_eq!(views.len(), 2);
+        let converted: Vec<ConsumedRecord> = views.iter().cloned().map(Into::into).collect();
+        assert_eq!(converted, copies);
+        let range = payload.as_ptr_range();
+        for v in &views {
+            let value = v.value.as_ref().expect("a value");
+            assert!(range.contains(&value.as_ptr()), "a view, not a copy");
+            assert!(Arc::ptr_eq(&v.topic, &topic));
+        }
+        assert_eq!(views[0].key.as_deref(), Some(&b"key"[..]));
+        assert_eq!(views[1].headers[0].1.as_ref(), b"hv");
+    }
+
+    #[tokio::test]
+    async fn next_views_delivers_pushes_in_order() {
+        let fake = FakeBroker::start(&[("t", 1)]).await;
+        let client = Client::connect(&fake.addr_string()).await.expect("connect");
+        let consumer = Consumer::new(client, ConsumerConfig::default());
+        let n = batch_at(0).len() as u64;
+        let mut sub = consumer
+            .subscribe("t", 0, 0, 4 * n)
+            .await
+            .expect("subscribe");
+        fake.push(sub.id(), &batch_at(0), 1);
+        fake.push(sub.id(), &batch_at(1), 2);
+        let a = sub.next_views().await.expect("a push");
+        let b = sub.next_views().await.expect("a push");
+        assert_eq!((a.records[0].offset, b.records[0].offset), (0, 1));
+        assert_eq!(a.payload_bytes, n);
+        assert_eq!(b.records[0].value.as_deref(), Some(&[1u8; 400][..]));
+        assert_eq!(sub.position(), 2);
     }
 }

@@ -40,8 +40,8 @@ pub mod producer;
 
 pub use client::{Client, ClientConfig, NewTopic, PartitionInfo, TopicInfo};
 pub use consumer::{
-    decode_records, ConsumedRecord, Consumer, ConsumerConfig, Fetched, Pushed, StartAt,
-    Subscription,
+    decode_record_views, decode_records, ConsumedRecord, Consumer, ConsumerConfig, Fetched, Pushed,
+    PushedViews, RecordView, StartAt, Subscription,
 };
 pub use error::{Error, Result};
 pub use producer::{
