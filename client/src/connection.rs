@@ -120,7 +120,12 @@ impl PushRoute {
                     .fetch_sub(f.payload().len() as u64, Ordering::SeqCst);
             }
             Err(_) => {
-                self.credit.errors_queued.fetch_sub(1, Ordering::SeqCst);
+                // The final error (closed, credit overrun) was never counted.
+                let _ = self.credit.errors_queued.fetch_update(
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                );
             }
         }
         Some(item)
@@ -285,21 +290,7 @@ impl Connection {
         if self.is_closed() {
             return Err(Error::Closed);
         }
-        let corr = self.next_corr.fetch_add(1, Ordering::Relaxed).max(1);
-        let mut fbb = FlatBufferBuilder::with_capacity(256);
-        let b = body(&mut fbb);
-        let client_id = fbb.create_string(&self.client_id);
-        let req = fb::Request::create(
-            &mut fbb,
-            &fb::RequestArgs {
-                version: 1,
-                correlation_id: corr,
-                client_id: Some(client_id),
-                body_type,
-                body: Some(b),
-            },
-        );
-        fbb.finish(req, None);
+        let (corr, fbb) = self.build_request(body_type, body);
         let header = fbb.finished_data();
         let subscribe_credit_bytes = if body_type == fb::RequestBody::SubscribeRequest {
             // Read back from the request itself, so a subscribe sent through
@@ -323,6 +314,8 @@ impl Connection {
         );
         if let Err(e) = write_frame(w, header, payload).await {
             lock(&self.pending).remove(&corr);
+            // Part of the frame may be out: nothing more can follow it.
+            self.closed.store(true, Ordering::SeqCst);
             return Err(e.into());
         }
         let frame = rx.await.map_err(|_| Error::Closed)??;
@@ -334,6 +327,72 @@ impl Connection {
             });
         }
         Ok(frame)
+    }
+
+    fn build_request<F>(
+        &self,
+        body_type: fb::RequestBody,
+        body: F,
+    ) -> (u32, FlatBufferBuilder<'static>)
+    where
+        F: FnOnce(&mut FlatBufferBuilder<'static>) -> WIPOffset<flatbuffers::UnionWIPOffset>,
+    {
+        let corr = self.next_corr.fetch_add(1, Ordering::Relaxed).max(1);
+        let mut fbb = FlatBufferBuilder::with_capacity(256);
+        let b = body(&mut fbb);
+        let client_id = fbb.create_string(&self.client_id);
+        let req = fb::Request::create(
+            &mut fbb,
+            &fb::RequestArgs {
+                version: 1,
+                correlation_id: corr,
+                client_id: Some(client_id),
+                body_type,
+                body: Some(b),
+            },
+        );
+        fbb.finish(req, None);
+        (corr, fbb)
+    }
+
+    /// Sends a request without waiting for (or reading) its answer, and
+    /// without awaiting anything: it is on the socket when this returns if
+    /// the socket had room and no other request was being written, else a
+    /// task finishes it. For requests whose failure shows elsewhere (a
+    /// credit grant: the subscription ends).
+    pub fn send_detached<F>(&self, body_type: fb::RequestBody, body: F)
+    where
+        F: FnOnce(&mut FlatBufferBuilder<'static>) -> WIPOffset<flatbuffers::UnionWIPOffset>,
+    {
+        if self.is_closed() {
+            return;
+        }
+        // No pending entry: the reader drops the answer.
+        let (_, fbb) = self.build_request(body_type, body);
+        let header = fbb.finished_data();
+        let closed = self.closed.clone();
+        match self.writer.clone().try_lock_owned() {
+            Ok(w) => match write_now(&w, header, &[]) {
+                Ok(None) => {}
+                Ok(Some(rest)) => {
+                    tokio::spawn(async move {
+                        if finish_write(w, rest).await.is_err() {
+                            closed.store(true, Ordering::SeqCst);
+                        }
+                    });
+                }
+                Err(_) => closed.store(true, Ordering::SeqCst),
+            },
+            Err(_) => {
+                let (writer, header) = (self.writer.clone(), header.to_vec());
+                tokio::spawn(async move {
+                    let w = writer.lock_owned().await;
+                    if write_frame(w, &header, &[]).await.is_err() {
+                        closed.store(true, Ordering::SeqCst);
+                    }
+                });
+            }
+        }
     }
 
     /// The pushes for `subscription`. The route exists from the moment its
@@ -363,10 +422,23 @@ impl Connection {
 /// So dropping this future never cuts a frame short, and the common case
 /// (the socket has room) costs one `writev` and no copy of the payload.
 async fn write_frame(
-    mut w: tokio::sync::OwnedMutexGuard<OwnedWriteHalf>,
+    w: tokio::sync::OwnedMutexGuard<OwnedWriteHalf>,
     header: &[u8],
     payload: &[&[u8]],
 ) -> std::io::Result<()> {
+    match write_now(&w, header, payload)? {
+        None => Ok(()),
+        Some(rest) => finish_write(w, rest).await,
+    }
+}
+
+/// Writes what the socket takes now, without waiting; returns a copy of
+/// the rest if it could not take the whole frame.
+fn write_now(
+    w: &OwnedWriteHalf,
+    header: &[u8],
+    payload: &[&[u8]],
+) -> std::io::Result<Option<Vec<u8>>> {
     let payload_bytes: usize = payload.iter().map(|p| p.len()).sum();
     let mut head = Vec::with_capacity(frame::FRAME_PREFIX_BYTES + header.len());
     head.extend_from_slice(&frame::prefix(header.len(), payload_bytes));
@@ -393,15 +465,23 @@ async fn write_frame(
                 for s in bufs.iter() {
                     rest.extend_from_slice(s);
                 }
-                let finish = tokio::spawn(async move { w.write_all(&rest).await });
-                return finish
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                return Ok(Some(rest));
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(None)
+}
+
+/// Writes the rest of a frame on a task of its own, holding the writer
+/// until it is out; awaiting the result is cancel-safe.
+async fn finish_write(
+    mut w: tokio::sync::OwnedMutexGuard<OwnedWriteHalf>,
+    rest: Vec<u8>,
+) -> std::io::Result<()> {
+    tokio::spawn(async move { w.write_all(&rest).await })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 async fn read_loop(

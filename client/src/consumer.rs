@@ -603,9 +603,9 @@ impl Subscription {
     }
 
     /// Counts consumed bytes and, with automatic credit, grants them back
-    /// once they reach half the initial credit. The grant goes out on a
-    /// task of its own: the caller holds records it must not lose to a
-    /// cancelled wait, and a failed grant shows up as the end of the
+    /// once they reach half the initial credit. The grant is written at
+    /// once but not waited for: the caller holds records it must not lose
+    /// to a cancelled wait, and a failed grant shows up as the end of the
     /// subscription (the broker reports it, or the connection closes).
     fn consumed(&mut self, bytes: u64) {
         if !self.auto_credit {
@@ -617,12 +617,18 @@ impl Subscription {
         }
         let bytes = std::mem::take(&mut self.owed_bytes);
         self.pushes.granting(bytes);
-        let (conn, id) = (self.conn.clone(), self.id);
-        tokio::spawn(async move {
-            if let Err(e) = grant_request(&conn, id, bytes).await {
-                tracing::debug!(subscription = id, error = %e, "credit grant failed");
-            }
-        });
+        let id = self.id;
+        self.conn
+            .send_detached(fb::RequestBody::GrantCreditRequest, |fbb| {
+                fb::GrantCreditRequest::create(
+                    fbb,
+                    &fb::GrantCreditRequestArgs {
+                        subscription_id: id,
+                        bytes,
+                    },
+                )
+                .as_union_value()
+            });
     }
 
     /// Grants the broker `bytes` more payload and waits for its answer.
