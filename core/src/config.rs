@@ -41,6 +41,7 @@ pub struct FileConfig {
     pub tail_cache_bytes: Option<usize>,
     pub request_timeout_ms: Option<u64>,
     pub slow_consumer_timeout_ms: Option<u64>,
+    pub segment_fds_max: Option<usize>,
     pub partial_frames_bytes_max: Option<usize>,
 }
 
@@ -71,6 +72,9 @@ pub struct Config {
     /// A connection whose outbound data makes no progress this long is
     /// closed (a consumer that stopped reading).
     pub slow_consumer_timeout: Duration,
+    /// Per shard: closed segments whose files stay open (the least recently
+    /// read beyond this are closed and reopened on demand).
+    pub segment_fds_max: usize,
     /// Per shard: bytes of receive buffers beyond their base size (partial
     /// and large frames) all connections may hold at once.
     pub partial_frames_bytes_max: usize,
@@ -210,6 +214,10 @@ impl Config {
             slow_consumer_timeout: file
                 .slow_consumer_timeout_ms
                 .map_or(limits::SLOW_CONSUMER_TIMEOUT_DEFAULT, Duration::from_millis),
+            segment_fds_max: file
+                .segment_fds_max
+                .unwrap_or(shoal_shard::limits::SEGMENT_FDS_DEFAULT)
+                .max(1),
             partial_frames_bytes_max: file
                 .partial_frames_bytes_max
                 .unwrap_or(limits::PARTIAL_FRAMES_BYTES_MAX_DEFAULT),

@@ -90,6 +90,13 @@ pub enum MeshMsg {
         partition: u32,
         reply: Reply<PartitionState>,
     },
+    /// The offsets of every partition the receiver owns of these topics
+    /// (all topics if `None`), in one answer: metadata for thousands of
+    /// partitions costs one message per shard, not one per partition.
+    PartitionStates {
+        topics: Option<Vec<String>>,
+        reply: Reply<Vec<((String, u32), PartitionState)>>,
+    },
     /// To the controller (shard 0).
     CreateTopic { spec: TopicSpec, reply: Reply<()> },
     /// To the controller (shard 0).

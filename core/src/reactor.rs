@@ -102,6 +102,9 @@ impl Reactor {
             } => {
                 let _ = reply.send(self.partition_state(&topic, partition).await);
             }
+            MeshMsg::PartitionStates { topics, reply } => {
+                let _ = reply.send(Ok(self.local_partition_states(topics.as_deref())));
+            }
             MeshMsg::CreateTopic { spec, reply } => {
                 let _ = reply.send(self.create_topic(spec).await);
             }

@@ -25,6 +25,7 @@ use std::time::Duration;
 pub fn run(config: Config) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::io(format!("create data dir {}", config.data_dir.display()), e))?;
+    raise_fd_limit();
     let mut topics = Topics::load(&config.data_dir)?;
     topics.fit_to(config.cores.len());
     remove_orphans(&config.data_dir, &topics);
@@ -118,6 +119,8 @@ async fn shard_main(
     let core = config.cores[id];
     let public = config.listen;
     let shard_addr = std::net::SocketAddr::new(public.ip(), config.shard_port(id));
+    // The storage engine's descriptor budget is per shard (per thread).
+    shoal_shard::FdBudget::shard_default().set_segments_max(config.segment_fds_max);
     let config = Rc::new(config);
     let reactor = Rc::new(Reactor::new(
         id,
@@ -255,9 +258,38 @@ fn remove_orphans(data_dir: &std::path::Path, topics: &Topics) {
         });
         if !owned {
             match std::fs::remove_dir_all(e.path()) {
-                Ok(()) => tracing::info!(dir = %e.path().display(), "removed the files of a topic creation that never completed"),
-                Err(err) => tracing::warn!(dir = %e.path().display(), error = %err, "cannot remove an unrecorded partition directory"),
+                Ok(()) => {
+                    tracing::info!(dir = %e.path().display(), "removed the files of a topic creation that never completed")
+                }
+                Err(err) => {
+                    tracing::warn!(dir = %e.path().display(), error = %err, "cannot remove an unrecorded partition directory")
+                }
             }
         }
     }
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection
+/// and every active segment holds descriptors, and the default soft limit
+/// (often 1024) is far below what a broker needs. Logged either way.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass, nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we pass, nothing else.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    tracing::info!(open_files_max = lim.rlim_cur, "file descriptor limit");
 }

@@ -570,18 +570,19 @@ async fn min_bytes_across_a_segment_end_does_not_wait_out_max_wait() {
     let broker = Broker::start("0");
     let client = Client::connect(&broker.addr()).await.unwrap();
     let mut t = NewTopic::new("segs", 1);
-    t.segment_bytes = Some(64 * 1024);
+    // The smallest segment allowed (1 MiB); 1.5 MB of records span two.
+    t.segment_bytes = Some(1024 * 1024);
     client.create_topic(&t).await.unwrap();
     let producer = Producer::new(client.clone(), ProducerConfig::default());
     let value = vec![7u8; 1000];
-    for _ in 0..200 {
+    for _ in 0..1500 {
         producer.send_to("segs", 0, None, &value).unwrap();
     }
     producer.flush().await.unwrap();
     let consumer = Consumer::new(client.clone(), ConsumerConfig::default());
     let started = Instant::now();
     let f = consumer
-        .fetch_once("segs", 0, 0, None, 150 * 1024, Duration::from_secs(8))
+        .fetch_once("segs", 0, 0, None, 1200 * 1024, Duration::from_secs(8))
         .await
         .unwrap();
     assert!(
@@ -605,7 +606,7 @@ async fn min_bytes_across_a_segment_end_does_not_wait_out_max_wait() {
         n += g.records.len() as u64;
         at = g.next_offset;
     }
-    assert_eq!(n, 200);
+    assert_eq!(n, 1500);
 }
 
 /// What a consumer following the tail was shown (served from the tail

@@ -23,7 +23,8 @@ impl Conn {
         };
         let (topic, partition, offset) = (s(sr.topic()).to_string(), sr.partition(), sr.offset());
         let topic_id = sr.topic_id();
-        let (id, sub) = match self.add_subscription(&topic, topic_id, partition, sr.credit_bytes()) {
+        let (id, sub) = match self.add_subscription(&topic, topic_id, partition, sr.credit_bytes())
+        {
             Ok(v) => v,
             Err(e) => return self.fail(corr, e).await,
         };

@@ -140,6 +140,7 @@ impl Conn {
     /// Topic descriptions with each partition's current offsets.
     async fn topic_infos(&self, names: Option<Vec<String>>) -> Result<Vec<TopicInfo>> {
         let partitions = &self.reactor.partitions;
+        let names_given = names.is_some();
         let metas: Vec<TopicMeta> = match names {
             None => partitions.topics(),
             Some(names) => names
@@ -147,19 +148,25 @@ impl Conn {
                 .map(|n| partitions.topic(&n).ok_or(Error::UnknownTopic(n)))
                 .collect::<Result<_>>()?,
         };
-        let mut out = Vec::with_capacity(metas.len());
-        for meta in metas {
-            let mut parts = Vec::with_capacity(meta.shards.len());
-            for (p, &shard) in meta.shards.iter().enumerate() {
-                let st = self
-                    .reactor
-                    .partition_state(&meta.name, p as u32)
-                    .await
-                    .unwrap_or_default();
-                parts.push((p as u32, shard, st));
-            }
-            out.push(TopicInfo { meta, parts });
-        }
+        let wanted = names_given.then(|| metas.iter().map(|m| m.name.clone()).collect());
+        let mut states = self.reactor.partition_states(wanted).await;
+        let out = metas
+            .into_iter()
+            .map(|meta| {
+                let parts = meta
+                    .shards
+                    .iter()
+                    .enumerate()
+                    .map(|(p, &shard)| {
+                        let st = states
+                            .remove(&(meta.name.clone(), p as u32))
+                            .unwrap_or_default();
+                        (p as u32, shard, st)
+                    })
+                    .collect();
+                TopicInfo { meta, parts }
+            })
+            .collect();
         Ok(out)
     }
 }

@@ -59,7 +59,8 @@ impl Reactor {
                 .await;
         }
         let meta = self.topic_meta(&spec)?;
-        if self.partitions.contains(&spec.name) || !self.creating.borrow_mut().insert(spec.name.clone())
+        if self.partitions.contains(&spec.name)
+            || !self.creating.borrow_mut().insert(spec.name.clone())
         {
             return Err(Error::TopicExists(spec.name));
         }

@@ -12,6 +12,7 @@ use crate::metrics::add;
 use crate::reactor::Reactor;
 use crate::rt;
 use shoal_shard::ReadSlice;
+use std::collections::HashMap;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -125,6 +126,50 @@ impl Reactor {
             };
             let _ = rt::timeout(deadline - now, log.wait_for_data(wait_from)).await;
         }
+    }
+
+    /// Offsets of the partitions this shard owns, of `topics` (all if
+    /// `None`).
+    pub fn local_partition_states(
+        &self,
+        topics: Option<&[String]>,
+    ) -> Vec<((String, u32), PartitionState)> {
+        self.partitions
+            .local_logs_of(topics)
+            .into_iter()
+            .map(|(key, log)| {
+                let st = PartitionState {
+                    log_start_offset: log.start_offset(),
+                    high_watermark: log.end_offset(),
+                };
+                (key, st)
+            })
+            .collect()
+    }
+
+    /// Offsets of every partition of `topics` (all if `None`), whichever
+    /// shard owns it: one mesh call per other shard.
+    pub async fn partition_states(
+        &self,
+        topics: Option<Vec<String>>,
+    ) -> HashMap<(String, u32), PartitionState> {
+        let mut all: HashMap<_, _> = self
+            .local_partition_states(topics.as_deref())
+            .into_iter()
+            .collect();
+        for s in (0..self.nshards).filter(|&s| s != self.id) {
+            let topics = topics.clone();
+            match self
+                .mesh
+                .call(self, s, |reply| MeshMsg::PartitionStates { topics, reply })
+                .await
+            {
+                Ok(states) => all.extend(states),
+                // A stopping shard: its partitions show no offsets.
+                Err(e) => tracing::debug!(shard = s, error = %e, "no partition offsets"),
+            }
+        }
+        all
     }
 
     pub async fn partition_state(&self, topic: &str, partition: u32) -> Result<PartitionState> {

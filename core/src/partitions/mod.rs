@@ -16,9 +16,9 @@ pub use produce::{Acks, PendingProduce, ProduceOk};
 
 use crate::error::{Error, Result};
 use crate::limits::PARTITION_OPENS_IN_FLIGHT_MAX;
-use futures::stream::{self, StreamExt};
 use crate::metadata::TopicMeta;
 use crate::reactor::Reactor;
+use futures::stream::{self, StreamExt};
 use shoal_shard::PartitionLog;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -142,6 +142,30 @@ impl Partitions {
         (meta, logs)
     }
 
+    /// The logs this shard owns of `topics` (all if `None`), by topic and
+    /// partition.
+    pub fn local_logs_of(
+        &self,
+        topics: Option<&[String]>,
+    ) -> Vec<((String, u32), Rc<PartitionLog>)> {
+        let logs = self.logs.borrow();
+        let of = |name: &String, parts: &Vec<Option<Rc<PartitionLog>>>| {
+            parts
+                .iter()
+                .enumerate()
+                .filter_map(|(p, l)| l.clone().map(|l| ((name.clone(), p as u32), l)))
+                .collect::<Vec<_>>()
+        };
+        match topics {
+            None => logs.iter().flat_map(|(n, p)| of(n, p)).collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| logs.get_key_value(n))
+                .flat_map(|(n, p)| of(n, p))
+                .collect(),
+        }
+    }
+
     /// The logs this shard owns.
     pub fn all_logs(&self) -> Vec<Rc<PartitionLog>> {
         self.logs
@@ -209,7 +233,11 @@ impl Reactor {
     /// created, whose directories can only hold the leftovers of a creation
     /// that never committed (the name is in no `topics.json`): they are
     /// removed first, so a new topic never inherits old records.
-    async fn open_logs(&self, meta: &TopicMeta, fresh: bool) -> Result<Vec<Option<Rc<PartitionLog>>>> {
+    async fn open_logs(
+        &self,
+        meta: &TopicMeta,
+        fresh: bool,
+    ) -> Result<Vec<Option<Rc<PartitionLog>>>> {
         let mut logs: Vec<Option<Rc<PartitionLog>>> = Vec::with_capacity(meta.shards.len());
         for (p, &s) in meta.shards.iter().enumerate() {
             if usize::from(s) != self.id {
