@@ -105,17 +105,34 @@ impl LogConfig {
     }
 
     /// Most disk a partition of this configuration takes beyond its batches
-    /// and the index files of its closed segments: the preallocated lead of
-    /// its active segment ([`PREALLOCATE_STEP_BYTES`]), the recovery
-    /// checkpoint and the temporary that replaces it, and the probe file.
-    /// A new, empty partition takes less than this, and never more: the
-    /// broker can refuse a topic whose partitions would not fit the free
-    /// space ([`crate::durable::free_bytes`]) before creating any of them.
+    /// and the index files of its closed segments, once it is written to:
+    /// the preallocated lead of its active segment
+    /// ([`PREALLOCATE_STEP_BYTES`]), the recovery checkpoint and the
+    /// temporary that replaces it, and the probe file. The worst case of a
+    /// partition that takes appends; one never written takes only
+    /// [`Self::created_bytes_max`], since an active segment reserves its
+    /// lead with its first accepted batch, not when it is created or
+    /// rolled.
     pub fn reserved_bytes_max(&self) -> u64 {
         let file_max = self.segment_file_bytes_max();
         let lead = (PREALLOCATE_STEP_BYTES + DIRECT_IO_ALIGN).min(file_max);
         let checkpoints = 2 * crate::checkpoint::encoded_bytes_max(file_max);
         lead + checkpoints + DIRECT_IO_ALIGN
+    }
+
+    /// Most disk a new partition takes before its first append: its
+    /// directory, an empty segment file (no block: nothing is preallocated
+    /// yet), the checkpoint of an empty log and the temporary that replaces
+    /// it, and the probe file, a block each. What a topic's creation needs
+    /// per partition: the broker can refuse a topic whose partitions could
+    /// not even be created in the free space
+    /// ([`crate::durable::free_bytes`]); each partition's writes then need
+    /// their own bytes plus up to [`Self::reserved_bytes_max`].
+    pub fn created_bytes_max(&self) -> u64 {
+        let empty = crate::checkpoint::Checkpoint::default().encode().len() as u64;
+        let checkpoint = empty.div_ceil(DIRECT_IO_ALIGN);
+        // Directory, probe file, checkpoint and its temporary.
+        (2 + 2 * checkpoint) * DIRECT_IO_ALIGN
     }
 
     /// Checks the relations between the bounds.

@@ -17,13 +17,13 @@ pub const BATCH_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
 pub const SEGMENT_BYTES_DEFAULT: u64 = 1024 * 1024 * 1024;
 /// How far ahead of the accepted bytes an active segment's file is
 /// preallocated (`log/writer.rs`), and so the most disk a partition holds
-/// that carries no data. Large enough that the extensions (each a
+/// that carries no data (none until its active segment's first append). Large enough that the extensions (each a
 /// fallocate that waits for the writes in flight) are rare, about 30 a
 /// second at 1 GiB/s, and that an extension started with half a step left
 /// finishes long before the writer gets there (it takes well under a
 /// millisecond; half a step is ~16 ms of writing at 1 GiB/s). Small enough
-/// that 1,000 partitions reserve 32 GiB, not the 1 TiB that preallocating
-/// whole 1 GiB segments took.
+/// that 1,000 partitions being written reserve 32 GiB, not the 1 TiB that
+/// preallocating whole 1 GiB segments took.
 pub const PREALLOCATE_STEP_BYTES: u64 = 32 * 1024 * 1024;
 /// Smallest segment accepted. Every segment costs three files, and while
 /// open a descriptor and three mappings (issue 9 #7: 4 KiB segments

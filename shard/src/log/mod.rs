@@ -55,10 +55,7 @@ mod writer;
 
 pub use read::ReadSlice;
 pub use recover::{TailDamage, TailEnd};
-use writer::{
-    clear_failure, extend_preallocation, preallocate, preallocation_target, record_failure,
-    Failure, Prealloc, Round,
-};
+use writer::{clear_failure, extend_preallocation, record_failure, Failure, Prealloc, Round};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{LogConfig, SyncMode};
@@ -578,7 +575,9 @@ impl PartitionLog {
                 .await?,
         );
         let capacity = capacity_bytes(&inner.config);
-        let prealloc = preallocate(&new_dma, 0, preallocation_target(0, capacity)).await;
+        // As on open: the new segment reserves its first step when its first
+        // batch is accepted, not before.
+        let prealloc = Prealloc::new(0);
         let producers = inner.st.borrow().producers.clone();
         let ck = Checkpoint {
             clean: false,
@@ -718,5 +717,112 @@ impl Drop for PartitionLog {
         self.inner.wake_writer.notify_all();
         self.inner.progress.notify_all();
         self.inner.space.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::PREALLOCATE_STEP_BYTES;
+    use shoal_wire::batch::{BatchBuilder, NewRecord, NO_PRODUCER_ID, NO_SEQUENCE};
+    use std::os::unix::fs::MetadataExt;
+
+    fn batch() -> Vec<u8> {
+        let mut b = BatchBuilder::default();
+        b.push(&NewRecord {
+            value: Some(&[7u8; 1000]),
+            ..Default::default()
+        })
+        .unwrap();
+        b.finish(NO_PRODUCER_ID, 0, NO_SEQUENCE)
+    }
+
+    fn allocated_bytes(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    /// Waits for the active segment's preallocation in flight, if any.
+    async fn settle(log: &PartitionLog) {
+        for _ in 0..1000 {
+            if !log.inner.st.borrow().prealloc.running {
+                return;
+            }
+            rt::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        panic!("the preallocation never finished");
+    }
+
+    /// A freshly opened or rolled segment holds no preallocated block until
+    /// its first batch is accepted; that batch reserves a step. (Opening
+    /// and rolling used to reserve the step at once: 8,000 idle partitions
+    /// held 256 GB and the broker refused topics that never wrote.)
+    #[test]
+    fn an_unwritten_segment_holds_no_preallocated_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let config = LogConfig {
+                    sync: SyncMode::None,
+                    ..LogConfig::default()
+                };
+                let log = PartitionLog::open(&path, config.clone()).await.unwrap();
+                let first = segment::log_path(&path, 0);
+                settle(&log).await;
+                assert_eq!(
+                    allocated_bytes(&first),
+                    0,
+                    "a new partition reserves nothing"
+                );
+                let mut total = allocated_bytes(&path);
+                for e in std::fs::read_dir(&path).unwrap() {
+                    total += allocated_bytes(&e.unwrap().path());
+                }
+                assert!(
+                    total <= config.created_bytes_max(),
+                    "a new partition takes {total} bytes, more than {}",
+                    config.created_bytes_max()
+                );
+
+                let a = log.append_acked(&batch()).await.unwrap();
+                settle(&log).await;
+                assert!(
+                    allocated_bytes(&first) >= PREALLOCATE_STEP_BYTES,
+                    "the first append reserves a step: {} bytes",
+                    allocated_bytes(&first)
+                );
+
+                log.roll().await.unwrap();
+                let rolled = segment::log_path(&path, a.next_offset());
+                settle(&log).await;
+                assert_eq!(
+                    allocated_bytes(&rolled),
+                    0,
+                    "a rolled segment reserves nothing"
+                );
+                assert!(
+                    allocated_bytes(&first) <= 4096,
+                    "the roll trims the old one"
+                );
+
+                log.append_acked(&batch()).await.unwrap();
+                settle(&log).await;
+                assert!(allocated_bytes(&rolled) >= PREALLOCATE_STEP_BYTES);
+                log.close().await.unwrap();
+
+                // Reopened (clean or not), a segment with batches holds its
+                // batches' blocks and no lead until it is written again.
+                let log = PartitionLog::open(&path, config).await.unwrap();
+                settle(&log).await;
+                assert!(allocated_bytes(&rolled) <= 4096);
+                assert_eq!(log.next_offset(), a.next_offset() + 1);
+                log.append_acked(&batch()).await.unwrap();
+                settle(&log).await;
+                assert!(allocated_bytes(&rolled) >= PREALLOCATE_STEP_BYTES);
+                log.close().await.unwrap();
+            })
+            .expect("executor starts")
+            .join()
+            .expect("executor finishes");
     }
 }

@@ -10,7 +10,7 @@
 
 use super::{
     align_down, capacity_bytes,
-    writer::{interval_sync_loop, preallocate, preallocation_target, writer_loop},
+    writer::{interval_sync_loop, writer_loop, Prealloc},
     Inner, PartitionLog, Pending, State,
 };
 use crate::checkpoint::{self, Checkpoint};
@@ -467,7 +467,9 @@ impl PartitionLog {
                 .dma_open(&active.path)
                 .await?,
         );
-        let prealloc = preallocate(&dma, end, preallocation_target(end, capacity)).await;
+        // Nothing is reserved until the first append (`Prealloc::due`): a
+        // partition that is never written takes no preallocated disk.
+        let prealloc = Prealloc::new(end);
         let mut pending = Pending {
             chunks: Vec::new(),
             file_pos: align_down(end),

@@ -37,7 +37,7 @@ pub(super) struct Round {
 }
 
 /// Preallocation of the active segment, kept [`PREALLOCATE_STEP_BYTES`]
-/// ahead of the accepted bytes.
+/// ahead of the accepted bytes once the segment takes batches.
 ///
 /// Appends should never extend the file: an extending O_DIRECT write takes
 /// the inode lock exclusively (ext4) and serialises the writes a round
@@ -46,6 +46,14 @@ pub(super) struct Round {
 /// segment of 1 GiB no longer takes 1 GiB of disk the moment it is created
 /// (issue 9 #2). The length past the log end reads as zeros, which recovery
 /// stops at; roll and close truncate to the exact end.
+///
+/// An opened or freshly rolled segment reserves nothing: its first accepted
+/// batch starts the first step, in the background like every later one, so
+/// a partition that is never written holds no preallocated block (8,000
+/// idle partitions would otherwise hold 256 GiB). The writer holds a round
+/// that would reach past the reservation while that step is in flight
+/// ([`Prealloc::holds_back`]; a fallocate takes ~30 us here), so even the
+/// first write lands inside reserved blocks instead of extending the file.
 ///
 /// Best effort: where fallocate is unsupported the file grows as written;
 /// where it fails (a full disk) it is tried again after a pause, and the
@@ -74,6 +82,14 @@ impl Prealloc {
             unsupported: false,
             resume_at: None,
         }
+    }
+
+    /// Whether a round whose writes end at `end` should wait for the
+    /// extension in flight: it would extend the file itself otherwise.
+    /// Only a segment's first round meets this in practice (its step starts
+    /// with its first append); later steps start half a step early.
+    pub(super) fn holds_back(&self, end: u64) -> bool {
+        self.running && end > self.end
     }
 
     /// The file length to reserve now that `accepted` bytes of the segment
@@ -115,14 +131,6 @@ pub(super) fn preallocation_target(end: u64, capacity: u64) -> u64 {
     (align_up(end) + PREALLOCATE_STEP_BYTES).min(capacity)
 }
 
-/// Reserves `[0, target)` of a new active segment's file (open, roll).
-pub(super) async fn preallocate(dma: &DmaFile, len: u64, target: u64) -> Prealloc {
-    let mut p = Prealloc::new(len);
-    let result = dma.pre_allocate(target, false).await.map_err(Into::into);
-    p.finish(target, result);
-    p
-}
-
 /// Extends the active segment's reservation to `target`, beside the writer.
 pub(super) async fn extend_preallocation(inner: Rc<Inner>, dma: Rc<DmaFile>, target: u64) {
     let result = dma.pre_allocate(target, false).await.map_err(Into::into);
@@ -132,6 +140,8 @@ pub(super) async fn extend_preallocation(inner: Rc<Inner>, dma: Rc<DmaFile>, tar
         st.prealloc.finish(target, result);
     }
     inner.progress.notify_all();
+    // A round may be held for this step (`Prealloc::holds_back`).
+    inner.wake_writer.notify_all();
 }
 
 pub(super) fn take_round(st: &mut State) -> Option<Round> {
@@ -388,6 +398,7 @@ pub(super) async fn writer_loop(inner: Rc<Inner>) {
     loop {
         let wake = inner.wake_writer.changed();
         let mut pause_until = None;
+        let mut held = false;
         let dispatch = {
             let mut st = inner.st.borrow_mut();
             let st = &mut *st;
@@ -411,6 +422,14 @@ pub(super) async fn writer_loop(inner: Rc<Inner>) {
             } else if let Some((seq, round)) = st.retry.pop_first() {
                 st.rounds_in_flight += 1;
                 Some((round, seq, st.failures))
+            } else if st.pending.has_new_bytes()
+                && st
+                    .prealloc
+                    .holds_back(st.pending.file_pos + align_up(st.pending.len as u64))
+            {
+                // `extend_preallocation` wakes the writer when it lands.
+                held = true;
+                None
             } else {
                 take_round(st).map(|r| {
                     let seq = st.round_seq;
@@ -438,7 +457,7 @@ pub(super) async fn writer_loop(inner: Rc<Inner>) {
                 inner.space.notify_all();
                 continue;
             }
-            if st.closing && st.rounds_in_flight == 0 {
+            if st.closing && st.rounds_in_flight == 0 && !held {
                 st.writer_done = true;
                 drop(st);
                 inner.progress.notify_all();
