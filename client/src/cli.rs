@@ -342,6 +342,7 @@ mod tests {
     fn topic(partitions: u32) -> TopicInfo {
         TopicInfo {
             name: "orders".into(),
+            topic_id: 1,
             partitions: (0..partitions)
                 .map(|p| PartitionInfo {
                     partition: p,

@@ -22,6 +22,9 @@ pub struct PartitionInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicInfo {
     pub name: String,
+    /// This incarnation of the topic (a topic deleted and created again
+    /// under the same name has a new id); 0 from brokers without ids.
+    pub topic_id: u64,
     pub partitions: Vec<PartitionInfo>,
     pub sync: String,
     pub retention_ms: Option<u64>,
@@ -141,6 +144,7 @@ fn opt(v: i64) -> Option<u64> {
 pub(crate) fn topic_info(t: fb::TopicInfo<'_>) -> TopicInfo {
     TopicInfo {
         name: t.name().unwrap_or("").to_string(),
+        topic_id: t.topic_id(),
         partitions: t
             .partitions()
             .map(|ps| {
@@ -263,17 +267,48 @@ impl Client {
 
     /// Reloads brokers, shard ports and topics.
     pub async fn refresh_metadata(&self) -> Result<()> {
+        self.refresh_metadata_of(None).await
+    }
+
+    /// Reloads brokers and the named topics only (all if `None`): with
+    /// thousands of topics, learning one must not cost a description of
+    /// every partition.
+    pub async fn refresh_metadata_of(&self, topics: Option<&[&str]>) -> Result<()> {
         let conn = self.bootstrap().await?;
-        let frame = conn
+        let r = conn
             .request(
                 fb::RequestBody::MetadataRequest,
                 |fbb| {
-                    fb::MetadataRequest::create(fbb, &fb::MetadataRequestArgs { topics: None })
+                    let names = topics.map(|ts| {
+                        let v: Vec<_> = ts.iter().map(|t| fbb.create_string(t)).collect();
+                        fbb.create_vector(&v)
+                    });
+                    fb::MetadataRequest::create(fbb, &fb::MetadataRequestArgs { topics: names })
                         .as_union_value()
                 },
                 &[],
             )
-            .await?;
+            .await;
+        let frame = match (r, topics) {
+            (Ok(f), _) => f,
+            (Err(e), Some(ts)) => {
+                // An unknown topic among them: forget what was cached.
+                if matches!(
+                    &e,
+                    Error::Broker {
+                        code: ErrorCode::UnknownTopic,
+                        ..
+                    }
+                ) {
+                    let mut cache = lock(&self.inner.cache);
+                    for t in ts {
+                        cache.topics.remove(*t);
+                    }
+                }
+                return Err(e);
+            }
+            (Err(e), None) => return Err(e),
+        };
         let resp = frame.response();
         let m = resp
             .body_as_metadata_response()
@@ -287,15 +322,12 @@ impl Client {
                 .unwrap_or_default();
             cache.broker_version = b.version().map(str::to_string);
         }
-        cache.topics = m
-            .topics()
-            .map(|ts| {
-                ts.iter()
-                    .map(topic_info)
-                    .map(|t| (t.name.clone(), t))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let fresh = m.topics().into_iter().flatten().map(topic_info);
+        if topics.is_none() {
+            cache.topics = fresh.map(|t| (t.name.clone(), t)).collect();
+        } else {
+            cache.topics.extend(fresh.map(|t| (t.name.clone(), t)));
+        }
         Ok(())
     }
 
@@ -304,7 +336,7 @@ impl Client {
         if let Some(t) = lock(&self.inner.cache).topics.get(name).cloned() {
             return Ok(t);
         }
-        self.refresh_metadata().await?;
+        self.refresh_metadata_of(Some(&[name])).await?;
         lock(&self.inner.cache)
             .topics
             .get(name)
@@ -336,7 +368,7 @@ impl Client {
         if let Some(addr) = self.cached_partition_addr(topic, partition) {
             return addr;
         }
-        self.refresh_metadata().await?;
+        self.refresh_metadata_of(Some(&[topic])).await?;
         self.cached_partition_addr(topic, partition)
             .unwrap_or_else(|| {
                 Err(Error::Broker {
@@ -467,7 +499,16 @@ impl Client {
             &[],
         )
         .await?;
-        self.refresh_metadata().await
+        self.refresh_metadata_of(Some(&[&t.name])).await
+    }
+
+    /// The id of the incarnation of `topic` this client knows (0 if it
+    /// knows none or the broker has no ids).
+    pub fn cached_topic_id(&self, topic: &str) -> u64 {
+        lock(&self.inner.cache)
+            .topics
+            .get(topic)
+            .map_or(0, |t| t.topic_id)
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
@@ -485,7 +526,8 @@ impl Client {
             &[],
         )
         .await?;
-        self.refresh_metadata().await
+        lock(&self.inner.cache).topics.remove(name);
+        Ok(())
     }
 
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {

@@ -223,9 +223,27 @@ struct Core {
     /// One permit per byte of `buffer_bytes_max`.
     buffer: Semaphore,
     buffer_bytes_max: usize,
+    /// The incarnation of each topic this producer first wrote to: it never
+    /// writes into a topic deleted and re-created under the same name
+    /// (the broker refuses such a request with `UnknownTopicId`).
+    topic_ids: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl Core {
+    /// The topic id this producer pinned for `topic`, pinning the client's
+    /// cached one on first use (0, "any", while none is known).
+    fn topic_id(&self, topic: &str) -> u64 {
+        let mut ids = self.topic_ids.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&id) = ids.get(topic) {
+            return id;
+        }
+        let id = self.client.cached_topic_id(topic);
+        if id != 0 {
+            ids.insert(topic.to_string(), id);
+        }
+        id
+    }
+
     fn release(&self, buffer_bytes: usize) {
         if buffer_bytes > 0 {
             self.buffer.add_permits(buffer_bytes);
@@ -343,6 +361,7 @@ impl Producer {
                     config,
                     buffer: Semaphore::new(buffer_bytes_max),
                     buffer_bytes_max,
+                    topic_ids: Default::default(),
                 }),
                 producer_id,
                 partitions: Mutex::new(HashMap::new()),
@@ -782,13 +801,14 @@ pub async fn produce_batches(
     acks: Acks,
     payload: &[u8],
 ) -> Result<Produced> {
-    produce_parts(conn, topic, partition, acks, &[payload]).await
+    produce_parts(conn, topic, 0, partition, acks, &[payload]).await
 }
 
 /// Like [`produce_batches`], with the batches where they lie.
 async fn produce_parts(
     conn: &crate::connection::Connection,
     topic: &str,
+    topic_id: u64,
     partition: u32,
     acks: Acks,
     batches: &[&[u8]],
@@ -806,10 +826,10 @@ async fn produce_parts(
                     fbb,
                     &fb::ProduceRequestArgs {
                         topic: Some(t),
+                        topic_id,
                         partition,
                         acks,
                         timeout_ms: 30_000,
-                        ..Default::default()
                     },
                 )
                 .as_union_value()
@@ -839,7 +859,8 @@ async fn send_with_retries(
     loop {
         let r = async {
             let conn = core.client.partition_connection(topic, partition).await?;
-            produce_parts(&conn, topic, partition, cfg.acks, batches)
+            let topic_id = core.topic_id(topic);
+            produce_parts(&conn, topic, topic_id, partition, cfg.acks, batches)
                 .await
                 .map(|p| p.base_offset)
         }

@@ -34,6 +34,10 @@ pub struct Reactor {
     pub stopping: Cell<bool>,
     /// Controller only: names of topics being created.
     pub creating: std::cell::RefCell<std::collections::BTreeSet<String>>,
+    /// Controller only: topic changes run one at a time, so each rewrite
+    /// of `topics.json` starts from the one before (two concurrent changes
+    /// would each write a map without the other's topic).
+    pub topic_changes: futures::lock::Mutex<()>,
     next_subscription: Cell<u64>,
 }
 
@@ -55,6 +59,7 @@ impl Reactor {
             metrics: Metrics::default(),
             stopping: Cell::new(false),
             creating: Default::default(),
+            topic_changes: futures::lock::Mutex::new(()),
             next_subscription: Cell::new(1),
         }
     }

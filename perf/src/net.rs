@@ -700,8 +700,11 @@ async fn fill(
     let n = bytes / size.max(1) as u64;
     let mut inflight = VecDeque::new();
     for i in 0..n {
+        // Waits for room in the producer's buffer rather than failing on
+        // it: a fill of large values outruns the default 32 MiB.
         let d = producer
-            .send_to(topic, (i % u64::from(partitions)) as u32, None, &value)
+            .send_nowait_to(topic, (i % u64::from(partitions)) as u32, None, &value)
+            .await
             .map_err(|e| e.to_string())?;
         inflight.push_back(d);
         if inflight.len() >= 8192 {

@@ -465,3 +465,86 @@ async fn idle_subscriptions_cost_nothing() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A producer pins the incarnation of a topic it first wrote to: after the
+/// topic is deleted and re-created under the same name, its sends fail with
+/// UnknownTopicId instead of landing in the new topic (issue 9 #9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_never_writes_into_a_recreated_topic() {
+    let broker = Broker::start(shoal_tests::two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client
+        .create_topic(&NewTopic::new("pinned", 1))
+        .await
+        .unwrap();
+    let producer = shoal_client::Producer::new(
+        client.clone(),
+        shoal_client::ProducerConfig {
+            linger: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    producer.send("pinned", None, b"first").await.unwrap();
+    let admin = Client::connect(&broker.addr()).await.unwrap();
+    admin.delete_topic("pinned").await.unwrap();
+    admin
+        .create_topic(&NewTopic::new("pinned", 1))
+        .await
+        .unwrap();
+    let e = producer
+        .send("pinned", None, b"into the new one?")
+        .await
+        .expect_err("the old incarnation is gone");
+    match e {
+        shoal_client::Error::Broker { code, .. } => assert_eq!(code, ErrorCode::UnknownTopicId),
+        other => panic!("unexpected {other}"),
+    }
+    assert_eq!(
+        admin.describe_topic("pinned").await.unwrap().partitions[0].high_watermark,
+        0,
+        "nothing written into the new incarnation"
+    );
+    // A new producer writes to the new incarnation.
+    let fresh = shoal_client::Producer::new(admin.clone(), Default::default());
+    fresh.send("pinned", None, b"new").await.unwrap();
+}
+
+/// Topic changes from many connections at once are all recorded: after a
+/// restart every created topic is there and no deleted one came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_topic_changes_are_all_recorded() {
+    let mut broker = Broker::start(shoal_tests::two_shards());
+    let mut tasks = Vec::new();
+    for c in 0..6 {
+        let addr = broker.addr();
+        tasks.push(tokio::spawn(async move {
+            let client = Client::connect(&addr).await.unwrap();
+            for i in 0..8 {
+                client
+                    .create_topic(&NewTopic::new(format!("c{c}-t{i}"), 2))
+                    .await
+                    .unwrap();
+            }
+            client.delete_topic(&format!("c{c}-t0")).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(broker.terminate());
+    broker.restart();
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    let mut names: Vec<String> = client
+        .list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = (0..6)
+        .flat_map(|c| (1..8).map(move |i| format!("c{c}-t{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected);
+}

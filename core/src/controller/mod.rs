@@ -59,6 +59,7 @@ impl Reactor {
                 .await;
         }
         let meta = self.topic_meta(&spec)?;
+        let _one_at_a_time = self.topic_changes.lock().await;
         if self.partitions.contains(&spec.name)
             || !self.creating.borrow_mut().insert(spec.name.clone())
         {
@@ -186,6 +187,7 @@ impl Reactor {
                 })
                 .await;
         }
+        let _one_at_a_time = self.topic_changes.lock().await;
         let meta = self
             .partitions
             .topic(&name)
