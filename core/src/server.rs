@@ -57,7 +57,7 @@ pub fn run(config: Config) -> Result<()> {
     );
     let n = config.cores.len();
     let mesh = mesh::builder(n);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
     let mut handles = Vec::with_capacity(n);
     for (i, &core) in config.cores.iter().enumerate() {
         let (config, topics, mesh, stop, ready) = (
@@ -71,11 +71,17 @@ pub fn run(config: Config) -> Result<()> {
             .spin_before_park(config.idle_spin)
             .name(&format!("shard-{i}"))
             .spawn(move || async move {
-                let r = shard_main(i, config, topics, mesh, stop, ready.clone()).await;
-                if let Err(e) = &r {
-                    let _ = ready.send(Err(e.to_string()));
+                match shard_main(i, config, topics, mesh, stop, ready.clone()).await {
+                    Ok(()) => Ok(()),
+                    // The error itself goes to whoever waits for the shards
+                    // to be ready (start-up) ...
+                    Err(e) => {
+                        let why = e.to_string();
+                        let _ = ready.send(Err(e));
+                        // ... and its text to whoever joins the thread.
+                        Err(Error::Config(why))
+                    }
                 }
-                r
             })
             .map_err(|e| Error::Config(format!("cannot start shard {i} on core {core}: {e}")))?;
         handles.push(h);
@@ -89,7 +95,7 @@ pub fn run(config: Config) -> Result<()> {
                 for h in handles {
                     let _ = h.join();
                 }
-                return Err(Error::Config(e));
+                return Err(e);
             }
             Err(_) => break,
         }
@@ -113,7 +119,7 @@ async fn shard_main(
     topics: Topics,
     mesh: Option<MeshBuilderFull>,
     stop: Arc<AtomicBool>,
-    ready: std::sync::mpsc::Sender<std::result::Result<(), String>>,
+    ready: std::sync::mpsc::Sender<Result<()>>,
 ) -> Result<()> {
     let (mesh, receivers) = Mesh::join(id, mesh).await?;
     let core = config.cores[id];
