@@ -729,7 +729,13 @@ async fn partition_sender(
             }
         }
         let parts: Vec<&[u8]> = batches.iter().map(Vec::as_slice).collect();
-        match send_with_retries(&core, &topic, partition, &parts).await {
+        let sent = send_with_retries(&core, &topic, partition, &parts).await;
+        drop(parts);
+        batches.clear();
+        // Room first, then the answers: whoever sees a delivery complete
+        // also sees its bytes out of the buffer.
+        core.release(buffer_bytes);
+        match sent {
             Ok(base) => {
                 // The broker stores the batches back to back.
                 let mut offset = base;
@@ -746,9 +752,6 @@ async fn partition_sender(
                 unreported.get_or_insert(failure);
             }
         }
-        drop(parts);
-        batches.clear();
-        core.release(buffer_bytes);
     }
 }
 
