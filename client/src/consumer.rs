@@ -172,6 +172,9 @@ impl Default for ConsumerConfig {
 
 struct Assignment {
     topic: String,
+    /// The same name, shared by the records [`Consumer::poll_views`] hands
+    /// out.
+    shared_topic: Arc<str>,
     partition: u32,
     next: u64,
 }
@@ -196,6 +199,7 @@ impl Consumer {
     pub async fn assign(&mut self, topic: &str, partition: u32, start: StartAt) -> Result<()> {
         let next = self.start_offset(topic, partition, start).await?;
         self.assigned.push(Assignment {
+            shared_topic: Arc::from(topic),
             topic: topic.to_string(),
             partition,
             next,
@@ -288,31 +292,65 @@ impl Consumer {
     /// any are ready, else as soon as one partition has data, else empty
     /// after `max_wait`.
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>> {
+        self.poll_with(|a, payload, from| {
+            decode_records(&a.topic, a.partition, payload.as_ref(), from)
+        })
+        .await
+    }
+
+    /// Like [`Consumer::poll`], without a copy per record: each record's
+    /// key, value and headers are views of the received frame and the
+    /// topic name is shared ([`RecordView`]).
+    pub async fn poll_views(&mut self) -> Result<Vec<RecordView>> {
+        self.poll_with(|a, payload, from| {
+            decode_record_views(&a.shared_topic, a.partition, payload, from)
+        })
+        .await
+    }
+
+    async fn poll_with<T>(
+        &mut self,
+        decode: impl Fn(&Assignment, &Bytes, u64) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
         for wait in [Duration::ZERO, self.config.max_wait] {
             let mut fetches = FuturesUnordered::new();
             let this = &*self;
             for (i, a) in this.assigned.iter().enumerate() {
-                let (topic, partition, next) = (a.topic.clone(), a.partition, a.next);
                 let min = if wait.is_zero() {
                     0
                 } else {
                     self.config.min_bytes
                 };
                 fetches.push(async move {
-                    (
-                        i,
-                        this.fetch_once(&topic, partition, next, None, min, wait)
-                            .await,
-                    )
+                    let r = async {
+                        let conn = this
+                            .client
+                            .partition_connection(&a.topic, a.partition)
+                            .await?;
+                        let q = FetchSpec {
+                            topic: &a.topic,
+                            partition: a.partition,
+                            offset: a.next,
+                            timestamp_ms: None,
+                            max_bytes: this.config.max_bytes,
+                            min_bytes: min,
+                            max_wait: wait,
+                        };
+                        fetch_frame(&conn, &q).await
+                    }
+                    .await;
+                    (i, r)
                 });
             }
             let mut got = Vec::new();
             let mut advance = Vec::new();
             while let Some((i, r)) = fetches.next().await {
-                let f = r?;
-                advance.push((i, f.next_offset));
-                if !f.records.is_empty() {
-                    got.extend(f.records);
+                let (frame, _, _, next_offset) = r?;
+                advance.push((i, next_offset));
+                let a = &this.assigned[i];
+                let records = decode(a, &frame.payload_bytes(), a.next)?;
+                if !records.is_empty() {
+                    got.extend(records);
                     if !wait.is_zero() {
                         break;
                     }

@@ -317,15 +317,9 @@ fn seal(core: &Core, producer_id: i64, st: &mut PartitionState) {
         NO_SEQUENCE
     };
     st.next_sequence = st.next_sequence.wrapping_add(record_count as i32) & i32::MAX;
+    // `finish` hands its buffer over and starts the next batch with one of
+    // the same capacity, so it does not grow (and copy) its way up again.
     let batch = p.builder.finish(producer_id, 0, seq);
-    // `finish` hands its buffer over; the next batch starts with room for
-    // one like it, so it does not grow (and copy) its way up again.
-    p.builder = BatchBuilder::with_capacity(
-        batch
-            .len()
-            .min(core.config.batch_bytes)
-            .max(BATCH_CAPACITY_BYTES_MIN),
-    );
     let slot = std::mem::take(&mut p.slot);
     let buffer_bytes = std::mem::take(&mut p.buffer_bytes);
     st.sender_busy = true;

@@ -509,9 +509,13 @@ impl BatchBuilder {
     }
 
     /// Writes header and CRC, returning the finished batch and resetting
-    /// the builder for reuse.
+    /// the builder for reuse. The batch's buffer is handed over (no copy);
+    /// the builder starts again with a buffer of the same capacity, so the
+    /// next batch of a similar size grows nothing.
     pub fn finish(&mut self, producer_id: i64, producer_epoch: i16, base_sequence: i32) -> Vec<u8> {
-        let mut out = std::mem::replace(&mut self.buf, vec![0; BATCH_HEADER_BYTES]);
+        let mut next = Vec::with_capacity(self.buf.capacity());
+        next.resize(BATCH_HEADER_BYTES, 0);
+        let mut out = std::mem::replace(&mut self.buf, next);
         let header = BatchHeader {
             base_offset: 0,
             batch_len: out.len() as u32,
@@ -626,5 +630,20 @@ mod tests {
         let cut = &all[..all.len() - 3];
         let got: Vec<_> = Batches::new(cut, 1 << 20).collect();
         assert!(got[1].is_err());
+    }
+
+    #[test]
+    fn finish_keeps_the_builders_capacity() {
+        let mut b = BatchBuilder::with_capacity(64 * 1024);
+        b.push(&NewRecord {
+            value: Some(b"v"),
+            ..NewRecord::default()
+        })
+        .unwrap();
+        let batch = b.finish(NO_PRODUCER_ID, 0, NO_SEQUENCE);
+        assert!(validate_batch(&batch, 1 << 20).is_ok());
+        assert!(b.buf.capacity() >= 64 * 1024);
+        assert_eq!(b.len(), BATCH_HEADER_BYTES);
+        assert!(b.is_empty());
     }
 }
