@@ -902,7 +902,7 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
         for mut sub in subs {
             let (h, received, bytes) = (e2e_hist.clone(), received.clone(), bytes.clone());
             readers.push(tokio::task::spawn_local(async move {
-                while let Ok(p) = sub.next().await {
+                while let Ok(p) = sub.next_views().await {
                     let now_ns = base.elapsed().as_nanos() as u64;
                     for r in p.records {
                         if let Some((intended, _)) = r.value.as_deref().and_then(decode_stamp) {
