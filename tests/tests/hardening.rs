@@ -77,7 +77,18 @@ async fn metrics(client: &Client) -> HashMap<String, u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_is_told_why() {
     let broker = Broker::start_with_config("0", "connections_max = 2\n");
-    let client = Client::connect(&broker.addr()).await.unwrap();
+    // The harness' readiness probes held slots for a moment: retry until
+    // the broker has closed them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let client = loop {
+        match Client::connect(&broker.addr()).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never connected: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
     let second = TcpStream::connect(broker.addr()).unwrap();
     // Both slots are taken once the broker has accepted the second.
     std::thread::sleep(Duration::from_millis(200));
