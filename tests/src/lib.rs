@@ -251,3 +251,101 @@ pub fn two_shards() -> &'static str {
         "0"
     }
 }
+
+/// Raw protocol helpers for tests that speak bytes to the broker (as a
+/// hostile or careless client would), bypassing the Rust client.
+pub mod raw {
+    use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
+    use shoal_wire::frame::{self, Check};
+    use shoal_wire::{fb, BatchBuilder, NewRecord};
+    use std::io::Read;
+    use std::net::TcpStream;
+
+    /// A whole request frame (no payload) whose body `build` makes.
+    pub fn request(
+        corr: u32,
+        body_type: fb::RequestBody,
+        build: impl FnOnce(&mut FlatBufferBuilder<'static>) -> WIPOffset<UnionWIPOffset>,
+    ) -> Vec<u8> {
+        request_with(corr, body_type, build, &[])
+    }
+
+    /// A whole request frame with `payload` after its header.
+    pub fn request_with(
+        corr: u32,
+        body_type: fb::RequestBody,
+        build: impl FnOnce(&mut FlatBufferBuilder<'static>) -> WIPOffset<UnionWIPOffset>,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut fbb = FlatBufferBuilder::new();
+        let body = build(&mut fbb);
+        let req = fb::Request::create(
+            &mut fbb,
+            &fb::RequestArgs {
+                version: 1,
+                correlation_id: corr,
+                client_id: None,
+                body_type,
+                body: Some(body),
+            },
+        );
+        fbb.finish(req, None);
+        let mut out = Vec::new();
+        frame::write_frame(&mut out, fbb.finished_data(), payload);
+        out
+    }
+
+    /// A push subscription to partition 0 of `topic` from offset 0.
+    pub fn subscribe(corr: u32, topic: &str, credit_bytes: u64) -> Vec<u8> {
+        request(corr, fb::RequestBody::SubscribeRequest, |fbb| {
+            let t = fbb.create_string(topic);
+            fb::SubscribeRequest::create(
+                fbb,
+                &fb::SubscribeRequestArgs {
+                    topic: Some(t),
+                    topic_id: 0,
+                    partition: 0,
+                    offset: 0,
+                    credit_bytes,
+                },
+            )
+            .as_union_value()
+        })
+    }
+
+    /// Reads one response frame's header (what is left over stays in
+    /// `buf`); `None` if the connection closed first.
+    pub fn read_header(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            if let Ok(Check::Complete(p)) = frame::check_response(buf) {
+                let h = buf[p.header].to_vec();
+                buf.drain(..p.total);
+                return Some(h);
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// One batch of `n` records of `size` bytes, each value starting with
+    /// its sequence number (10 digits, from `first_seq` or 0), idempotent
+    /// when `producer_id` is not -1.
+    pub fn batch(producer_id: i64, first_seq: i32, n: usize, size: usize) -> Vec<u8> {
+        let mut b = BatchBuilder::default();
+        for i in 0..n {
+            let mut value = format!("{:010}", first_seq.max(0) as usize + i).into_bytes();
+            value.resize(size.max(10), b'x');
+            b.push(&NewRecord {
+                key: None,
+                value: Some(&value),
+                timestamp_ms: 1,
+                headers: &[],
+            })
+            .expect("record fits");
+        }
+        b.finish(producer_id, 0, first_seq)
+    }
+}

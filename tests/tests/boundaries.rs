@@ -3,77 +3,40 @@
 //! or not at all, and frames that never finish commit no memory and are
 //! closed after `request_timeout_ms` while normal clients are served.
 
-use flatbuffers::FlatBufferBuilder;
 use shoal_client::connection::Connection;
 use shoal_client::{Client, Consumer, ConsumerConfig, NewTopic, StartAt};
+use shoal_tests::raw::{self, read_header};
 use shoal_tests::Broker;
-use shoal_wire::frame::{self, Check};
-use shoal_wire::{fb, BatchBuilder, ErrorCode, NewRecord};
+use shoal_wire::frame;
+use shoal_wire::{fb, ErrorCode};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-/// One idempotent batch of `n` records of `size` bytes, the record values
-/// carrying their sequence numbers.
 fn batch(producer_id: i64, first_seq: i32, n: usize, size: usize) -> Vec<u8> {
-    let mut b = BatchBuilder::default();
-    for i in 0..n {
-        let mut value = format!("{:010}", first_seq.max(0) as usize + i).into_bytes();
-        value.resize(size.max(10), b'x');
-        b.push(&NewRecord {
-            key: None,
-            value: Some(&value),
-            timestamp_ms: 1,
-            headers: &[],
-        })
-        .expect("record fits");
-    }
-    b.finish(producer_id, 0, first_seq)
+    raw::batch(producer_id, first_seq, n, size)
 }
 
 fn produce_frame(corr: u32, topic: &str, partition: u32, payload: &[u8]) -> Vec<u8> {
-    let mut fbb = FlatBufferBuilder::new();
-    let t = fbb.create_string(topic);
-    let body = fb::ProduceRequest::create(
-        &mut fbb,
-        &fb::ProduceRequestArgs {
-            topic_id: 0,
-            topic: Some(t),
-            partition,
-            acks: fb::Acks::Leader,
-            timeout_ms: 30_000,
+    raw::request_with(
+        corr,
+        fb::RequestBody::ProduceRequest,
+        |fbb| {
+            let t = fbb.create_string(topic);
+            fb::ProduceRequest::create(
+                fbb,
+                &fb::ProduceRequestArgs {
+                    topic_id: 0,
+                    topic: Some(t),
+                    partition,
+                    acks: fb::Acks::Leader,
+                    timeout_ms: 30_000,
+                },
+            )
+            .as_union_value()
         },
-    );
-    let req = fb::Request::create(
-        &mut fbb,
-        &fb::RequestArgs {
-            version: 1,
-            correlation_id: corr,
-            client_id: None,
-            body_type: fb::RequestBody::ProduceRequest,
-            body: Some(body.as_union_value()),
-        },
-    );
-    fbb.finish(req, None);
-    let mut out = Vec::new();
-    frame::write_frame(&mut out, fbb.finished_data(), payload);
-    out
-}
-
-/// Reads one frame's header; `None` if the connection closed.
-fn read_header(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
-    let mut chunk = [0u8; 64 * 1024];
-    loop {
-        if let Ok(Check::Complete(p)) = frame::check_response(buf) {
-            let h = buf[p.header].to_vec();
-            buf.drain(..p.total);
-            return Some(h);
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
+        payload,
+    )
 }
 
 /// The shard that owns `topic`/`partition`, and one that does not.

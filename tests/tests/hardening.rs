@@ -2,70 +2,19 @@
 //! 9): each situation ends in a clear error and a broker that keeps
 //! serving everything else.
 
-use flatbuffers::FlatBufferBuilder;
 use shoal_client::connection::Connection;
 use shoal_client::{Client, Consumer, ConsumerConfig, NewTopic, StartAt};
+use shoal_tests::raw::{self, read_header};
 use shoal_tests::Broker;
 use shoal_wire::frame::{self, Check};
-use shoal_wire::{fb, BatchBuilder, ErrorCode, NewRecord};
+use shoal_wire::{fb, ErrorCode};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-fn request(
-    corr: u32,
-    body_type: fb::RequestBody,
-    build: impl FnOnce(
-        &mut FlatBufferBuilder<'static>,
-    ) -> flatbuffers::WIPOffset<flatbuffers::UnionWIPOffset>,
-) -> Vec<u8> {
-    let mut fbb = FlatBufferBuilder::new();
-    let body = build(&mut fbb);
-    let req = fb::Request::create(
-        &mut fbb,
-        &fb::RequestArgs {
-            version: 1,
-            correlation_id: corr,
-            client_id: None,
-            body_type,
-            body: Some(body),
-        },
-    );
-    fbb.finish(req, None);
-    let mut out = Vec::new();
-    frame::write_frame(&mut out, fbb.finished_data(), &[]);
-    out
-}
-
-/// Reads one frame's header; `None` if the connection closed first.
-fn read_header(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Ok(Check::Complete(p)) = frame::check_response(&buf) {
-            return Some(buf[p.header].to_vec());
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
 fn batch_of(n: usize, size: usize) -> Vec<u8> {
-    let mut b = BatchBuilder::default();
-    let value = vec![b'v'; size];
-    for _ in 0..n {
-        b.push(&NewRecord {
-            key: None,
-            value: Some(&value),
-            timestamp_ms: 1,
-            headers: &[],
-        })
-        .expect("record fits");
-    }
-    b.finish(-1, 0, -1)
+    raw::batch(-1, -1, n, size)
 }
 
 async fn metrics(client: &Client) -> HashMap<String, u64> {
@@ -96,7 +45,7 @@ async fn a_refused_connection_is_told_why() {
     third
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let h = read_header(&mut third).expect("an error frame before the close");
+    let h = read_header(&mut third, &mut Vec::new()).expect("an error frame before the close");
     let r = frame::decode_response(&h).unwrap();
     assert_eq!(
         ErrorCode::from_u16(r.error_code()),
@@ -133,22 +82,9 @@ async fn a_stalled_consumer_is_disconnected_and_slows_no_one() {
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     stalled
-        .write_all(&request(1, fb::RequestBody::SubscribeRequest, |fbb| {
-            let t = fbb.create_string("flood");
-            fb::SubscribeRequest::create(
-                fbb,
-                &fb::SubscribeRequestArgs {
-                    topic_id: 0,
-                    topic: Some(t),
-                    partition: 0,
-                    offset: 0,
-                    credit_bytes: 1 << 40,
-                },
-            )
-            .as_union_value()
-        }))
+        .write_all(&raw::subscribe(1, "flood", 1 << 40))
         .unwrap();
-    let h = read_header(&mut stalled).expect("subscribe response");
+    let h = read_header(&mut stalled, &mut Vec::new()).expect("subscribe response");
     assert_eq!(frame::decode_response(&h).unwrap().error_code(), 0);
 
     // 64 MiB through the partition; a healthy consumer reads all of it.
@@ -396,24 +332,7 @@ async fn idle_subscriptions_cost_nothing() {
         let mut s = TcpStream::connect(broker.addr()).unwrap();
         let mut all = Vec::new();
         for i in 0..1024u32 {
-            all.extend(request(
-                c * 10_000 + i + 1,
-                fb::RequestBody::SubscribeRequest,
-                |fbb| {
-                    let t = fbb.create_string("idle");
-                    fb::SubscribeRequest::create(
-                        fbb,
-                        &fb::SubscribeRequestArgs {
-                            topic_id: 0,
-                            topic: Some(t),
-                            partition: 0,
-                            offset: 0,
-                            credit_bytes: 1 << 20,
-                        },
-                    )
-                    .as_union_value()
-                },
-            ));
+            all.extend(raw::subscribe(c * 10_000 + i + 1, "idle", 1 << 20));
         }
         s.write_all(&all).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
