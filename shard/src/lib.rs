@@ -18,6 +18,10 @@
 //!   segment, memory-mapped files for closed ones).
 //! - [`tail`]: the tail cache: the newest bytes in memory files, so readers
 //!   at the end of the log are served by sendfile without touching the disk.
+//! - [`readahead`]: read-ahead for forward readers (fetch and push), so a
+//!   consumer catching up reads at the disk's speed without the shard
+//!   ever waiting for the disk; bounded per partition and per shard
+//!   ([`ReadAheadBudget`]).
 //! - [`checkpoint`]: the recovery point that bounds a restart's work.
 //! - [`durable`]: write-then-rename, directory removal and free space,
 //!   done on the blocking thread so `std::fs` never stalls the core.
@@ -39,6 +43,7 @@ pub mod limits;
 pub mod log;
 pub mod notify;
 pub mod producers;
+pub mod readahead;
 pub mod rt;
 pub mod segment;
 pub mod tail;
@@ -47,4 +52,5 @@ pub use config::{LogConfig, SyncMode};
 pub use error::{Error, Result};
 pub use log::{Appended, PartitionLog, ReadSlice};
 pub use notify::Notify;
+pub use readahead::ReadAheadBudget;
 pub use segment::FdBudget;

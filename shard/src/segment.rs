@@ -30,6 +30,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 
+/// Bytes of mapping one `mincore` call of [`SegmentFiles::resident_until`]
+/// looks at (its page vector lives on the stack).
+const MINCORE_PIECE_BYTES: u64 = 4 * 1024 * 1024;
+
 pub fn log_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.log"))
 }
@@ -219,6 +223,42 @@ impl SegmentFiles {
             )
         };
         r == 0 && vec.iter().all(|b| b & 1 == 1)
+    }
+
+    /// The first position in `[pos, end)` whose page is not in the page
+    /// cache (`end` if all are), so a wait for a range can go on from where
+    /// the pages stopped arriving instead of checking all of them again.
+    pub fn resident_until(&self, pos: u64, end: u64) -> u64 {
+        let Some(map) = &self.map else { return end };
+        let page = 4096u64;
+        let end_max = end.min(map.len() as u64);
+        let mut at = pos / page * page;
+        while at < end_max {
+            // A bounded piece per call, so the scratch vector stays small.
+            let piece_end = (at + MINCORE_PIECE_BYTES).min(end_max.div_ceil(page) * page);
+            let piece_end = piece_end.min(map.len() as u64);
+            let pages = (piece_end - at).div_ceil(page) as usize;
+            let mut vec = [0u8; (MINCORE_PIECE_BYTES / 4096) as usize];
+            // SAFETY: `[at, piece_end)` lies inside our mapping (clamped to
+            // its length, `at` page-aligned); `vec` has a byte for each of
+            // its pages (a piece is at most MINCORE_PIECE_BYTES).
+            let r = unsafe {
+                libc::mincore(
+                    map.as_ptr().add(at as usize) as *mut libc::c_void,
+                    (piece_end - at) as usize,
+                    vec.as_mut_ptr(),
+                )
+            };
+            if r != 0 {
+                // Cannot tell: say resident, so no one waits for nothing.
+                return end;
+            }
+            if let Some(i) = vec[..pages].iter().position(|b| b & 1 == 0) {
+                return (at + i as u64 * page).max(pos);
+            }
+            at = piece_end;
+        }
+        end
     }
 
     /// Asks the kernel to read `[pos, pos + len)` into the page cache,

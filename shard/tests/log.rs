@@ -884,3 +884,129 @@ fn closed_segments_hold_descriptors_within_the_budget() {
         log.close().await.unwrap();
     });
 }
+
+/// Bytes of `[start, end)` of the file at `path` that are in the page
+/// cache, counted page by page from `start` until the first missing one.
+fn resident_prefix(path: &std::path::Path, start: u64, end: u64) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: read-only mapping of a file no one writes meanwhile; only
+    // its residency is asked, no byte is read.
+    let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+    let (page, start) = (4096u64, start / 4096 * 4096);
+    let end = end.min(map.len() as u64);
+    let mut vec = vec![0u8; (end - start).div_ceil(page) as usize];
+    // SAFETY: the range lies inside the mapping; one byte per page.
+    let r = unsafe {
+        libc::mincore(
+            map.as_ptr().add(start as usize) as *mut libc::c_void,
+            (end - start) as usize,
+            vec.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0);
+    let pages = vec.iter().take_while(|b| **b & 1 == 1).count() as u64;
+    (pages * page).min(end - start)
+}
+
+/// A forward reader through `read_ready` gets the same slices as `read`,
+/// and the log ahead of it arrives in the page cache before it asks
+/// (appends bypass the page cache, so without read-ahead every read of a
+/// consumer catching up waited for the disk, one slice at a time; issue 16).
+#[test]
+fn read_ready_keeps_the_log_ahead_of_a_forward_reader_in_memory() {
+    use shoal_shard::limits::READ_AHEAD_WINDOW_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().into();
+    run(move || async move {
+        let cfg = LogConfig {
+            sync: SyncMode::None,
+            ..LogConfig::default()
+        };
+        let log = PartitionLog::open(&path, cfg.clone()).await.unwrap();
+        let b = batch(1, 60, 1000, 0);
+        let mut next = 0;
+        while log.size_bytes() < 3 * READ_AHEAD_WINDOW_BYTES {
+            for _ in 0..64 {
+                next = log.append(&b).await.unwrap().next_offset();
+            }
+            log.wait_written(next).await.unwrap();
+        }
+        log.close().await.unwrap();
+        let log = PartitionLog::open(&path, cfg).await.unwrap();
+        let seg = active_segment(&path);
+        assert_eq!(resident_prefix(&seg, 0, 1 << 20), 0, "nothing cached yet");
+
+        let wait = Duration::from_secs(5);
+        let first = log.read_ready(0, 1 << 20, wait).await.unwrap();
+        let plain = log.read(0, 1 << 20).unwrap();
+        assert_eq!((first.position, first.len), (plain.position, plain.len));
+        assert_eq!(first.next_offset, plain.next_offset);
+        assert!(log.read_ahead_bytes() > 0);
+        // The window past the first slice arrives without another read.
+        let want = first.len + READ_AHEAD_WINDOW_BYTES / 2;
+        let mut have = 0;
+        for _ in 0..400 {
+            have = resident_prefix(&seg, 0, want);
+            if have >= want {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(have >= want, "{have} of {want} bytes read ahead");
+        // Reading on: the same batches as `read`, to the end.
+        let mut at = first.next_offset;
+        while at < log.end_offset() {
+            let s = log.read_ready(at, 1 << 20, wait).await.unwrap();
+            let p = log.read(at, 1 << 20).unwrap();
+            assert_eq!(
+                (s.position, s.len, s.next_offset),
+                (p.position, p.len, p.next_offset)
+            );
+            at = s.next_offset;
+        }
+        assert!(log.read_ready(at, 1 << 20, wait).await.unwrap().is_empty());
+        log.close().await.unwrap();
+    });
+}
+
+/// A closed segment ends wherever its last batch does, mid-page, and the
+/// kernel's read-ahead never reads a partial last page: a reader waiting
+/// for it to become resident waited its whole limit at the end of every
+/// segment. `read_ready` brings it in too.
+#[test]
+fn read_ready_does_not_wait_for_a_segments_partial_last_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().into();
+    run(move || async move {
+        let cfg = LogConfig {
+            sync: SyncMode::None,
+            segment_bytes: 1 << 20,
+            ..LogConfig::default()
+        };
+        let log = PartitionLog::open(&path, cfg.clone()).await.unwrap();
+        let b = batch(2, 3, 997, 0);
+        let mut next = 0;
+        while log.segment_count() < 4 {
+            next = log.append(&b).await.unwrap().next_offset();
+        }
+        log.wait_written(next).await.unwrap();
+        log.close().await.unwrap();
+        let log = PartitionLog::open(&path, cfg).await.unwrap();
+        let wait = Duration::from_secs(5);
+        let mut at = log.start_offset();
+        while at < log.end_offset() {
+            let t = std::time::Instant::now();
+            let s = log.read_ready(at, 64 * 1024, wait).await.unwrap();
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "read_ready of offset {at} (segment {}, {} bytes at {}) waited {:?}",
+                s.segment.base_offset,
+                s.len,
+                s.position,
+                t.elapsed()
+            );
+            at = s.next_offset;
+        }
+        log.close().await.unwrap();
+    });
+}

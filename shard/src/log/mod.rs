@@ -31,7 +31,10 @@
 //! never visible, so a visible byte range can be handed to sendfile as is.
 //! While readers wait at the end of the log, accepted batches are also
 //! copied into the tail cache ([`crate::tail`]), and reads of the newest
-//! batches are served from its memory files instead of the disk.
+//! batches are served from its memory files instead of the disk. Readers
+//! behind it go through [`PartitionLog::read_ready`], which waits for the
+//! pages without blocking the shard and keeps the partition's read-ahead
+//! ([`crate::readahead`]) ahead of them.
 //!
 //! # Ownership
 //! A `PartitionLog` belongs to the shard (core) that opened it: `Rc` and
@@ -65,6 +68,7 @@ use crate::index::IndexBytes;
 use crate::limits::{CHUNK_BYTES, DIRECT_IO_ALIGN};
 use crate::notify::Notify;
 use crate::producers::ProducerTable;
+use crate::readahead::ReadAhead;
 use crate::rt;
 use crate::segment::{self, FdBudget, Segment, SegmentFiles};
 use crate::tail::{TailCache, TAIL_INTEREST};
@@ -202,6 +206,8 @@ struct Inner {
     space: Notify,
     /// Round writes still to fail on purpose (tests of the retry).
     injected_failures: Cell<u32>,
+    /// The forward readers' read-ahead streams.
+    read_ahead: RefCell<ReadAhead>,
 }
 
 impl Inner {

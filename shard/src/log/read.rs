@@ -1,13 +1,18 @@
 //! The read side: [`ReadSlice`]s of whole batches (a file range for
 //! sendfile, or bytes through the mapping), lookups by offset and by
 //! timestamp, and the wake-up for readers waiting at the end of the log.
+//! [`PartitionLog::read_ready`] is the read for the network path: it never
+//! lets the shard's thread wait for the disk, and drives the read-ahead.
 
 use super::PartitionLog;
 use crate::error::{Error, Result};
+use crate::limits::{DIRECT_IO_ALIGN, INDEX_INTERVAL_BYTES};
+use crate::readahead::Advice;
 use crate::rt;
 use crate::segment::{Segment, SegmentFiles};
 use crate::tail::TailBlock;
 use std::rc::Rc;
+use std::time::Duration;
 
 /// Longest pause between residency checks while a slice is read into the
 /// page cache: short, since a fresh block arrives in ~70-140 us and every
@@ -92,7 +97,122 @@ impl ReadSlice {
     }
 }
 
+/// Waits, without blocking the shard, until `[start, end)` of `files` is
+/// in the page cache or `wait_max` has passed. `advised_from` is where the
+/// advice issued for this read begins: a hole before it (pages advised
+/// long ago and reclaimed since, say) is advised again here.
+async fn wait_resident(
+    files: &Rc<SegmentFiles>,
+    start: u64,
+    end: u64,
+    advised_from: u64,
+    wait_max: Duration,
+) {
+    let mut at = files.resident_until(start, end);
+    if at >= end {
+        return;
+    }
+    if at < advised_from {
+        Advice::new(files.clone(), at, advised_from.min(end)).issue();
+    }
+    let deadline = rt::now() + wait_max;
+    let mut pause = Duration::from_micros(20);
+    loop {
+        rt::sleep(pause).await;
+        at = files.resident_until(at, end);
+        if at >= end || rt::now() >= deadline {
+            return;
+        }
+        pause = (pause * 2).min(RESIDENT_POLL_MAX);
+    }
+}
+
 impl PartitionLog {
+    /// [`Self::read`] without waiting for the disk on the shard's thread.
+    ///
+    /// The pages the read will touch (its batch headers and the bytes a
+    /// sendfile of the slice copies) are first brought into the page cache,
+    /// waiting by polling (other tasks run meanwhile) for at most
+    /// `wait_max`; only then are the headers walked. Each call also keeps
+    /// the partition's read-ahead ([`crate::readahead`]) a window ahead of
+    /// this reader, so a forward reader mostly finds its pages there
+    /// already. Reads at the end of the log and from the tail cache never
+    /// wait. Past `wait_max` the read goes ahead anyway (and may then wait
+    /// for the disk in a page fault or in sendfile).
+    pub async fn read_ready(
+        &self,
+        from: u64,
+        max_bytes: u64,
+        wait_max: Duration,
+    ) -> Result<ReadSlice> {
+        if let Some(plan) = self.plan_read(from, max_bytes) {
+            let (files, start, end, advised_from) = plan;
+            wait_resident(&files, start, end, advised_from, wait_max).await;
+        }
+        self.read(from, max_bytes)
+    }
+
+    /// The segment bytes a read of `from` would touch, if it reads a
+    /// segment file: the files, the range, and where the advice issued for
+    /// it (read-ahead included) begins. `None` where [`Self::read`] answers
+    /// without the disk (the end of the log, the tail cache) or fails.
+    fn plan_read(&self, from: u64, max_bytes: u64) -> Option<(Rc<SegmentFiles>, u64, u64, u64)> {
+        let st = self.inner.st.borrow();
+        if from >= st.written_next {
+            return None;
+        }
+        let seg = std::iter::once(&st.active)
+            .chain(st.closed.iter().rev())
+            .find(|s| s.base_offset <= from)?
+            .clone();
+        if st.tail.read(seg.base_offset, seg.len(), from, 1).is_some() {
+            return None;
+        }
+        let files = seg.files().ok()?;
+        let rel = u32::try_from(from - seg.base_offset).ok()?;
+        let (_, floor) = files.index().floor_offset(rel);
+        let start = u64::from(floor);
+        // The batch holding `from` starts at most an index interval and a
+        // batch past the floor entry; the slice then covers up to
+        // `max_bytes` (at least one batch) and the next batch's header.
+        let bmax = self.inner.config.batch_bytes_max as u64;
+        let reach = INDEX_INTERVAL_BYTES + bmax + max_bytes.max(bmax) + DIRECT_IO_ALIGN;
+        let end = (start + reach).min(seg.len());
+        let mut ra = self.inner.read_ahead.borrow_mut();
+        // A window reaching past a closed segment's end goes on into the
+        // next one, so a reader crossing segments finds its pages there.
+        let next = if end + ra.window_bytes() >= seg.len() {
+            let i = st.closed.iter().position(|s| Rc::ptr_eq(s, &seg));
+            i.map(|i| st.closed.get(i + 1).unwrap_or(&st.active).clone())
+        } else {
+            None
+        };
+        drop(st);
+        let advice = ra.on_read(&seg, &files, start, end);
+        let advised_from = match advice {
+            Some(a) => {
+                let from = a.start();
+                a.issue();
+                from
+            }
+            None => end,
+        };
+        if let Some(next) = next {
+            if let Ok(next_files) = next.files() {
+                if let Some(a) = ra.on_read(&next, &next_files, 0, 0) {
+                    a.issue();
+                }
+            }
+        }
+        Some((files, start, end, advised_from))
+    }
+
+    /// Bytes the partition's read-ahead holds advised ahead of its
+    /// readers (they count in the shard's [`crate::ReadAheadBudget`]).
+    pub fn read_ahead_bytes(&self) -> u64 {
+        self.inner.read_ahead.borrow().ahead_bytes()
+    }
+
     /// Waits until an offset at or past `offset` is readable (or the log
     /// closes). Long-polling is the broker's job; this is its wake-up.
     pub async fn wait_for_data(&self, offset: u64) {

@@ -21,6 +21,7 @@ use crate::index::{IndexBytes, SegmentIndex};
 use crate::limits::DIRECT_IO_ALIGN;
 use crate::notify::Notify;
 use crate::producers::ProducerTable;
+use crate::readahead::{ReadAhead, ReadAheadBudget};
 use crate::rt;
 use crate::segment::{self, FdBudget, Segment, SegmentFiles};
 use crate::tail::TailCache;
@@ -528,6 +529,7 @@ impl PartitionLog {
             wake_writer: Notify::default(),
             space: Notify::default(),
             injected_failures: Cell::new(0),
+            read_ahead: RefCell::new(ReadAhead::new(ReadAheadBudget::shard_default())),
         });
         rt::spawn_detached(writer_loop(inner.clone()));
         if let SyncMode::Interval(d) = inner.config.sync {

@@ -40,6 +40,8 @@ impl PartitionLog {
                 })
                 .collect();
             durable::remove_files(dir, paths).await?;
+            let start = self.start_offset();
+            self.inner.read_ahead.borrow_mut().forget_before(start);
             for seg in &deleted {
                 seg.retire();
                 tracing::info!(segment = %seg.path.display(), "retention deleted segment");
