@@ -46,6 +46,15 @@ pub struct StorageArgs {
     /// Also time reopening after a clean close and after SIGKILL.
     #[arg(long)]
     reopen: bool,
+    /// Then read the log back from its start, right after writing it (a
+    /// consumer catching up: nothing is in the page cache, appends bypass
+    /// it), as the broker does: `read_ready` slices sent with sendfile (to
+    /// /dev/null here, so only the storage side is measured).
+    #[arg(long)]
+    read_back: bool,
+    /// Bytes per read-back slice (a fetch's max_bytes).
+    #[arg(long, default_value_t = 4 << 20)]
+    read_bytes: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -72,6 +81,14 @@ struct ReopenMs {
 }
 
 #[derive(Serialize)]
+struct ReadBack {
+    mib_per_s: f64,
+    seconds: f64,
+    /// Time to a resident slice, per read.
+    wait_us: Percentiles,
+}
+
+#[derive(Serialize)]
 struct StorageReport {
     mode: &'static str,
     mib_per_s: f64,
@@ -83,6 +100,8 @@ struct StorageReport {
     latency_us: Percentiles,
     #[serde(skip_serializing_if = "Option::is_none")]
     reopen_ms: Option<ReopenMs>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read_back: Option<ReadBack>,
     settings: serde_json::Value,
 }
 
@@ -193,6 +212,12 @@ pub fn run(a: StorageArgs) -> Result<(), String> {
         Ok::<_, String>((h, secs))
     })??;
     let bytes = total_batches * batch_len;
+    let read_back = if a.read_back {
+        let cfg = log_config(a.sync, a.segment_bytes, a.batch_bytes);
+        Some(read_back(a.dir.clone(), cfg, a.core, a.read_bytes)?)
+    } else {
+        None
+    };
     let reopen_ms = if a.reopen { Some(reopen(&a)?) } else { None };
     let report = StorageReport {
         mode: "storage",
@@ -204,6 +229,7 @@ pub fn run(a: StorageArgs) -> Result<(), String> {
         seconds: secs,
         latency_us: Percentiles::of(&hist),
         reopen_ms,
+        read_back,
         settings: serde_json::json!({
             "sync": a.sync.to_string(), "batch_bytes": a.batch_bytes, "record_bytes": a.record_bytes,
             "appenders": appenders, "segment_bytes": a.segment_bytes, "dir": a.dir, "core": a.core,
@@ -224,6 +250,14 @@ pub fn run(a: StorageArgs) -> Result<(), String> {
             report.mib_per_s, report.batches_per_s, report.msgs_per_s, bytes, secs
         );
         println!("  append latency  {}", report.latency_us.table_row());
+        if let Some(r) = &report.read_back {
+            println!(
+                "  read back: {:.1} MiB/s in {:.2} s; wait per slice {}",
+                r.mib_per_s,
+                r.seconds,
+                r.wait_us.table_row()
+            );
+        }
         if let Some(r) = &report.reopen_ms {
             println!(
                 "  reopen: clean {:.1} ms, after SIGKILL {:.1} ms",
@@ -232,6 +266,60 @@ pub fn run(a: StorageArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Reads the whole log from its start as a fetching consumer would, each
+/// slice made resident without blocking (`read_ready`) and then sent with
+/// sendfile to /dev/null.
+fn read_back(
+    dir: PathBuf,
+    cfg: LogConfig,
+    core: Option<usize>,
+    read_bytes: u64,
+) -> Result<ReadBack, String> {
+    run_on(core, move || async move {
+        use std::os::fd::AsRawFd;
+        let sink = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| e.to_string())?;
+        let log = PartitionLog::open(&dir, cfg)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut at, end) = (log.start_offset(), log.end_offset());
+        let mut hist = histogram();
+        let (t0, mut bytes) = (Instant::now(), 0u64);
+        while at < end {
+            let s = Instant::now();
+            let slice = log
+                .read_ready(at, read_bytes, Duration::from_millis(100))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = hist.record(s.elapsed().as_micros().max(1) as u64);
+            let mut off = slice.file_position() as libc::off_t;
+            let mut left = slice.len as usize;
+            while left > 0 {
+                // SAFETY: both descriptors are open for the call; `off` is
+                // a local.
+                let n = unsafe {
+                    libc::sendfile(sink.as_raw_fd(), slice.file().as_raw_fd(), &mut off, left)
+                };
+                if n <= 0 {
+                    return Err(format!("sendfile: {}", std::io::Error::last_os_error()));
+                }
+                left -= n as usize;
+            }
+            bytes += slice.len;
+            at = slice.next_offset;
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        log.close().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(ReadBack {
+            mib_per_s: bytes as f64 / seconds / (1024.0 * 1024.0),
+            seconds,
+            wait_us: Percentiles::of(&hist),
+        })
+    })?
 }
 
 fn time_open(dir: PathBuf, cfg: LogConfig, core: Option<usize>) -> Result<(f64, u64), String> {
