@@ -96,7 +96,13 @@ impl Reactor {
                 .unwrap_or_else(|| log.end_offset());
         }
         loop {
-            let slice = log.read(offset, u64::from(p.max_bytes.max(1)))?;
+            // The slice's pages are in memory before its headers are
+            // walked or it is sent, and the partition's read-ahead stays
+            // ahead of this reader (issue 16); the shard never waits for
+            // the disk.
+            let slice = log
+                .read_ready(offset, u64::from(p.max_bytes.max(1)), RESIDENT_WAIT_MAX)
+                .await?;
             let now = rt::now();
             // A slice that stops short of the data already there (at
             // max_bytes, a segment's end or a tail cache block's end) cannot
@@ -110,7 +116,6 @@ impl Reactor {
                 if slice.is_cached() {
                     add(&self.metrics.tail_cache_bytes, slice.len);
                 }
-                slice.make_resident(RESIDENT_WAIT_MAX).await;
                 let ok = FetchOk {
                     high_watermark: slice.high_watermark,
                     log_start_offset: log.start_offset(),
