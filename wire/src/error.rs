@@ -51,6 +51,19 @@ pub enum ErrorCode {
     Timeout = 33,
     ResourceLimit = 34,
     TooManyConnections = 35,
+    /// This broker does not lead the partition; `Response.leader_hint`
+    /// names the leader when known.
+    NotLeader = 36,
+    /// The partition has no live leader right now.
+    LeaderNotAvailable = 37,
+    /// Fewer in-sync replicas than the topic's `min_insync_replicas`.
+    NotEnoughReplicas = 38,
+    /// The cluster cannot answer now: ZooKeeper unreachable or no
+    /// controller.
+    ClusterUnavailable = 39,
+    /// A request (or a replica) names a leader epoch older than the
+    /// partition's current one.
+    FencedLeaderEpoch = 40,
 }
 
 impl ErrorCode {
@@ -79,6 +92,11 @@ impl ErrorCode {
             33 => Timeout,
             34 => ResourceLimit,
             35 => TooManyConnections,
+            36 => NotLeader,
+            37 => LeaderNotAvailable,
+            38 => NotEnoughReplicas,
+            39 => ClusterUnavailable,
+            40 => FencedLeaderEpoch,
             _ => Unknown,
         }
     }
@@ -89,6 +107,10 @@ impl ErrorCode {
             self,
             ErrorCode::ShuttingDown
                 | ErrorCode::NotOwner
+                | ErrorCode::NotLeader
+                | ErrorCode::LeaderNotAvailable
+                | ErrorCode::NotEnoughReplicas
+                | ErrorCode::ClusterUnavailable
                 | ErrorCode::Timeout
                 | ErrorCode::StorageError
         )

@@ -1192,6 +1192,9 @@ impl<'a> PartitionInfo<'a> {
   pub const VT_LEADER_EPOCH: ::flatbuffers::VOffsetT = 10;
   pub const VT_LOG_START_OFFSET: ::flatbuffers::VOffsetT = 12;
   pub const VT_HIGH_WATERMARK: ::flatbuffers::VOffsetT = 14;
+  pub const VT_REPLICAS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_ISR: ::flatbuffers::VOffsetT = 18;
+  pub const VT_OFFLINE: ::flatbuffers::VOffsetT = 20;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1200,15 +1203,18 @@ impl<'a> PartitionInfo<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args PartitionInfoArgs
+    args: &'args PartitionInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<PartitionInfo<'bldr>> {
     let mut builder = PartitionInfoBuilder::new(_fbb);
     builder.add_high_watermark(args.high_watermark);
     builder.add_log_start_offset(args.log_start_offset);
+    if let Some(x) = args.isr { builder.add_isr(x); }
+    if let Some(x) = args.replicas { builder.add_replicas(x); }
     builder.add_leader_epoch(args.leader_epoch);
     builder.add_leader_broker(args.leader_broker);
     builder.add_partition(args.partition);
     builder.add_shard(args.shard);
+    builder.add_offline(args.offline);
     builder.finish()
   }
 
@@ -1255,6 +1261,27 @@ impl<'a> PartitionInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(PartitionInfo::VT_HIGH_WATERMARK, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn replicas(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(PartitionInfo::VT_REPLICAS, None)}
+  }
+  #[inline]
+  pub fn isr(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(PartitionInfo::VT_ISR, None)}
+  }
+  #[inline]
+  pub fn offline(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(PartitionInfo::VT_OFFLINE, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PartitionInfo<'_> {
@@ -1269,19 +1296,25 @@ impl ::flatbuffers::Verifiable for PartitionInfo<'_> {
      .visit_field::<u32>("leader_epoch", Self::VT_LEADER_EPOCH, false)?
      .visit_field::<u64>("log_start_offset", Self::VT_LOG_START_OFFSET, false)?
      .visit_field::<u64>("high_watermark", Self::VT_HIGH_WATERMARK, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("replicas", Self::VT_REPLICAS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("isr", Self::VT_ISR, false)?
+     .visit_field::<bool>("offline", Self::VT_OFFLINE, false)?
      .finish();
     Ok(())
   }
 }
-pub struct PartitionInfoArgs {
+pub struct PartitionInfoArgs<'a> {
     pub partition: u32,
     pub leader_broker: u32,
     pub shard: u16,
     pub leader_epoch: u32,
     pub log_start_offset: u64,
     pub high_watermark: u64,
+    pub replicas: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub isr: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub offline: bool,
 }
-impl<'a> Default for PartitionInfoArgs {
+impl<'a> Default for PartitionInfoArgs<'a> {
   #[inline]
   fn default() -> Self {
     PartitionInfoArgs {
@@ -1291,6 +1324,9 @@ impl<'a> Default for PartitionInfoArgs {
       leader_epoch: 0,
       log_start_offset: 0,
       high_watermark: 0,
+      replicas: None,
+      isr: None,
+      offline: false,
     }
   }
 }
@@ -1325,6 +1361,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PartitionInfoBuilder<'a, 'b, 
     self.fbb_.push_slot::<u64>(PartitionInfo::VT_HIGH_WATERMARK, high_watermark, 0);
   }
   #[inline]
+  pub fn add_replicas(&mut self, replicas: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionInfo::VT_REPLICAS, replicas);
+  }
+  #[inline]
+  pub fn add_isr(&mut self, isr: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionInfo::VT_ISR, isr);
+  }
+  #[inline]
+  pub fn add_offline(&mut self, offline: bool) {
+    self.fbb_.push_slot::<bool>(PartitionInfo::VT_OFFLINE, offline, false);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PartitionInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PartitionInfoBuilder {
@@ -1348,6 +1396,9 @@ impl ::core::fmt::Debug for PartitionInfo<'_> {
       ds.field("leader_epoch", &self.leader_epoch());
       ds.field("log_start_offset", &self.log_start_offset());
       ds.field("high_watermark", &self.high_watermark());
+      ds.field("replicas", &self.replicas());
+      ds.field("isr", &self.isr());
+      ds.field("offline", &self.offline());
       ds.finish()
   }
 }
@@ -1587,6 +1638,7 @@ impl<'a> BrokerInfo<'a> {
   pub const VT_PORT: ::flatbuffers::VOffsetT = 8;
   pub const VT_SHARD_PORTS: ::flatbuffers::VOffsetT = 10;
   pub const VT_VERSION: ::flatbuffers::VOffsetT = 12;
+  pub const VT_RACK: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1598,6 +1650,7 @@ impl<'a> BrokerInfo<'a> {
     args: &'args BrokerInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<BrokerInfo<'bldr>> {
     let mut builder = BrokerInfoBuilder::new(_fbb);
+    if let Some(x) = args.rack { builder.add_rack(x); }
     if let Some(x) = args.version { builder.add_version(x); }
     if let Some(x) = args.shard_ports { builder.add_shard_ports(x); }
     if let Some(x) = args.host { builder.add_host(x); }
@@ -1642,6 +1695,13 @@ impl<'a> BrokerInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(BrokerInfo::VT_VERSION, None)}
   }
+  #[inline]
+  pub fn rack(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(BrokerInfo::VT_RACK, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for BrokerInfo<'_> {
@@ -1655,6 +1715,7 @@ impl ::flatbuffers::Verifiable for BrokerInfo<'_> {
      .visit_field::<u16>("port", Self::VT_PORT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u16>>>("shard_ports", Self::VT_SHARD_PORTS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("version", Self::VT_VERSION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("rack", Self::VT_RACK, false)?
      .finish();
     Ok(())
   }
@@ -1665,6 +1726,7 @@ pub struct BrokerInfoArgs<'a> {
     pub port: u16,
     pub shard_ports: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u16>>>,
     pub version: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub rack: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for BrokerInfoArgs<'a> {
   #[inline]
@@ -1675,6 +1737,7 @@ impl<'a> Default for BrokerInfoArgs<'a> {
       port: 0,
       shard_ports: None,
       version: None,
+      rack: None,
     }
   }
 }
@@ -1705,6 +1768,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BrokerInfoBuilder<'a, 'b, A> 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BrokerInfo::VT_VERSION, version);
   }
   #[inline]
+  pub fn add_rack(&mut self, rack: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BrokerInfo::VT_RACK, rack);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BrokerInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     BrokerInfoBuilder {
@@ -1727,6 +1794,7 @@ impl ::core::fmt::Debug for BrokerInfo<'_> {
       ds.field("port", &self.port());
       ds.field("shard_ports", &self.shard_ports());
       ds.field("version", &self.version());
+      ds.field("rack", &self.rack());
       ds.finish()
   }
 }
@@ -1844,6 +1912,9 @@ impl<'a> ::flatbuffers::Follow<'a> for MetadataResponse<'a> {
 impl<'a> MetadataResponse<'a> {
   pub const VT_BROKERS: ::flatbuffers::VOffsetT = 4;
   pub const VT_TOPICS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CLUSTER: ::flatbuffers::VOffsetT = 8;
+  pub const VT_CONTROLLER_ID: ::flatbuffers::VOffsetT = 10;
+  pub const VT_CONTROLLER_EPOCH: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1855,6 +1926,9 @@ impl<'a> MetadataResponse<'a> {
     args: &'args MetadataResponseArgs<'args>
   ) -> ::flatbuffers::WIPOffset<MetadataResponse<'bldr>> {
     let mut builder = MetadataResponseBuilder::new(_fbb);
+    builder.add_controller_epoch(args.controller_epoch);
+    builder.add_controller_id(args.controller_id);
+    if let Some(x) = args.cluster { builder.add_cluster(x); }
     if let Some(x) = args.topics { builder.add_topics(x); }
     if let Some(x) = args.brokers { builder.add_brokers(x); }
     builder.finish()
@@ -1875,6 +1949,27 @@ impl<'a> MetadataResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopicInfo>>>>(MetadataResponse::VT_TOPICS, None)}
   }
+  #[inline]
+  pub fn cluster(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(MetadataResponse::VT_CLUSTER, None)}
+  }
+  #[inline]
+  pub fn controller_id(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(MetadataResponse::VT_CONTROLLER_ID, Some(-1)).unwrap()}
+  }
+  #[inline]
+  pub fn controller_epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(MetadataResponse::VT_CONTROLLER_EPOCH, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
@@ -1885,6 +1980,9 @@ impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<BrokerInfo>>>>("brokers", Self::VT_BROKERS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<TopicInfo>>>>("topics", Self::VT_TOPICS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("cluster", Self::VT_CLUSTER, false)?
+     .visit_field::<i32>("controller_id", Self::VT_CONTROLLER_ID, false)?
+     .visit_field::<u64>("controller_epoch", Self::VT_CONTROLLER_EPOCH, false)?
      .finish();
     Ok(())
   }
@@ -1892,6 +1990,9 @@ impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
 pub struct MetadataResponseArgs<'a> {
     pub brokers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<BrokerInfo<'a>>>>>,
     pub topics: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopicInfo<'a>>>>>,
+    pub cluster: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub controller_id: i32,
+    pub controller_epoch: u64,
 }
 impl<'a> Default for MetadataResponseArgs<'a> {
   #[inline]
@@ -1899,6 +2000,9 @@ impl<'a> Default for MetadataResponseArgs<'a> {
     MetadataResponseArgs {
       brokers: None,
       topics: None,
+      cluster: None,
+      controller_id: -1,
+      controller_epoch: 0,
     }
   }
 }
@@ -1915,6 +2019,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MetadataResponseBuilder<'a, '
   #[inline]
   pub fn add_topics(&mut self, topics: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<TopicInfo<'b >>>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MetadataResponse::VT_TOPICS, topics);
+  }
+  #[inline]
+  pub fn add_cluster(&mut self, cluster: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MetadataResponse::VT_CLUSTER, cluster);
+  }
+  #[inline]
+  pub fn add_controller_id(&mut self, controller_id: i32) {
+    self.fbb_.push_slot::<i32>(MetadataResponse::VT_CONTROLLER_ID, controller_id, -1);
+  }
+  #[inline]
+  pub fn add_controller_epoch(&mut self, controller_epoch: u64) {
+    self.fbb_.push_slot::<u64>(MetadataResponse::VT_CONTROLLER_EPOCH, controller_epoch, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MetadataResponseBuilder<'a, 'b, A> {
@@ -1936,6 +2052,9 @@ impl ::core::fmt::Debug for MetadataResponse<'_> {
     let mut ds = f.debug_struct("MetadataResponse");
       ds.field("brokers", &self.brokers());
       ds.field("topics", &self.topics());
+      ds.field("cluster", &self.cluster());
+      ds.field("controller_id", &self.controller_id());
+      ds.field("controller_epoch", &self.controller_epoch());
       ds.finish()
   }
 }
@@ -4062,6 +4181,153 @@ impl ::core::fmt::Debug for Request<'_> {
       ds.finish()
   }
 }
+pub enum LeaderHintOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct LeaderHint<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for LeaderHint<'a> {
+  type Inner = LeaderHint<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> LeaderHint<'a> {
+  pub const VT_BROKER_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_HOST: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PORT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LEADER_EPOCH: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    LeaderHint { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args LeaderHintArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<LeaderHint<'bldr>> {
+    let mut builder = LeaderHintBuilder::new(_fbb);
+    builder.add_leader_epoch(args.leader_epoch);
+    if let Some(x) = args.host { builder.add_host(x); }
+    builder.add_broker_id(args.broker_id);
+    builder.add_port(args.port);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn broker_id(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(LeaderHint::VT_BROKER_ID, Some(-1)).unwrap()}
+  }
+  #[inline]
+  pub fn host(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(LeaderHint::VT_HOST, None)}
+  }
+  #[inline]
+  pub fn port(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(LeaderHint::VT_PORT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn leader_epoch(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(LeaderHint::VT_LEADER_EPOCH, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for LeaderHint<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<i32>("broker_id", Self::VT_BROKER_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("host", Self::VT_HOST, false)?
+     .visit_field::<u16>("port", Self::VT_PORT, false)?
+     .visit_field::<u32>("leader_epoch", Self::VT_LEADER_EPOCH, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct LeaderHintArgs<'a> {
+    pub broker_id: i32,
+    pub host: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub port: u16,
+    pub leader_epoch: u32,
+}
+impl<'a> Default for LeaderHintArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    LeaderHintArgs {
+      broker_id: -1,
+      host: None,
+      port: 0,
+      leader_epoch: 0,
+    }
+  }
+}
+
+pub struct LeaderHintBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> LeaderHintBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_broker_id(&mut self, broker_id: i32) {
+    self.fbb_.push_slot::<i32>(LeaderHint::VT_BROKER_ID, broker_id, -1);
+  }
+  #[inline]
+  pub fn add_host(&mut self, host: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(LeaderHint::VT_HOST, host);
+  }
+  #[inline]
+  pub fn add_port(&mut self, port: u16) {
+    self.fbb_.push_slot::<u16>(LeaderHint::VT_PORT, port, 0);
+  }
+  #[inline]
+  pub fn add_leader_epoch(&mut self, leader_epoch: u32) {
+    self.fbb_.push_slot::<u32>(LeaderHint::VT_LEADER_EPOCH, leader_epoch, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> LeaderHintBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    LeaderHintBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<LeaderHint<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for LeaderHint<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("LeaderHint");
+      ds.field("broker_id", &self.broker_id());
+      ds.field("host", &self.host());
+      ds.field("port", &self.port());
+      ds.field("leader_epoch", &self.leader_epoch());
+      ds.finish()
+  }
+}
 pub enum ResponseOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -4083,6 +4349,7 @@ impl<'a> Response<'a> {
   pub const VT_ERROR_MESSAGE: ::flatbuffers::VOffsetT = 8;
   pub const VT_BODY_TYPE: ::flatbuffers::VOffsetT = 10;
   pub const VT_BODY: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LEADER_HINT: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4094,6 +4361,7 @@ impl<'a> Response<'a> {
     args: &'args ResponseArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Response<'bldr>> {
     let mut builder = ResponseBuilder::new(_fbb);
+    if let Some(x) = args.leader_hint { builder.add_leader_hint(x); }
     if let Some(x) = args.body { builder.add_body(x); }
     if let Some(x) = args.error_message { builder.add_error_message(x); }
     builder.add_correlation_id(args.correlation_id);
@@ -4137,6 +4405,13 @@ impl<'a> Response<'a> {
     // Created from valid Table for this object
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Table<'a>>>(Response::VT_BODY, None)}
+  }
+  #[inline]
+  pub fn leader_hint(&self) -> Option<LeaderHint<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<LeaderHint>>(Response::VT_LEADER_HINT, None)}
   }
   #[inline]
   #[allow(non_snake_case)]
@@ -4346,6 +4621,7 @@ impl ::flatbuffers::Verifiable for Response<'_> {
           _ => Ok(()),
         }
      })?
+     .visit_field::<::flatbuffers::ForwardsUOffset<LeaderHint>>("leader_hint", Self::VT_LEADER_HINT, false)?
      .finish();
     Ok(())
   }
@@ -4356,6 +4632,7 @@ pub struct ResponseArgs<'a> {
     pub error_message: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub body_type: ResponseBody,
     pub body: Option<::flatbuffers::WIPOffset<::flatbuffers::UnionWIPOffset>>,
+    pub leader_hint: Option<::flatbuffers::WIPOffset<LeaderHint<'a>>>,
 }
 impl<'a> Default for ResponseArgs<'a> {
   #[inline]
@@ -4366,6 +4643,7 @@ impl<'a> Default for ResponseArgs<'a> {
       error_message: None,
       body_type: ResponseBody::NONE,
       body: None,
+      leader_hint: None,
     }
   }
 }
@@ -4394,6 +4672,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ResponseBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_body(&mut self, body: ::flatbuffers::WIPOffset<::flatbuffers::UnionWIPOffset>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Response::VT_BODY, body);
+  }
+  #[inline]
+  pub fn add_leader_hint(&mut self, leader_hint: ::flatbuffers::WIPOffset<LeaderHint<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<LeaderHint>>(Response::VT_LEADER_HINT, leader_hint);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ResponseBuilder<'a, 'b, A> {
@@ -4507,6 +4789,7 @@ impl ::core::fmt::Debug for Response<'_> {
           ds.field("body", &x)
         },
       };
+      ds.field("leader_hint", &self.leader_hint());
       ds.finish()
   }
 }
