@@ -162,7 +162,7 @@ struct State {
     cluster: Option<FakeCluster>,
     topics: Vec<(String, u32)>,
     fetches: Vec<(u32, u16)>,
-    subscribes: Vec<(u32, u16)>,
+    subscribes: Vec<(u32, u16, u64)>,
     shard_ports: Vec<u16>,
     produce_mode: Option<ProduceMode>,
     produces: Vec<ProduceCall>,
@@ -265,6 +265,10 @@ impl FakeBroker {
         {
             t.abort();
         }
+        // The connections' writers end with the last sender of their queue.
+        let mut st = lock(&self.state);
+        st.subs.clear();
+        st.held.clear();
     }
 
     /// Serves on `listener` too (a shard port).
@@ -282,8 +286,8 @@ impl FakeBroker {
         lock(&self.state).fetches.clone()
     }
 
-    /// Subscribes seen: (partition, port it arrived on).
-    pub fn subscribes(&self) -> Vec<(u32, u16)> {
+    /// Subscribes seen: (partition, port it arrived on, offset).
+    pub fn subscribes(&self) -> Vec<(u32, u16, u64)> {
         lock(&self.state).subscribes.clone()
     }
 
@@ -358,6 +362,11 @@ impl FakeBroker {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         panic!("expected {n} held produces, have {}", self.held());
+    }
+
+    /// Subscriptions made so far (their ids are 1, 2, ...).
+    pub fn subscriptions(&self) -> usize {
+        lock(&self.state).subs.len()
     }
 
     /// Sends a push of `payload` for `subscription`.
@@ -482,14 +491,16 @@ type Listed = (u32, u16, Vec<u16>, Option<String>);
 /// One partition as metadata lists it: leader, shard, epoch, replicas,
 /// ISR, offline.
 type ListedPartition = (u32, u16, u32, Vec<u32>, Vec<u32>, bool);
+/// What one metadata answer says: brokers, topics, cluster, controller.
+type Listing = (
+    Vec<Listed>,
+    Vec<(String, Vec<ListedPartition>)>,
+    Option<String>,
+    Option<(u32, u64)>,
+);
 
 fn metadata(corr: u32, st: &State, port: u16) -> Vec<u8> {
-    let (brokers, topics, cluster, controller): (
-        Vec<Listed>,
-        Vec<(String, Vec<ListedPartition>)>,
-        Option<String>,
-        Option<(u32, u64)>,
-    ) = match &st.cluster {
+    let (brokers, topics, cluster, controller): Listing = match &st.cluster {
         None => (
             vec![(0, port, st.shard_ports.clone(), None)],
             st.topics
@@ -770,7 +781,7 @@ async fn serve(s: tokio::net::TcpStream, st: Arc<Mutex<State>>) {
             not_leader(corr, &st, f.topic().unwrap_or(""), f.partition())
                 .or_else(|| Some(fetch_ok(corr, f.offset())))
         } else if let Some(s) = req.body_as_subscribe_request() {
-            st.subscribes.push((s.partition(), port));
+            st.subscribes.push((s.partition(), port, s.offset()));
             not_leader(corr, &st, s.topic().unwrap_or(""), s.partition()).or_else(|| {
                 let id = st.subs.len() as u64 + 1;
                 st.subs.insert(id, out.clone());

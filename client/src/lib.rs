@@ -35,6 +35,8 @@
 
 pub mod cli;
 pub mod client;
+#[cfg(test)]
+mod cluster_tests;
 pub mod connection;
 pub mod consumer;
 pub mod discovery;
