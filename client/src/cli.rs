@@ -1,7 +1,14 @@
 //! The client commands of the `shoal` binary (L4): `shoal topic ...`,
-//! `produce`, `consume`, `metrics`. They live with the client they are
-//! built on; the binary in `shoal-core` only parses flags and calls them,
-//! each on a small current-thread tokio runtime of its own.
+//! `produce`, `consume`, `metrics`, `cluster status`. They live with the
+//! client they are built on; the binary in `shoal-core` only parses flags
+//! and calls them, each on a small current-thread tokio runtime of its own.
+//!
+//! Every command reaches the cluster through an [`Endpoint`]: `--broker`
+//! (`host:port`, `host:port,host:port,...` or
+//! `zk://host:port[,host:port][/chroot][?cluster=NAME]`) and
+//! `--discovery-cache PATH|off` (else `$SHOAL_DISCOVERY_CACHE`, else the
+//! user's cache directory). With `--json`, `cluster status` and `topic
+//! describe` print exactly one JSON object on stdout.
 //!
 //! Output goes through [`Out`], never `println!`: a reader that goes away
 //! early (`shoal topic list | head -1`) closes the pipe, and the command
@@ -9,10 +16,33 @@
 //! panicking on the failed write.
 
 use crate::{
-    Acks, Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig, StartAt, TopicInfo,
+    Acks, Client, ClientConfig, ClusterInfo, Consumer, ConsumerConfig, DiscoveryCache,
+    DiscoverySource, NewTopic, Producer, ProducerConfig, StartAt, TopicInfo,
 };
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::time::Duration;
+
+/// Where the commands find the cluster.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The bootstrap string ([`Client::connect`]).
+    pub broker: String,
+    pub discovery_cache: DiscoveryCache,
+}
+
+impl Endpoint {
+    /// `discovery_cache`: a path, or `off`; `None` for the default (see
+    /// [`DiscoveryCache::Default`]).
+    pub fn new(broker: &str, discovery_cache: Option<&str>) -> Endpoint {
+        Endpoint {
+            broker: broker.to_string(),
+            discovery_cache: discovery_cache
+                .map_or(DiscoveryCache::Default, DiscoveryCache::from_setting),
+        }
+    }
+}
 
 /// Why a command stopped before its end.
 #[derive(Debug)]
@@ -77,32 +107,46 @@ fn rt() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
-async fn connect(broker: &str) -> Result<Client, String> {
-    Client::connect(broker)
+async fn connect(to: &Endpoint) -> Result<Client, String> {
+    let config = ClientConfig {
+        discovery_cache: to.discovery_cache.clone(),
+        ..ClientConfig::default()
+    };
+    let c = Client::connect_with_config(&to.broker, config)
         .await
-        .map_err(|e| format!("cannot reach the broker at {broker}: {e}"))
+        .map_err(|e| format!("cannot reach the cluster at {}: {e}", to.broker))?;
+    if let Some(DiscoverySource::Cache(path)) = c.discovery_source() {
+        eprintln!(
+            "shoal: {} unreachable; using the brokers cached in {}",
+            to.broker,
+            path.display()
+        );
+    }
+    Ok(c)
 }
 
 fn fmt_opt(v: Option<u64>) -> String {
     v.map_or("-".into(), |v| v.to_string())
 }
 
-pub fn topic_create(broker: &str, t: NewTopic) -> Result<(), String> {
+pub fn topic_create(to: &Endpoint, t: NewTopic) -> Result<(), String> {
     finish(rt()?.block_on(async {
-        let c = connect(broker).await?;
+        let c = connect(to).await?;
         c.create_topic(&t).await.map_err(|e| e.to_string())?;
         let mut out = stdout();
         out.line(format_args!(
-            "created topic {} with {} partitions",
-            t.name, t.partitions
+            "created topic {} with {} partitions (replication {})",
+            t.name,
+            t.partitions,
+            t.replication_factor.max(1)
         ))?;
         out.flush()
     }))
 }
 
-pub fn topic_list(broker: &str) -> Result<(), String> {
+pub fn topic_list(to: &Endpoint) -> Result<(), String> {
     finish(rt()?.block_on(async {
-        let c = connect(broker).await?;
+        let c = connect(to).await?;
         let topics = c.list_topics().await.map_err(|e| e.to_string())?;
         print_topic_list(&mut stdout(), &topics)
     }))
@@ -120,36 +164,284 @@ fn print_topic_list<W: Write>(out: &mut Out<W>, topics: &[TopicInfo]) -> Result<
     out.flush()
 }
 
-pub fn topic_describe(broker: &str, name: &str) -> Result<(), String> {
+/// `shoal topic describe NAME [--json]`: per partition its leader, leader
+/// epoch, replicas, in-sync replicas, offline or not, owning shard and
+/// offsets (each from its leader).
+pub fn topic_describe(to: &Endpoint, name: &str, json: bool) -> Result<(), String> {
     finish(rt()?.block_on(async {
-        let c = connect(broker).await?;
+        let c = connect(to).await?;
         let t = c.describe_topic(name).await.map_err(|e| e.to_string())?;
-        print_topic(&mut stdout(), &t)
+        if json {
+            print_json(&mut stdout(), &topic_json(&t))
+        } else {
+            print_topic(&mut stdout(), &t)
+        }
     }))
+}
+
+fn ids(v: &[u32]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 fn print_topic<W: Write>(out: &mut Out<W>, t: &TopicInfo) -> Result<(), Stop> {
     out.line(format_args!(
-        "topic {}  partitions={}  replication=1  sync={}  retention_ms={}  retention_bytes={}  segment_bytes={}",
+        "topic {}  partitions={}  replication={}  sync={}  retention_ms={}  retention_bytes={}  segment_bytes={}",
         t.name,
         t.partitions.len(),
+        t.replication_factor,
         t.sync,
         fmt_opt(t.retention_ms),
         fmt_opt(t.retention_bytes),
         t.segment_bytes
     ))?;
     for p in &t.partitions {
+        let leader = if p.offline {
+            "none".to_string()
+        } else {
+            p.leader_broker.to_string()
+        };
         out.line(format_args!(
-            "  partition {}\tshard={}\tstart={}\tend={}",
-            p.partition, p.shard, p.log_start_offset, p.high_watermark
+            "  partition {}\tleader={}\tepoch={}\treplicas={}\tisr={}\tshard={}\tstart={}\tend={}{}",
+            p.partition,
+            leader,
+            p.leader_epoch,
+            ids(&p.replicas),
+            ids(&p.isr),
+            p.shard,
+            p.log_start_offset,
+            p.high_watermark,
+            if p.offline { "\tOFFLINE" } else { "" }
         ))?;
     }
     out.flush()
 }
 
-pub fn topic_delete(broker: &str, name: &str) -> Result<(), String> {
+fn topic_json(t: &TopicInfo) -> Value {
+    json!({
+        "name": t.name,
+        "topic_id": t.topic_id,
+        "replication_factor": t.replication_factor,
+        "sync": t.sync,
+        "retention_ms": t.retention_ms,
+        "retention_bytes": t.retention_bytes,
+        "segment_bytes": t.segment_bytes,
+        "partitions": t.partitions.iter().map(|p| json!({
+            "partition": p.partition,
+            "leader": (!p.offline).then_some(p.leader_broker),
+            "leader_epoch": p.leader_epoch,
+            "replicas": p.replicas,
+            "isr": p.isr,
+            "offline": p.offline,
+            "shard": p.shard,
+            "log_start_offset": p.log_start_offset,
+            "high_watermark": p.high_watermark,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One JSON object on one line.
+fn print_json<W: Write>(out: &mut Out<W>, v: &Value) -> Result<(), Stop> {
+    out.line(format_args!("{v}"))?;
+    out.flush()
+}
+
+/// `shoal cluster status [--json]`: the cluster's name, its controller,
+/// every broker (live ones from metadata, and brokers that hold replicas
+/// but are not live) with its partition and leader counts, the
+/// under-replicated partitions and the offline ones.
+pub fn cluster_status(to: &Endpoint, json: bool) -> Result<(), String> {
     finish(rt()?.block_on(async {
-        let c = connect(broker).await?;
+        let c = connect(to).await?;
+        let topics = c.list_topics().await.map_err(|e| e.to_string())?;
+        let status = ClusterStatus::new(&c.cluster(), &topics);
+        if json {
+            print_json(&mut stdout(), &status.json())
+        } else {
+            status.print(&mut stdout())
+        }
+    }))
+}
+
+/// One broker's line in `cluster status`.
+#[derive(Debug, Default)]
+struct BrokerRow {
+    live: Option<crate::BrokerInfo>,
+    /// Replicas it holds (on a single node: partitions it leads).
+    partitions: usize,
+    /// Partitions it leads now.
+    leaders: usize,
+}
+
+/// A partition named in `cluster status`.
+#[derive(Debug)]
+struct PartRow {
+    topic: String,
+    partition: u32,
+    leader: Option<u32>,
+    replicas: Vec<u32>,
+    isr: Vec<u32>,
+}
+
+#[derive(Debug)]
+struct ClusterStatus {
+    name: Option<String>,
+    controller: Option<(u32, u64)>,
+    brokers: BTreeMap<u32, BrokerRow>,
+    topics: usize,
+    partitions: usize,
+    under_replicated: Vec<PartRow>,
+    offline: Vec<PartRow>,
+}
+
+impl ClusterStatus {
+    fn new(cluster: &ClusterInfo, topics: &[TopicInfo]) -> ClusterStatus {
+        let mut brokers: BTreeMap<u32, BrokerRow> = cluster
+            .brokers
+            .iter()
+            .map(|b| {
+                (
+                    b.id,
+                    BrokerRow {
+                        live: Some(b.clone()),
+                        ..BrokerRow::default()
+                    },
+                )
+            })
+            .collect();
+        let is_live = |id: u32| cluster.brokers.iter().any(|b| b.id == id);
+        let mut status = ClusterStatus {
+            name: cluster.name.clone(),
+            controller: cluster.controller,
+            brokers: BTreeMap::new(),
+            topics: topics.len(),
+            partitions: 0,
+            under_replicated: Vec::new(),
+            offline: Vec::new(),
+        };
+        for t in topics {
+            for p in &t.partitions {
+                status.partitions += 1;
+                let row = || PartRow {
+                    topic: t.name.clone(),
+                    partition: p.partition,
+                    leader: (!p.offline).then_some(p.leader_broker),
+                    replicas: p.replicas.clone(),
+                    isr: p.isr.clone(),
+                };
+                if p.replicas.is_empty() {
+                    // A single node: the leader holds the only copy.
+                    if !p.offline {
+                        brokers.entry(p.leader_broker).or_default().partitions += 1;
+                    }
+                } else {
+                    for &r in &p.replicas {
+                        brokers.entry(r).or_default().partitions += 1;
+                    }
+                }
+                if p.offline {
+                    status.offline.push(row());
+                } else {
+                    brokers.entry(p.leader_broker).or_default().leaders += 1;
+                }
+                if p.is_under_replicated(is_live) {
+                    status.under_replicated.push(row());
+                }
+            }
+        }
+        status.brokers = brokers;
+        status
+    }
+
+    fn json(&self) -> Value {
+        let parts = |v: &[PartRow]| -> Vec<Value> {
+            v.iter()
+                .map(|p| {
+                    json!({
+                        "topic": p.topic,
+                        "partition": p.partition,
+                        "leader": p.leader,
+                        "replicas": p.replicas,
+                        "isr": p.isr,
+                    })
+                })
+                .collect()
+        };
+        json!({
+            "cluster": self.name,
+            "controller": self.controller.map(|(id, epoch)| json!({"id": id, "epoch": epoch})),
+            "brokers": self.brokers.iter().map(|(id, b)| json!({
+                "id": id,
+                "live": b.live.is_some(),
+                "host": b.live.as_ref().map(|l| l.host.clone()),
+                "port": b.live.as_ref().map(|l| l.port),
+                "shard_ports": b.live.as_ref().map(|l| l.shard_ports.clone()),
+                "rack": b.live.as_ref().and_then(|l| l.rack.clone()),
+                "version": b.live.as_ref().and_then(|l| l.version.clone()),
+                "partitions": b.partitions,
+                "leaders": b.leaders,
+            })).collect::<Vec<_>>(),
+            "topics": self.topics,
+            "partitions": self.partitions,
+            "under_replicated": parts(&self.under_replicated),
+            "offline": parts(&self.offline),
+        })
+    }
+
+    fn print<W: Write>(&self, out: &mut Out<W>) -> Result<(), Stop> {
+        let controller = self
+            .controller
+            .map_or("none".to_string(), |(id, e)| format!("{id} (epoch {e})"));
+        out.line(format_args!(
+            "cluster {}  controller={}  brokers={}  topics={}  partitions={}",
+            self.name.as_deref().unwrap_or("-"),
+            controller,
+            self.brokers.values().filter(|b| b.live.is_some()).count(),
+            self.topics,
+            self.partitions
+        ))?;
+        for (id, b) in &self.brokers {
+            match &b.live {
+                Some(l) => out.line(format_args!(
+                    "broker {id}\tlive\t{}:{}\track={}\tversion={}\tpartitions={}\tleaders={}",
+                    l.host,
+                    l.port,
+                    l.rack.as_deref().unwrap_or("-"),
+                    l.version.as_deref().unwrap_or("-"),
+                    b.partitions,
+                    b.leaders
+                ))?,
+                None => out.line(format_args!(
+                    "broker {id}\tDOWN\t-\track=-\tversion=-\tpartitions={}\tleaders={}",
+                    b.partitions, b.leaders
+                ))?,
+            }
+        }
+        for (title, rows) in [
+            ("under-replicated", &self.under_replicated),
+            ("offline", &self.offline),
+        ] {
+            out.line(format_args!("{title} partitions: {}", rows.len()))?;
+            for p in rows {
+                out.line(format_args!(
+                    "  {}-{}\tleader={}\treplicas={}\tisr={}",
+                    p.topic,
+                    p.partition,
+                    p.leader.map_or("none".to_string(), |l| l.to_string()),
+                    ids(&p.replicas),
+                    ids(&p.isr)
+                ))?;
+            }
+        }
+        out.flush()
+    }
+}
+
+pub fn topic_delete(to: &Endpoint, name: &str) -> Result<(), String> {
+    finish(rt()?.block_on(async {
+        let c = connect(to).await?;
         c.delete_topic(name).await.map_err(|e| e.to_string())?;
         let mut out = stdout();
         out.line(format_args!("deleted topic {name}"))?;
@@ -160,14 +452,14 @@ pub fn topic_delete(broker: &str, name: &str) -> Result<(), String> {
 /// One message per stdin line; exits after stdin closes and every message
 /// is acknowledged.
 pub fn produce(
-    broker: &str,
+    to: &Endpoint,
     topic: &str,
     key: Option<String>,
     partition: Option<u32>,
     acks: Acks,
 ) -> Result<(), String> {
     finish(rt()?.block_on(async {
-        let c = connect(broker).await?;
+        let c = connect(to).await?;
         c.topic(topic).await.map_err(|e| e.to_string())?;
         let p = Producer::new(
             c,
@@ -225,7 +517,7 @@ pub fn produce(
 
 /// One message value per stdout line.
 pub fn consume(
-    broker: &str,
+    to: &Endpoint,
     topic: &str,
     from_beginning: bool,
     count: Option<u64>,
@@ -233,7 +525,7 @@ pub fn consume(
     partition: Option<u32>,
 ) -> Result<(), String> {
     finish(rt()?.block_on(async {
-        let c = connect(broker).await?;
+        let c = connect(to).await?;
         let info = c.topic(topic).await.map_err(|e| e.to_string())?;
         let mut consumer = Consumer::new(
             c.clone(),
@@ -291,9 +583,9 @@ pub fn consume(
     }))
 }
 
-pub fn metrics(broker: &str) -> Result<(), String> {
+pub fn metrics(to: &Endpoint) -> Result<(), String> {
     finish(rt()?.block_on(async {
-        let c = connect(broker).await?;
+        let c = connect(to).await?;
         let metrics = c.metrics().await.map_err(|e| e.to_string())?;
         let mut out = stdout();
         for (k, v) in metrics {
@@ -392,8 +684,132 @@ mod tests {
         let text = String::from_utf8(o.0.taken).expect("utf-8");
         assert_eq!(text.lines().count(), 3);
         assert!(
-            text.contains("  partition 1\tshard=0\tstart=0\tend=10\n"),
+            text.contains(
+                "  partition 1\tleader=0\tepoch=0\treplicas=-\tisr=-\tshard=0\tstart=0\tend=10\n"
+            ),
             "{text}"
         );
+    }
+
+    fn broker(id: u32) -> crate::BrokerInfo {
+        crate::BrokerInfo {
+            id,
+            host: "127.0.0.1".into(),
+            port: 9400 + id as u16 * 10,
+            shard_ports: vec![9401 + id as u16 * 10],
+            version: Some("0.1.0".into()),
+            rack: (id != 2).then(|| format!("r{id}")),
+        }
+    }
+
+    /// Three brokers' worth of replicas with broker 3 gone: partition 0 is
+    /// whole, partition 1 has a replica out of sync, partition 2 has one
+    /// on the dead broker, partition 3 has no leader.
+    fn cluster_topic() -> TopicInfo {
+        let mut t = topic(4);
+        t.replication_factor = 2;
+        let place = [
+            (1, vec![1, 2], vec![1, 2], false),
+            (2, vec![2, 1], vec![2], false),
+            (1, vec![1, 3], vec![1, 3], false),
+            (3, vec![3, 2], vec![3], true),
+        ];
+        for (p, (leader, replicas, isr, offline)) in t.partitions.iter_mut().zip(place) {
+            p.leader_broker = leader;
+            p.replicas = replicas;
+            p.isr = isr;
+            p.offline = offline;
+            p.leader_epoch = 4;
+        }
+        t
+    }
+
+    fn cluster_info() -> ClusterInfo {
+        ClusterInfo {
+            name: Some("prod".into()),
+            controller: Some((2, 9)),
+            brokers: vec![broker(1), broker(2)],
+        }
+    }
+
+    #[test]
+    fn cluster_status_counts_and_flags_partitions() {
+        let st = ClusterStatus::new(&cluster_info(), &[cluster_topic()]);
+        let mut o = out(usize::MAX, ErrorKind::BrokenPipe);
+        st.print(&mut o).expect("written");
+        let text = String::from_utf8(o.0.taken).expect("utf-8");
+        let want = "cluster prod  controller=2 (epoch 9)  brokers=2  topics=1  partitions=4\n\
+            broker 1\tlive\t127.0.0.1:9410\track=r1\tversion=0.1.0\tpartitions=3\tleaders=2\n\
+            broker 2\tlive\t127.0.0.1:9420\track=-\tversion=0.1.0\tpartitions=3\tleaders=1\n\
+            broker 3\tDOWN\t-\track=-\tversion=-\tpartitions=2\tleaders=0\n\
+            under-replicated partitions: 3\n\
+            \x20 orders-1\tleader=2\treplicas=2,1\tisr=2\n\
+            \x20 orders-2\tleader=1\treplicas=1,3\tisr=1,3\n\
+            \x20 orders-3\tleader=none\treplicas=3,2\tisr=3\n\
+            offline partitions: 1\n\
+            \x20 orders-3\tleader=none\treplicas=3,2\tisr=3\n";
+        assert_eq!(text, want);
+    }
+
+    #[test]
+    fn cluster_status_json_is_one_object() {
+        let st = ClusterStatus::new(&cluster_info(), &[cluster_topic()]);
+        let mut o = out(usize::MAX, ErrorKind::BrokenPipe);
+        print_json(&mut o, &st.json()).expect("written");
+        let text = String::from_utf8(o.0.taken).expect("utf-8");
+        assert_eq!(text.lines().count(), 1);
+        let v: Value = serde_json::from_str(&text).expect("one JSON object");
+        assert_eq!(v["cluster"], "prod");
+        assert_eq!(v["controller"], json!({"id": 2, "epoch": 9}));
+        assert_eq!(v["brokers"].as_array().map(Vec::len), Some(3));
+        assert_eq!(v["brokers"][0]["leaders"], 2);
+        assert_eq!(v["brokers"][1]["rack"], Value::Null);
+        assert_eq!(v["brokers"][2]["live"], false);
+        assert_eq!(v["brokers"][2]["partitions"], 2);
+        assert_eq!(v["under_replicated"].as_array().map(Vec::len), Some(3));
+        assert_eq!(v["offline"][0]["partition"], 3);
+        assert_eq!(v["offline"][0]["leader"], Value::Null);
+        assert_eq!(v["partitions"], 4);
+    }
+
+    /// A single node: no replicas listed, nothing under-replicated, every
+    /// partition counted on the one broker, no cluster name.
+    #[test]
+    fn cluster_status_of_a_single_node() {
+        let info = ClusterInfo {
+            name: None,
+            controller: Some((0, 0)),
+            brokers: vec![broker(0)],
+        };
+        let st = ClusterStatus::new(&info, &[topic(3)]);
+        let v = st.json();
+        assert_eq!(v["cluster"], Value::Null);
+        assert_eq!(v["brokers"][0]["partitions"], 3);
+        assert_eq!(v["brokers"][0]["leaders"], 3);
+        assert_eq!(v["under_replicated"], json!([]));
+        assert_eq!(v["offline"], json!([]));
+    }
+
+    #[test]
+    fn topic_describe_shows_leaders_replicas_and_isr() {
+        let t = cluster_topic();
+        let mut o = out(usize::MAX, ErrorKind::BrokenPipe);
+        print_topic(&mut o, &t).expect("written");
+        let text = String::from_utf8(o.0.taken).expect("utf-8");
+        assert!(text.contains("replication=2"), "{text}");
+        assert!(
+            text.contains("  partition 1\tleader=2\tepoch=4\treplicas=2,1\tisr=2\tshard=0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  partition 3\tleader=none\tepoch=4\treplicas=3,2\tisr=3\tshard=0\tstart=0\tend=10\tOFFLINE\n"),
+            "{text}"
+        );
+        let v = topic_json(&t);
+        assert_eq!(v["replication_factor"], 2);
+        assert_eq!(v["partitions"][1]["isr"], json!([2]));
+        assert_eq!(v["partitions"][3]["leader"], Value::Null);
+        assert_eq!(v["partitions"][3]["offline"], true);
+        assert_eq!(v["partitions"][0]["leader"], 1);
     }
 }

@@ -16,9 +16,14 @@ static GLOBAL: MiMalloc = MiMalloc;
     about = "Shoal: a thread-per-core message broker"
 )]
 struct Cli {
-    /// Broker to talk to (client commands).
+    /// Cluster to talk to (client commands): host:port, host:port,host:port,...
+    /// or zk://host:port[,host:port][/chroot][?cluster=NAME].
     #[arg(long, global = true, default_value = "127.0.0.1:9400")]
     broker: String,
+    /// File caching the broker list, used when --broker is unreachable; `off`
+    /// disables it [default: $SHOAL_DISCOVERY_CACHE, else ~/.cache/shoal/].
+    #[arg(long, global = true)]
+    discovery_cache: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,6 +80,22 @@ enum Command {
     },
     /// Print the broker's counters.
     Metrics,
+    /// Cluster-wide views.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Brokers, the controller, partition and leader counts per broker,
+    /// under-replicated and offline partitions.
+    Status {
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +104,9 @@ enum TopicCommand {
         name: String,
         #[arg(long, default_value_t = 1)]
         partitions: u32,
+        /// Copies of each partition, on as many brokers.
+        #[arg(long, default_value_t = 1)]
+        replication: u16,
         /// always | interval:<ms> | none (default: the broker's default_sync)
         #[arg(long)]
         sync: Option<String>,
@@ -96,6 +120,9 @@ enum TopicCommand {
     List,
     Describe {
         name: String,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
     },
     Delete {
         name: String,
@@ -120,7 +147,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let b = &cli.broker;
+    let b = &cli::Endpoint::new(&cli.broker, cli.discovery_cache.as_deref());
     let r = match cli.command {
         Command::Serve {
             listen,
@@ -139,6 +166,7 @@ fn main() {
             TopicCommand::Create {
                 name,
                 partitions,
+                replication,
                 sync,
                 retention_ms,
                 retention_bytes,
@@ -148,6 +176,7 @@ fn main() {
                 shoal_client::NewTopic {
                     name,
                     partitions,
+                    replication_factor: replication,
                     sync,
                     retention_ms,
                     retention_bytes,
@@ -155,7 +184,7 @@ fn main() {
                 },
             ),
             TopicCommand::List => cli::topic_list(b),
-            TopicCommand::Describe { name } => cli::topic_describe(b, &name),
+            TopicCommand::Describe { name, json } => cli::topic_describe(b, &name, json),
             TopicCommand::Delete { name } => cli::topic_delete(b, &name),
         },
         Command::Produce {
@@ -178,6 +207,9 @@ fn main() {
             partition,
         } => cli::consume(b, &topic, from_beginning, count, follow, partition),
         Command::Metrics => cli::metrics(b),
+        Command::Cluster {
+            command: ClusterCommand::Status { json },
+        } => cli::cluster_status(b, json),
     };
     if let Err(e) = r {
         eprintln!("shoal: {e}");
