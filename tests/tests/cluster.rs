@@ -539,3 +539,61 @@ fn zk_create(zk: &ZooKeeper, path: &str, data: &[u8]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A topic deleted through any broker is gone from every broker's
+/// metadata and disk; a broker that was down during the deletion drops
+/// its replicas when it comes back.
+#[test]
+fn deleted_topics_are_removed_everywhere_even_from_a_broker_that_was_down() {
+    let zk = ZooKeeper::start();
+    let mut brokers = cluster(&zk, &[]);
+    let port = brokers[0].port;
+    eventually(Duration::from_secs(10), "brokers", || {
+        metadata(port).ids().len() == 3
+    });
+    assert_eq!(create_topic(port, "gone", 3, 2).0, 0);
+    assert_eq!(create_topic(port, "kept", 3, 1).0, 0);
+    let dirs = |b: &Broker, prefix: &str| -> usize {
+        std::fs::read_dir(b.data_dir().join("topics"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(brokers.iter().map(|b| dirs(b, "gone-")).sum::<usize>(), 6);
+    assert!(dirs(&brokers[2], "gone-") > 0);
+    assert!(brokers[2].terminate());
+    eventually(Duration::from_secs(5), "broker 3 left", || {
+        metadata(port).ids().len() == 2
+    });
+    let h = call(
+        brokers[1].port,
+        raw::request(1, fb::RequestBody::DeleteTopicRequest, |fbb| {
+            let n = fbb.create_string("gone");
+            fb::DeleteTopicRequest::create(fbb, &fb::DeleteTopicRequestArgs { name: Some(n) })
+                .as_union_value()
+        }),
+    );
+    let r = flatbuffers::root::<fb::Response>(&h).unwrap();
+    assert_eq!(r.error_code(), 0, "{:?}", r.error_message());
+    for b in &brokers[..2] {
+        assert_eq!(dirs(b, "gone-"), 0);
+        assert!(metadata(b.port).topics.iter().all(|t| t.0 != "gone"));
+    }
+    brokers[2].restart();
+    eventually(Duration::from_secs(10), "broker 3 back", || {
+        metadata(port).ids().len() == 3
+    });
+    assert_eq!(
+        dirs(&brokers[2], "gone-"),
+        0,
+        "stale replicas dropped on return"
+    );
+    assert!(metadata(brokers[2].port)
+        .topics
+        .iter()
+        .all(|t| t.0 != "gone"));
+    assert_eq!(metadata(brokers[2].port).topic("kept").len(), 3);
+}

@@ -273,20 +273,17 @@ impl Control {
     ) -> Result<Exit> {
         let first = ready.is_some();
         let timeout = self.cc.session_timeout;
-        let connect = zkc::Client::connector()
-            .with_session_timeout(timeout)
-            .with_connection_timeout(timeout.min(Duration::from_secs(5)))
-            .connect(&self.hosts);
         // At start the wait is bounded; later, a member keeps trying (and
         // serving what it leads) until ZooKeeper is back.
-        let zk = match tokio::time::timeout(timeout.max(Duration::from_secs(2)), connect).await {
+        let wait = timeout.max(Duration::from_secs(2));
+        let zk = match tokio::time::timeout(wait, self.connect(timeout)).await {
             Ok(Ok(zk)) => zk,
             Ok(Err(e)) => return Err(zk_err(&format!("connect to {}", self.hosts), e)),
             Err(_) => {
                 return Err(Error::ClusterUnavailable(format!(
                     "ZooKeeper at {} did not answer within {} ms",
                     self.hosts,
-                    timeout.max(Duration::from_secs(2)).as_millis()
+                    wait.as_millis()
                 )))
             }
         };
@@ -382,6 +379,27 @@ impl Control {
                     if disconnected_since.is_none() && self.view.borrow().controller.is_none() {
                         self.try_elect().await;
                     }
+                }
+            }
+        }
+    }
+
+    /// Connects, trying again after a failed attempt (a server just
+    /// started can drop the first connections); the caller bounds the
+    /// wait.
+    async fn connect(&self, timeout: Duration) -> std::result::Result<zkc::Client, zkc::Error> {
+        loop {
+            let r = zkc::Client::connector()
+                .with_session_timeout(timeout)
+                .with_connection_timeout(timeout.min(Duration::from_secs(5)))
+                .connect(&self.hosts)
+                .await;
+            match r {
+                Ok(zk) => return Ok(zk),
+                Err(e @ (zkc::Error::AuthFailed | zkc::Error::BadArguments(_))) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "ZooKeeper connect failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
@@ -654,10 +672,10 @@ impl Control {
                     .borrow_mut()
                     .remove(name)
                     .map_or(0, |(r, _)| r.id);
-                if id == 0 {
-                    // Not wholly there yet (or never was): nothing to drop.
-                    return Ok(());
-                }
+                // Gone (creation and deletion are atomic multis, so a topic
+                // is never half there). Sent even when this thread saw it
+                // go already: shard 0 serves changes in order, so the
+                // answer comes once the replicas are dropped.
                 let name = name.to_string();
                 self.to_shard0(|reply| ToShards::Remove { name, id, reply })
                     .await
@@ -1008,7 +1026,15 @@ impl Control {
         match req {
             PeerRequest::CreateTopic(spec) => self.create_topic(spec).await,
             PeerRequest::DeleteTopic(name) => self.delete_topic(name).await,
-            PeerRequest::ApplyTopic(name) => self.refresh_topic(&name).await,
+            PeerRequest::ApplyTopic(name) => {
+                // The controller wrote through another ZooKeeper server,
+                // maybe: catch up with the leader before reading.
+                let zk = self.zk()?;
+                zk.sync(&self.layout.topics())
+                    .await
+                    .map_err(|e| zk_err("sync with ZooKeeper", e))?;
+                self.refresh_topic(&name).await
+            }
         }
     }
 }

@@ -332,7 +332,11 @@ impl Reactor {
     pub async fn remove_cluster_topic(&self, name: &str, id: u64) -> Result<()> {
         let _one_at_a_time = self.topic_changes.lock().await;
         match self.partitions.topic(name) {
-            Some(cur) if id == 0 || cur.id == id => self.drop_everywhere(&cur).await,
+            // A topic from before this broker joined the cluster is not
+            // ZooKeeper's to delete.
+            Some(cur) if !cur.placement.is_empty() && (id == 0 || cur.id == id) => {
+                self.drop_everywhere(&cur).await
+            }
             _ => Ok(()),
         }
     }
