@@ -346,11 +346,17 @@ mod tests {
             partitions: (0..partitions)
                 .map(|p| PartitionInfo {
                     partition: p,
+                    leader_broker: 0,
                     shard: 0,
+                    leader_epoch: 0,
                     log_start_offset: 0,
                     high_watermark: 10,
+                    replicas: vec![],
+                    isr: vec![],
+                    offline: false,
                 })
                 .collect(),
+            replication_factor: 1,
             sync: "always".into(),
             retention_ms: None,
             retention_bytes: None,

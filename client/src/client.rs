@@ -1,11 +1,26 @@
-//! The entry point: a bootstrap connection, cached metadata, shard-aware
-//! routing (L2) and the admin operations.
+//! The entry point: discovery (a bootstrap list, ZooKeeper, the disk
+//! cache), cached cluster metadata, routing of each partition's requests
+//! straight to its leader's owning shard (L2), and the admin operations.
+//!
+//! Routing: metadata maps every partition to its leader broker and the
+//! shard that owns it there; the client sends the partition's requests to
+//! that broker's port of that shard, never through another broker. A
+//! broker that does not lead the partition answers `NotLeader`, usually
+//! naming the leader: the client goes there at once and refreshes its
+//! metadata in the background. With no leader named, no leader at all
+//! (`LeaderNotAvailable`) or a dead connection, it forgets the topic's
+//! placement, backs off and asks again. Metadata and admin requests go to
+//! any live broker (brokers forward to the controller); one that cannot
+//! be reached is skipped for the next.
 
 use crate::connection::{Connection, Frame};
-use crate::error::{Error, Result};
+use crate::discovery::{self, Bootstrap, BrokerAddr, CacheFile, DiscoveryCache};
+use crate::error::{Error, LeaderHint, Result};
 use shoal_wire::{fb, ErrorCode};
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,9 +28,31 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionInfo {
     pub partition: u32,
+    /// The broker that leads it (on a single node, that node).
+    pub leader_broker: u32,
+    /// The shard that owns it on the leader.
     pub shard: u16,
+    /// Bumped by every change of leader.
+    pub leader_epoch: u32,
+    /// The leader's log start and high watermark ([`Client::describe_topic`]
+    /// asks each leader; metadata from another broker reports 0).
     pub log_start_offset: u64,
     pub high_watermark: u64,
+    /// Brokers holding a replica, preferred leader first (empty on a
+    /// single node).
+    pub replicas: Vec<u32>,
+    /// Replicas in sync with the leader (empty on a single node).
+    pub isr: Vec<u32>,
+    /// No live leader: produce and fetch fail with `LeaderNotAvailable`.
+    pub offline: bool,
+}
+
+impl PartitionInfo {
+    /// Fewer replicas in sync than there are, or a replica on a broker
+    /// that is not live.
+    pub fn is_under_replicated(&self, is_live: impl Fn(u32) -> bool) -> bool {
+        self.isr.len() < self.replicas.len() || self.replicas.iter().any(|&b| !is_live(b))
+    }
 }
 
 /// One topic as metadata describes it.
@@ -26,10 +63,49 @@ pub struct TopicInfo {
     /// under the same name has a new id); 0 from brokers without ids.
     pub topic_id: u64,
     pub partitions: Vec<PartitionInfo>,
+    /// Copies of each partition (1 on a single node).
+    pub replication_factor: u16,
     pub sync: String,
     pub retention_ms: Option<u64>,
     pub retention_bytes: Option<u64>,
     pub segment_bytes: u64,
+}
+
+/// A live broker as the last metadata described it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerInfo {
+    pub id: u32,
+    pub host: String,
+    /// Public port (any shard accepts).
+    pub port: u16,
+    /// Port of shard `i` at index `i`.
+    pub shard_ports: Vec<u16>,
+    /// The broker's release (`None` from brokers that predate the field).
+    pub version: Option<String>,
+    pub rack: Option<String>,
+}
+
+/// The cluster as the last metadata described it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterInfo {
+    /// `None` on a single node.
+    pub name: Option<String>,
+    /// The controller's broker id and epoch; `None` while there is none.
+    pub controller: Option<(u32, u64)>,
+    /// The live brokers, by id.
+    pub brokers: Vec<BrokerInfo>,
+}
+
+/// Where a client found the broker that first answered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiscoverySource {
+    /// An entry of the bootstrap list.
+    BootstrapList,
+    /// A broker registered in ZooKeeper.
+    ZooKeeper,
+    /// A broker of the disk cache (ZooKeeper or every bootstrap address
+    /// was unreachable).
+    Cache(PathBuf),
 }
 
 /// Settings of a topic to create.
@@ -37,6 +113,8 @@ pub struct TopicInfo {
 pub struct NewTopic {
     pub name: String,
     pub partitions: u32,
+    /// Copies of each partition, on as many brokers (1 on a single node).
+    pub replication_factor: u16,
     /// `always`, `interval:<ms>` or `none`; `None` takes the broker default.
     pub sync: Option<String>,
     pub retention_ms: Option<u64>,
@@ -49,6 +127,7 @@ impl NewTopic {
         NewTopic {
             name: name.into(),
             partitions,
+            replication_factor: 1,
             sync: None,
             retention_ms: None,
             retention_bytes: None,
@@ -61,12 +140,19 @@ impl NewTopic {
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// How long one connect may take before the address counts as
-    /// unreachable. Default 5 s.
+    /// unreachable (and how long a ZooKeeper lookup may take). Default 5 s.
     pub connect_timeout: Duration,
-    /// Longest wait before an unreachable shard port is tried again (the
-    /// wait doubles from 100 ms per failure up to this). Meanwhile its
-    /// partitions go through the public port. Default 30 s.
+    /// Longest wait before an unreachable port is tried again (the wait
+    /// doubles from 100 ms per failure up to this). Meanwhile a shard
+    /// port's partitions go through its broker's public port. Default 30 s.
     pub reconnect_backoff_max: Duration,
+    /// Where the broker list is kept between runs (Z2); see
+    /// [`DiscoveryCache`].
+    pub discovery_cache: DiscoveryCache,
+    /// How long metadata and admin requests keep trying while no broker
+    /// can be reached or the cluster cannot answer (`ClusterUnavailable`,
+    /// no controller during a failover). Default 10 s.
+    pub admin_retry_max: Duration,
 }
 
 impl Default for ClientConfig {
@@ -74,19 +160,57 @@ impl Default for ClientConfig {
         ClientConfig {
             connect_timeout: Duration::from_secs(5),
             reconnect_backoff_max: Duration::from_secs(30),
+            discovery_cache: DiscoveryCache::Default,
+            admin_retry_max: Duration::from_secs(10),
         }
     }
 }
 
-/// First wait before an unreachable shard port is tried again.
+/// First wait before an unreachable port is tried again.
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// First and longest wait between admin retries.
+const ADMIN_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const ADMIN_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A broker with the address its host resolved to.
+#[derive(Clone)]
+struct Broker {
+    info: BrokerInfo,
+    ip: IpAddr,
+}
+
+impl Broker {
+    fn public(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.info.port)
+    }
+}
+
+/// Where a `NotLeader` answer said the leader is, until metadata at least
+/// as new says so too.
+#[derive(Clone, Copy)]
+struct Hint {
+    shard: SocketAddr,
+    public: SocketAddr,
+    leader_epoch: u32,
+}
 
 #[derive(Default)]
 struct Cache {
-    host_ip: Option<IpAddr>,
-    shard_ports: Vec<u16>,
-    broker_version: Option<String>,
+    brokers: BTreeMap<u32, Broker>,
+    cluster: String,
+    controller: Option<(u32, u64)>,
     topics: HashMap<String, TopicInfo>,
+    /// Per topic, per partition.
+    hints: HashMap<String, HashMap<u32, Hint>>,
+}
+
+/// Where one partition's requests go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Route {
+    /// The leader's port of the owning shard.
+    shard: SocketAddr,
+    /// The leader's public port, if the shard port cannot be reached.
+    public: SocketAddr,
 }
 
 /// An address whose last connect failed.
@@ -119,18 +243,30 @@ enum ShardPort {
     Avoid,
 }
 
-/// A handle to a Shoal broker. Cheap to share (`Arc` inside).
+/// A handle to a Shoal cluster (or single broker). Cheap to share (`Arc`
+/// inside).
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    bootstrap: SocketAddr,
+    /// As the user gave it (it also names the default cache file).
+    bootstrap: String,
     client_id: String,
     config: ClientConfig,
+    cache_path: Option<PathBuf>,
+    source: Mutex<Option<DiscoverySource>>,
+    /// Where to look when no broker of the last metadata answers: the
+    /// bootstrap list's addresses, ZooKeeper's brokers or the cache's.
+    seeds: Mutex<Vec<SocketAddr>>,
+    /// The broker that answered the last metadata or admin request.
+    preferred: Mutex<Option<SocketAddr>>,
     conns: Mutex<Conns>,
     cache: Mutex<Cache>,
+    /// The broker list last written to the disk cache: written again only
+    /// when it changes. Held across the write, so writes never interleave.
+    cache_written: tokio::sync::Mutex<Option<Vec<BrokerAddr>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -141,23 +277,34 @@ fn opt(v: i64) -> Option<u64> {
     (v >= 0).then_some(v as u64)
 }
 
+fn nonempty(s: Option<&str>) -> Option<String> {
+    s.filter(|s| !s.is_empty()).map(str::to_string)
+}
+
 pub(crate) fn topic_info(t: fb::TopicInfo<'_>) -> TopicInfo {
+    let partitions: Vec<PartitionInfo> = t
+        .partitions()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| PartitionInfo {
+                    partition: p.partition(),
+                    leader_broker: p.leader_broker(),
+                    shard: p.shard(),
+                    leader_epoch: p.leader_epoch(),
+                    log_start_offset: p.log_start_offset(),
+                    high_watermark: p.high_watermark(),
+                    replicas: p.replicas().map(|v| v.iter().collect()).unwrap_or_default(),
+                    isr: p.isr().map(|v| v.iter().collect()).unwrap_or_default(),
+                    offline: p.offline(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     TopicInfo {
         name: t.name().unwrap_or("").to_string(),
         topic_id: t.topic_id(),
-        partitions: t
-            .partitions()
-            .map(|ps| {
-                ps.iter()
-                    .map(|p| PartitionInfo {
-                        partition: p.partition(),
-                        shard: p.shard(),
-                        log_start_offset: p.log_start_offset(),
-                        high_watermark: p.high_watermark(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        replication_factor: t.replication_factor().max(1),
+        partitions,
         sync: t.sync().unwrap_or("").to_string(),
         retention_ms: opt(t.retention_ms()),
         retention_bytes: opt(t.retention_bytes()),
@@ -165,32 +312,179 @@ pub(crate) fn topic_info(t: fb::TopicInfo<'_>) -> TopicInfo {
     }
 }
 
+/// The addresses `host:port` names (DNS for names), or the error.
+async fn resolve(host_port: &str) -> Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port)
+        .await
+        .map_err(|e| Error::Invalid(format!("bad broker address {host_port:?}: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "broker address {host_port:?} resolves to nothing"
+        )));
+    }
+    Ok(addrs)
+}
+
+/// Resolves discovered brokers, in order; ones that do not resolve are
+/// reported in `tried` and skipped.
+async fn resolve_all(brokers: &[BrokerAddr], tried: &mut Vec<String>) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for b in brokers {
+        match resolve(&b.host_port()).await {
+            Ok(a) => out.extend(a.into_iter().take(1)),
+            Err(e) => tried.push(e.to_string()),
+        }
+    }
+    out
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl Client {
-    /// Connects to the broker at `addr` (`host:port`) and loads metadata.
-    pub async fn connect(addr: &str) -> Result<Client> {
-        Client::connect_with_config(addr, ClientConfig::default()).await
+    /// Connects to a Shoal cluster and loads metadata. `bootstrap` is
+    /// `host:port`, a list `host:port,host:port,...` (tried in order), or
+    /// `zk://host:port[,host:port][/chroot][?cluster=NAME]` (a live broker
+    /// picked at random from ZooKeeper). When none of those answers, the
+    /// brokers in the discovery cache are tried (see
+    /// [`ClientConfig::discovery_cache`]).
+    pub async fn connect(bootstrap: &str) -> Result<Client> {
+        Client::connect_with_config(bootstrap, ClientConfig::default()).await
     }
 
     /// [`Client::connect`] with settings.
-    pub async fn connect_with_config(addr: &str, config: ClientConfig) -> Result<Client> {
-        let bootstrap = addr
-            .to_socket_addrs()
-            .map_err(|e| Error::Invalid(format!("bad broker address {addr:?}: {e}")))?
-            .next()
-            .ok_or_else(|| {
-                Error::Invalid(format!("broker address {addr:?} resolves to nothing"))
-            })?;
+    pub async fn connect_with_config(bootstrap: &str, config: ClientConfig) -> Result<Client> {
+        let bootstrap = bootstrap.trim();
+        let boot = discovery::parse_bootstrap(bootstrap)?;
+        let cache_path = config.discovery_cache.resolve(bootstrap);
         let client = Client {
             inner: Arc::new(Inner {
-                bootstrap,
+                bootstrap: bootstrap.to_string(),
                 client_id: format!("shoal-client-{}", std::process::id()),
                 config,
+                cache_path,
+                source: Mutex::new(None),
+                seeds: Mutex::new(Vec::new()),
+                preferred: Mutex::new(None),
                 conns: Mutex::new(Conns::default()),
                 cache: Mutex::new(Cache::default()),
+                cache_written: tokio::sync::Mutex::new(None),
             }),
         };
-        client.refresh_metadata().await?;
-        Ok(client)
+        let mut tried = Vec::new();
+        let (seeds, source) = match &boot {
+            Bootstrap::Brokers(list) => {
+                let mut seeds = Vec::new();
+                for entry in list {
+                    match resolve(entry).await {
+                        // One address per entry: the list's order is the
+                        // order of preference.
+                        Ok(a) => seeds.extend(a.into_iter().take(1)),
+                        Err(e) => tried.push(e.to_string()),
+                    }
+                }
+                (seeds, DiscoverySource::BootstrapList)
+            }
+            Bootstrap::ZooKeeper(target) => {
+                let timeout = client.inner.config.connect_timeout;
+                match discovery::zookeeper_brokers(target, timeout).await {
+                    Ok(brokers) => {
+                        let mut seeds = resolve_all(&brokers, &mut tried).await;
+                        // Spread clients over the brokers (seed 003).
+                        use rand::seq::SliceRandom;
+                        seeds.shuffle(&mut rand::thread_rng());
+                        (seeds, DiscoverySource::ZooKeeper)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ZooKeeper discovery failed");
+                        tried.push(e.to_string());
+                        (Vec::new(), DiscoverySource::ZooKeeper)
+                    }
+                }
+            }
+        };
+        *lock(&client.inner.seeds) = seeds.clone();
+        match client.first_metadata(&seeds, &mut tried).await {
+            Ok(()) => {
+                *lock(&client.inner.source) = Some(source);
+                return Ok(client);
+            }
+            Err(e) if !e.is_retriable() => return Err(e),
+            Err(_) => {}
+        }
+        if let Some(path) = client.inner.cache_path.clone() {
+            match discovery::read_cache(&path) {
+                Some(cached) => {
+                    tracing::warn!(
+                        bootstrap,
+                        cache = %path.display(),
+                        brokers = cached.brokers.len(),
+                        "no broker reachable from the bootstrap; starting from the discovery cache"
+                    );
+                    let addrs = resolve_all(&cached.brokers, &mut tried).await;
+                    lock(&client.inner.seeds).extend(addrs.iter().copied());
+                    match client.first_metadata(&addrs, &mut tried).await {
+                        Ok(()) => {
+                            *lock(&client.inner.source) = Some(DiscoverySource::Cache(path));
+                            return Ok(client);
+                        }
+                        Err(e) if !e.is_retriable() => return Err(e),
+                        Err(_) => {}
+                    }
+                }
+                None => tried.push(format!("no usable discovery cache at {}", path.display())),
+            }
+        }
+        Err(Error::Discovery(format!(
+            "no broker reachable from {bootstrap}: {}",
+            if tried.is_empty() {
+                "no address to try".to_string()
+            } else {
+                tried.join("; ")
+            }
+        )))
+    }
+
+    /// Loads metadata from the first of `addrs` that answers. Failures are
+    /// added to `tried`; a non-retriable one (the broker answered, with an
+    /// error) ends the search.
+    async fn first_metadata(&self, addrs: &[SocketAddr], tried: &mut Vec<String>) -> Result<()> {
+        let mut last = Error::Discovery("no address to try".into());
+        for &addr in addrs {
+            let r = match self.connection(addr).await {
+                Ok(conn) => self.metadata_on(&conn, None).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(()) => {
+                    *lock(&self.inner.preferred) = Some(addr);
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "bootstrap address failed");
+                    tried.push(e.to_string());
+                    if !e.is_retriable() {
+                        return Err(e);
+                    }
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Where the broker that first answered was found.
+    pub fn discovery_source(&self) -> Option<DiscoverySource> {
+        lock(&self.inner.source).clone()
+    }
+
+    /// The disk cache file this client reads and writes (`None`: off).
+    pub fn discovery_cache_path(&self) -> Option<PathBuf> {
+        self.inner.cache_path.clone()
     }
 
     /// A live connection to `addr`, reusing one if open. Concurrent calls
@@ -215,6 +509,12 @@ impl Client {
             .entry(addr)
             .or_default()
             .clone()
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        RECONNECT_BACKOFF_MIN
+            .saturating_mul(1 << failures.saturating_sub(1).min(16))
+            .min(self.inner.config.reconnect_backoff_max)
     }
 
     /// Connects to `addr` unless a connection opened meanwhile; the caller
@@ -246,14 +546,11 @@ impl Client {
             }
             Err(e) => {
                 let failures = conns.unreachable.get(&addr).map_or(0, |u| u.failures) + 1;
-                let backoff = RECONNECT_BACKOFF_MIN
-                    .saturating_mul(1 << (failures - 1).min(16))
-                    .min(self.inner.config.reconnect_backoff_max);
                 conns.unreachable.insert(
                     addr,
                     Unreachable {
                         failures,
-                        retry_at: Instant::now() + backoff,
+                        retry_at: Instant::now() + self.backoff(failures),
                     },
                 );
                 Err(e)
@@ -261,8 +558,114 @@ impl Client {
         }
     }
 
+    fn in_backoff(&self, addr: SocketAddr) -> bool {
+        lock(&self.inner.conns)
+            .unreachable
+            .get(&addr)
+            .is_some_and(|u| Instant::now() < u.retry_at)
+    }
+
+    /// Brokers to try for metadata and admin requests, best first: the one
+    /// that answered last, the live brokers of the last metadata, then the
+    /// bootstrap's (or cache's) addresses.
+    fn candidates(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = Vec::new();
+        out.extend(*lock(&self.inner.preferred));
+        out.extend(lock(&self.inner.cache).brokers.values().map(Broker::public));
+        out.extend(lock(&self.inner.seeds).iter().copied());
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|a| seen.insert(*a));
+        out
+    }
+
+    /// A connection to any live broker (for metadata and admin requests),
+    /// trying each known broker in turn; ones that failed recently go last.
+    pub async fn any_connection(&self) -> Result<Arc<Connection>> {
+        let candidates = self.candidates();
+        for &a in &candidates {
+            if let Some(c) = self.open_connection(a) {
+                return Ok(c);
+            }
+        }
+        let (fresh, failed): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            candidates.iter().partition(|a| !self.in_backoff(**a));
+        let mut errors = Vec::new();
+        for a in fresh.into_iter().chain(failed) {
+            match self.connection(a).await {
+                Ok(c) => {
+                    *lock(&self.inner.preferred) = Some(a);
+                    return Ok(c);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        match errors.len() {
+            0 => Err(Error::Discovery("no broker known".into())),
+            1 => Err(errors.remove(0)),
+            _ => Err(Error::Discovery(format!(
+                "no broker reachable: {}",
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))),
+        }
+    }
+
+    /// Kept for callers of the single-broker client: a connection to any
+    /// live broker ([`Client::any_connection`]).
     pub async fn bootstrap(&self) -> Result<Arc<Connection>> {
-        self.connection(self.inner.bootstrap).await
+        self.any_connection().await
+    }
+
+    /// Runs `f` on a connection to any live broker. Moves on to another
+    /// broker when one cannot be reached (or, for an `idempotent` request,
+    /// drops the connection mid-request), and waits out a cluster that
+    /// cannot answer now, both within `admin_retry_max`.
+    async fn admin<T, F, Fut>(&self, idempotent: bool, mut f: F) -> Result<T>
+    where
+        F: FnMut(Arc<Connection>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let deadline = Instant::now() + self.inner.config.admin_retry_max;
+        let mut backoff = ADMIN_BACKOFF_MIN;
+        loop {
+            let r = match self.any_connection().await {
+                Ok(conn) => {
+                    let addr = conn.addr;
+                    let r = f(conn).await;
+                    if matches!(r, Err(Error::Closed | Error::Io(_))) {
+                        // Try the others first next time.
+                        let mut preferred = lock(&self.inner.preferred);
+                        if *preferred == Some(addr) {
+                            *preferred = None;
+                        }
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            let e = match r {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let again = match &e {
+                Error::Connect { .. } | Error::Discovery(_) => true,
+                Error::Closed | Error::Io(_) => idempotent,
+                Error::Broker { code, .. } => matches!(
+                    code,
+                    ErrorCode::ClusterUnavailable | ErrorCode::LeaderNotAvailable
+                ),
+                _ => false,
+            };
+            if !again || Instant::now() + backoff > deadline {
+                return Err(e);
+            }
+            tracing::debug!(error = %e, "admin request failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(ADMIN_BACKOFF_MAX);
+        }
     }
 
     /// Reloads brokers, shard ports and topics.
@@ -274,7 +677,15 @@ impl Client {
     /// thousands of topics, learning one must not cost a description of
     /// every partition.
     pub async fn refresh_metadata_of(&self, topics: Option<&[&str]>) -> Result<()> {
-        let conn = self.bootstrap().await?;
+        self.admin(
+            true,
+            |conn| async move { self.metadata_on(&conn, topics).await },
+        )
+        .await
+    }
+
+    /// One metadata request over `conn`, applied to the cache.
+    async fn metadata_on(&self, conn: &Connection, topics: Option<&[&str]>) -> Result<()> {
         let r = conn
             .request(
                 fb::RequestBody::MetadataRequest,
@@ -293,42 +704,156 @@ impl Client {
             (Ok(f), _) => f,
             (Err(e), Some(ts)) => {
                 // An unknown topic among them: forget what was cached.
-                if matches!(
-                    &e,
-                    Error::Broker {
-                        code: ErrorCode::UnknownTopic,
-                        ..
-                    }
-                ) {
+                if e.code() == Some(ErrorCode::UnknownTopic) {
                     let mut cache = lock(&self.inner.cache);
                     for t in ts {
                         cache.topics.remove(*t);
+                        cache.hints.remove(*t);
                     }
                 }
                 return Err(e);
             }
             (Err(e), None) => return Err(e),
         };
+        self.apply_metadata(&frame, conn.addr, topics.is_none())
+            .await
+    }
+
+    async fn apply_metadata(
+        &self,
+        frame: &Frame,
+        from: SocketAddr,
+        all_topics: bool,
+    ) -> Result<()> {
+        // Brokers first, resolved outside the lock (names may need DNS).
+        let listed: Vec<BrokerInfo> = {
+            let resp = frame.response();
+            let m = resp
+                .body_as_metadata_response()
+                .ok_or_else(|| Error::Protocol("expected a metadata response".into()))?;
+            m.brokers()
+                .into_iter()
+                .flatten()
+                .map(|b| BrokerInfo {
+                    id: b.id(),
+                    host: b.host().unwrap_or("").to_string(),
+                    port: b.port(),
+                    shard_ports: b
+                        .shard_ports()
+                        .map(|p| p.iter().collect())
+                        .unwrap_or_default(),
+                    version: nonempty(b.version()),
+                    rack: nonempty(b.rack()),
+                })
+                .collect()
+        };
+        let mut brokers = BTreeMap::new();
+        for info in listed {
+            let ip = match info.host.parse::<IpAddr>() {
+                // A broker listening on every address: reach it the way
+                // this answer came.
+                Ok(ip) if ip.is_unspecified() => from.ip(),
+                Ok(ip) => ip,
+                Err(_) if info.host.is_empty() => from.ip(),
+                Err(_) => match resolve(&format!("{}:{}", info.host, info.port)).await {
+                    Ok(a) => a[0].ip(),
+                    Err(e) => {
+                        tracing::warn!(broker = info.id, error = %e, "cannot resolve a broker's host; skipping it");
+                        continue;
+                    }
+                },
+            };
+            brokers.insert(info.id, Broker { info, ip });
+        }
         let resp = frame.response();
         let m = resp
             .body_as_metadata_response()
             .ok_or_else(|| Error::Protocol("expected a metadata response".into()))?;
-        let mut cache = lock(&self.inner.cache);
-        if let Some(b) = m.brokers().and_then(|b| b.iter().next()) {
-            cache.host_ip = b.host().and_then(|h| h.parse().ok());
-            cache.shard_ports = b
-                .shard_ports()
-                .map(|p| p.iter().collect())
-                .unwrap_or_default();
-            cache.broker_version = b.version().map(str::to_string);
+        let fresh: Vec<TopicInfo> = m.topics().into_iter().flatten().map(topic_info).collect();
+        let addrs: Vec<BrokerAddr> = brokers
+            .values()
+            .map(|b| BrokerAddr {
+                id: Some(b.info.id),
+                host: if b
+                    .info
+                    .host
+                    .parse::<IpAddr>()
+                    .is_ok_and(|ip| !ip.is_unspecified())
+                {
+                    b.info.host.clone()
+                } else if b.info.host.is_empty() || b.info.host.parse::<IpAddr>().is_ok() {
+                    b.ip.to_string()
+                } else {
+                    b.info.host.clone()
+                },
+                port: b.info.port,
+                shard_ports: b.info.shard_ports.clone(),
+                rack: b.info.rack.clone(),
+            })
+            .collect();
+        let cluster = m.cluster().unwrap_or("").to_string();
+        {
+            let mut cache = lock(&self.inner.cache);
+            cache.brokers = brokers;
+            cache.cluster = cluster.clone();
+            cache.controller = u32::try_from(m.controller_id())
+                .ok()
+                .map(|id| (id, m.controller_epoch()));
+            for t in &fresh {
+                // A hint stands until metadata knows of its leader epoch.
+                if let Some(hints) = cache.hints.get_mut(&t.name) {
+                    hints.retain(|p, h| {
+                        t.partitions
+                            .get(*p as usize)
+                            .is_some_and(|p| p.leader_epoch < h.leader_epoch)
+                    });
+                }
+            }
+            if all_topics {
+                cache.topics = fresh.into_iter().map(|t| (t.name.clone(), t)).collect();
+                let Cache { hints, topics, .. } = &mut *cache;
+                hints.retain(|t, h| !h.is_empty() && topics.contains_key(t));
+            } else {
+                cache
+                    .topics
+                    .extend(fresh.into_iter().map(|t| (t.name.clone(), t)));
+            }
         }
-        let fresh = m.topics().into_iter().flatten().map(topic_info);
-        if topics.is_none() {
-            cache.topics = fresh.map(|t| (t.name.clone(), t)).collect();
-        } else {
-            cache.topics.extend(fresh.map(|t| (t.name.clone(), t)));
-        }
+        self.write_discovery_cache(cluster, addrs).await;
         Ok(())
+    }
+
+    /// Writes the live brokers to the disk cache if they changed since this
+    /// client last wrote them. A failure is logged, never returned: the
+    /// cache only helps a later start.
+    async fn write_discovery_cache(&self, cluster: String, brokers: Vec<BrokerAddr>) {
+        let Some(path) = self.inner.cache_path.clone() else {
+            return;
+        };
+        if brokers.is_empty() {
+            return;
+        }
+        let mut written = self.inner.cache_written.lock().await;
+        if written.as_ref() == Some(&brokers) {
+            return;
+        }
+        let file = CacheFile {
+            format: discovery::CACHE_FORMAT,
+            bootstrap: self.inner.bootstrap.clone(),
+            cluster,
+            written_ms: now_ms(),
+            brokers: brokers.clone(),
+        };
+        let p = path.clone();
+        let r = tokio::task::spawn_blocking(move || discovery::write_cache(&p, &file))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match r {
+            Ok(()) => *written = Some(brokers),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the discovery cache")
+            }
+        }
     }
 
     /// Cached topic metadata, refreshed once if the topic is not known.
@@ -341,16 +866,49 @@ impl Client {
             .topics
             .get(name)
             .cloned()
-            .ok_or_else(|| Error::Broker {
-                code: ErrorCode::UnknownTopic,
-                message: format!("unknown topic {name:?}"),
-            })
+            .ok_or_else(|| unknown_topic(name))
     }
 
-    /// The broker's release as its metadata reports it (`None` from brokers
-    /// that predate the field).
+    /// The release of the broker that answered metadata last (`None` from
+    /// brokers that predate the field).
     pub fn broker_version(&self) -> Option<String> {
-        lock(&self.inner.cache).broker_version.clone()
+        let preferred = *lock(&self.inner.preferred);
+        let cache = lock(&self.inner.cache);
+        cache
+            .brokers
+            .values()
+            .find(|b| Some(b.public()) == preferred)
+            .or_else(|| cache.brokers.values().next())
+            .and_then(|b| b.info.version.clone())
+    }
+
+    /// The live brokers of the last metadata, by id.
+    pub fn brokers(&self) -> Vec<BrokerInfo> {
+        lock(&self.inner.cache)
+            .brokers
+            .values()
+            .map(|b| b.info.clone())
+            .collect()
+    }
+
+    /// The cluster's name from the last metadata (`None` on a single node).
+    pub fn cluster_name(&self) -> Option<String> {
+        nonempty(Some(&lock(&self.inner.cache).cluster))
+    }
+
+    /// The controller's broker id and epoch from the last metadata.
+    pub fn controller(&self) -> Option<(u32, u64)> {
+        lock(&self.inner.cache).controller
+    }
+
+    /// Name, controller and live brokers from the last metadata.
+    pub fn cluster(&self) -> ClusterInfo {
+        let cache = lock(&self.inner.cache);
+        ClusterInfo {
+            name: nonempty(Some(&cache.cluster)),
+            controller: cache.controller,
+            brokers: cache.brokers.values().map(|b| b.info.clone()).collect(),
+        }
     }
 
     /// How many partitions `topic` has (cached; no allocation on a hit).
@@ -361,25 +919,27 @@ impl Client {
         Ok(self.topic(topic).await?.partitions.len() as u32)
     }
 
-    /// The address of the shard that owns `topic`/`partition` (L2: requests
-    /// go straight to it, no cross-core hop in the broker). Looked up in
-    /// place: nothing is cloned per request.
+    /// The address of the leader's shard that owns `topic`/`partition`
+    /// (L2: requests go straight to it, no hop between brokers or cores).
+    /// Looked up in place: nothing is cloned per request.
     pub async fn partition_addr(&self, topic: &str, partition: u32) -> Result<SocketAddr> {
-        if let Some(addr) = self.cached_partition_addr(topic, partition) {
-            return addr;
+        Ok(self.route(topic, partition).await?.shard)
+    }
+
+    async fn route(&self, topic: &str, partition: u32) -> Result<Route> {
+        match self.cached_route(topic, partition) {
+            Some(Ok(r)) => return Ok(r),
+            // Leaderless as far as the cache knows: perhaps no longer.
+            Some(Err(e)) if e.code() != Some(ErrorCode::LeaderNotAvailable) => return Err(e),
+            _ => {}
         }
         self.refresh_metadata_of(Some(&[topic])).await?;
-        self.cached_partition_addr(topic, partition)
-            .unwrap_or_else(|| {
-                Err(Error::Broker {
-                    code: ErrorCode::UnknownTopic,
-                    message: format!("unknown topic {topic:?}"),
-                })
-            })
+        self.cached_route(topic, partition)
+            .unwrap_or_else(|| Err(unknown_topic(topic)))
     }
 
     /// `None` if the topic is not in the cache.
-    fn cached_partition_addr(&self, topic: &str, partition: u32) -> Option<Result<SocketAddr>> {
+    fn cached_route(&self, topic: &str, partition: u32) -> Option<Result<Route>> {
         let cache = lock(&self.inner.cache);
         let t = cache.topics.get(topic)?;
         let Some(p) = t.partitions.get(partition as usize) else {
@@ -388,59 +948,82 @@ impl Client {
                 message: format!("topic {topic:?} has no partition {partition}"),
             }));
         };
-        let port = cache.shard_ports.get(usize::from(p.shard)).copied();
-        let ip = cache.host_ip.unwrap_or(self.inner.bootstrap.ip());
-        Some(Ok(
-            port.map_or(self.inner.bootstrap, |p| SocketAddr::new(ip, p))
-        ))
+        if let Some(h) = cache.hints.get(topic).and_then(|h| h.get(&partition)) {
+            return Some(Ok(Route {
+                shard: h.shard,
+                public: h.public,
+            }));
+        }
+        let leaderless = |why: String| {
+            Some(Err(Error::Broker {
+                code: ErrorCode::LeaderNotAvailable,
+                message: format!("{topic}-{partition}: {why}"),
+            }))
+        };
+        if p.offline {
+            return leaderless("no live leader".into());
+        }
+        let Some(b) = cache.brokers.get(&p.leader_broker) else {
+            return leaderless(format!(
+                "its leader, broker {}, is not among the live brokers",
+                p.leader_broker
+            ));
+        };
+        let public = b.public();
+        let shard = b
+            .info
+            .shard_ports
+            .get(usize::from(p.shard))
+            .map_or(public, |&port| SocketAddr::new(b.ip, port));
+        Some(Ok(Route { shard, public }))
     }
 
-    /// The connection for `topic`/`partition`: its shard's port, or the
-    /// public port (which serves every partition) while the shard port
-    /// cannot be reached. Waits for a connect only the first time a shard
-    /// port is tried (bounded by `connect_timeout`); later attempts after a
-    /// failure run in the background, and requests meanwhile use the
-    /// public port.
+    /// The connection for `topic`/`partition`: its leader's port of the
+    /// owning shard, or the leader's public port (which serves every
+    /// partition it leads) while the shard port cannot be reached. Waits
+    /// for a connect only the first time a shard port is tried (bounded by
+    /// `connect_timeout`); later attempts after a failure run in the
+    /// background, and requests meanwhile use the public port.
     pub async fn partition_connection(
         &self,
         topic: &str,
         partition: u32,
     ) -> Result<Arc<Connection>> {
-        let addr = self.partition_addr(topic, partition).await?;
-        if addr == self.inner.bootstrap {
-            return self.bootstrap().await;
+        let Route { shard, public } = self.route(topic, partition).await?;
+        if shard == public {
+            return self.connection(public).await;
         }
-        match self.shard_port(addr) {
+        match self.shard_port(shard) {
             ShardPort::Open(c) => Ok(c),
-            ShardPort::Avoid => self.bootstrap().await,
+            ShardPort::Avoid => self.connection(public).await,
             ShardPort::Try { retry: true } => {
                 let client = self.clone();
                 tokio::spawn(async move {
-                    let gate = client.gate(addr);
+                    let gate = client.gate(shard);
                     let Ok(_connecting) = gate.try_lock() else {
                         return;
                     };
-                    if let Err(e) = client.connect_now(addr).await {
-                        tracing::debug!(%addr, error = %e, "shard port still unreachable");
+                    if let Err(e) = client.connect_now(shard).await {
+                        tracing::debug!(addr = %shard, error = %e, "shard port still unreachable");
                     }
                 });
-                self.bootstrap().await
+                self.connection(public).await
             }
             ShardPort::Try { retry: false } => {
-                let gate = self.gate(addr);
+                let gate = self.gate(shard);
                 // Someone else is connecting to it: do not queue behind them.
                 let Ok(_connecting) = gate.try_lock() else {
-                    return self.bootstrap().await;
+                    return self.connection(public).await;
                 };
-                match self.connect_now(addr).await {
+                match self.connect_now(shard).await {
                     Ok(c) => Ok(c),
                     Err(e) => {
                         tracing::warn!(
-                            %addr,
+                            addr = %shard,
                             error = %e,
-                            "shard port unreachable; using the public port"
+                            "shard port unreachable; using the broker's public port"
                         );
-                        self.bootstrap().await
+                        self.connection(public).await
                     }
                 }
             }
@@ -467,37 +1050,158 @@ impl Client {
         }
     }
 
-    /// Drops cached placement after an error, so the next call re-learns it.
+    /// Drops all cached placement, so the next call re-learns it.
     pub fn invalidate(&self) {
-        lock(&self.inner.cache).topics.clear();
+        let mut cache = lock(&self.inner.cache);
+        cache.topics.clear();
+        cache.hints.clear();
+    }
+
+    /// Drops one topic's cached placement.
+    pub fn invalidate_topic(&self, topic: &str) {
+        let mut cache = lock(&self.inner.cache);
+        cache.topics.remove(topic);
+        cache.hints.remove(topic);
+    }
+
+    /// Learns from a failed request to `topic`/`partition` (sent to
+    /// `failed`, if it got that far) where to send the next one. Returns
+    /// true if the next attempt may go at once: a `NotLeader` that named a
+    /// leader elsewhere. Otherwise the topic's placement is dropped when
+    /// the error says it is wrong or dead, and the caller backs off.
+    pub fn reroute(
+        &self,
+        topic: &str,
+        partition: u32,
+        failed: Option<SocketAddr>,
+        e: &Error,
+    ) -> bool {
+        if let Error::NotLeader { hint: Some(h), .. } = e {
+            if let Some(hint) = self.hint(topic, partition, h, failed) {
+                let at_once = Some(hint.shard) != failed;
+                lock(&self.inner.cache)
+                    .hints
+                    .entry(topic.to_string())
+                    .or_default()
+                    .insert(partition, hint);
+                // Catch up with the new placement without holding up the
+                // retry.
+                let (client, topic) = (self.clone(), topic.to_string());
+                tokio::spawn(async move {
+                    if let Err(e) = client.refresh_metadata_of(Some(&[&topic])).await {
+                        tracing::debug!(error = %e, topic, "metadata refresh after NotLeader failed");
+                    }
+                });
+                return at_once;
+            }
+        }
+        if e.is_routing() {
+            self.invalidate_topic(topic);
+        }
+        false
+    }
+
+    /// The route a leader hint names, if it names one newer than the
+    /// cached metadata's and its host can be reached.
+    fn hint(
+        &self,
+        topic: &str,
+        partition: u32,
+        h: &LeaderHint,
+        failed: Option<SocketAddr>,
+    ) -> Option<Hint> {
+        let cache = lock(&self.inner.cache);
+        let known = cache
+            .topics
+            .get(topic)
+            .and_then(|t| t.partitions.get(partition as usize));
+        if known.is_some_and(|p| h.leader_epoch < p.leader_epoch) {
+            return None;
+        }
+        let broker = h.broker_id.and_then(|id| cache.brokers.get(&id));
+        let ip = match h.host.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => ip,
+            _ => broker.map(|b| b.ip).or(failed.map(|a| a.ip()))?,
+        };
+        let shard = SocketAddr::new(ip, h.port);
+        Some(Hint {
+            shard,
+            public: broker.map_or(shard, Broker::public),
+            leader_epoch: h.leader_epoch,
+        })
+    }
+
+    /// Runs `f` on the connection to `topic`/`partition`'s leader, retrying
+    /// a retriable failure up to `retries` times: at once when a
+    /// `NotLeader` named the leader, else after `backoff` × the attempt,
+    /// with the placement re-learned.
+    pub(crate) async fn with_partition<T, F, Fut>(
+        &self,
+        topic: &str,
+        partition: u32,
+        retries: u32,
+        backoff: Duration,
+        mut f: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Arc<Connection>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let mut sent_to = None;
+            let r = match self.partition_connection(topic, partition).await {
+                Ok(conn) => {
+                    sent_to = Some(conn.addr);
+                    f(conn).await
+                }
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retriable() && attempt < retries => {
+                    attempt += 1;
+                    let at_once = self.reroute(topic, partition, sent_to, &e);
+                    tracing::debug!(error = %e, topic, partition, attempt, at_once, "request failed; retrying");
+                    if !at_once {
+                        tokio::time::sleep(backoff * attempt).await;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     // ---- admin --------------------------------------------------------------
 
     pub async fn create_topic(&self, t: &NewTopic) -> Result<()> {
-        let conn = self.bootstrap().await?;
         let to_i = |v: Option<u64>| v.map_or(-1, |v| v as i64);
-        conn.request(
-            fb::RequestBody::CreateTopicRequest,
-            |fbb| {
-                let name = fbb.create_string(&t.name);
-                let sync = t.sync.as_deref().map(|s| fbb.create_string(s));
-                fb::CreateTopicRequest::create(
-                    fbb,
-                    &fb::CreateTopicRequestArgs {
-                        name: Some(name),
-                        partitions: t.partitions,
-                        replication_factor: 1,
-                        sync,
-                        retention_ms: to_i(t.retention_ms),
-                        retention_bytes: to_i(t.retention_bytes),
-                        segment_bytes: to_i(t.segment_bytes),
-                    },
-                )
-                .as_union_value()
-            },
-            &[],
-        )
+        // Not retried once sent: a create that did happen would come back
+        // as TopicExists.
+        self.admin(false, |conn| async move {
+            conn.request(
+                fb::RequestBody::CreateTopicRequest,
+                |fbb| {
+                    let name = fbb.create_string(&t.name);
+                    let sync = t.sync.as_deref().map(|s| fbb.create_string(s));
+                    fb::CreateTopicRequest::create(
+                        fbb,
+                        &fb::CreateTopicRequestArgs {
+                            name: Some(name),
+                            partitions: t.partitions,
+                            replication_factor: t.replication_factor.max(1),
+                            sync,
+                            retention_ms: to_i(t.retention_ms),
+                            retention_bytes: to_i(t.retention_bytes),
+                            segment_bytes: to_i(t.segment_bytes),
+                        },
+                    )
+                    .as_union_value()
+                },
+                &[],
+            )
+            .await
+        })
         .await?;
         self.refresh_metadata_of(Some(&[&t.name])).await
     }
@@ -512,90 +1216,171 @@ impl Client {
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        let conn = self.bootstrap().await?;
-        conn.request(
-            fb::RequestBody::DeleteTopicRequest,
+        self.admin(false, |conn| async move {
+            conn.request(
+                fb::RequestBody::DeleteTopicRequest,
+                |fbb| {
+                    let name = fbb.create_string(name);
+                    fb::DeleteTopicRequest::create(
+                        fbb,
+                        &fb::DeleteTopicRequestArgs { name: Some(name) },
+                    )
+                    .as_union_value()
+                },
+                &[],
+            )
+            .await
+        })
+        .await?;
+        self.invalidate_topic(name);
+        Ok(())
+    }
+
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
+        self.admin(true, |conn| async move {
+            let f: Frame = conn
+                .request(
+                    fb::RequestBody::ListTopicsRequest,
+                    |fbb| {
+                        fb::ListTopicsRequest::create(fbb, &fb::ListTopicsRequestArgs {})
+                            .as_union_value()
+                    },
+                    &[],
+                )
+                .await?;
+            let r = f.response();
+            let l = r
+                .body_as_list_topics_response()
+                .ok_or_else(|| Error::Protocol("expected a topic list".into()))?;
+            Ok(l.topics()
+                .map(|ts| ts.iter().map(topic_info).collect())
+                .unwrap_or_default())
+        })
+        .await
+    }
+
+    /// The topic's placement from any broker, with each partition's log
+    /// start and high watermark from its leader (only a leader knows its
+    /// own): one request per leader broker.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
+        let (from, mut t) = self
+            .admin(true, |conn| async move {
+                let t = describe_on(&conn, name).await?;
+                Ok((conn.addr, t))
+            })
+            .await?;
+        let leaders: BTreeSet<u32> = t
+            .partitions
+            .iter()
+            .filter(|p| !p.offline)
+            .map(|p| p.leader_broker)
+            .collect();
+        for id in leaders {
+            let Some(addr) = lock(&self.inner.cache).brokers.get(&id).map(Broker::public) else {
+                continue;
+            };
+            if addr == from {
+                continue;
+            }
+            let theirs = match self.connection(addr).await {
+                Ok(conn) => describe_on(&conn, name).await,
+                Err(e) => Err(e),
+            };
+            match theirs {
+                Ok(theirs) => {
+                    for (mine, their) in t.partitions.iter_mut().zip(&theirs.partitions) {
+                        if mine.leader_broker == id && their.leader_broker == id {
+                            mine.log_start_offset = their.log_start_offset;
+                            mine.high_watermark = their.high_watermark;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(broker = id, error = %e, "cannot read offsets from a leader")
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// `topic`/`partition`'s log start offset and high watermark, from its
+    /// leader.
+    pub async fn partition_offsets(&self, topic: &str, partition: u32) -> Result<(u64, u64)> {
+        self.with_partition(
+            topic,
+            partition,
+            3,
+            Duration::from_millis(100),
+            |conn| async move {
+                let t = describe_on(&conn, topic).await?;
+                let p = t
+                    .partitions
+                    .get(partition as usize)
+                    .ok_or_else(|| Error::Broker {
+                        code: ErrorCode::UnknownPartition,
+                        message: format!("topic {topic:?} has no partition {partition}"),
+                    })?;
+                Ok((p.log_start_offset, p.high_watermark))
+            },
+        )
+        .await
+    }
+
+    /// The counters of the broker that answers, summed over its shards.
+    pub async fn metrics(&self) -> Result<Vec<(String, u64)>> {
+        self.admin(true, |conn| async move {
+            let f = conn
+                .request(
+                    fb::RequestBody::MetricsRequest,
+                    |fbb| {
+                        fb::MetricsRequest::create(fbb, &fb::MetricsRequestArgs {}).as_union_value()
+                    },
+                    &[],
+                )
+                .await?;
+            let r = f.response();
+            let m = r
+                .body_as_metrics_response()
+                .ok_or_else(|| Error::Protocol("expected metrics".into()))?;
+            Ok(m.metrics()
+                .map(|ms| {
+                    ms.iter()
+                        .map(|m| (m.name().unwrap_or("").to_string(), m.value()))
+                        .collect()
+                })
+                .unwrap_or_default())
+        })
+        .await
+    }
+}
+
+fn unknown_topic(name: &str) -> Error {
+    Error::Broker {
+        code: ErrorCode::UnknownTopic,
+        message: format!("unknown topic {name:?}"),
+    }
+}
+
+async fn describe_on(conn: &Connection, name: &str) -> Result<TopicInfo> {
+    let f = conn
+        .request(
+            fb::RequestBody::DescribeTopicRequest,
             |fbb| {
                 let name = fbb.create_string(name);
-                fb::DeleteTopicRequest::create(
+                fb::DescribeTopicRequest::create(
                     fbb,
-                    &fb::DeleteTopicRequestArgs { name: Some(name) },
+                    &fb::DescribeTopicRequestArgs { name: Some(name) },
                 )
                 .as_union_value()
             },
             &[],
         )
         .await?;
-        lock(&self.inner.cache).topics.remove(name);
-        Ok(())
-    }
-
-    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
-        let conn = self.bootstrap().await?;
-        let f: Frame = conn
-            .request(
-                fb::RequestBody::ListTopicsRequest,
-                |fbb| {
-                    fb::ListTopicsRequest::create(fbb, &fb::ListTopicsRequestArgs {})
-                        .as_union_value()
-                },
-                &[],
-            )
-            .await?;
-        let r = f.response();
-        let l = r
-            .body_as_list_topics_response()
-            .ok_or_else(|| Error::Protocol("expected a topic list".into()))?;
-        Ok(l.topics()
-            .map(|ts| ts.iter().map(topic_info).collect())
-            .unwrap_or_default())
-    }
-
-    pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
-        let conn = self.bootstrap().await?;
-        let f = conn
-            .request(
-                fb::RequestBody::DescribeTopicRequest,
-                |fbb| {
-                    let name = fbb.create_string(name);
-                    fb::DescribeTopicRequest::create(
-                        fbb,
-                        &fb::DescribeTopicRequestArgs { name: Some(name) },
-                    )
-                    .as_union_value()
-                },
-                &[],
-            )
-            .await?;
-        let r = f.response();
-        r.body_as_describe_topic_response()
-            .and_then(|d| d.topic())
-            .map(topic_info)
-            .ok_or_else(|| Error::Protocol("expected a topic description".into()))
-    }
-
-    /// The broker's counters, summed over its shards.
-    pub async fn metrics(&self) -> Result<Vec<(String, u64)>> {
-        let conn = self.bootstrap().await?;
-        let f = conn
-            .request(
-                fb::RequestBody::MetricsRequest,
-                |fbb| fb::MetricsRequest::create(fbb, &fb::MetricsRequestArgs {}).as_union_value(),
-                &[],
-            )
-            .await?;
-        let r = f.response();
-        let m = r
-            .body_as_metrics_response()
-            .ok_or_else(|| Error::Protocol("expected metrics".into()))?;
-        Ok(m.metrics()
-            .map(|ms| {
-                ms.iter()
-                    .map(|m| (m.name().unwrap_or("").to_string(), m.value()))
-                    .collect()
-            })
-            .unwrap_or_default())
-    }
+    let r = f.response();
+    r.body_as_describe_topic_response()
+        .and_then(|d| d.topic())
+        .map(topic_info)
+        .ok_or_else(|| Error::Protocol("expected a topic description".into()))
 }
 
 #[cfg(test)]
@@ -633,6 +1418,7 @@ mod tests {
             ClientConfig {
                 connect_timeout,
                 reconnect_backoff_max: Duration::from_secs(30),
+                ..ClientConfig::default()
             },
         )
         .await

@@ -321,10 +321,7 @@ impl Connection {
         let frame = rx.await.map_err(|_| Error::Closed)??;
         let resp = frame.response();
         if resp.error_code() != 0 {
-            return Err(Error::Broker {
-                code: ErrorCode::from_u16(resp.error_code()),
-                message: resp.error_message().unwrap_or("").to_string(),
-            });
+            return Err(response_error(resp));
         }
         Ok(frame)
     }
@@ -412,6 +409,25 @@ impl Connection {
         lock(&self.pushes).remove(&subscription);
         lock(&self.new_routes).remove(&subscription);
     }
+}
+
+/// The error an error response carries; `NotLeader` with the leader's
+/// whereabouts when the broker gave them.
+pub(crate) fn response_error(resp: fb::Response<'_>) -> Error {
+    let code = ErrorCode::from_u16(resp.error_code());
+    let message = resp.error_message().unwrap_or("").to_string();
+    if code != ErrorCode::NotLeader {
+        return Error::Broker { code, message };
+    }
+    let hint = resp.leader_hint().filter(|h| h.port() != 0).and_then(|h| {
+        Some(crate::error::LeaderHint {
+            broker_id: u32::try_from(h.broker_id()).ok(),
+            host: h.host().filter(|s| !s.is_empty())?.to_string(),
+            port: h.port(),
+            leader_epoch: h.leader_epoch(),
+        })
+    });
+    Error::NotLeader { message, hint }
 }
 
 /// Writes one frame: the prefix and header, then the payload parts.

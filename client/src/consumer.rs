@@ -158,6 +158,14 @@ pub struct ConsumerConfig {
     pub max_bytes: u32,
     pub min_bytes: u32,
     pub max_wait: Duration,
+    /// Times a fetch or subscribe that failed retriably is sent again (to
+    /// the new leader after `NotLeader`, after a metadata refresh when the
+    /// leader is unknown or gone); also bounds the re-subscribes of a push
+    /// subscription in a row. Default 10.
+    pub retries: u32,
+    /// Wait before retry `n` is `n` × this; none after a `NotLeader` that
+    /// named the leader. Default 100 ms.
+    pub retry_backoff: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -166,6 +174,8 @@ impl Default for ConsumerConfig {
             max_bytes: 1024 * 1024,
             min_bytes: 1,
             max_wait: Duration::from_millis(500),
+            retries: 10,
+            retry_backoff: Duration::from_millis(100),
         }
     }
 }
@@ -228,16 +238,8 @@ impl Consumer {
                         Err(e)
                     }
                 })?,
-            StartAt::End => self
-                .client
-                .describe_topic(topic)
-                .await?
-                .partitions
-                .get(partition as usize)
-                .map(|p| p.high_watermark)
-                .ok_or_else(|| {
-                    Error::Invalid(format!("topic {topic:?} has no partition {partition}"))
-                })?,
+            // Only the leader knows its high watermark.
+            StartAt::End => self.client.partition_offsets(topic, partition).await?.1,
             StartAt::Timestamp(ts) => {
                 let f = self
                     .fetch_once(topic, partition, 0, Some(ts), 1, Duration::ZERO)
@@ -274,18 +276,28 @@ impl Consumer {
         min_bytes: u32,
         max_wait: Duration,
     ) -> Result<Fetched> {
-        let conn = self.client.partition_connection(topic, partition).await?;
-        fetch(
-            &conn,
-            topic,
-            partition,
-            offset,
-            timestamp_ms,
-            self.config.max_bytes,
-            min_bytes,
-            max_wait,
-        )
-        .await
+        let max_bytes = self.config.max_bytes;
+        self.client
+            .with_partition(
+                topic,
+                partition,
+                self.config.retries,
+                self.config.retry_backoff,
+                |conn| async move {
+                    fetch(
+                        &conn,
+                        topic,
+                        partition,
+                        offset,
+                        timestamp_ms,
+                        max_bytes,
+                        min_bytes,
+                        max_wait,
+                    )
+                    .await
+                },
+            )
+            .await
     }
 
     /// Returns the next records from the assigned partitions: at once if
@@ -322,23 +334,25 @@ impl Consumer {
                     self.config.min_bytes
                 };
                 fetches.push(async move {
-                    let r = async {
-                        let conn = this
-                            .client
-                            .partition_connection(&a.topic, a.partition)
-                            .await?;
-                        let q = FetchSpec {
-                            topic: &a.topic,
-                            partition: a.partition,
-                            offset: a.next,
-                            timestamp_ms: None,
-                            max_bytes: this.config.max_bytes,
-                            min_bytes: min,
-                            max_wait: wait,
-                        };
-                        fetch_frame(&conn, &q).await
-                    }
-                    .await;
+                    let q = &FetchSpec {
+                        topic: &a.topic,
+                        partition: a.partition,
+                        offset: a.next,
+                        timestamp_ms: None,
+                        max_bytes: this.config.max_bytes,
+                        min_bytes: min,
+                        max_wait: wait,
+                    };
+                    let r = this
+                        .client
+                        .with_partition(
+                            &a.topic,
+                            a.partition,
+                            this.config.retries,
+                            this.config.retry_backoff,
+                            |conn| async move { fetch_frame(&conn, q).await },
+                        )
+                        .await;
                     (i, r)
                 });
             }
@@ -382,34 +396,19 @@ impl Consumer {
             StartAt::Offset(o) => o,
             start => self.start_offset(topic, partition, start).await?,
         };
-        let conn = self.client.partition_connection(topic, partition).await?;
-        let f = conn
-            .request(
-                fb::RequestBody::SubscribeRequest,
-                |fbb| {
-                    let t = fbb.create_string(topic);
-                    fb::SubscribeRequest::create(
-                        fbb,
-                        &fb::SubscribeRequestArgs {
-                            topic_id: 0,
-                            topic: Some(t),
-                            partition,
-                            offset,
-                            credit_bytes,
-                        },
-                    )
-                    .as_union_value()
-                },
-                &[],
-            )
-            .await?;
-        let id = f
-            .response()
-            .body_as_subscribe_response()
-            .map(|s| s.subscription_id())
-            .ok_or_else(|| Error::Protocol("expected a subscribe response".into()))?;
+        let (conn, id) = subscribe_request(
+            &self.client,
+            topic,
+            partition,
+            offset,
+            credit_bytes,
+            self.config.retries,
+            self.config.retry_backoff,
+        )
+        .await?;
         let pushes = conn.register_push(id);
         Ok(Subscription {
+            client: self.client.clone(),
             conn,
             id,
             topic: topic.into(),
@@ -419,8 +418,56 @@ impl Consumer {
             auto_credit: true,
             initial_credit: credit_bytes,
             owed_bytes: 0,
+            retries: self.config.retries,
+            retry_backoff: self.config.retry_backoff,
+            resubscribes: 0,
+            ended: false,
         })
     }
+}
+
+/// Subscribes at the partition's leader, following redirects; returns
+/// the connection the pushes will come on and the subscription's id.
+#[allow(clippy::too_many_arguments)]
+async fn subscribe_request(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    credit_bytes: u64,
+    retries: u32,
+    backoff: Duration,
+) -> Result<(Arc<Connection>, u64)> {
+    client
+        .with_partition(topic, partition, retries, backoff, |conn| async move {
+            let f = conn
+                .request(
+                    fb::RequestBody::SubscribeRequest,
+                    |fbb| {
+                        let t = fbb.create_string(topic);
+                        fb::SubscribeRequest::create(
+                            fbb,
+                            &fb::SubscribeRequestArgs {
+                                topic_id: 0,
+                                topic: Some(t),
+                                partition,
+                                offset,
+                                credit_bytes,
+                            },
+                        )
+                        .as_union_value()
+                    },
+                    &[],
+                )
+                .await?;
+            let id = f
+                .response()
+                .body_as_subscribe_response()
+                .map(|s| s.subscription_id())
+                .ok_or_else(|| Error::Protocol("expected a subscribe response".into()))?;
+            Ok((conn, id))
+        })
+        .await
 }
 
 /// Counts the records of a run of batches from their headers alone.
@@ -553,8 +600,12 @@ async fn grant_request(conn: &Connection, subscription: u64, bytes: u64) -> Resu
     Ok(())
 }
 
-/// A push subscription to one partition.
+/// A push subscription to one partition. When its connection closes or
+/// the broker ends it with a retriable error (the leader moved or went
+/// away), it subscribes again at the partition's leader from the next
+/// offset it has not delivered, so nothing is lost or repeated (L3).
 pub struct Subscription {
+    client: Client,
     conn: Arc<Connection>,
     id: u64,
     topic: Arc<str>,
@@ -567,6 +618,12 @@ pub struct Subscription {
     initial_credit: u64,
     /// Bytes consumed and not yet granted back.
     owed_bytes: u64,
+    retries: u32,
+    retry_backoff: Duration,
+    /// Re-subscribes since the last push: bounded by `retries`.
+    resubscribes: u32,
+    /// A non-retriable error ended it: no re-subscribe after that.
+    ended: bool,
 }
 
 /// One push: its records and the payload bytes it used of the credit.
@@ -626,18 +683,84 @@ impl Subscription {
     }
 
     /// The next push's payload and the offset to decode it from. Nothing
-    /// after the wait for the push awaits (see [`Self::next`]).
+    /// after the wait for the push awaits (see [`Self::next`]); a
+    /// re-subscribe cut short by a cancel is started again by the next
+    /// call (the dead route stays in place until a new one is whole).
     async fn next_payload(&mut self) -> Result<(Bytes, u64)> {
-        let frame = self.pushes.recv().await.ok_or(Error::Closed)??;
-        let next = frame
-            .response()
-            .body_as_push()
-            .ok_or_else(|| Error::Protocol("expected a push".into()))?
-            .next_offset();
-        let from = std::mem::replace(&mut self.next, next);
-        let payload = frame.payload_bytes();
-        self.consumed(payload.len() as u64);
-        Ok((payload, from))
+        loop {
+            let e = match self.pushes.recv().await {
+                Some(Ok(frame)) => {
+                    let next = frame
+                        .response()
+                        .body_as_push()
+                        .ok_or_else(|| Error::Protocol("expected a push".into()))?
+                        .next_offset();
+                    let from = std::mem::replace(&mut self.next, next);
+                    let payload = frame.payload_bytes();
+                    self.resubscribes = 0;
+                    self.consumed(payload.len() as u64);
+                    return Ok((payload, from));
+                }
+                Some(Err(e)) => e,
+                None => Error::Closed,
+            };
+            if !e.is_retriable() {
+                self.ended = true;
+                return Err(e);
+            }
+            if self.ended || self.resubscribes >= self.retries {
+                return Err(e);
+            }
+            self.resubscribe(&e).await?;
+        }
+    }
+
+    /// Subscribes again from the next undelivered offset, at the leader as
+    /// metadata knows it after `cause`.
+    async fn resubscribe(&mut self, cause: &Error) -> Result<()> {
+        self.resubscribes += 1;
+        let at_once = self
+            .client
+            .reroute(&self.topic, self.partition, Some(self.conn.addr), cause);
+        if !at_once {
+            tokio::time::sleep(self.retry_backoff * self.resubscribes).await;
+        }
+        let (conn, id) = subscribe_request(
+            &self.client,
+            &self.topic,
+            self.partition,
+            self.next,
+            self.initial_credit,
+            self.retries,
+            self.retry_backoff,
+        )
+        .await?;
+        tracing::info!(
+            topic = %self.topic,
+            partition = self.partition,
+            offset = self.next,
+            broker = %conn.addr,
+            error = %cause,
+            "push subscription re-subscribed"
+        );
+        let pushes = conn.register_push(id);
+        let (old_conn, old_id) = (std::mem::replace(&mut self.conn, conn), self.id);
+        old_conn.unregister_push(old_id);
+        // If the old subscription still runs, stop it: its pushes would only
+        // use credit nobody reads.
+        old_conn.send_detached(fb::RequestBody::UnsubscribeRequest, |fbb| {
+            fb::UnsubscribeRequest::create(
+                fbb,
+                &fb::UnsubscribeRequestArgs {
+                    subscription_id: old_id,
+                },
+            )
+            .as_union_value()
+        });
+        self.id = id;
+        self.pushes = pushes;
+        self.owed_bytes = 0;
+        Ok(())
     }
 
     /// Counts consumed bytes and, with automatic credit, grants them back

@@ -14,6 +14,17 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("broker error {code:?}: {message}")]
     Broker { code: ErrorCode, message: String },
+    /// The broker does not lead the partition (`ErrorCode::NotLeader`);
+    /// `hint` says where the leader is when the broker knows.
+    #[error("broker error NotLeader: {message}")]
+    NotLeader {
+        message: String,
+        hint: Option<LeaderHint>,
+    },
+    /// No broker could be found or reached: ZooKeeper, every bootstrap
+    /// address and the discovery cache failed (each is named).
+    #[error("{0}")]
+    Discovery(String),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("the connection is closed")]
@@ -30,11 +41,24 @@ pub enum Error {
     RecordTooLarge { bytes: usize, bytes_max: usize },
 }
 
+/// Where a partition's leader is, as a broker that is not its leader
+/// says (`Response.leader_hint`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderHint {
+    /// `None` if the broker did not know.
+    pub broker_id: Option<u32>,
+    pub host: String,
+    /// The leader's port of the shard that owns the partition.
+    pub port: u16,
+    pub leader_epoch: u32,
+}
+
 impl Error {
     /// The broker's error code, if the broker answered with one.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::Broker { code, .. } => Some(*code),
+            Error::NotLeader { .. } => Some(ErrorCode::NotLeader),
             _ => None,
         }
     }
@@ -43,6 +67,7 @@ impl Error {
     pub fn is_retriable(&self) -> bool {
         match self {
             Error::Broker { code, .. } => code.is_retriable(),
+            Error::NotLeader { .. } | Error::Discovery(_) => true,
             Error::Io(_) | Error::Closed | Error::Connect { .. } | Error::BufferFull { .. } => true,
             _ => false,
         }
@@ -50,3 +75,24 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether the failure says the cached route to a partition is wrong
+    /// or dead: another leader, none right now, or a broker gone.
+    pub fn is_routing(&self) -> bool {
+        match self {
+            Error::NotLeader { .. } | Error::Connect { .. } | Error::Closed | Error::Io(_) => true,
+            Error::Broker { code, .. } => matches!(
+                code,
+                ErrorCode::NotOwner
+                    | ErrorCode::LeaderNotAvailable
+                    | ErrorCode::ClusterUnavailable
+                    | ErrorCode::FencedLeaderEpoch
+                    | ErrorCode::ShuttingDown
+                    | ErrorCode::UnknownTopic
+                    | ErrorCode::UnknownPartition
+            ),
+            _ => false,
+        }
+    }
+}

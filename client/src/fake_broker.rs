@@ -3,6 +3,12 @@
 //! sends pushes by hand. That makes timing-dependent client behaviour
 //! (buffer waits, linger, failed batches, credit) deterministic, which a
 //! real broker process cannot.
+//!
+//! Several fakes can form a [`FakeCluster`]: they share one view of the
+//! live brokers and of where each partition is led, answer metadata from
+//! it, and refuse produce, fetch and subscribe for partitions they do not
+//! lead with `NotLeader` (with or without a leader hint), or
+//! `LeaderNotAvailable` while a partition is offline.
 // A kit: each test uses the few knobs it needs.
 #![allow(dead_code)]
 
@@ -33,6 +39,106 @@ pub(crate) enum ProduceMode {
 pub(crate) struct ProduceCall {
     pub partition: u32,
     pub headers: Vec<BatchHeader>,
+    /// The port it arrived on (public or a shard port).
+    pub port: u16,
+    /// Stored (false: refused, e.g. with NotLeader).
+    pub accepted: bool,
+}
+
+/// Where one partition is led, as a [`FakeCluster`] knows it.
+#[derive(Debug, Clone)]
+pub(crate) struct FakePlacement {
+    pub leader: u32,
+    pub shard: u16,
+    pub leader_epoch: u32,
+    pub replicas: Vec<u32>,
+    pub isr: Vec<u32>,
+    pub offline: bool,
+    /// What metadata says instead (leader, epoch) while the cluster's
+    /// `stale_metadata` lasts: brokers that lag behind the truth.
+    pub advertised: Option<(u32, u32)>,
+}
+
+/// One member of a [`FakeCluster`].
+#[derive(Debug, Clone)]
+pub(crate) struct FakeMember {
+    pub id: u32,
+    pub port: u16,
+    pub shard_ports: Vec<u16>,
+    pub rack: Option<String>,
+    /// Listed in metadata.
+    pub live: bool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ClusterView {
+    pub name: String,
+    pub controller: Option<(u32, u64)>,
+    pub members: Vec<FakeMember>,
+    pub topics: Vec<(String, u32)>,
+    pub placement: HashMap<(String, u32), FakePlacement>,
+    /// NotLeader answers name the leader.
+    pub hints: bool,
+    /// Metadata answers left that still show `advertised` placements.
+    pub stale_metadata: u32,
+}
+
+/// Fakes sharing one view of a cluster.
+#[derive(Clone, Default)]
+pub(crate) struct FakeCluster {
+    pub view: Arc<Mutex<ClusterView>>,
+}
+
+impl FakeCluster {
+    pub fn new(name: &str) -> FakeCluster {
+        let c = FakeCluster::default();
+        c.with(|v| {
+            v.name = name.to_string();
+            v.hints = true;
+        });
+        c
+    }
+
+    pub fn with<T>(&self, f: impl FnOnce(&mut ClusterView) -> T) -> T {
+        f(&mut self.view.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Adds a topic whose partition `p` is led by `leaders[p]` on shard 0,
+    /// with every member as a replica (leader first) and all in sync.
+    pub fn topic(&self, name: &str, leaders: &[u32]) {
+        self.with(|v| {
+            v.topics.push((name.to_string(), leaders.len() as u32));
+            let ids: Vec<u32> = v.members.iter().map(|m| m.id).collect();
+            for (p, &leader) in leaders.iter().enumerate() {
+                let mut replicas = vec![leader];
+                replicas.extend(ids.iter().copied().filter(|&i| i != leader));
+                v.placement.insert(
+                    (name.to_string(), p as u32),
+                    FakePlacement {
+                        leader,
+                        shard: 0,
+                        leader_epoch: 0,
+                        isr: replicas.clone(),
+                        replicas,
+                        offline: false,
+                        advertised: None,
+                    },
+                );
+            }
+        });
+    }
+
+    pub fn place(&self, topic: &str, partition: u32, f: impl FnOnce(&mut FakePlacement)) {
+        self.with(|v| {
+            if let Some(p) = v.placement.get_mut(&(topic.to_string(), partition)) {
+                f(p);
+            }
+        });
+    }
+
+    pub fn member(&self, id: u32) -> Option<FakeMember> {
+        self.with(|v| v.members.iter().find(|m| m.id == id).cloned())
+    }
 }
 
 impl ProduceCall {
@@ -51,7 +157,12 @@ struct Held {
 
 #[derive(Default)]
 struct State {
+    /// This fake's broker id (0 alone).
+    id: u32,
+    cluster: Option<FakeCluster>,
     topics: Vec<(String, u32)>,
+    fetches: Vec<(u32, u16)>,
+    subscribes: Vec<(u32, u16, u64)>,
     shard_ports: Vec<u16>,
     produce_mode: Option<ProduceMode>,
     produces: Vec<ProduceCall>,
@@ -68,30 +179,31 @@ struct State {
     metadata_requests: usize,
 }
 
+type Tasks = Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+
 pub(crate) struct FakeBroker {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Listeners and the connections they accepted.
+    tasks: Tasks,
 }
 
 impl Drop for FakeBroker {
     fn drop(&mut self) {
-        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            t.abort();
-        }
+        self.kill();
     }
 }
 
-fn accept_loop(
-    listener: tokio::net::TcpListener,
-    st: Arc<Mutex<State>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+fn accept_loop(listener: tokio::net::TcpListener, st: Arc<Mutex<State>>, tasks: Tasks) {
+    let t = tasks.clone();
+    let task = tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             lock(&st).connections += 1;
-            tokio::spawn(serve(s, st.clone()));
+            let conn = tokio::spawn(serve(s, st.clone()));
+            t.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
         }
-    })
+    });
+    tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -111,21 +223,72 @@ impl FakeBroker {
             produce_mode: Some(ProduceMode::Ack),
             ..State::default()
         }));
-        let task = accept_loop(listener, state.clone());
-        FakeBroker {
-            addr,
-            state,
-            tasks: Mutex::new(vec![task]),
+        let tasks = Tasks::default();
+        accept_loop(listener, state.clone(), tasks.clone());
+        FakeBroker { addr, state, tasks }
+    }
+
+    /// A member `id` of `cluster` with a public port and one shard port;
+    /// it is listed live in the cluster's view.
+    pub async fn start_member(cluster: &FakeCluster, id: u32) -> FakeBroker {
+        let fake = FakeBroker::start(&[]).await;
+        let shard = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a shard port");
+        let shard_port = shard.local_addr().expect("local address").port();
+        fake.also_listen(shard);
+        {
+            let mut st = lock(&fake.state);
+            st.id = id;
+            st.cluster = Some(cluster.clone());
+            st.shard_ports = vec![shard_port];
         }
+        cluster.with(|v| {
+            v.members.push(FakeMember {
+                id,
+                port: fake.addr.port(),
+                shard_ports: vec![shard_port],
+                rack: Some(format!("rack-{id}")),
+                live: true,
+            })
+        });
+        fake
+    }
+
+    /// Stops listening and drops every connection, as a dead broker.
+    pub fn kill(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        // The connections' writers end with the last sender of their queue.
+        let mut st = lock(&self.state);
+        st.subs.clear();
+        st.held.clear();
     }
 
     /// Serves on `listener` too (a shard port).
     pub fn also_listen(&self, listener: tokio::net::TcpListener) {
-        let task = accept_loop(listener, self.state.clone());
-        self.tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(task);
+        accept_loop(listener, self.state.clone(), self.tasks.clone());
+    }
+
+    /// The first shard port.
+    pub fn shard_port(&self) -> u16 {
+        lock(&self.state).shard_ports.first().copied().unwrap_or(0)
+    }
+
+    /// Fetches seen: (partition, port it arrived on).
+    pub fn fetches(&self) -> Vec<(u32, u16)> {
+        lock(&self.state).fetches.clone()
+    }
+
+    /// Subscribes seen: (partition, port it arrived on, offset).
+    pub fn subscribes(&self) -> Vec<(u32, u16, u64)> {
+        lock(&self.state).subscribes.clone()
     }
 
     pub fn addr_string(&self) -> String {
@@ -201,6 +364,11 @@ impl FakeBroker {
         panic!("expected {n} held produces, have {}", self.held());
     }
 
+    /// Subscriptions made so far (their ids are 1, 2, ...).
+    pub fn subscriptions(&self) -> usize {
+        lock(&self.state).subs.len()
+    }
+
     /// Sends a push of `payload` for `subscription`.
     pub fn push(&self, subscription: u64, payload: &[u8], next_offset: u64) {
         let st = lock(&self.state);
@@ -234,7 +402,25 @@ fn assign(st: &mut State, topic: &str, partition: u32, records: u64) -> u64 {
     base
 }
 
+/// A leader hint: broker id, host, port, leader epoch.
+type Hint = (i32, String, u16, u32);
+
 fn response<F>(corr: u32, err: Option<(ErrorCode, &str)>, body: F, payload: &[u8]) -> Vec<u8>
+where
+    F: FnOnce(
+        &mut FlatBufferBuilder<'static>,
+    ) -> (fb::ResponseBody, Option<WIPOffset<UnionWIPOffset>>),
+{
+    response_hinted(corr, err, None, body, payload)
+}
+
+fn response_hinted<F>(
+    corr: u32,
+    err: Option<(ErrorCode, &str)>,
+    hint: Option<&Hint>,
+    body: F,
+    payload: &[u8],
+) -> Vec<u8>
 where
     F: FnOnce(
         &mut FlatBufferBuilder<'static>,
@@ -243,6 +429,18 @@ where
     let mut fbb = FlatBufferBuilder::new();
     let (body_type, body) = body(&mut fbb);
     let error_message = err.map(|(_, m)| fbb.create_string(m));
+    let leader_hint = hint.map(|(id, host, port, epoch)| {
+        let host = fbb.create_string(host);
+        fb::LeaderHint::create(
+            &mut fbb,
+            &fb::LeaderHintArgs {
+                broker_id: *id,
+                host: Some(host),
+                port: *port,
+                leader_epoch: *epoch,
+            },
+        )
+    });
     let r = fb::Response::create(
         &mut fbb,
         &fb::ResponseArgs {
@@ -251,6 +449,7 @@ where
             error_message,
             body_type,
             body,
+            leader_hint,
         },
     );
     fbb.finish(r, None);
@@ -287,36 +486,115 @@ fn produce_ok(corr: u32, base: u64, records: u64) -> Vec<u8> {
     )
 }
 
+/// One broker as metadata lists it: id, public port, shard ports, rack.
+type Listed = (u32, u16, Vec<u16>, Option<String>);
+/// One partition as metadata lists it: leader, shard, epoch, replicas,
+/// ISR, offline.
+type ListedPartition = (u32, u16, u32, Vec<u32>, Vec<u32>, bool);
+/// What one metadata answer says: brokers, topics, cluster, controller.
+type Listing = (
+    Vec<Listed>,
+    Vec<(String, Vec<ListedPartition>)>,
+    Option<String>,
+    Option<(u32, u64)>,
+);
+
 fn metadata(corr: u32, st: &State, port: u16) -> Vec<u8> {
+    let (brokers, topics, cluster, controller): Listing = match &st.cluster {
+        None => (
+            vec![(0, port, st.shard_ports.clone(), None)],
+            st.topics
+                .iter()
+                .map(|(name, n)| {
+                    let parts = (0..*n).map(|_| (0, 0, 0, vec![], vec![], false)).collect();
+                    (name.clone(), parts)
+                })
+                .collect(),
+            None,
+            Some((0, 0)),
+        ),
+        Some(c) => c.with(|v| {
+            let stale = v.stale_metadata > 0;
+            v.stale_metadata = v.stale_metadata.saturating_sub(1);
+            let brokers = v
+                .members
+                .iter()
+                .filter(|m| m.live)
+                .map(|m| (m.id, m.port, m.shard_ports.clone(), m.rack.clone()))
+                .collect();
+            let topics = v
+                .topics
+                .iter()
+                .map(|(name, n)| {
+                    let parts = (0..*n)
+                        .map(|p| {
+                            let Some(pl) = v.placement.get(&(name.clone(), p)) else {
+                                return (0, 0, 0, vec![], vec![], true);
+                            };
+                            let (leader, epoch) = match (stale, pl.advertised) {
+                                (true, Some(a)) => a,
+                                _ => (pl.leader, pl.leader_epoch),
+                            };
+                            (
+                                leader,
+                                pl.shard,
+                                epoch,
+                                pl.replicas.clone(),
+                                pl.isr.clone(),
+                                pl.offline,
+                            )
+                        })
+                        .collect();
+                    (name.clone(), parts)
+                })
+                .collect();
+            (brokers, topics, Some(v.name.clone()), v.controller)
+        }),
+    };
     response(
         corr,
         None,
         |fbb| {
-            let host = fbb.create_string("127.0.0.1");
-            let version = fbb.create_string(FAKE_VERSION);
-            let ports = fbb.create_vector(&st.shard_ports);
-            let broker = fb::BrokerInfo::create(
-                fbb,
-                &fb::BrokerInfoArgs {
-                    version: Some(version),
-                    id: 0,
-                    host: Some(host),
-                    port,
-                    shard_ports: Some(ports),
-                },
-            );
-            let brokers = fbb.create_vector(&[broker]);
-            let topics: Vec<_> = st
-                .topics
+            let brokers: Vec<_> = brokers
                 .iter()
-                .map(|(name, n)| {
-                    let parts: Vec<_> = (0..*n)
-                        .map(|p| {
+                .map(|(id, port, shard_ports, rack)| {
+                    let host = fbb.create_string("127.0.0.1");
+                    let version = fbb.create_string(FAKE_VERSION);
+                    let ports = fbb.create_vector(shard_ports);
+                    let rack = rack.as_deref().map(|r| fbb.create_string(r));
+                    fb::BrokerInfo::create(
+                        fbb,
+                        &fb::BrokerInfoArgs {
+                            version: Some(version),
+                            id: *id,
+                            host: Some(host),
+                            port: *port,
+                            shard_ports: Some(ports),
+                            rack,
+                        },
+                    )
+                })
+                .collect();
+            let brokers = fbb.create_vector(&brokers);
+            let topics: Vec<_> = topics
+                .iter()
+                .map(|(name, parts)| {
+                    let parts: Vec<_> = parts
+                        .iter()
+                        .enumerate()
+                        .map(|(p, (leader, shard, epoch, replicas, isr, offline))| {
+                            let replicas = fbb.create_vector(replicas);
+                            let isr = fbb.create_vector(isr);
                             fb::PartitionInfo::create(
                                 fbb,
                                 &fb::PartitionInfoArgs {
-                                    partition: p,
-                                    shard: 0,
+                                    partition: p as u32,
+                                    leader_broker: *leader,
+                                    shard: *shard,
+                                    leader_epoch: *epoch,
+                                    replicas: Some(replicas),
+                                    isr: Some(isr),
+                                    offline: *offline,
                                     ..Default::default()
                                 },
                             )
@@ -336,14 +614,72 @@ fn metadata(corr: u32, st: &State, port: u16) -> Vec<u8> {
                 })
                 .collect();
             let topics = fbb.create_vector(&topics);
+            let cluster = cluster.as_deref().map(|c| fbb.create_string(c));
             let m = fb::MetadataResponse::create(
                 fbb,
                 &fb::MetadataResponseArgs {
                     brokers: Some(brokers),
                     topics: Some(topics),
+                    cluster,
+                    controller_id: controller.map_or(-1, |c| c.0 as i32),
+                    controller_epoch: controller.map_or(0, |c| c.1),
                 },
             );
             (fb::ResponseBody::MetadataResponse, Some(m.as_union_value()))
+        },
+        &[],
+    )
+}
+
+/// Why this fake may not serve `topic`/`partition`: an error frame for
+/// `corr` (NotLeader, with a hint if the cluster gives them, or
+/// LeaderNotAvailable), or `None` if it leads it (or is alone).
+fn not_leader(corr: u32, st: &State, topic: &str, partition: u32) -> Option<Vec<u8>> {
+    let c = st.cluster.as_ref()?;
+    c.with(|v| {
+        let pl = v.placement.get(&(topic.to_string(), partition))?;
+        if pl.offline {
+            return Some(error(
+                corr,
+                ErrorCode::LeaderNotAvailable,
+                "no live leader (fake)",
+            ));
+        }
+        if pl.leader == st.id {
+            return None;
+        }
+        let hint = v
+            .hints
+            .then(|| v.members.iter().find(|m| m.id == pl.leader))
+            .flatten()
+            .and_then(|m| {
+                let port = *m.shard_ports.get(usize::from(pl.shard))?;
+                Some((m.id as i32, "127.0.0.1".to_string(), port, pl.leader_epoch))
+            });
+        Some(response_hinted(
+            corr,
+            Some((ErrorCode::NotLeader, "not the leader (fake)")),
+            hint.as_ref(),
+            |_| (fb::ResponseBody::NONE, None),
+            &[],
+        ))
+    })
+}
+
+fn fetch_ok(corr: u32, next_offset: u64) -> Vec<u8> {
+    response(
+        corr,
+        None,
+        |fbb| {
+            let b = fb::FetchResponse::create(
+                fbb,
+                &fb::FetchResponseArgs {
+                    high_watermark: next_offset,
+                    log_start_offset: 0,
+                    next_offset,
+                },
+            );
+            (fb::ResponseBody::FetchResponse, Some(b.as_union_value()))
         },
         &[],
     )
@@ -412,48 +748,62 @@ async fn serve(s: tokio::net::TcpStream, st: Arc<Mutex<State>>) {
                 .filter_map(|b| b.ok().map(|(h, _)| h))
                 .collect();
             let records: u64 = headers.iter().map(|h| u64::from(h.record_count)).sum();
+            let refused = not_leader(corr, &st, &topic, p.partition());
             st.produces.push(ProduceCall {
                 partition: p.partition(),
                 headers,
+                port,
+                accepted: refused.is_none(),
             });
-            match st.produce_mode.unwrap_or(ProduceMode::Ack) {
-                ProduceMode::Ack => {
-                    let base = assign(&mut st, &topic, p.partition(), records);
-                    Some(produce_ok(corr, base, records))
-                }
-                ProduceMode::Fail(code) => Some(error(corr, code, "failed by the test")),
-                ProduceMode::Hold => {
-                    st.held.push(Held {
-                        out: out.clone(),
-                        corr,
-                        topic,
-                        partition: p.partition(),
-                        records,
-                    });
-                    None
+            if let Some(e) = refused {
+                Some(e)
+            } else {
+                match st.produce_mode.unwrap_or(ProduceMode::Ack) {
+                    ProduceMode::Ack => {
+                        let base = assign(&mut st, &topic, p.partition(), records);
+                        Some(produce_ok(corr, base, records))
+                    }
+                    ProduceMode::Fail(code) => Some(error(corr, code, "failed by the test")),
+                    ProduceMode::Hold => {
+                        st.held.push(Held {
+                            out: out.clone(),
+                            corr,
+                            topic,
+                            partition: p.partition(),
+                            records,
+                        });
+                        None
+                    }
                 }
             }
+        } else if let Some(f) = req.body_as_fetch_request() {
+            st.fetches.push((f.partition(), port));
+            not_leader(corr, &st, f.topic().unwrap_or(""), f.partition())
+                .or_else(|| Some(fetch_ok(corr, f.offset())))
         } else if let Some(s) = req.body_as_subscribe_request() {
-            let id = st.subs.len() as u64 + 1;
-            st.subs.insert(id, out.clone());
-            st.subscribe_credits.push(s.credit_bytes());
-            Some(response(
-                corr,
-                None,
-                |fbb| {
-                    let b = fb::SubscribeResponse::create(
-                        fbb,
-                        &fb::SubscribeResponseArgs {
-                            subscription_id: id,
-                        },
-                    );
-                    (
-                        fb::ResponseBody::SubscribeResponse,
-                        Some(b.as_union_value()),
-                    )
-                },
-                &[],
-            ))
+            st.subscribes.push((s.partition(), port, s.offset()));
+            not_leader(corr, &st, s.topic().unwrap_or(""), s.partition()).or_else(|| {
+                let id = st.subs.len() as u64 + 1;
+                st.subs.insert(id, out.clone());
+                st.subscribe_credits.push(s.credit_bytes());
+                Some(response(
+                    corr,
+                    None,
+                    |fbb| {
+                        let b = fb::SubscribeResponse::create(
+                            fbb,
+                            &fb::SubscribeResponseArgs {
+                                subscription_id: id,
+                            },
+                        );
+                        (
+                            fb::ResponseBody::SubscribeResponse,
+                            Some(b.as_union_value()),
+                        )
+                    },
+                    &[],
+                ))
+            })
         } else if let Some(g) = req.body_as_grant_credit_request() {
             st.grants.push((g.subscription_id(), g.bytes()));
             (!st.grants_unanswered).then(|| empty_ok(corr, fb::ResponseBody::GrantCreditResponse))

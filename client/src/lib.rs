@@ -1,16 +1,20 @@
 //! `shoal-client`: the Rust client for Shoal, usable from tokio.
 //!
 //! # Tour
-//! - [`Client`]: connects to a broker, caches metadata and routes each
-//!   partition's requests straight to the shard that owns it (its shard
-//!   port from metadata), falling back to the public port. Admin
-//!   operations (topics, metrics) live here too.
+//! - [`Client`]: finds the cluster (a bootstrap list, `zk://`, or the
+//!   disk cache of the broker list), caches metadata and routes each
+//!   partition's requests straight to its leader's shard that owns it (its
+//!   shard port from metadata), falling back to that broker's public port;
+//!   follows `NotLeader` redirects. Admin operations (topics, metrics) go
+//!   to any live broker.
+//! - [`discovery`]: bootstrap strings, the ZooKeeper lookup and the disk
+//!   cache of the broker list (Z2).
 //! - [`Producer`]: batching by size and linger, partitioner (by key or
 //!   round-robin), acks, idempotence (producer id + sequence) and retries.
 //! - [`Consumer`]: assigned partitions read by long-poll fetch, by offset or
 //!   timestamp; [`consumer::Subscription`] for push with credit.
 //! - [`cli`]: the client commands of the `shoal` binary (topic, produce,
-//!   consume, metrics).
+//!   consume, metrics, cluster status).
 //! - [`connection`]: one TCP connection, requests multiplexed by
 //!   correlation id.
 //!
@@ -31,19 +35,26 @@
 
 pub mod cli;
 pub mod client;
+#[cfg(test)]
+mod cluster_tests;
 pub mod connection;
 pub mod consumer;
+pub mod discovery;
 pub mod error;
 #[cfg(test)]
 mod fake_broker;
 pub mod producer;
 
-pub use client::{Client, ClientConfig, NewTopic, PartitionInfo, TopicInfo};
+pub use client::{
+    BrokerInfo, Client, ClientConfig, ClusterInfo, DiscoverySource, NewTopic, PartitionInfo,
+    TopicInfo,
+};
 pub use consumer::{
     decode_record_views, decode_records, ConsumedRecord, Consumer, ConsumerConfig, Fetched, Pushed,
     PushedViews, RecordView, StartAt, Subscription,
 };
-pub use error::{Error, Result};
+pub use discovery::DiscoveryCache;
+pub use error::{Error, LeaderHint, Result};
 pub use producer::{
     produce_batches, Acks, Delivery, Partitioner, Produced, Producer, ProducerConfig,
     RecordMetadata,

@@ -60,7 +60,12 @@ pub struct ProducerConfig {
     pub linger: Duration,
     pub acks: Acks,
     pub idempotent: bool,
+    /// Times a request that failed retriably is sent again (to the new
+    /// leader after `NotLeader`, after a metadata refresh when the leader
+    /// is unknown or gone).
     pub retries: u32,
+    /// Wait before retry `n` is `n` × this; none after a `NotLeader` that
+    /// named the leader.
     pub retry_backoff: Duration,
     pub partitioner: Partitioner,
     /// Bytes of records (encoded) accepted but not yet acknowledged or
@@ -852,27 +857,20 @@ async fn send_with_retries(
     batches: &[&[u8]],
 ) -> Result<u64> {
     let cfg = &core.config;
-    let mut attempt = 0;
-    loop {
-        let r = async {
-            let conn = core.client.partition_connection(topic, partition).await?;
-            let topic_id = core.topic_id(topic);
-            produce_parts(&conn, topic, topic_id, partition, cfg.acks, batches)
-                .await
-                .map(|p| p.base_offset)
-        }
-        .await;
-        match r {
-            Ok(base) => return Ok(base),
-            Err(e) if e.is_retriable() && attempt < cfg.retries => {
-                attempt += 1;
-                tracing::debug!(error = %e, attempt, "produce failed; retrying");
-                core.client.invalidate();
-                tokio::time::sleep(cfg.retry_backoff * attempt).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    core.client
+        .with_partition(
+            topic,
+            partition,
+            cfg.retries,
+            cfg.retry_backoff,
+            |conn| async move {
+                let topic_id = core.topic_id(topic);
+                produce_parts(&conn, topic, topic_id, partition, cfg.acks, batches)
+                    .await
+                    .map(|p| p.base_offset)
+            },
+        )
+        .await
 }
 
 #[cfg(test)]
