@@ -6,9 +6,13 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
+# Cluster tests start a private ZooKeeper from Debian's package (its jars;
+# not zookeeperd, which would start a system daemon).
+[ -f /usr/share/java/zookeeper.jar ] || need_apt+=(zookeeper)
+command -v java >/dev/null || need_apt+=(default-jre-headless)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 

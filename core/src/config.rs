@@ -43,6 +43,11 @@ pub struct FileConfig {
     pub slow_consumer_timeout_ms: Option<u64>,
     pub segment_fds_max: Option<usize>,
     pub partial_frames_bytes_max: Option<usize>,
+    pub zookeeper: Option<String>,
+    pub broker_id: Option<u32>,
+    pub cluster: Option<String>,
+    pub rack: Option<String>,
+    pub zk_session_timeout_ms: Option<u64>,
 }
 
 /// The resolved configuration a broker runs with.
@@ -78,6 +83,8 @@ pub struct Config {
     /// Per shard: bytes of receive buffers beyond their base size (partial
     /// and large frames) all connections may hold at once.
     pub partial_frames_bytes_max: usize,
+    /// Cluster membership; `None`: a single node (no ZooKeeper).
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Parses a core list: `all`, `0,2,3`, `0-3` or a mix (`0-1,4`).
@@ -123,6 +130,23 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>> {
     Ok(cores)
 }
 
+/// How this broker joins a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// ZooKeeper connect string: `host:port[,host:port...][/chroot]`.
+    pub zookeeper: String,
+    pub broker_id: u32,
+    /// The cluster's name: its nodes live under `<chroot>/shoal/<cluster>`,
+    /// so several clusters can share one ZooKeeper.
+    pub name: String,
+    pub rack: Option<String>,
+    pub session_timeout: Duration,
+}
+
+/// Default ZooKeeper session timeout: a dead broker leaves the cluster
+/// (and its partitions are seen offline) this long after its last contact.
+pub const ZK_SESSION_TIMEOUT_MS_DEFAULT: u64 = 6000;
+
 /// Flags of `shoal serve` that override the file.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -130,6 +154,10 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub cores: Option<String>,
     pub config: Option<PathBuf>,
+    pub zookeeper: Option<String>,
+    pub broker_id: Option<u32>,
+    pub cluster: Option<String>,
+    pub rack: Option<String>,
 }
 
 impl Config {
@@ -168,7 +196,44 @@ impl Config {
         let frame_bytes_max = file
             .frame_bytes_max
             .unwrap_or(shoal_wire::frame::FRAME_BYTES_MAX_DEFAULT);
+        let cluster = match o.zookeeper.clone().or(file.zookeeper) {
+            None => {
+                if o.broker_id.or(file.broker_id).is_some() {
+                    return Err(Error::Config(
+                        "broker_id is set but zookeeper is not: a single node needs neither".into(),
+                    ));
+                }
+                None
+            }
+            Some(zookeeper) => {
+                let broker_id = o.broker_id.or(file.broker_id).ok_or_else(|| {
+                    Error::Config("--zookeeper needs --broker-id N (TOML broker_id)".into())
+                })?;
+                let name = o
+                    .cluster
+                    .clone()
+                    .or(file.cluster)
+                    .unwrap_or_else(|| "default".into());
+                crate::metadata::validate_cluster_name(&name)?;
+                let session_ms = file
+                    .zk_session_timeout_ms
+                    .unwrap_or(ZK_SESSION_TIMEOUT_MS_DEFAULT);
+                if !(1000..=600_000).contains(&session_ms) {
+                    return Err(Error::Config(format!(
+                        "zk_session_timeout_ms {session_ms} must be 1000 to 600000"
+                    )));
+                }
+                Some(ClusterConfig {
+                    zookeeper,
+                    broker_id,
+                    name,
+                    rack: o.rack.clone().or(file.rack).filter(|r| !r.is_empty()),
+                    session_timeout: Duration::from_millis(session_ms),
+                })
+            }
+        };
         let config = Config {
+            cluster,
             listen,
             // Absolute, so logs name it unambiguously and glommio (which
             // opens directories by absolute path only) can use it.

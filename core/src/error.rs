@@ -74,6 +74,33 @@ pub enum Error {
     /// A configuration that cannot run (start-up only).
     #[error("{0}")]
     Config(String),
+    #[error("this broker does not lead {topic}-{partition}{}", match .leader { Some(l) => format!("; broker {l} does (leader epoch {leader_epoch})"), None => String::new() })]
+    NotLeader {
+        topic: String,
+        partition: u32,
+        leader: Option<u32>,
+        leader_epoch: u32,
+        hint: Option<LeaderHint>,
+    },
+    #[error("{topic}-{partition} has no live leader right now")]
+    LeaderNotAvailable { topic: String, partition: u32 },
+    /// ZooKeeper unreachable, no controller, or a controller deposed
+    /// mid-change.
+    #[error("{0}")]
+    ClusterUnavailable(String),
+    /// An error another broker answered (the controller, over a link).
+    #[error("{message}")]
+    Remote { code: ErrorCode, message: String },
+}
+
+/// Where a partition's leader can be reached (sent with `NotLeader`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderHint {
+    pub broker_id: u32,
+    pub host: String,
+    /// The leader's port of the shard that owns the partition.
+    pub port: u16,
+    pub leader_epoch: u32,
 }
 
 impl Error {
@@ -97,6 +124,10 @@ impl Error {
             Error::UnknownTopicId { .. } => ErrorCode::UnknownTopicId,
             Error::Storage(e) | Error::Partition { source: e, .. } => e.code(),
             Error::Io { .. } => ErrorCode::StorageError,
+            Error::NotLeader { .. } => ErrorCode::NotLeader,
+            Error::LeaderNotAvailable { .. } => ErrorCode::LeaderNotAvailable,
+            Error::ClusterUnavailable(_) => ErrorCode::ClusterUnavailable,
+            Error::Remote { code, .. } => *code,
         }
     }
 

@@ -23,6 +23,7 @@
 //! The client commands of the `shoal` binary live with the client
 //! (`shoal_client::cli`).
 
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod controller;

@@ -30,7 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a broker: one shard per core, single node, no ZooKeeper needed.
+    /// Run a broker: one shard per core. Alone by default (no ZooKeeper
+    /// needed); with --zookeeper and --broker-id, a member of a cluster.
     Serve {
         /// Public address; shard i also listens on port+1+i.
         #[arg(long)]
@@ -44,6 +45,18 @@ enum Command {
         /// TOML file with any of the settings (flags win).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Join a cluster: ZooKeeper as host:port[,host:port...][/chroot].
+        #[arg(long)]
+        zookeeper: Option<String>,
+        /// This broker's id in the cluster (unique; needed with --zookeeper).
+        #[arg(long)]
+        broker_id: Option<u32>,
+        /// Cluster name (several clusters can share one ZooKeeper) [default: default].
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Rack (or zone) of this broker: replicas of a partition go to different racks.
+        #[arg(long)]
+        rack: Option<String>,
     },
     /// Create, list, describe or delete topics.
     Topic {
@@ -154,11 +167,19 @@ fn main() {
             data_dir,
             cores,
             config,
+            zookeeper,
+            broker_id,
+            cluster,
+            rack,
         } => config::Config::load(&config::Overrides {
             listen,
             data_dir,
             cores,
             config,
+            zookeeper,
+            broker_id,
+            cluster,
+            rack,
         })
         .and_then(server::run)
         .map_err(|e| e.to_string()),

@@ -109,6 +109,13 @@ pub enum MeshMsg {
     /// From the controller: close and delete the local partitions (of a
     /// deleted topic, or of a creation that is rolled back).
     DropTopic { meta: TopicMeta, reply: Reply<()> },
+    /// From the controller: the topic's placement or partition state
+    /// changed (leader, epoch, ISR); its local logs stay as they are.
+    UpdateTopic { meta: TopicMeta, reply: Reply<()> },
+    /// From shard 0: the cluster as ZooKeeper shows it now.
+    ClusterView {
+        view: std::sync::Arc<crate::cluster::ClusterView>,
+    },
     Metrics {
         reply: oneshot::Sender<Vec<(&'static str, u64)>>,
     },

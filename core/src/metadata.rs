@@ -27,9 +27,49 @@ pub struct TopicMeta {
     pub retention_ms: Option<u64>,
     pub retention_bytes: Option<u64>,
     pub segment_bytes: u64,
+    /// Cluster only (empty on a single node): partition `i`'s replicas,
+    /// leader and in-sync set at index `i`, as recorded in ZooKeeper.
+    /// `shards[i]` is then this broker's shard for its replica (or, when it
+    /// holds none, the leader's, for information).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<Placement>,
+}
+
+/// Where one partition lives in a cluster and who leads it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Placement {
+    /// Preferred leader first.
+    pub replicas: Vec<Replica>,
+    pub leader: Option<u32>,
+    /// Bumped by every change of leader (replication fences on it).
+    pub leader_epoch: u32,
+    pub isr: Vec<u32>,
+}
+
+/// One replica of a partition: a broker and the shard on it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replica {
+    pub broker: u32,
+    pub shard: u16,
+}
+
+impl Placement {
+    pub fn replica_on(&self, broker: u32) -> Option<Replica> {
+        self.replicas.iter().copied().find(|r| r.broker == broker)
+    }
 }
 
 impl TopicMeta {
+    /// Whether this broker (`None`: a single node) holds a replica of
+    /// `partition`.
+    pub fn is_local(&self, partition: u32, me: Option<u32>) -> bool {
+        match (me, self.placement.get(partition as usize)) {
+            (Some(me), Some(p)) => p.replica_on(me).is_some(),
+            (Some(_), None) => self.placement.is_empty(),
+            (None, _) => true,
+        }
+    }
+
     pub fn partitions(&self) -> u32 {
         self.shards.len() as u32
     }
@@ -77,6 +117,15 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A cluster name is a ZooKeeper path element: the topic-name rule.
+pub fn validate_cluster_name(name: &str) -> Result<()> {
+    validate_topic_name(name).map_err(|_| {
+        Error::Config(format!(
+            "invalid cluster name {name:?}: use 1-200 of A-Z a-z 0-9 . _ -"
+        ))
+    })
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

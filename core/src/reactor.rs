@@ -38,6 +38,12 @@ pub struct Reactor {
     /// of `topics.json` starts from the one before (two concurrent changes
     /// would each write a map without the other's topic).
     pub topic_changes: futures::lock::Mutex<()>,
+    /// Cluster mode: the membership and controller this shard last heard
+    /// of (`None` on a single node, or before the first word from
+    /// ZooKeeper).
+    pub cluster: std::cell::RefCell<Option<std::sync::Arc<crate::cluster::ClusterView>>>,
+    /// Cluster mode: the way to the ZooKeeper thread (topic changes).
+    pub control: Option<crate::cluster::ControlSender>,
     next_subscription: Cell<u64>,
 }
 
@@ -47,6 +53,7 @@ impl Reactor {
         config: Rc<Config>,
         topics: impl IntoIterator<Item = TopicMeta>,
         mesh: Mesh,
+        control: Option<crate::cluster::ControlSender>,
     ) -> Reactor {
         Reactor {
             id,
@@ -60,8 +67,15 @@ impl Reactor {
             stopping: Cell::new(false),
             creating: Default::default(),
             topic_changes: futures::lock::Mutex::new(()),
+            cluster: Default::default(),
+            control,
             next_subscription: Cell::new(1),
         }
+    }
+
+    /// This broker's id in its cluster; `None` on a single node.
+    pub fn broker_id(&self) -> Option<u32> {
+        self.config.cluster.as_ref().map(|c| c.broker_id)
     }
 
     pub fn next_subscription_id(&self) -> u64 {
@@ -124,6 +138,13 @@ impl Reactor {
             }
             MeshMsg::DropTopic { meta, reply } => {
                 let _ = reply.send(self.drop_topic(&meta).await);
+            }
+            MeshMsg::UpdateTopic { meta, reply } => {
+                self.partitions.reserve(&meta);
+                let _ = reply.send(Ok(()));
+            }
+            MeshMsg::ClusterView { view } => {
+                *self.cluster.borrow_mut() = Some(view);
             }
             MeshMsg::Metrics { reply } => {
                 let _ = reply.send(self.metrics.snapshot());

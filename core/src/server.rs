@@ -7,6 +7,7 @@
 //! partition's owner directly. SIGINT/SIGTERM stop every shard: listeners
 //! close, partitions flush and write their clean checkpoints, threads end.
 
+use crate::cluster;
 use crate::config::Config;
 use crate::conn;
 use crate::error::{Error, Result};
@@ -57,6 +58,12 @@ pub fn run(config: Config) -> Result<()> {
     );
     let n = config.cores.len();
     let mesh = mesh::builder(n);
+    // Cluster mode: the channels between the shards and the control thread
+    // (ZooKeeper), started once the shards serve (it registers their ports).
+    let (control_tx, control_rx) = futures::channel::mpsc::channel(cluster::CONTROL_QUEUE_MAX);
+    let (shards_tx, shards_rx) = futures::channel::mpsc::channel(cluster::CONTROL_QUEUE_MAX);
+    let clustered = config.cluster.is_some();
+    let mut shards_rx = clustered.then_some(shards_rx);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
     let mut handles = Vec::with_capacity(n);
     for (i, &core) in config.cores.iter().enumerate() {
@@ -67,11 +74,17 @@ pub fn run(config: Config) -> Result<()> {
             stop.clone(),
             ready_tx.clone(),
         );
+        let control = clustered.then(|| control_tx.clone());
+        let from_control = if i == 0 { shards_rx.take() } else { None };
         let h = LocalExecutorBuilder::new(Placement::Fixed(core))
             .spin_before_park(config.idle_spin)
             .name(&format!("shard-{i}"))
             .spawn(move || async move {
-                match shard_main(i, config, topics, mesh, stop, ready.clone()).await {
+                let links = ShardLinks {
+                    control,
+                    from_control,
+                };
+                match shard_main(i, config, topics, mesh, links, stop, ready.clone()).await {
                     Ok(()) => Ok(()),
                     // The error itself goes to whoever waits for the shards
                     // to be ready (start-up) ...
@@ -100,6 +113,21 @@ pub fn run(config: Config) -> Result<()> {
             Err(_) => break,
         }
     }
+    drop(control_tx);
+    let control_thread = if clustered {
+        match cluster::control::start(config.clone(), control_rx, shards_tx, stop.clone()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     tracing::info!(port = config.listen.port(), "shoal is ready");
     let mut result = Ok(());
     for h in handles {
@@ -109,8 +137,18 @@ pub fn run(config: Config) -> Result<()> {
             Err(e) => result = Err(Error::Config(format!("a shard panicked: {e:?}"))),
         }
     }
+    if let Some(t) = control_thread {
+        let _ = t.join();
+    }
     tracing::info!("shoal stopped");
     result
+}
+
+/// A shard's ends of the channels to the control thread (cluster mode).
+struct ShardLinks {
+    control: Option<cluster::ControlSender>,
+    /// Shard 0 only: what the control thread says.
+    from_control: Option<futures::channel::mpsc::Receiver<cluster::ToShards>>,
 }
 
 async fn shard_main(
@@ -118,6 +156,7 @@ async fn shard_main(
     config: Config,
     topics: Topics,
     mesh: Option<MeshBuilderFull>,
+    links: ShardLinks,
     stop: Arc<AtomicBool>,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) -> Result<()> {
@@ -133,6 +172,7 @@ async fn shard_main(
         config.clone(),
         topics.topics.into_values(),
         mesh,
+        links.control,
     ));
     reactor
         .open_local_partitions()
@@ -148,6 +188,9 @@ async fn shard_main(
         Some(r) => mesh::serve(&reactor, r),
         None => Vec::new(),
     };
+    if let Some(rx) = links.from_control {
+        tasks.push(rt::spawn(cluster::bridge::serve(reactor.clone(), rx)));
+    }
     let per_shard_max = config.connections_max.div_ceil(config.cores.len());
     for listener in listeners {
         tasks.push(rt::spawn(accept_loop(

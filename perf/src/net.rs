@@ -62,7 +62,13 @@ pub struct Common {
     /// Start a `shoal serve` of our own on a free port and temp dir.
     #[arg(long)]
     pub spawn: bool,
-    /// Cores for the spawned broker.
+    /// Start a private ZooKeeper (Debian's zookeeper package) and this
+    /// many brokers of our own, one shard each, and measure the cluster
+    /// (topics spread over the brokers; the client goes to each leader).
+    #[arg(long, conflicts_with = "spawn")]
+    pub spawn_cluster: Option<u32>,
+    /// Cores for the spawned broker (each broker of --spawn-cluster takes
+    /// one of them, in turn).
     #[arg(long, default_value = "0")]
     pub broker_cores: String,
     /// Config file (TOML) for the spawned broker, as `shoal serve --config`.
@@ -221,6 +227,14 @@ fn shoal_bin() -> Result<PathBuf, String> {
 
 impl SpawnedBroker {
     pub fn start(cores: &str, config: Option<&Path>) -> Result<SpawnedBroker, String> {
+        SpawnedBroker::start_with(cores, config, &[])
+    }
+
+    pub fn start_with(
+        cores: &str,
+        config: Option<&Path>,
+        extra: &[String],
+    ) -> Result<SpawnedBroker, String> {
         let shards = cores
             .split(',')
             .map(|p| {
@@ -257,6 +271,7 @@ impl SpawnedBroker {
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
+        cmd.args(extra);
         let child = cmd
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -299,6 +314,88 @@ impl Drop for SpawnedBroker {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
+    }
+}
+
+/// A private ZooKeeper and `n` brokers (ids 1..=n).
+pub struct SpawnedCluster {
+    // Brokers first: they stop (and leave the cluster) before ZooKeeper.
+    brokers: Vec<SpawnedBroker>,
+    zk: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl SpawnedCluster {
+    pub fn start(n: u32, cores: &str, config: Option<&Path>) -> Result<SpawnedCluster, String> {
+        const JAR: &str = "/usr/share/java/zookeeper.jar";
+        if !Path::new(JAR).exists() {
+            return Err(format!(
+                "{JAR} not found: --spawn-cluster needs Debian's zookeeper package (apt-get install zookeeper)"
+            ));
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let zk_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let cfg = dir.path().join("zoo.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "tickTime=200\ndataDir={}\nclientPort={zk_port}\nclientPortAddress=127.0.0.1\n\
+                 admin.enableServer=false\n4lw.commands.whitelist=ruok\n",
+                dir.path().join("zk").display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let zk = Command::new("java")
+            .args(["-Xmx256m", "-cp", &format!("/etc/zookeeper/conf:{JAR}")])
+            .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start ZooKeeper (java): {e}"))?;
+        let mut c = SpawnedCluster {
+            brokers: Vec::new(),
+            zk,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", zk_port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("ZooKeeper did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let core_list: Vec<&str> = cores.split(',').collect();
+        for id in 1..=n {
+            let core = core_list[(id as usize - 1) % core_list.len()];
+            let extra = [
+                "--zookeeper".to_string(),
+                format!("127.0.0.1:{zk_port}"),
+                "--broker-id".to_string(),
+                id.to_string(),
+            ];
+            c.brokers
+                .push(SpawnedBroker::start_with(core, config, &extra)?);
+        }
+        Ok(c)
+    }
+
+    pub fn addr(&self) -> String {
+        self.brokers
+            .first()
+            .map(|b| b.addr.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for SpawnedCluster {
+    fn drop(&mut self) {
+        self.brokers.clear();
+        let _ = self.zk.kill();
+        let _ = self.zk.wait();
     }
 }
 
@@ -393,7 +490,7 @@ where
     Fut: std::future::Future<Output = Result<(), String>>,
 {
     let t = target(&c)?;
-    pin_to(c.core, c.spawn);
+    pin_to(c.core, c.spawn || c.spawn_cluster.is_some());
     let rt = runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
@@ -414,20 +511,32 @@ where
 
 struct Target {
     _spawned: Option<SpawnedBroker>,
+    _cluster: Option<SpawnedCluster>,
     addr: String,
 }
 
 fn target(c: &Common) -> Result<Target, String> {
+    if let Some(n) = c.spawn_cluster {
+        let cluster = SpawnedCluster::start(n.max(1), &c.broker_cores, c.broker_config.as_deref())?;
+        let addr = cluster.addr();
+        return Ok(Target {
+            _spawned: None,
+            _cluster: Some(cluster),
+            addr,
+        });
+    }
     if c.spawn {
         let b = SpawnedBroker::start(&c.broker_cores, c.broker_config.as_deref())?;
         let addr = b.addr.clone();
         Ok(Target {
             _spawned: Some(b),
+            _cluster: None,
             addr,
         })
     } else {
         Ok(Target {
             _spawned: None,
+            _cluster: None,
             addr: c.broker.clone(),
         })
     }
@@ -670,7 +779,7 @@ pub fn produce(a: ProduceArgs) -> Result<(), String> {
                 settings: serde_json::json!({
                     "producers": producers, "size": a.size, "batch_bytes": a.batch_bytes, "linger_us": a.linger_us,
                     "acks": a.acks, "rate": a.rate, "partitions": c.partitions, "sync": c.sync, "topic": topic,
-                    "spawn": c.spawn, "broker_cores": c.broker_cores,
+                    "spawn": c.spawn, "spawn_cluster": c.spawn_cluster, "broker_cores": c.broker_cores,
                 }),
             };
             finish(&c, prog, run, &h)
@@ -734,7 +843,7 @@ pub fn consume(a: ConsumeArgs) -> Result<(), String> {
             let Session {
                 c, client, topic, ..
             } = session;
-            if c.spawn || a.fill {
+            if c.spawn || c.spawn_cluster.is_some() || a.fill {
                 fill(
                     &client,
                     &topic,
@@ -845,7 +954,7 @@ pub fn consume(a: ConsumeArgs) -> Result<(), String> {
                 broker_produce_latency_us: None,
                 settings: serde_json::json!({
                     "consumers": consumers, "size": a.size, "fill_bytes": a.fill_bytes, "push": a.push, "fetch_bytes": a.fetch_bytes,
-                    "partitions": c.partitions, "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
+                    "partitions": c.partitions, "topic": topic, "spawn": c.spawn, "spawn_cluster": c.spawn_cluster, "broker_cores": c.broker_cores,
                     "latency": "per fetch request (or per push)",
                 }),
             };
@@ -1009,7 +1118,7 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
                 .and_then(|(b, a)| bucket_percentiles(b, a)),
             settings: serde_json::json!({
                 "rate": a.rate, "size": a.size, "linger_us": a.linger_us, "partitions": c.partitions, "sync": c.sync,
-                "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
+                "topic": topic, "spawn": c.spawn, "spawn_cluster": c.spawn_cluster, "broker_cores": c.broker_cores,
                 "latency": "intended send time to delivery by push (corrected for coordinated omission)",
             }),
         };
@@ -1102,7 +1211,7 @@ pub fn ping(a: PingArgs) -> Result<(), String> {
             ack_latency_us: None,
             broker_produce_latency_us: None,
             settings: serde_json::json!({
-                "rate": a.rate, "topic": topic, "spawn": c.spawn, "broker_cores": c.broker_cores,
+                "rate": a.rate, "topic": topic, "spawn": c.spawn, "spawn_cluster": c.spawn_cluster, "broker_cores": c.broker_cores,
                 "latency": "intended send time to the answer of an empty fetch (open loop)",
             }),
         };

@@ -41,6 +41,102 @@ fn free_ports(shards: usize) -> u16 {
     panic!("no free port range found");
 }
 
+/// A private ZooKeeper server (Debian's `zookeeper` package, run from its
+/// jars) on a free port with its own data directory: up in about a
+/// second, a low tickTime so short session timeouts are allowed.
+pub struct ZooKeeper {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// Where Debian's package puts ZooKeeper.
+const ZOOKEEPER_JAR: &str = "/usr/share/java/zookeeper.jar";
+
+impl ZooKeeper {
+    pub fn start() -> ZooKeeper {
+        assert!(
+            std::path::Path::new(ZOOKEEPER_JAR).exists(),
+            "{ZOOKEEPER_JAR} not found: install Debian's zookeeper package (scripts/test.sh does)"
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut zk = ZooKeeper {
+            port: free_ports(0),
+            dir,
+            child: None,
+        };
+        let cfg = format!(
+            "tickTime=100\ndataDir={}\nclientPort={}\nclientPortAddress=127.0.0.1\n\
+             admin.enableServer=false\n4lw.commands.whitelist=ruok,srvr\n\
+             minSessionTimeout=200\nmaxSessionTimeout=20000\n",
+            zk.dir.path().join("data").display(),
+            zk.port
+        );
+        std::fs::write(zk.dir.path().join("zoo.cfg"), cfg).expect("zoo.cfg");
+        zk.spawn();
+        zk
+    }
+
+    /// The connect string brokers take (`--zookeeper`).
+    pub fn connect(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("zk.log")).expect("zk log");
+        let child = Command::new("java")
+            .args([
+                "-Xmx256m",
+                "-cp",
+                &format!("/etc/zookeeper/conf:{ZOOKEEPER_JAR}"),
+            ])
+            .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
+            .arg(self.dir.path().join("zoo.cfg"))
+            .stdout(log.try_clone().expect("zk log"))
+            .stderr(log)
+            .spawn()
+            .expect("start ZooKeeper (java)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.ruok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("ZooKeeper did not start on port {}", self.port);
+    }
+
+    fn ruok(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut out = String::new();
+        s.write_all(b"ruok").is_ok() && s.read_to_string(&mut out).is_ok() && out == "imok"
+    }
+
+    /// SIGKILL the server (its data stays).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+}
+
+impl Drop for ZooKeeper {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 pub struct Broker {
     pub port: u16,
     pub shards: usize,
@@ -51,9 +147,80 @@ pub struct Broker {
     relative: bool,
     config: Option<PathBuf>,
     data_dir: Option<PathBuf>,
+    /// More `serve` flags (e.g. `--zookeeper`, `--broker-id`).
+    extra: Vec<String>,
 }
 
 impl Broker {
+    /// Starts a cluster member: `--zookeeper zk --broker-id id`, plus
+    /// `toml` as its config file and `extra` flags.
+    pub fn start_member(cores: &str, zk: &str, id: u32, toml: &str, extra: &[&str]) -> Broker {
+        let data = tempfile::tempdir().expect("temp dir");
+        let config = data.path().join("shoal.toml");
+        std::fs::write(&config, toml).expect("config file");
+        let shards = cores.split(',').count();
+        let mut args = vec![
+            "--zookeeper".to_string(),
+            zk.to_string(),
+            "--broker-id".to_string(),
+            id.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut b = Broker {
+            port: free_ports(shards),
+            shards,
+            log: data.path().join("broker.log"),
+            data,
+            cores: cores.into(),
+            child: None,
+            relative: false,
+            config: Some(config),
+            data_dir: None,
+            extra: args,
+        };
+        b.spawn();
+        b
+    }
+
+    /// Runs `shoal serve` with these flags and waits for it to exit
+    /// (for starts that must fail); returns (success, log).
+    pub fn run_to_exit(cores: &str, args: &[&str], timeout: Duration) -> (bool, String, Duration) {
+        let data = tempfile::tempdir().expect("temp dir");
+        let port = free_ports(cores.split(',').count());
+        let t0 = Instant::now();
+        let mut child = Command::new(shoal_bin())
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--cores",
+                cores,
+            ])
+            .arg("--data-dir")
+            .arg(data.path().join("data"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start shoal");
+        let deadline = t0 + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return (status.success(), err, t0.elapsed());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("shoal serve {args:?} did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     /// Starts a broker on `cores` (e.g. "0,1") and waits until it serves.
     pub fn start(cores: &str) -> Broker {
         Broker::start_in(cores, None, None)
@@ -90,6 +257,7 @@ impl Broker {
             relative: relative.is_some(),
             data_dir: None,
             config,
+            extra: Vec::new(),
         };
         b.spawn();
         b
@@ -112,6 +280,7 @@ impl Broker {
             relative: false,
             config: Some(config),
             data_dir: Some(data_dir),
+            extra: Vec::new(),
         };
         b.spawn();
         b
@@ -145,6 +314,7 @@ impl Broker {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
+        cmd.args(&self.extra);
         let child = cmd
             // The harness waits for the INFO line "shoal is ready".
             .env("RUST_LOG", "info")

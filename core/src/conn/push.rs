@@ -85,7 +85,7 @@ impl Conn {
         partition: u32,
         credit: u64,
     ) -> Result<(u64, Rc<Subscription>)> {
-        self.reactor.partitions.owner(topic, partition)?;
+        self.reactor.owner(topic, partition)?;
         self.reactor.partitions.check_id(topic, topic_id)?;
         if self.subs.borrow().len() >= SUBSCRIPTIONS_MAX {
             return Err(Error::ResourceLimit(format!(

@@ -61,6 +61,7 @@ impl Conn {
                 error_message: None,
                 body_type,
                 body: Some(b),
+                leader_hint: None,
             },
         );
         fbb.finish(resp, None);
@@ -87,6 +88,21 @@ impl Conn {
 pub fn encode_error<'a>(fbb: &'a mut FlatBufferBuilder<'static>, corr: u32, e: &Error) -> &'a [u8] {
     fbb.reset();
     let msg = fbb.create_string(&e.to_string());
+    let leader_hint = match e {
+        Error::NotLeader { hint: Some(h), .. } => {
+            let host = fbb.create_string(&h.host);
+            Some(fb::LeaderHint::create(
+                fbb,
+                &fb::LeaderHintArgs {
+                    broker_id: h.broker_id as i32,
+                    host: Some(host),
+                    port: h.port,
+                    leader_epoch: h.leader_epoch,
+                },
+            ))
+        }
+        _ => None,
+    };
     let resp = fb::Response::create(
         fbb,
         &fb::ResponseArgs {
@@ -95,6 +111,7 @@ pub fn encode_error<'a>(fbb: &'a mut FlatBufferBuilder<'static>, corr: u32, e: &
             error_message: Some(msg),
             body_type: fb::ResponseBody::NONE,
             body: None,
+            leader_hint,
         },
     );
     fbb.finish(resp, None);

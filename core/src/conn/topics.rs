@@ -1,6 +1,7 @@
 //! Topic requests: create, delete, list, describe, and the metadata
 //! clients route by (brokers, shard ports, partition owners and offsets).
 
+use crate::cluster::ClusterView;
 use crate::conn::dispatch::{body_mismatch, s};
 use crate::conn::Conn;
 use crate::controller::TopicSpec;
@@ -64,8 +65,10 @@ impl Conn {
             Ok(t) => t,
             Err(e) => return self.fail(corr, e).await,
         };
+        let view = self.reactor.cluster.borrow().clone();
+        let me = self.reactor.broker_id();
         self.respond(corr, fb::ResponseBody::ListTopicsResponse, |fbb| {
-            let topics = build_topics(fbb, &infos);
+            let topics = build_topics(fbb, &infos, view.as_deref(), me);
             fb::ListTopicsResponse::create(
                 fbb,
                 &fb::ListTopicsResponseArgs {
@@ -86,8 +89,10 @@ impl Conn {
             Ok(t) => t,
             Err(e) => return self.fail(corr, e).await,
         };
+        let view = self.reactor.cluster.borrow().clone();
+        let me = self.reactor.broker_id();
         self.respond(corr, fb::ResponseBody::DescribeTopicResponse, |fbb| {
-            let topic = build_topic(fbb, &infos[0]);
+            let topic = build_topic(fbb, &infos[0], view.as_deref(), me);
             fb::DescribeTopicResponse::create(
                 fbb,
                 &fb::DescribeTopicResponseArgs { topic: Some(topic) },
@@ -108,28 +113,69 @@ impl Conn {
             Err(e) => return self.fail(corr, e).await,
         };
         let cfg = self.reactor.config.clone();
+        let view = self.reactor.cluster.borrow().clone();
+        let me = self.reactor.broker_id();
         self.respond(corr, fb::ResponseBody::MetadataResponse, |fbb| {
-            let host = fbb.create_string(&cfg.advertised_host);
             let version = fbb.create_string(env!("CARGO_PKG_VERSION"));
-            let ports: Vec<u16> = (0..cfg.cores.len()).map(|i| cfg.shard_port(i)).collect();
-            let ports = fbb.create_vector(&ports);
-            let broker = fb::BrokerInfo::create(
-                fbb,
-                &fb::BrokerInfoArgs {
-                    id: 0,
-                    host: Some(host),
-                    port: cfg.listen.port(),
-                    shard_ports: Some(ports),
-                    version: Some(version),
-                },
-            );
-            let brokers = fbb.create_vector(&[broker]);
-            let topics = build_topics(fbb, &topics);
+            let brokers: Vec<_> = match (&view, &cfg.cluster) {
+                (Some(view), _) => view
+                    .brokers
+                    .values()
+                    .map(|b| {
+                        let host = fbb.create_string(&b.host);
+                        let ports = fbb.create_vector(&b.shard_ports);
+                        let version = fbb.create_string(&b.version);
+                        let rack = b.rack.as_deref().map(|r| fbb.create_string(r));
+                        fb::BrokerInfo::create(
+                            fbb,
+                            &fb::BrokerInfoArgs {
+                                id: b.id,
+                                host: Some(host),
+                                port: b.port,
+                                shard_ports: Some(ports),
+                                version: Some(version),
+                                rack,
+                            },
+                        )
+                    })
+                    .collect(),
+                (None, cluster) => {
+                    let host = fbb.create_string(&cfg.advertised_host);
+                    let ports: Vec<u16> = (0..cfg.cores.len()).map(|i| cfg.shard_port(i)).collect();
+                    let ports = fbb.create_vector(&ports);
+                    let rack = cluster
+                        .as_ref()
+                        .and_then(|c| c.rack.as_deref())
+                        .map(|r| fbb.create_string(r));
+                    vec![fb::BrokerInfo::create(
+                        fbb,
+                        &fb::BrokerInfoArgs {
+                            id: me.unwrap_or(0),
+                            host: Some(host),
+                            port: cfg.listen.port(),
+                            shard_ports: Some(ports),
+                            version: Some(version),
+                            rack,
+                        },
+                    )]
+                }
+            };
+            let brokers = fbb.create_vector(&brokers);
+            let topics = build_topics(fbb, &topics, view.as_deref(), me);
+            let cluster = cfg.cluster.as_ref().map(|c| fbb.create_string(&c.name));
+            let (controller_id, controller_epoch) = match (&view, me) {
+                (Some(v), _) => v.controller.map_or((-1, 0), |(id, e)| (id as i32, e)),
+                (None, Some(_)) => (-1, 0),
+                (None, None) => (0, 0),
+            };
             fb::MetadataResponse::create(
                 fbb,
                 &fb::MetadataResponseArgs {
                     brokers: Some(brokers),
                     topics: Some(topics),
+                    cluster,
+                    controller_id,
+                    controller_epoch,
                 },
             )
             .as_union_value()
@@ -171,22 +217,58 @@ impl Conn {
     }
 }
 
-fn build_topic<'a>(fbb: &mut FlatBufferBuilder<'a>, t: &TopicInfo) -> WIPOffset<fb::TopicInfo<'a>> {
+fn build_topic<'a>(
+    fbb: &mut FlatBufferBuilder<'a>,
+    t: &TopicInfo,
+    view: Option<&ClusterView>,
+    me: Option<u32>,
+) -> WIPOffset<fb::TopicInfo<'a>> {
     let parts: Vec<_> = t
         .parts
         .iter()
-        .map(|(p, shard, st)| {
-            fb::PartitionInfo::create(
+        .map(|(p, shard, st)| match t.meta.placement.get(*p as usize) {
+            None => fb::PartitionInfo::create(
                 fbb,
                 &fb::PartitionInfoArgs {
                     partition: *p,
-                    leader_broker: 0,
+                    leader_broker: me.unwrap_or(0),
                     shard: *shard,
-                    leader_epoch: 0,
                     log_start_offset: st.log_start_offset,
                     high_watermark: st.high_watermark,
+                    ..Default::default()
                 },
-            )
+            ),
+            Some(pl) => {
+                let leader = pl.leader.and_then(|l| {
+                    let reg = view.and_then(|v| v.brokers.get(&l))?;
+                    let shard = pl.replica_on(l)?.shard;
+                    Some((l, (usize::from(shard) % reg.shards().max(1)) as u16))
+                });
+                let replicas: Vec<u32> = pl.replicas.iter().map(|r| r.broker).collect();
+                let replicas = fbb.create_vector(&replicas);
+                let isr = fbb.create_vector(&pl.isr);
+                // Offsets are the leader's: another broker's copy would
+                // mislead.
+                let st = if pl.leader.is_some() && pl.leader == me {
+                    *st
+                } else {
+                    PartitionState::default()
+                };
+                fb::PartitionInfo::create(
+                    fbb,
+                    &fb::PartitionInfoArgs {
+                        partition: *p,
+                        leader_broker: leader.map_or(pl.leader.unwrap_or(0), |l| l.0),
+                        shard: leader.map_or(0, |l| l.1),
+                        leader_epoch: pl.leader_epoch,
+                        log_start_offset: st.log_start_offset,
+                        high_watermark: st.high_watermark,
+                        replicas: Some(replicas),
+                        isr: Some(isr),
+                        offline: leader.is_none(),
+                    },
+                )
+            }
         })
         .collect();
     let parts = fbb.create_vector(&parts);
@@ -197,7 +279,11 @@ fn build_topic<'a>(fbb: &mut FlatBufferBuilder<'a>, t: &TopicInfo) -> WIPOffset<
         &fb::TopicInfoArgs {
             name: Some(name),
             partitions: Some(parts),
-            replication_factor: 1,
+            replication_factor: t
+                .meta
+                .placement
+                .first()
+                .map_or(1, |p| p.replicas.len() as u16),
             sync: Some(sync),
             retention_ms: t.meta.retention_ms.map_or(-1, |v| v as i64),
             retention_bytes: t.meta.retention_bytes.map_or(-1, |v| v as i64),
@@ -210,7 +296,12 @@ fn build_topic<'a>(fbb: &mut FlatBufferBuilder<'a>, t: &TopicInfo) -> WIPOffset<
 fn build_topics<'a>(
     fbb: &mut FlatBufferBuilder<'a>,
     topics: &[TopicInfo],
+    view: Option<&ClusterView>,
+    me: Option<u32>,
 ) -> WIPOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<fb::TopicInfo<'a>>>> {
-    let items: Vec<_> = topics.iter().map(|t| build_topic(fbb, t)).collect();
+    let items: Vec<_> = topics
+        .iter()
+        .map(|t| build_topic(fbb, t, view, me))
+        .collect();
     fbb.create_vector(&items)
 }

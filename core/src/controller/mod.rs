@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 pub const CONTROLLER_SHARD: usize = 0;
 
 /// A topic to create.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TopicSpec {
     pub name: String,
     pub partitions: u32,
@@ -32,13 +32,83 @@ pub struct TopicSpec {
     pub segment_bytes: Option<u64>,
 }
 
+/// A topic's settings: the spec's, or the broker's defaults.
+pub struct Settings {
+    pub sync: String,
+    pub retention_ms: Option<u64>,
+    pub retention_bytes: Option<u64>,
+    pub segment_bytes: u64,
+}
+
+/// Validates a spec (name, partition count, settings) and fills in the
+/// defaults of `config`.
+pub fn settings(spec: &TopicSpec, config: &crate::config::Config) -> Result<Settings> {
+    validate_topic_name(&spec.name)?;
+    if spec.partitions == 0 || spec.partitions > PARTITIONS_MAX {
+        return Err(Error::InvalidConfig(format!(
+            "partitions must be 1 to {PARTITIONS_MAX}"
+        )));
+    }
+    if spec.replication_factor == 0 {
+        return Err(Error::InvalidConfig(
+            "replication factor must be at least 1".into(),
+        ));
+    }
+    let sync = spec
+        .sync
+        .clone()
+        .unwrap_or_else(|| config.default_sync.to_string());
+    sync.parse::<shoal_shard::SyncMode>()
+        .map_err(Error::InvalidConfig)?;
+    let s = Settings {
+        sync,
+        retention_ms: spec
+            .retention_ms
+            .or(config.retention.map(|d| d.as_millis() as u64)),
+        retention_bytes: spec.retention_bytes.or(config.retention_bytes),
+        segment_bytes: spec.segment_bytes.unwrap_or(config.segment_bytes),
+    };
+    let probe = TopicMeta {
+        name: spec.name.clone(),
+        id: 0,
+        shards: Vec::new(),
+        sync: s.sync.clone(),
+        retention_ms: s.retention_ms,
+        retention_bytes: s.retention_bytes,
+        segment_bytes: s.segment_bytes,
+        placement: Vec::new(),
+    };
+    probe
+        .log_config()
+        .validate()
+        .map_err(Error::InvalidConfig)?;
+    Ok(s)
+}
+
 /// A new incarnation id: the creation time in nanoseconds, which no earlier
 /// incarnation of a name can share (never 0, the "any" id).
-fn new_topic_id() -> u64 {
+pub fn new_topic_id() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
     nanos.max(1)
+}
+
+/// Sends a request to the control thread (cluster mode) and waits for its
+/// answer.
+async fn ask_control(
+    control: &crate::cluster::ControlSender,
+    msg: impl FnOnce(futures::channel::oneshot::Sender<Result<()>>) -> crate::cluster::ToControl,
+) -> Result<()> {
+    use futures::SinkExt;
+    let (tx, rx) = futures::channel::oneshot::channel();
+    control
+        .clone()
+        .send(msg(tx))
+        .await
+        .map_err(|_| Error::ClusterUnavailable("the cluster thread has stopped".into()))?;
+    rx.await
+        .map_err(|_| Error::ClusterUnavailable("the cluster thread has stopped".into()))?
 }
 
 impl Reactor {
@@ -49,6 +119,13 @@ impl Reactor {
     /// before the record leaves only directories that the next creation of
     /// the name (or the next start) removes.
     pub async fn create_topic(&self, spec: TopicSpec) -> Result<()> {
+        if let Some(control) = &self.control {
+            return ask_control(control, |reply| crate::cluster::ToControl::CreateTopic {
+                spec,
+                reply,
+            })
+            .await;
+        }
         if self.id != CONTROLLER_SHARD {
             return self
                 .mesh
@@ -140,36 +217,22 @@ impl Reactor {
 
     /// Validates a spec and fills in the broker's defaults.
     fn topic_meta(&self, spec: &TopicSpec) -> Result<TopicMeta> {
-        validate_topic_name(&spec.name)?;
-        if spec.partitions == 0 || spec.partitions > PARTITIONS_MAX {
-            return Err(Error::InvalidConfig(format!(
-                "partitions must be 1 to {PARTITIONS_MAX}"
-            )));
-        }
         if spec.replication_factor > 1 {
             return Err(Error::InvalidConfig(
                 "replication factor above 1 needs a cluster; this broker runs alone".into(),
             ));
         }
-        let sync = spec
-            .sync
-            .clone()
-            .unwrap_or_else(|| self.config.default_sync.to_string());
-        sync.parse::<shoal_shard::SyncMode>()
-            .map_err(Error::InvalidConfig)?;
-        let meta = TopicMeta {
+        let s = settings(spec, &self.config)?;
+        Ok(TopicMeta {
             name: spec.name.clone(),
             id: new_topic_id(),
             shards: placement::assign_shards(&spec.name, spec.partitions, self.nshards),
-            sync,
-            retention_ms: spec
-                .retention_ms
-                .or(self.config.retention.map(|d| d.as_millis() as u64)),
-            retention_bytes: spec.retention_bytes.or(self.config.retention_bytes),
-            segment_bytes: spec.segment_bytes.unwrap_or(self.config.segment_bytes),
-        };
-        meta.log_config().validate().map_err(Error::InvalidConfig)?;
-        Ok(meta)
+            sync: s.sync,
+            retention_ms: s.retention_ms,
+            retention_bytes: s.retention_bytes,
+            segment_bytes: s.segment_bytes,
+            placement: Vec::new(),
+        })
     }
 
     /// Deletes a topic: records it gone, then every shard closes its
@@ -178,6 +241,13 @@ impl Reactor {
     /// record; a crash in between brings the topic back empty, never with
     /// old records.
     pub async fn delete_topic(&self, name: String) -> Result<()> {
+        if let Some(control) = &self.control {
+            return ask_control(control, |reply| crate::cluster::ToControl::DeleteTopic {
+                name,
+                reply,
+            })
+            .await;
+        }
         if self.id != CONTROLLER_SHARD {
             return self
                 .mesh
@@ -221,6 +291,105 @@ impl Reactor {
         shoal_shard::durable::write_durably(&self.config.data_dir, "topics.json", topics.encode())
             .await
             .map_err(|e| Error::io("save topic metadata", e))
+    }
+
+    /// Cluster mode, on shard 0: makes this broker's copy of a topic match
+    /// what ZooKeeper records. A new topic (or a new incarnation of a name)
+    /// is created here as on a single node (its local replicas opened on
+    /// every shard, `topics.json` rewritten); a known one gets its leader,
+    /// epoch and ISR updated.
+    pub async fn apply_cluster_topic(&self, meta: TopicMeta) -> Result<()> {
+        let _one_at_a_time = self.topic_changes.lock().await;
+        match self.partitions.topic(&meta.name) {
+            Some(cur) if cur.id == meta.id => {
+                if cur == meta {
+                    return Ok(());
+                }
+                self.broadcast(
+                    |reply| MeshMsg::UpdateTopic {
+                        meta: meta.clone(),
+                        reply,
+                    },
+                    async {
+                        self.partitions.reserve(&meta);
+                        Ok(())
+                    },
+                )
+                .await?;
+                self.persist_topics(self.partitions.topic_map()).await
+            }
+            Some(cur) => {
+                tracing::info!(topic = %meta.name, old_id = cur.id, new_id = meta.id, "topic was re-created while this broker was away: dropping the old incarnation");
+                self.drop_everywhere(&cur).await?;
+                self.create_everywhere(&meta).await
+            }
+            None => self.create_everywhere(&meta).await,
+        }
+    }
+
+    /// Cluster mode, on shard 0: the topic is gone from ZooKeeper; drop
+    /// this broker's replicas of it (of incarnation `id`, or any with 0).
+    pub async fn remove_cluster_topic(&self, name: &str, id: u64) -> Result<()> {
+        let _one_at_a_time = self.topic_changes.lock().await;
+        match self.partitions.topic(name) {
+            // A topic from before this broker joined the cluster is not
+            // ZooKeeper's to delete.
+            Some(cur) if !cur.placement.is_empty() && (id == 0 || cur.id == id) => {
+                self.drop_everywhere(&cur).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Cluster mode, on shard 0: every topic ZooKeeper records. Topics this
+    /// broker holds that were created in the cluster but are no longer
+    /// recorded were deleted while it was away: they are dropped.
+    /// `drop_strays` is false when the cluster's tree was just created
+    /// (an empty or new ZooKeeper): then nothing local is deleted.
+    pub async fn reconcile_cluster_topics(
+        &self,
+        topics: Vec<TopicMeta>,
+        drop_strays: bool,
+    ) -> Result<()> {
+        let recorded: std::collections::HashSet<String> =
+            topics.iter().map(|t| t.name.clone()).collect();
+        for cur in self.partitions.topics() {
+            if recorded.contains(&cur.name) {
+                continue;
+            }
+            if cur.placement.is_empty() {
+                tracing::warn!(topic = %cur.name, "topic was created before this broker joined the cluster; it stays local to this broker");
+            } else if drop_strays {
+                tracing::info!(topic = %cur.name, "topic was deleted while this broker was away: dropping its replicas");
+                self.remove_cluster_topic(&cur.name, cur.id).await?;
+            } else {
+                tracing::warn!(topic = %cur.name, "ZooKeeper has no record of this cluster topic (a new ZooKeeper?): keeping its files, not serving it");
+                self.partitions.forget(&cur.name);
+            }
+        }
+        let mut first_error = None;
+        for meta in topics {
+            let name = meta.name.clone();
+            if let Err(e) = self.apply_cluster_topic(meta).await {
+                tracing::error!(topic = %name, error = %e, "cannot open this broker's replicas of a topic");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn drop_everywhere(&self, meta: &TopicMeta) -> Result<()> {
+        let mut remaining = self.partitions.topic_map();
+        remaining.remove(&meta.name);
+        self.persist_topics(remaining).await?;
+        self.broadcast(
+            |reply| MeshMsg::DropTopic {
+                meta: meta.clone(),
+                reply,
+            },
+            self.drop_topic(meta),
+        )
+        .await
     }
 
     /// Runs `local` here and sends `msg` to every other shard; all must

@@ -65,7 +65,7 @@ pub struct PartitionState {
 
 impl Reactor {
     pub async fn fetch(&self, params: FetchParams) -> Result<FetchOk> {
-        let owner = self.partitions.owner(&params.topic, params.partition)?;
+        let owner = self.owner(&params.topic, params.partition)?;
         if owner == self.id {
             return self.fetch_local(&params).await;
         }

@@ -84,12 +84,37 @@ impl Partitions {
         Ok(())
     }
 
-    /// Which shard owns `topic`/`partition`.
+    /// Which shard owns `topic`/`partition` (metadata, any replica).
     pub fn owner(&self, topic: &str, partition: u32) -> Result<usize> {
+        self.leading_owner(topic, partition, None)
+    }
+
+    /// Which shard owns `topic`/`partition` here, if broker `me` leads it
+    /// (`None`: a single node, which leads everything). A partition led
+    /// elsewhere is `NotLeader` (without a hint: [`Reactor::owner`] adds
+    /// one).
+    pub fn leading_owner(&self, topic: &str, partition: u32, me: Option<u32>) -> Result<usize> {
         let topics = self.topics.borrow();
         let meta = topics
             .get(topic)
             .ok_or_else(|| Error::UnknownTopic(topic.into()))?;
+        if let (Some(me), Some(p)) = (me, meta.placement.get(partition as usize)) {
+            if p.leader != Some(me) {
+                return Err(match p.leader {
+                    None => Error::LeaderNotAvailable {
+                        topic: topic.into(),
+                        partition,
+                    },
+                    leader => Error::NotLeader {
+                        topic: topic.into(),
+                        partition,
+                        leader,
+                        leader_epoch: p.leader_epoch,
+                        hint: None,
+                    },
+                });
+            }
+        }
         meta.shards
             .get(partition as usize)
             .map(|&s| usize::from(s))
@@ -98,6 +123,15 @@ impl Partitions {
                 partition,
                 count: meta.partitions(),
             })
+    }
+
+    /// The leader's shard of a partition (on the leader's broker), in a
+    /// cluster.
+    pub fn leader_shard(&self, topic: &str, partition: u32) -> Option<u16> {
+        let topics = self.topics.borrow();
+        let p = topics.get(topic)?.placement.get(partition as usize)?;
+        let leader = p.leader?;
+        p.replica_on(leader).map(|r| r.shard)
     }
 
     pub fn local_log(&self, topic: &str, partition: u32) -> Result<Rc<PartitionLog>> {
@@ -179,6 +213,45 @@ impl Partitions {
 }
 
 impl Reactor {
+    /// The shard that serves produce and fetch of `topic`/`partition` on
+    /// this broker: refused with `NotLeader` (naming the leader's address,
+    /// so the client goes straight there) when another broker leads it, or
+    /// `LeaderNotAvailable` when its leader is not live.
+    pub fn owner(&self, topic: &str, partition: u32) -> Result<usize> {
+        match self
+            .partitions
+            .leading_owner(topic, partition, self.broker_id())
+        {
+            Err(Error::NotLeader {
+                topic,
+                partition,
+                leader: Some(leader),
+                leader_epoch,
+                ..
+            }) => {
+                let view = self.cluster.borrow();
+                let Some(broker) = view.as_ref().and_then(|v| v.brokers.get(&leader)) else {
+                    return Err(Error::LeaderNotAvailable { topic, partition });
+                };
+                let shard = self.partitions.leader_shard(&topic, partition).unwrap_or(0);
+                let hint = crate::error::LeaderHint {
+                    broker_id: leader,
+                    host: broker.host.clone(),
+                    port: broker.shard_port(shard).unwrap_or(broker.port),
+                    leader_epoch,
+                };
+                Err(Error::NotLeader {
+                    topic,
+                    partition,
+                    leader: Some(leader),
+                    leader_epoch,
+                    hint: Some(hint),
+                })
+            }
+            other => other,
+        }
+    }
+
     /// Opens the logs of every partition this shard owns, many at a time
     /// (a restart with thousands of partitions is bound by I/O latency, not
     /// by any one open).
@@ -239,8 +312,9 @@ impl Reactor {
         fresh: bool,
     ) -> Result<Vec<Option<Rc<PartitionLog>>>> {
         let mut logs: Vec<Option<Rc<PartitionLog>>> = Vec::with_capacity(meta.shards.len());
+        let me = self.broker_id();
         for (p, &s) in meta.shards.iter().enumerate() {
-            if usize::from(s) != self.id {
+            if usize::from(s) != self.id || !meta.is_local(p as u32, me) {
                 logs.push(None);
                 continue;
             }
@@ -287,8 +361,9 @@ impl Reactor {
 
     /// Deletes the directories of this shard's partitions of `meta`.
     async fn remove_partition_dirs(&self, meta: &TopicMeta) -> Result<()> {
+        let me = self.broker_id();
         for (p, &s) in meta.shards.iter().enumerate() {
-            if usize::from(s) == self.id {
+            if usize::from(s) == self.id && meta.is_local(p as u32, me) {
                 remove_dir(&meta.partition_dir(&self.config.data_dir, p as u32)).await?;
             }
         }

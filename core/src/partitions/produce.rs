@@ -100,7 +100,7 @@ impl Reactor {
         payload: &[u8],
         acks: Acks,
     ) -> Result<PendingProduce> {
-        let owner = self.partitions.owner(topic, partition)?;
+        let owner = self.owner(topic, partition)?;
         if owner == self.id {
             let (log, ok) = self
                 .produce_append(topic, topic_id, partition, payload)
