@@ -209,9 +209,12 @@ fn zk_unreachable(t: &ZkTarget, why: impl std::fmt::Display) -> Error {
 
 async fn zk_lookup(t: &ZkTarget, timeout: Duration) -> Result<Vec<BrokerAddr>> {
     use zookeeper_client as zk;
+    // Fail eagerly: once every host refused, say so now rather than after
+    // the whole timeout (the cache may still get the client going).
     let connect = zk::Client::connector()
         .with_session_timeout(timeout.max(Duration::from_secs(2)))
         .with_connection_timeout(timeout)
+        .with_fail_eagerly()
         .connect(&t.hosts);
     let client = match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(c)) => c,
