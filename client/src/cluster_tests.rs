@@ -456,3 +456,44 @@ async fn no_cache_is_written_when_it_is_off() {
     .expect("connect");
     assert!(path.0.exists());
 }
+
+/// `zk://` with ZooKeeper down: the lookup fails at once (every host
+/// refuses) and the client starts from the brokers cached for that
+/// bootstrap string. No ZooKeeper is needed: none is running there.
+#[tokio::test]
+async fn an_unreachable_zookeeper_falls_back_to_the_cache() {
+    let (c, fakes) = cluster(1).await;
+    c.topic("t", &[1]);
+    let path = TempPath::new("zk");
+    let zk = format!("zk://127.0.0.1:{}/apps?cluster=prod", dead_port());
+    let file = discovery::CacheFile {
+        format: discovery::CACHE_FORMAT,
+        bootstrap: zk.clone(),
+        cluster: "prod".into(),
+        written_ms: 0,
+        brokers: vec![discovery::BrokerAddr {
+            id: Some(1),
+            host: "127.0.0.1".into(),
+            port: fakes[0].addr.port(),
+            shard_ports: vec![],
+            rack: None,
+        }],
+    };
+    discovery::write_cache(&path.0, &file).expect("cache");
+    let t0 = Instant::now();
+    let client = Client::connect_with_config(&zk, config(DiscoveryCache::Path(path.0.clone())))
+        .await
+        .expect("from the cache");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(
+        client.discovery_source(),
+        Some(DiscoverySource::Cache(path.0.clone()))
+    );
+    assert_eq!(client.cluster_name().as_deref(), Some("prod"));
+    // Without a cache the error names ZooKeeper.
+    let e = Client::connect_with_config(&zk, config(DiscoveryCache::Off))
+        .await
+        .err()
+        .expect("nothing to start from");
+    assert!(e.to_string().contains("ZooKeeper at 127.0.0.1:"), "{e}");
+}
