@@ -16,6 +16,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+# Clients in the tests must not fill ~/.cache/shoal with broker lists.
+export SHOAL_DISCOVERY_CACHE=off
 # glommio locks its I/O buffers in memory.
 ulimit -l unlimited 2>/dev/null || true
 

@@ -495,6 +495,23 @@ where
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
+        if let Some(n) = c.spawn_cluster {
+            // Every broker registered before the topic is placed.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                client.refresh_metadata().await.map_err(|e| e.to_string())?;
+                if client.brokers().len() >= n as usize {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "only {} of {n} brokers registered",
+                        client.brokers().len()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         let topic = setup_topic(&client, &c, default_topic).await?;
         let addr = t.addr.clone();
         let r = body(Session {
