@@ -121,6 +121,7 @@ impl Conn {
                     port: cfg.listen.port(),
                     shard_ports: Some(ports),
                     version: Some(version),
+                    rack: None,
                 },
             );
             let brokers = fbb.create_vector(&[broker]);
@@ -130,6 +131,9 @@ impl Conn {
                 &fb::MetadataResponseArgs {
                     brokers: Some(brokers),
                     topics: Some(topics),
+                    cluster: None,
+                    controller_id: 0,
+                    controller_epoch: 0,
                 },
             )
             .as_union_value()
@@ -185,6 +189,9 @@ fn build_topic<'a>(fbb: &mut FlatBufferBuilder<'a>, t: &TopicInfo) -> WIPOffset<
                     leader_epoch: 0,
                     log_start_offset: st.log_start_offset,
                     high_watermark: st.high_watermark,
+                    replicas: None,
+                    isr: None,
+                    offline: false,
                 },
             )
         })
