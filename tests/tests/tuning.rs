@@ -105,7 +105,7 @@ fn fake_machine(nodes: usize, cores: usize, threads: usize, allowed: &str) -> te
     std::os::unix::fs::symlink(r.join(nic), r.join("sys/class/net/eth0/device")).expect("link");
     std::fs::create_dir_all(r.join("sys/class/net/lo")).expect("mkdir");
     for q in 0..4 {
-        let qd = format!("sys/class/net/eth0/queues");
+        let qd = "sys/class/net/eth0/queues";
         put(r, &format!("{qd}/rx-{q}/rps_cpus"), "00000000\n");
         put(r, &format!("{qd}/rx-{q}/rps_flow_cnt"), "0\n");
         put(r, &format!("{qd}/tx-{q}/xps_cpus"), "00000000\n");
