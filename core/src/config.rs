@@ -138,10 +138,10 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub cores: Option<String>,
-    pub config: Option<PathBuf>,
     pub core_plan: Option<PathBuf>,
     pub metrics_listen: Option<String>,
     pub log_format: Option<String>,
+    pub config: Option<PathBuf>,
 }
 
 impl Config {

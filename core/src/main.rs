@@ -37,9 +37,6 @@ enum Command {
         /// mask), 0,1 or 0-3.
         #[arg(long)]
         cores: Option<String>,
-        /// TOML file with any of the settings (flags win).
-        #[arg(long)]
-        config: Option<PathBuf>,
         /// Core plan from `tuning/shoal-tune core-plan`: shard i on
         /// shard_cores[i], other threads on control_core (instead of --cores).
         #[arg(long)]
@@ -50,6 +47,9 @@ enum Command {
         /// Log lines as text or json (one object per line), to stderr.
         #[arg(long, value_name = "text|json")]
         log_format: Option<String>,
+        /// TOML file with any of the settings (flags win).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Create, list, describe or delete topics.
     Topic {
@@ -133,18 +133,18 @@ fn main() {
             listen,
             data_dir,
             cores,
-            config,
             core_plan,
             metrics_listen,
             log_format,
+            config,
         } => config::Config::load(&config::Overrides {
             listen,
             data_dir,
             cores,
-            config,
             core_plan,
             metrics_listen,
             log_format,
+            config,
         })
         .and_then(|c| {
             logging::init("info", c.log_format);

@@ -149,9 +149,6 @@ async fn shard_main(
         Some(r) => mesh::serve(&reactor, r),
         None => Vec::new(),
     };
-    if let (0, Some(addr)) = (id, config.metrics_listen) {
-        tasks.push(crate::prometheus::serve(reactor.clone(), addr)?);
-    }
     let per_shard_max = config.connections_max.div_ceil(config.cores.len());
     for listener in listeners {
         tasks.push(rt::spawn(accept_loop(
@@ -159,6 +156,9 @@ async fn shard_main(
             listener,
             per_shard_max,
         )));
+    }
+    if let (0, Some(addr)) = (id, config.metrics_listen) {
+        tasks.push(crate::prometheus::serve(reactor.clone(), addr)?);
     }
     {
         let reactor = reactor.clone();
