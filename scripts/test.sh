@@ -15,6 +15,22 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# promtool (Debian's prometheus package) checks the broker's /metrics
+# output in tests/tests/prometheus.rs. Only the tool is wanted: a
+# policy-rc.d keeps the package's daemon from starting.
+if ! command -v promtool >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  made_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } ||
+    echo "promtool could not be installed; /metrics is checked by the tests' own parser only"
+  if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+if command -v promtool >/dev/null; then export SHOAL_REQUIRE_PROMTOOL=1; fi
 
 # Clients in the tests must not fill ~/.cache/shoal with broker lists.
 export SHOAL_DISCOVERY_CACHE=off

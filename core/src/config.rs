@@ -29,6 +29,9 @@ pub struct FileConfig {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub cores: Option<String>,
+    pub core_plan: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
+    pub log_format: Option<String>,
     pub advertised_host: Option<String>,
     pub frame_bytes_max: Option<usize>,
     pub connections_max: Option<usize>,
@@ -57,6 +60,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// CPU of shard `i` at index `i`.
     pub cores: Vec<usize>,
+    /// The core plan the cores came from, if any (see [`crate::coreplan`]).
+    pub core_plan: Option<crate::coreplan::CorePlan>,
+    /// Where `GET /metrics` is served (Prometheus), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: crate::logging::LogFormat,
     pub advertised_host: String,
     pub frame_bytes_max: usize,
     pub connections_max: usize,
@@ -87,13 +95,13 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
 }
 
-/// Parses a core list: `all`, `0,2,3`, `0-3` or a mix (`0-1,4`).
+/// Parses a core list: `all`, `0,2,3`, `0-3` or a mix (`0-1,4`). `all`
+/// is the CPUs of the process's affinity mask, and a listed core must be
+/// in it.
 pub fn parse_cores(s: &str) -> Result<Vec<usize>> {
-    let available = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let allowed = crate::coreplan::allowed_cpus()?;
     if s.trim() == "all" {
-        return Ok((0..available).collect());
+        return Ok(allowed);
     }
     let mut cores = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -122,9 +130,10 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>> {
     if seen.len() != cores.len() {
         return Err(Error::Config(format!("core list {s:?} names a core twice")));
     }
-    if let Some(c) = cores.iter().find(|&&c| c >= available) {
+    if let Some(c) = cores.iter().find(|c| !allowed.contains(c)) {
         return Err(Error::Config(format!(
-            "core {c} does not exist (this machine has {available})"
+            "core {c} is not one this process may run on (its affinity mask: {})",
+            crate::coreplan::format_cpus(&allowed)
         )));
     }
     Ok(cores)
@@ -153,6 +162,9 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub cores: Option<String>,
+    pub core_plan: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
+    pub log_format: Option<String>,
     pub config: Option<PathBuf>,
     pub zookeeper: Option<String>,
     pub broker_id: Option<u32>,
@@ -176,12 +188,21 @@ impl Config {
                 "invalid listen address {listen:?}: expected IP:PORT"
             ))
         })?;
-        let cores = parse_cores(
-            &o.cores
-                .clone()
-                .or(file.cores)
-                .unwrap_or_else(|| "all".into()),
+        let (cores, core_plan) = crate::coreplan::resolve(
+            (o.cores.clone(), o.core_plan.clone()),
+            (file.cores, file.core_plan),
         )?;
+        let metrics_listen = match o.metrics_listen.clone().or(file.metrics_listen) {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                Error::Config(format!("invalid metrics_listen {a:?}: expected IP:PORT"))
+            })?),
+        };
+        let log_format = o
+            .log_format
+            .clone()
+            .or(file.log_format)
+            .map_or(Ok(crate::logging::LogFormat::Text), |f| f.parse())?;
         if usize::from(listen.port()) + cores.len() > usize::from(u16::MAX) {
             return Err(Error::Config(
                 "listen port too high: shard ports are port+1 .. port+shards".into(),
@@ -245,6 +266,9 @@ impl Config {
             )
             .map_err(|e| Error::Config(format!("invalid data dir: {e}")))?,
             cores,
+            core_plan,
+            metrics_listen,
+            log_format,
             advertised_host: file
                 .advertised_host
                 .unwrap_or_else(|| listen.ip().to_string()),

@@ -17,8 +17,10 @@
 //! - [`metadata`]: topics, their settings and `topics.json`.
 //! - [`config`]: `shoal serve` flags and the TOML file; [`limits`]: every
 //!   bound and how they relate; [`error`]: the broker's errors and their
-//!   wire codes; [`metrics`]: per-shard counters; [`rt`]: the seam for
-//!   spawning and time.
+//!   wire codes; [`metrics`]: per-shard counters and latency histograms;
+//!   [`prometheus`]: `GET /metrics` over them; [`coreplan`]: the affinity
+//!   mask, the core plan and pinning; [`logging`]: text or JSON logs;
+//!   [`rt`]: the seam for spawning and time.
 //!
 //! The client commands of the `shoal` binary live with the client
 //! (`shoal_client::cli`).
@@ -27,12 +29,15 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod controller;
+pub mod coreplan;
 pub mod error;
 pub mod limits;
+pub mod logging;
 pub mod mesh;
 pub mod metadata;
 pub mod metrics;
 pub mod partitions;
+pub mod prometheus;
 pub mod reactor;
 pub mod rt;
 pub mod server;

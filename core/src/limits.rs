@@ -74,6 +74,19 @@ pub const TOPIC_NAME_BYTES_MAX: usize = 200;
 /// Most partitions a topic may have.
 pub const PARTITIONS_MAX: u32 = 1024;
 
+// ---- metrics ---------------------------------------------------------------
+
+/// Appends remembered per partition to time batches from append to send
+/// (the e2e histogram): a consumer more than this many batches behind is
+/// not timed.
+pub const APPEND_CLOCK_SLOTS: usize = 64;
+/// Longest HTTP request head `GET /metrics` reads.
+pub const METRICS_REQUEST_BYTES_MAX: usize = 8 * 1024;
+/// Longest a scrape may take to send its request, or to read its answer;
+/// scrapes are served one at a time, so a stuck one holds up the next this
+/// long at most.
+pub const METRICS_IO_TIMEOUT: Duration = Duration::from_secs(5);
+
 const _: () = assert!(RECV_BUFFER_INITIAL_BYTES >= shoal_wire::frame::FRAME_PREFIX_BYTES);
 const _: () = assert!(RECV_BUFFER_INITIAL_BYTES <= RECV_BUFFER_BASE_BYTES);
 const _: () = assert!(RECV_BUFFER_BASE_BYTES <= RECV_BUFFER_KEEP_BYTES);

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use mimalloc::MiMalloc;
 use shoal_client::cli;
-use shoal_core::{config, server};
+use shoal_core::{config, logging, server};
 use std::path::PathBuf;
 
 #[global_allocator]
@@ -39,9 +39,20 @@ enum Command {
         /// Where partitions and topic metadata live.
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Cores to run shards on: all, 0,1 or 0-3.
+        /// Cores to run shards on: all (the CPUs of this process's affinity
+        /// mask), 0,1 or 0-3.
         #[arg(long)]
         cores: Option<String>,
+        /// Core plan from `tuning/shoal-tune core-plan`: shard i on
+        /// shard_cores[i], other threads on control_core (instead of --cores).
+        #[arg(long)]
+        core_plan: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (default: off).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
+        /// Log lines as text or json (one object per line), to stderr.
+        #[arg(long, value_name = "text|json")]
+        log_format: Option<String>,
         /// TOML file with any of the settings (flags win).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -151,21 +162,20 @@ enum AcksArg {
 fn main() {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. });
-    let default_level = if serving { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // `serve` starts logging once its configuration (and so its log
+    // format) is read.
+    if !serving {
+        logging::init("warn", logging::LogFormat::Text);
+    }
     let b = &cli::Endpoint::new(&cli.broker, cli.discovery_cache.as_deref());
     let r = match cli.command {
         Command::Serve {
             listen,
             data_dir,
             cores,
+            core_plan,
+            metrics_listen,
+            log_format,
             config,
             zookeeper,
             broker_id,
@@ -175,13 +185,19 @@ fn main() {
             listen,
             data_dir,
             cores,
+            core_plan,
+            metrics_listen,
+            log_format,
             config,
             zookeeper,
             broker_id,
             cluster,
             rack,
         })
-        .and_then(server::run)
+        .and_then(|c| {
+            logging::init("info", c.log_format);
+            server::run(c)
+        })
         .map_err(|e| e.to_string()),
         Command::Topic { command } => match command {
             TopicCommand::Create {

@@ -68,6 +68,8 @@ pub struct FetchReply {
     pub high_watermark: u64,
     pub log_start_offset: u64,
     pub next_offset: u64,
+    /// See [`crate::partitions::FetchOk::appended_at`].
+    pub appended_at: Option<std::time::Instant>,
 }
 
 /// Everything that crosses between cores.
@@ -118,6 +120,10 @@ pub enum MeshMsg {
     },
     Metrics {
         reply: oneshot::Sender<Vec<(&'static str, u64)>>,
+    },
+    /// Everything `GET /metrics` shows of the receiving shard.
+    Scrape {
+        reply: Reply<crate::metrics::ShardScrape>,
     },
 }
 

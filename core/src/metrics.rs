@@ -1,9 +1,12 @@
 //! Per-shard counters and latency buckets. Each shard owns its own
 //! (plain `Cell`s: no atomics on the data path); the Metrics API sums them
-//! over shards.
+//! over shards, and `GET /metrics` ([`crate::prometheus`]) shows them per
+//! shard from a [`ShardScrape`] each shard takes of itself.
 
-use std::cell::Cell;
-use std::time::Duration;
+use crate::limits::APPEND_CLOCK_SLOTS;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// Upper bounds (µs) of the broker's latency buckets; a last bucket holds
 /// everything slower.
@@ -51,6 +54,15 @@ impl LatencyBuckets {
         add(&self.sum_us, us);
     }
 
+    /// The counts per bucket (not cumulative) and the sum, to send to
+    /// another core.
+    pub fn histogram(&self) -> Histogram {
+        Histogram {
+            counts: std::array::from_fn(|i| self.counts[i].get()),
+            sum_us: self.sum_us.get(),
+        }
+    }
+
     /// Appends the cumulative counts, then the sum, under `names` (from
     /// [`bucket_names`]).
     fn snapshot_into(&self, names: &[&'static str], out: &mut Vec<(&'static str, u64)>) {
@@ -60,6 +72,104 @@ impl LatencyBuckets {
             out.push((name, cumulative));
         }
         out.push((names[self.counts.len()], self.sum_us.get()));
+    }
+}
+
+/// A copy of [`LatencyBuckets`]: requests per bucket of
+/// [`LATENCY_BOUNDS_US`] (not cumulative; the last is over every bound) and
+/// their sum in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Histogram {
+    pub counts: [u64; LATENCY_BOUNDS_US.len() + 1],
+    pub sum_us: u64,
+}
+
+impl Histogram {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// Slots of the per-API counters, indexed by the flatbuffers union tag of
+/// the request (or response) body.
+pub const API_SLOTS: usize = 16;
+/// Slots of the error counters, indexed by wire error code (a larger code
+/// counts in the last).
+pub const ERROR_CODE_SLOTS: usize = 64;
+
+const _: () = assert!((shoal_wire::fb::RequestBody::ENUM_MAX as usize) < API_SLOTS);
+const _: () = assert!((shoal_wire::fb::ResponseBody::ENUM_MAX as usize) < API_SLOTS);
+
+/// A fixed row of counters, indexed by a small number (an API, an error
+/// code).
+pub struct Counters<const N: usize>([Cell<u64>; N]);
+
+impl<const N: usize> Default for Counters<N> {
+    fn default() -> Self {
+        Counters(std::array::from_fn(|_| Cell::new(0)))
+    }
+}
+
+impl<const N: usize> Counters<N> {
+    /// Adds `v` at `i` (beyond the row: at its last slot).
+    pub fn add(&self, i: usize, v: u64) {
+        add(&self.0[i.min(N - 1)], v);
+    }
+
+    pub fn values(&self) -> [u64; N] {
+        std::array::from_fn(|i| self.0[i].get())
+    }
+}
+
+/// When the newest batches of each local partition were appended, to time
+/// a batch from its append to its send to a consumer (the e2e histogram).
+/// A ring of the last [`APPEND_CLOCK_SLOTS`] appends per partition: a
+/// reader at the tail finds its batch there; one catching up does not, and
+/// is not timed (its wait is its own lag, not the broker's latency).
+#[derive(Default)]
+pub struct AppendClocks {
+    by_topic: RefCell<HashMap<String, HashMap<u32, AppendClock>>>,
+}
+
+struct AppendClock {
+    /// (end offset of a batch, when it was appended), oldest overwritten.
+    ring: [(u64, Option<Instant>); APPEND_CLOCK_SLOTS],
+    next: usize,
+}
+
+impl AppendClocks {
+    /// Records that a batch ending before `end_offset` was appended `at`.
+    pub fn appended(&self, topic: &str, partition: u32, end_offset: u64, at: Instant) {
+        let mut by_topic = self.by_topic.borrow_mut();
+        if !by_topic.contains_key(topic) {
+            by_topic.insert(topic.to_string(), HashMap::new());
+        }
+        let Some(parts) = by_topic.get_mut(topic) else {
+            return;
+        };
+        let clock = parts.entry(partition).or_insert_with(|| AppendClock {
+            ring: [(0, None); APPEND_CLOCK_SLOTS],
+            next: 0,
+        });
+        clock.ring[clock.next] = (end_offset, Some(at));
+        clock.next = (clock.next + 1) % APPEND_CLOCK_SLOTS;
+    }
+
+    /// When the batch ending before `end_offset` was appended, if it is
+    /// among the newest.
+    pub fn appended_at(&self, topic: &str, partition: u32, end_offset: u64) -> Option<Instant> {
+        let by_topic = self.by_topic.borrow();
+        let clock = by_topic.get(topic)?.get(&partition)?;
+        clock
+            .ring
+            .iter()
+            .find(|(end, at)| *end == end_offset && at.is_some())
+            .and_then(|(_, at)| *at)
+    }
+
+    /// Forgets a deleted topic (a new one of that name starts at offset 0).
+    pub fn forget(&self, topic: &str) {
+        self.by_topic.borrow_mut().remove(topic);
     }
 }
 
@@ -102,6 +212,22 @@ pub struct Metrics {
     /// Produce requests, from the decoded request to its response written
     /// (acknowledgement wait included).
     pub produce_latency: LatencyBuckets,
+    /// Fetch requests, from the decoded request to its response written
+    /// (a long-poll's wait for data included).
+    pub fetch_latency: LatencyBuckets,
+    /// Batches from their append to the end of their send to a consumer
+    /// (fetch or push), for consumers at the tail; see [`AppendClocks`].
+    pub e2e_latency: LatencyBuckets,
+    pub append_clocks: AppendClocks,
+    /// Requests by API (request body tag).
+    pub requests_by_api: Counters<API_SLOTS>,
+    /// Bytes of request frames received, by API (request body tag).
+    pub request_bytes_by_api: Counters<API_SLOTS>,
+    /// Bytes of response frames sent, log bytes included, by response body
+    /// tag (error responses under tag 0).
+    pub response_bytes_by_api: Counters<API_SLOTS>,
+    /// Error responses by wire error code.
+    pub errors_by_code: Counters<ERROR_CODE_SLOTS>,
 }
 
 pub fn add(c: &Cell<u64>, v: u64) {
@@ -138,6 +264,37 @@ impl Metrics {
             .snapshot_into(&PRODUCE_LATENCY_NAMES, &mut v);
         v
     }
+}
+
+/// One partition as a scrape shows it.
+#[derive(Debug, Clone)]
+pub struct PartitionScrape {
+    pub topic: String,
+    pub partition: u32,
+    pub log_start_offset: u64,
+    pub log_end_offset: u64,
+    /// What fetches report as the high watermark (on a single broker, the
+    /// log end).
+    pub high_watermark: u64,
+    pub size_bytes: u64,
+}
+
+/// Everything one shard shows to a scrape, taken on its own core and sent
+/// to the one serving `GET /metrics`.
+#[derive(Debug, Clone)]
+pub struct ShardScrape {
+    pub shard: usize,
+    pub core: usize,
+    /// The scalar counters and gauges, as [`Metrics::snapshot`] names them.
+    pub counters: Vec<(&'static str, u64)>,
+    pub requests_by_api: [u64; API_SLOTS],
+    pub request_bytes_by_api: [u64; API_SLOTS],
+    pub response_bytes_by_api: [u64; API_SLOTS],
+    pub errors_by_code: [u64; ERROR_CODE_SLOTS],
+    pub produce_latency: Histogram,
+    pub fetch_latency: Histogram,
+    pub e2e_latency: Histogram,
+    pub partitions: Vec<PartitionScrape>,
 }
 
 /// Lets a repeated warning through at most once per period, counting what

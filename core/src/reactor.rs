@@ -110,6 +110,7 @@ impl Reactor {
                         high_watermark: ok.high_watermark,
                         log_start_offset: ok.log_start_offset,
                         next_offset: ok.next_offset,
+                        appended_at: ok.appended_at,
                     })
                 });
                 let _ = reply.send(r);
@@ -148,6 +149,9 @@ impl Reactor {
             }
             MeshMsg::Metrics { reply } => {
                 let _ = reply.send(self.metrics.snapshot());
+            }
+            MeshMsg::Scrape { reply } => {
+                let _ = reply.send(Ok(self.scrape_local().await));
             }
         }
     }

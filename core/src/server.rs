@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub fn run(config: Config) -> Result<()> {
+    crate::coreplan::apply_and_report(&config.cores, config.core_plan.as_ref())?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::io(format!("create data dir {}", config.data_dir.display()), e))?;
     raise_fd_limit();
@@ -198,6 +199,9 @@ async fn shard_main(
             listener,
             per_shard_max,
         )));
+    }
+    if let (0, Some(addr)) = (id, config.metrics_listen) {
+        tasks.push(crate::prometheus::serve(reactor.clone(), addr)?);
     }
     {
         let reactor = reactor.clone();

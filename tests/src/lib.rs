@@ -147,8 +147,10 @@ pub struct Broker {
     relative: bool,
     config: Option<PathBuf>,
     data_dir: Option<PathBuf>,
-    /// More `serve` flags (e.g. `--zookeeper`, `--broker-id`).
-    extra: Vec<String>,
+    /// More `shoal serve` flags, and the CPUs the process may run on (its
+    /// affinity mask), for [`Broker::start_custom`].
+    extra_args: Vec<String>,
+    affinity: Option<Vec<usize>>,
 }
 
 impl Broker {
@@ -176,7 +178,8 @@ impl Broker {
             relative: false,
             config: Some(config),
             data_dir: None,
-            extra: args,
+            extra_args: args,
+            affinity: None,
         };
         b.spawn();
         b
@@ -257,7 +260,8 @@ impl Broker {
             relative: relative.is_some(),
             data_dir: None,
             config,
-            extra: Vec::new(),
+            extra_args: Vec::new(),
+            affinity: None,
         };
         b.spawn();
         b
@@ -280,7 +284,35 @@ impl Broker {
             relative: false,
             config: Some(config),
             data_dir: Some(data_dir),
-            extra: Vec::new(),
+            extra_args: Vec::new(),
+            affinity: None,
+        };
+        b.spawn();
+        b
+    }
+
+    /// A broker with `shards` shards, started with `--cores cores` if given
+    /// (else none: a core plan in `args` or the default), more flags
+    /// `args`, and its affinity mask set to `affinity` (as `taskset` does).
+    pub fn start_custom(
+        cores: Option<&str>,
+        shards: usize,
+        args: &[&str],
+        affinity: Option<&[usize]>,
+    ) -> Broker {
+        let data = tempfile::tempdir().expect("temp dir");
+        let mut b = Broker {
+            port: free_ports(shards),
+            shards,
+            log: data.path().join("broker.log"),
+            data,
+            cores: cores.unwrap_or("").into(),
+            child: None,
+            relative: false,
+            config: None,
+            data_dir: None,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            affinity: affinity.map(<[usize]>::to_vec),
         };
         b.spawn();
         b
@@ -304,8 +336,11 @@ impl Broker {
             .open(&self.log)
             .expect("log file");
         let mut cmd = Command::new(shoal_bin());
-        cmd.args(["serve", "--listen", &self.addr(), "--cores", &self.cores])
-            .arg("--data-dir");
+        cmd.args(["serve", "--listen", &self.addr()]);
+        if !self.cores.is_empty() {
+            cmd.args(["--cores", &self.cores]);
+        }
+        cmd.args(&self.extra_args).arg("--data-dir");
         if self.relative {
             cmd.current_dir(self.data.path()).arg("data");
         } else {
@@ -314,7 +349,9 @@ impl Broker {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
-        cmd.args(&self.extra);
+        if let Some(cpus) = self.affinity.clone() {
+            set_affinity_on_exec(&mut cmd, cpus);
+        }
         let child = cmd
             // The harness waits for the INFO line "shoal is ready".
             .env("RUST_LOG", "info")
@@ -407,6 +444,59 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Runs `cmd` with its affinity mask set to `cpus`, as `taskset -c` would.
+pub fn set_affinity_on_exec(cmd: &mut Command, cpus: Vec<usize>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the child between fork and exec; sched_setaffinity
+    // is async-signal-safe and touches only the set built here.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &c in &cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The CPUs this (test) process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: all zeroes is the empty set; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: writes at most size_of::<cpu_set_t>() bytes into `set`.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    assert_eq!(rc, 0, "sched_getaffinity");
+    (0..8 * std::mem::size_of::<libc::cpu_set_t>())
+        // SAFETY: reads the set, within its size.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// The allowed CPUs of each thread of process `pid`, by thread name.
+pub fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        out.push((field("Name:"), field("Cpus_allowed_list:")));
+    }
+    out
 }
 
 /// Cores for a two-shard broker where the machine has them, else one.

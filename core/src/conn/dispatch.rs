@@ -23,6 +23,11 @@ impl Conn {
             Err(e) => return self.fail(0, Error::Frame(e)).await,
         };
         let corr = req.correlation_id();
+        let m = &self.reactor.metrics;
+        let api = usize::from(req.body_type().0);
+        m.requests_by_api.add(api, 1);
+        let frame_bytes = frame::FRAME_PREFIX_BYTES + header.len() + payload.len();
+        m.request_bytes_by_api.add(api, frame_bytes as u64);
         if req.version() != 1 {
             return self
                 .fail(corr, Error::UnsupportedVersion(req.version()))

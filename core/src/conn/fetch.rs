@@ -42,8 +42,20 @@ impl Conn {
     }
 
     async fn fetch_and_answer(&self, corr: u32, params: FetchParams) -> std::io::Result<()> {
+        let started = rt::now();
         match self.reactor.fetch(params).await {
-            Ok(ok) => self.respond_fetch(corr, ok).await,
+            Ok(ok) => {
+                let appended_at = ok.appended_at;
+                self.respond_fetch(corr, ok).await?;
+                let m = &self.reactor.metrics;
+                let now = rt::now();
+                m.fetch_latency
+                    .record(now.saturating_duration_since(started));
+                if let Some(t) = appended_at {
+                    m.e2e_latency.record(now.saturating_duration_since(t));
+                }
+                Ok(())
+            }
             Err(e) => self.fail(corr, e).await,
         }
     }

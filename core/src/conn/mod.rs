@@ -191,6 +191,7 @@ pub struct Conn {
 /// request timeout, or shutdown.
 pub async fn serve(reactor: Rc<Reactor>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
     let sock = stream.as_raw_fd();
     let (mut r, w) = stream.split();
     let conn = Rc::new(Conn {
@@ -203,9 +204,15 @@ pub async fn serve(reactor: Rc<Reactor>, stream: TcpStream) {
     });
     add(&reactor.metrics.connections_accepted, 1);
     add(&reactor.metrics.connections_open, 1);
-    if let Err(e) = read_loop(&conn, &mut r).await {
-        tracing::debug!(shard = reactor.id, error = %e, "connection ended");
-    }
+    // Every line logged from the read loop names its connection (the span
+    // is made once per connection, never per request).
+    let span = tracing::info_span!("conn", shard = reactor.id, peer = ?peer);
+    let served = async {
+        if let Err(e) = read_loop(&conn, &mut r).await {
+            tracing::debug!(shard = reactor.id, error = %e, "connection ended");
+        }
+    };
+    tracing::Instrument::instrument(served, span).await;
     conn.closed.set(true);
     for s in conn.subs.borrow().values() {
         s.cancelled.set(true);

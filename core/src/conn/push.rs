@@ -170,7 +170,7 @@ impl Conn {
                 continue;
             }
             sub.credit.set(sub.credit.get() - data.len());
-            let (hw, next) = (ok.high_watermark, ok.next_offset);
+            let (hw, next, appended_at) = (ok.high_watermark, ok.next_offset, ok.appended_at);
             let r = self
                 .respond_with(
                     0,
@@ -191,6 +191,12 @@ impl Conn {
                 .await;
             if r.is_err() {
                 return Ok(());
+            }
+            if let Some(t) = appended_at {
+                self.reactor
+                    .metrics
+                    .e2e_latency
+                    .record(rt::now().saturating_duration_since(t));
             }
             offset = next;
         }

@@ -68,9 +68,11 @@ impl Conn {
         let header = fbb.finished_data();
         let payload_len = data.map_or(0, FetchData::len) as usize;
         let prefix = frame::prefix(header.len(), payload_len);
-        writer
-            .write(&[&prefix, header], data, &self.reactor.metrics)
-            .await
+        let frame_bytes = prefix.len() + header.len() + payload_len;
+        let m = &self.reactor.metrics;
+        m.response_bytes_by_api
+            .add(usize::from(body_type.0), frame_bytes as u64);
+        writer.write(&[&prefix, header], data, m).await
     }
 
     pub async fn respond_error(&self, corr: u32, e: &Error) -> std::io::Result<()> {
@@ -78,9 +80,13 @@ impl Conn {
         let Out { writer, fbb } = &mut *out;
         let header = encode_error(fbb, corr, e);
         let prefix = frame::prefix(header.len(), 0);
-        writer
-            .write(&[&prefix, header], None, &self.reactor.metrics)
-            .await
+        let m = &self.reactor.metrics;
+        m.errors_by_code.add(e.code() as usize, 1);
+        m.response_bytes_by_api.add(
+            usize::from(fb::ResponseBody::NONE.0),
+            (prefix.len() + header.len()) as u64,
+        );
+        writer.write(&[&prefix, header], None, m).await
     }
 }
 

@@ -54,6 +54,9 @@ pub struct FetchOk {
     pub high_watermark: u64,
     pub log_start_offset: u64,
     pub next_offset: u64,
+    /// When the last batch of `data` was appended, if it is among the
+    /// partition's newest (for the e2e histogram).
+    pub appended_at: Option<std::time::Instant>,
 }
 
 /// State of one partition as seen by its owner.
@@ -79,6 +82,7 @@ impl Reactor {
             high_watermark: r.high_watermark,
             log_start_offset: r.log_start_offset,
             next_offset: r.next_offset,
+            appended_at: r.appended_at,
         })
     }
 
@@ -116,11 +120,19 @@ impl Reactor {
                 if slice.is_cached() {
                     add(&self.metrics.tail_cache_bytes, slice.len);
                 }
+                let appended_at = if slice.is_empty() {
+                    None
+                } else {
+                    self.metrics
+                        .append_clocks
+                        .appended_at(&p.topic, p.partition, slice.next_offset)
+                };
                 let ok = FetchOk {
                     high_watermark: slice.high_watermark,
                     log_start_offset: log.start_offset(),
                     next_offset: slice.next_offset,
                     data: (!slice.is_empty()).then_some(FetchData::Local(slice)),
+                    appended_at,
                 };
                 return Ok(ok);
             }

@@ -350,6 +350,7 @@ impl Reactor {
     /// topic this shard never opened is fine.
     pub async fn drop_topic(&self, meta: &TopicMeta) -> Result<()> {
         let (_, mut logs) = self.partitions.remove(&meta.name);
+        self.metrics.append_clocks.forget(&meta.name);
         if let Some((_, staged)) = self.partitions.staged.borrow_mut().remove(&meta.name) {
             logs.extend(staged);
         }

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::mesh::MeshMsg;
 use crate::metrics::add;
 use crate::reactor::Reactor;
+use crate::rt;
 use futures::channel::oneshot;
 use shoal_shard::PartitionLog;
 use shoal_wire::batch::{validate_batch, Batches};
@@ -139,6 +140,9 @@ impl Reactor {
         for (index, b) in Batches::new(payload, batch_bytes_max).enumerate() {
             let (_, bytes) = b.map_err(|source| Error::InvalidBatch { index, source })?;
             let a = log.append(bytes).await?;
+            self.metrics
+                .append_clocks
+                .appended(topic, partition, a.last_offset + 1, rt::now());
             let r = result.get_or_insert(ProduceOk {
                 base_offset: a.base_offset,
                 last_offset: a.last_offset,
