@@ -237,7 +237,9 @@ class Producer:
         p = self._aio
         key, value, hs, nbytes = p._prepare(key, value, headers)
         if partition is None:
-            partition = p.choose_partition(key, self._client.partition_count(topic))
+            t = self._client.aio.cached_topic(topic)
+            n = len(t.partitions) if t is not None else self._client._run(p.partition_count(topic))
+            partition = p.choose_partition(key, n)
         if not p._buffer.try_reserve(nbytes):
             p._seal_all()
             deadline = time.monotonic() + p.max_block

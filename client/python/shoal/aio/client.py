@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import time
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import protocol
@@ -93,10 +94,15 @@ class Client:
         self._unreachable: Dict[Addr, Tuple[int, float]] = {}
         self._brokers: Dict[int, BrokerInfo] = {}
         self._topics: Dict[str, TopicInfo] = {}
+        # Cached topics whose placement may be wrong (a request to them
+        # failed): still good for a partition count, not for routing.
+        self._stale: set = set()
         self._hints: Dict[Tuple[str, int], Addr] = {}
         self._metadata: Optional[ClusterMetadata] = None
         self._refreshing: Dict[Optional[Tuple[str, ...]], asyncio.Future] = {}
         self._closed = False
+        # Producers on this client: closing the client sends what they hold.
+        self._producers: "weakref.WeakSet" = weakref.WeakSet()
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -111,7 +117,12 @@ class Client:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def close(self) -> None:
+    async def close(self, producer_timeout: float = 5.0) -> None:
+        """Closes the producers made on this client (each first sends what
+        it accepted, for up to ``producer_timeout`` seconds), then every
+        connection."""
+        for p in list(self._producers):
+            await p.close(producer_timeout)
         self._closed = True
         conns, self._conns = list(self._conns.values()), {}
         for c in conns:
@@ -173,33 +184,34 @@ class Client:
 
     async def any_connection(self) -> Connection:
         """A connection to any broker that answers."""
-        last: Optional[BaseException] = None
+        failed: List[ConnectError] = []
         for addr in self._candidates():
             try:
                 return await self.connection(addr)
             except ConnectError as e:
-                last = e
-        assert last is not None
-        raise last
+                failed.append(e)
+        raise _none_reachable(failed)
 
     async def _any_request(self, body, payload=()):
         """Sends a request to any broker, trying the next on a connection
         failure (never after the broker answered)."""
-        last: Optional[BaseException] = None
+        failed: List[ConnectError] = []
+        closed: Optional[ConnectionClosedError] = None
         for addr in self._candidates():
             try:
                 conn = await self.connection(addr)
             except ConnectError as e:
-                last = e
+                failed.append(e)
                 continue
             try:
                 return await conn.request(body, payload, timeout=self.request_timeout)
-            except (ConnectError, ConnectionClosedError) as e:
+            except ConnectionClosedError as e:
                 # The connection failed under the request: another broker
                 # may answer (a broker error is an answer and is raised).
-                last = e
-        assert last is not None
-        raise last
+                closed = e
+        if closed is not None:
+            raise closed
+        raise _none_reachable(failed)
 
     # ---- metadata -----------------------------------------------------------
 
@@ -243,9 +255,11 @@ class Client:
         if topics is None:
             self._topics = {t.name: t for t in m.topics}
             self._hints.clear()
+            self._stale.clear()
         else:
             for t in m.topics:
                 self._topics[t.name] = t
+                self._stale.discard(t.name)
                 for key in [k for k in self._hints if k[0] == t.name]:
                     del self._hints[key]
         self._metadata = m
@@ -253,6 +267,7 @@ class Client:
 
     def _forget(self, topic: str) -> None:
         self._topics.pop(topic, None)
+        self._stale.discard(topic)
         for key in [k for k in self._hints if k[0] == topic]:
             del self._hints[key]
 
@@ -269,22 +284,26 @@ class Client:
         asyncio.ensure_future(run())
 
     def invalidate(self, topic: Optional[str] = None) -> None:
-        """Drops cached placement (of one topic, or all) so the next request
-        re-learns it."""
+        """Marks cached placement (of one topic, or all) stale: the next
+        request routed there reloads it first. Partition counts stay known,
+        so records can still be accepted while no broker answers."""
         if topic is None:
-            self._topics.clear()
+            self._stale.update(self._topics)
             self._hints.clear()
         else:
-            self._forget(topic)
+            if topic in self._topics:
+                self._stale.add(topic)
+            for key in [k for k in self._hints if k[0] == topic]:
+                del self._hints[key]
 
     def cached_topic(self, name: str) -> Optional[TopicInfo]:
         return self._topics.get(name)
 
     async def topic(self, name: str) -> TopicInfo:
-        """Cached topic metadata, loaded once if not known;
+        """Cached topic metadata, loaded if not known (or stale);
         :class:`UnknownTopicError` if there is no such topic."""
         t = self._topics.get(name)
-        if t is not None:
+        if t is not None and name not in self._stale:
             return t
         await self.refresh_metadata([name])
         t = self._topics.get(name)
@@ -318,7 +337,7 @@ class Client:
         if hinted is not None:
             return [hinted]
         t = self._topics.get(topic)
-        if t is None:
+        if t is None or topic in self._stale:
             return None
         if not 0 <= partition < len(t.partitions):
             raise UnknownPartitionError(
@@ -465,6 +484,15 @@ class Client:
             timeout=self.request_timeout + max_wait_ms / 1000.0,
         )
         return protocol.decode_fetch(resp, payload)
+
+
+def _none_reachable(failed: List[ConnectError]) -> ConnectError:
+    """One error naming every address tried."""
+    assert failed, "no address to try"
+    if len(failed) == 1:
+        return failed[0]
+    addrs = ", ".join(e.addr for e in failed)
+    return ConnectError(addrs, failed[-1].cause)
 
 
 def jitter(seconds: float) -> float:

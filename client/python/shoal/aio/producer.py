@@ -389,6 +389,7 @@ class Producer:
         self._topic_ids: Dict[str, int] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._closed = False
+        client._producers.add(self)
 
     # ---- loop plumbing --------------------------------------------------------
 
@@ -453,8 +454,7 @@ class Producer:
             raise ClosedError("the producer was closed")
         key, value, hs, nbytes = self._prepare(key, value, headers)
         if partition is None:
-            n = await self.client.partition_count(topic)
-            partition = self.choose_partition(key, n)
+            partition = self.choose_partition(key, await self.partition_count(topic))
         if not self._buffer.try_reserve(nbytes):
             self._seal_all()
             ok = self.max_block > 0 and await self._buffer.wait_async(
@@ -466,6 +466,23 @@ class Producer:
                     f"for {self.max_block}s"
                 )
         return self._append(topic, partition, key, value, hs, timestamp_ms, nbytes)
+
+    async def partition_count(self, topic: str) -> int:
+        """The topic's partition count, from cache, else from a broker:
+        retried while no broker answers, up to ``max_block`` seconds."""
+        t = self.client.cached_topic(topic)
+        if t is not None:
+            return len(t.partitions)
+        deadline = time.monotonic() + self.max_block
+        attempt = 0
+        while True:
+            try:
+                return await self.client.partition_count(topic)
+            except ShoalError as e:
+                if not e.retriable or time.monotonic() >= deadline:
+                    raise
+                attempt += 1
+                await asyncio.sleep(jitter(min(self.retry_backoff_s * attempt, 1.0)))
 
     async def send_and_wait(self, topic: str, value, key=None, **kw) -> RecordMetadata:
         """Sends a record and waits for its acknowledgement."""
