@@ -267,3 +267,12 @@ def run_cli(broker_addr: str, *args: str, stdin: bytes = b"", timeout: float = 6
     )
     assert r.returncode == 0, f"shoal {' '.join(args)} failed ({r.returncode}): {r.stderr.decode(errors='replace')}"
     return r
+
+
+def pytest_report_header(config):
+    import shoal
+
+    return [
+        f"shoal package: {os.path.dirname(shoal.__file__)} (CRC32C: {shoal.CRC32C_BACKEND})",
+        f"shoal binary: {shoal_bin()}",
+    ]
