@@ -139,6 +139,27 @@ def test_idempotent_retry_of_a_stored_batch_is_a_duplicate(client, topic_name):
     assert client.describe_topic(topic_name).partitions[0].high_watermark == 2
 
 
+def test_the_broker_recognises_a_retry_among_the_last_five_batches_only(client, topic_name):
+    """The contract behind the producer's five batches per request
+    (PROTOCOL.md, "Idempotent producers"): a retried request of five
+    batches is a duplicate; of six, its first batch is no longer known."""
+    client.create_topic(topic_name, partitions=2)
+
+    def batches(pid, n):
+        return [bytes(build_batch([b"r%d" % i], 1, producer_id=pid, base_sequence=i)) for i in range(n)]
+
+    five = batches(7001, 5)
+    assert client.produce_raw(topic_name, 0, five).duplicate is False
+    again = client.produce_raw(topic_name, 0, five)
+    assert (again.base_offset, again.last_offset, again.duplicate) == (0, 4, True)
+    six = batches(7002, 6)
+    assert client.produce_raw(topic_name, 1, six).last_offset == 5
+    with pytest.raises(shoal.OutOfOrderSequenceError):
+        client.produce_raw(topic_name, 1, six)
+    assert client.describe_topic(topic_name).partitions[1].high_watermark == 6
+    assert shoal.aio.producer.REQUEST_BATCHES_MAX == 5
+
+
 def test_acks_none_and_round_robin(client, topic_name):
     client.create_topic(topic_name, partitions=3)
     with shoal.Producer(client, acks="none", partitioner="round_robin", linger_ms=0) as p:

@@ -47,6 +47,12 @@ log = logging.getLogger("shoal")
 
 #: Bytes of batches one produce request may carry.
 REQUEST_BYTES_MAX = 4 * 1024 * 1024
+#: Batches one produce request may carry. The broker recognises a retry
+#: only among a producer's last 5 batches per partition
+#: (PRODUCER_BATCHES_KEPT, wire/PROTOCOL.md "Idempotent producers"): a
+#: request of more whose answer was lost could not be retried safely. (The
+#: Rust client coalesces up to 4 MiB regardless.)
+REQUEST_BATCHES_MAX = 5
 _I32_MAX = 2**31 - 1
 
 BytesLike = Union[bytes, bytearray, memoryview]
@@ -653,7 +659,10 @@ class Producer:
                             q.popleft()
                             marker = o.slot
                         break
-                    if batches and payload_bytes + len(o.batch) > REQUEST_BYTES_MAX:
+                    if batches and (
+                        payload_bytes + len(o.batch) > REQUEST_BYTES_MAX
+                        or len(batches) >= REQUEST_BATCHES_MAX
+                    ):
                         break
                     q.popleft()
                     batches.append(o.batch)
