@@ -86,7 +86,11 @@ class Broker:
             self.config.write_text(toml)
         self.port = free_ports(self.shards)
         self.proc: Optional[subprocess.Popen] = None
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     @property
     def addr(self) -> str:
@@ -131,6 +135,7 @@ class Broker:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"shoal exited with {self.proc.returncode}:\n{self.log_text()}")
             time.sleep(0.02)
+        self.kill9()
         raise RuntimeError(f"shoal did not become ready:\n{self.log_text()}")
 
     def kill9(self) -> None:
@@ -206,11 +211,19 @@ class ZooKeeper:
         return f"127.0.0.1:{self.port}"
 
     def _ruok(self) -> bool:
+        """Serving, not only running: `ruok` answers before the server takes
+        sessions; `srvr` reports a mode only once it does."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"ruok")
-                s.settimeout(0.5)
-                return s.recv(4) == b"imok"
+                s.sendall(b"srvr")
+                s.settimeout(1.0)
+                out = b""
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    out += chunk
+                return b"Mode:" in out
         except OSError:
             return False
 

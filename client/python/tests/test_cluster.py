@@ -20,19 +20,30 @@ if not zookeeper_available():
 SESSION_MS = 1500
 
 
+def member(zk, broker_id, attempts=3):
+    """A cluster member. A broker gives up on ZooKeeper after its session
+    timeout; a ZooKeeper just started (JVM warming up on a busy machine)
+    can take longer than that for a first session, so try again."""
+    for attempt in range(attempts):
+        try:
+            return Broker(
+                cores="1" if broker_id % 2 == 0 else "0",
+                extra=["--zookeeper", zk.connect, "--broker-id", str(broker_id)],
+                toml=f"zk_session_timeout_ms = {SESSION_MS}\n",
+            )
+        except RuntimeError as e:
+            if "ZooKeeper" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+
+
 @pytest.fixture
 def cluster():
     zk = ZooKeeper()
     brokers = []
     try:
         for broker_id in (1, 2, 3):
-            brokers.append(
-                Broker(
-                    cores="1" if broker_id % 2 == 0 else "0",
-                    extra=["--zookeeper", zk.connect, "--broker-id", str(broker_id)],
-                    toml=f"zk_session_timeout_ms = {SESSION_MS}\n",
-                )
-            )
+            brokers.append(member(zk, broker_id))
         yield zk, brokers
     finally:
         for b in brokers:
