@@ -42,6 +42,8 @@ _HEADER = struct.Struct("<QIIIBBHIiqqqh6x")
 assert _HEADER.size == BATCH_HEADER_BYTES
 # Record prefix: len, offset_delta, timestamp_delta_ms, key_len.
 _REC = struct.Struct("<IIii")
+# The same and value_len, for a record without a key.
+_REC_NO_KEY = struct.Struct("<IIiii")
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
@@ -148,6 +150,26 @@ class BatchBuilder:
         delta = timestamp_ms - self.first_timestamp_ms
         if not _I32_MIN <= delta <= _I32_MAX:
             raise ValueError("timestamp delta out of range for this batch")
+        if not headers and key is None:
+            # The common record, in two writes: prefix with both lengths,
+            # then the value and an empty header count.
+            if value is None:
+                vlen = -1
+                body_len = RECORD_FIXED_BYTES - 4
+            else:
+                vlen = len(value)
+                body_len = RECORD_FIXED_BYTES - 4 + vlen
+                if vlen > _I32_MAX:
+                    raise ValueError("field too large")
+            b = self._buf
+            b += _REC_NO_KEY.pack(body_len, self.count, delta, -1, vlen)
+            if value is not None:
+                b += value
+            b += _ZERO_HEADERS
+            self.count += 1
+            if timestamp_ms > self.max_timestamp_ms:
+                self.max_timestamp_ms = timestamp_ms
+            return
         if len(headers) > 0xFFFF:
             raise ValueError("too many headers")
         body_len = encoded_len(key, value, headers) - 4
@@ -306,73 +328,59 @@ def _short(v: Optional[bytes]) -> str:
 
 
 def _records(
-    buf: Bytes, h: BatchHeader, pos: int, topic: str, partition: int, from_offset: int, out: list
+    buf: bytes, h: BatchHeader, pos: int, topic: str, partition: int, from_offset: int, out: list
 ) -> None:
     """Parses the records of the batch at ``pos`` (its header checked) into
     ``out``, those at or after ``from_offset``; verifies the framing of all
-    of them as the broker does."""
+    of them as the broker does. ``buf`` is ``bytes``: slices of it are the
+    keys and values handed out."""
     end = pos + h.batch_len
     p = pos + BATCH_HEADER_BYTES
     count = 0
     base, ts0 = h.base_offset, h.first_timestamp_ms
-    unpack_rec, unpack_i32, unpack_u16, unpack_u32 = (
-        _REC.unpack_from,
-        _I32.unpack_from,
-        _U16.unpack_from,
-        _U32.unpack_from,
-    )
+    unpack5 = _REC_NO_KEY.unpack_from
+    unpack_i32 = _I32.unpack_from
+    # Every record is at least 4 + 18 bytes, so its first five fields (the
+    # fifth is value_len when the key is null) can be read at once; each
+    # read is then checked against the record's own end before it is used.
     while p < end:
-        if end - p < 16:
+        if end - p < 4 + RECORD_FIXED_BYTES - 4:
             raise _corrupt("malformed record: record field runs past the batch")
-        rlen, delta, tsd, klen = unpack_rec(buf, p)
+        rlen, delta, tsd, klen, vlen = unpack5(buf, p)
         rend = p + 4 + rlen
-        if rend > end or rlen < 14:
+        if rend > end:
             raise _corrupt("malformed record: record field runs past the batch")
         if delta != count:
             raise _corrupt("malformed record: offset deltas are not 0, 1, 2, ...")
-        q = p + 16
         if klen == -1:
             key = None
-        elif klen < -1:
-            raise _corrupt("malformed record: negative length")
-        else:
-            if q + klen > rend:
+            q = p + 20
+        elif klen >= 0:
+            q = p + 16 + klen
+            if q + 4 > rend:
                 raise _corrupt("malformed record: record field runs past the batch")
-            key = bytes(buf[q : q + klen])
-            q += klen
-        if q + 4 > rend:
-            raise _corrupt("malformed record: record field runs past the batch")
-        (vlen,) = unpack_i32(buf, q)
-        q += 4
-        if vlen == -1:
+            key = buf[p + 16 : q]
+            (vlen,) = unpack_i32(buf, q)
+            q += 4
+        else:
+            raise _corrupt("malformed record: negative length")
+        if vlen >= 0:
+            v_end = q + vlen
+            if v_end + 2 > rend:
+                raise _corrupt("malformed record: record field runs past the batch")
+            value = buf[q:v_end]
+            q = v_end
+        elif vlen == -1:
             value = None
-        elif vlen < -1:
-            raise _corrupt("malformed record: negative length")
-        else:
-            if q + vlen > rend:
-                raise _corrupt("malformed record: record field runs past the batch")
-            value = bytes(buf[q : q + vlen])
-            q += vlen
-        if q + 2 > rend:
-            raise _corrupt("malformed record: record field runs past the batch")
-        (nh,) = unpack_u16(buf, q)
-        q += 2
-        headers: List[Tuple[bytes, bytes]] = []
-        for _ in range(nh):
             if q + 2 > rend:
                 raise _corrupt("malformed record: record field runs past the batch")
-            (nl,) = unpack_u16(buf, q)
+        else:
+            raise _corrupt("malformed record: negative length")
+        if buf[q] == 0 and buf[q + 1] == 0:
+            headers: List[Tuple[bytes, bytes]] = []
             q += 2
-            if q + nl + 4 > rend:
-                raise _corrupt("malformed record: record field runs past the batch")
-            name = bytes(buf[q : q + nl])
-            q += nl
-            (hvl,) = unpack_u32(buf, q)
-            q += 4
-            if q + hvl > rend:
-                raise _corrupt("malformed record: record field runs past the batch")
-            headers.append((name, bytes(buf[q : q + hvl])))
-            q += hvl
+        else:
+            headers, q = _headers(buf, q + 2, _U16.unpack_from(buf, q)[0], rend)
         if q != rend:
             raise _corrupt("malformed record: trailing bytes after record headers")
         offset = base + delta
@@ -382,6 +390,26 @@ def _records(
         p = rend
     if count != h.record_count:
         raise _corrupt("malformed record: record count does not match the header")
+
+
+def _headers(buf: bytes, q: int, n: int, rend: int) -> Tuple[List[Tuple[bytes, bytes]], int]:
+    out: List[Tuple[bytes, bytes]] = []
+    for _ in range(n):
+        if q + 2 > rend:
+            raise _corrupt("malformed record: record field runs past the batch")
+        (nl,) = _U16.unpack_from(buf, q)
+        q += 2
+        if q + nl + 4 > rend:
+            raise _corrupt("malformed record: record field runs past the batch")
+        name = buf[q : q + nl]
+        q += nl
+        (vl,) = _U32.unpack_from(buf, q)
+        q += 4
+        if q + vl > rend:
+            raise _corrupt("malformed record: record field runs past the batch")
+        out.append((name, buf[q : q + vl]))
+        q += vl
+    return out, q
 
 
 def _check_crc(buf: Bytes, pos: int, h: BatchHeader) -> None:
@@ -400,7 +428,7 @@ def validate_batch(batch: Bytes, batch_bytes_max: int = 1 << 20) -> BatchHeader:
     if h.batch_len != len(batch):
         raise _corrupt(f"invalid batch length {h.batch_len}")
     _check_crc(batch, 0, h)
-    _records(batch, h, 0, "", 0, 1 << 64, [])
+    _records(bytes(batch), h, 0, "", 0, 1 << 64, [])
     return h
 
 
@@ -426,6 +454,8 @@ def decode_records(
     may return a first batch that starts before the offset asked for).
     With ``check_crcs`` every batch's CRC is verified, so corruption on the
     broker's disk or on the way arrives as :class:`CorruptBatchError`."""
+    if type(payload) is not bytes:
+        payload = bytes(payload)
     out: List[Record] = []
     for h, pos in iter_batches(payload):
         if h.next_offset <= from_offset:

@@ -147,3 +147,37 @@ def test_builder_refuses_what_the_format_cannot_hold_and_stays_usable():
 def test_header_decode_of_a_short_buffer_is_corrupt():
     with pytest.raises(CorruptBatchError):
         decode_header(b"\0" * 10)
+
+
+def test_mangled_batches_fail_only_as_corrupt_batch():
+    """Seeded random damage to batches (bytes changed, cut short, grown)
+    with the CRC check off, so the framing checks alone must hold: every
+    outcome is a CorruptBatchError or records that lie inside the input,
+    never an IndexError or a struct.error."""
+    import random
+
+    rng = random.Random(20261123)
+    b = BatchBuilder()
+    b.append(b"key", b"v" * 40, 10, [(b"h", b"x" * 5), (b"", b"")])
+    b.append(None, None, 11)
+    b.append(b"", b"", 12, [(b"n" * 3, b"")])
+    good = bytes(b.finish(1, 0, 0))
+    outcomes = {"corrupt": 0, "ok": 0}
+    for _ in range(3000):
+        bad = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(BATCH_HEADER_BYTES, len(bad))
+            bad[at] = rng.choice([0, 1, 0xFF, 0x7F, 0x80, rng.randrange(256)])
+        if rng.random() < 0.3:
+            del bad[rng.randrange(BATCH_HEADER_BYTES, len(bad)) :]
+            struct.pack_into("<I", bad, 8, len(bad))
+        try:
+            recs = decode_records(bytes(bad), "t", 0, check_crcs=False)
+        except CorruptBatchError:
+            outcomes["corrupt"] += 1
+            continue
+        outcomes["ok"] += 1
+        assert len(recs) == 3
+        for r in recs:
+            assert r.value is None or len(r.value) <= len(bad)
+    assert outcomes["corrupt"] > 1000, outcomes

@@ -32,7 +32,7 @@ import time
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import protocol
-from ..batch import NO_PRODUCER_ID, NO_SEQUENCE, BatchBuilder, encoded_len
+from ..batch import NO_PRODUCER_ID, NO_SEQUENCE, RECORD_FIXED_BYTES, BatchBuilder, encoded_len
 from ..errors import (
     BufferFullError,
     ClosedError,
@@ -431,6 +431,15 @@ class Producer:
         return self._round_robin % partitions
 
     def _prepare(self, key, value, headers):
+        if key is None and not headers and type(value) is bytes:
+            # The common record: no conversions.
+            nbytes = RECORD_FIXED_BYTES + len(value)
+            if nbytes > self._buffer.bytes_max:
+                raise RecordTooLargeError(
+                    f"a record of {nbytes} bytes cannot fit the producer's buffer of "
+                    f"{self._buffer.bytes_max} bytes"
+                )
+            return None, value, (), nbytes
         key = _as_bytes(key, "key")
         value = _as_bytes(value, "value")
         hs = _headers(headers)
@@ -506,15 +515,15 @@ class Producer:
                 if st is None:
                     st = self._parts[(topic, partition)] = _Partition(topic, partition)
                 b = st.builder
-                if not b.is_empty() and (
-                    len(b) + nbytes > self.batch_bytes or not b.fits_timestamp(ts)
+                if b.count and (
+                    len(b._buf) + nbytes > self.batch_bytes or not b.fits_timestamp(ts)
                 ):
                     self._seal(st)
                 index = b.count
                 b.append(key, value, ts, hs)
                 st.buffer_bytes += nbytes
                 delivery = Delivery(st.slot, topic, partition, index, self._loop)
-                if len(b) >= self.batch_bytes or (self.linger_s == 0 and not st.sender_busy):
+                if len(b._buf) >= self.batch_bytes or (self.linger_s == 0 and not st.sender_busy):
                     self._seal(st)
                 elif self.linger_s > 0 and not st.linger_armed:
                     st.linger_armed = True
