@@ -307,8 +307,9 @@ class FetchResult:
     log_start_offset: int
     #: Where the next fetch should start.
     next_offset: int
-    #: Whole record batches, as the broker stores them.
-    payload: bytes = field(repr=False, default=b"")
+    #: Whole record batches, as the broker stores them (bytes-like: a
+    #: memoryview of the received frame for large answers).
+    payload: object = field(repr=False, default=b"")
 
 
 @dataclass

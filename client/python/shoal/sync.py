@@ -237,7 +237,7 @@ class Producer:
         p = self._aio
         key, value, hs, nbytes = p._prepare(key, value, headers)
         if partition is None:
-            t = self._client.aio.cached_topic(topic)
+            t = p.client._topics.get(topic)
             n = len(t.partitions) if t is not None else self._client._run(p.partition_count(topic))
             partition = p.choose_partition(key, n)
         if not p._buffer.try_reserve(nbytes):

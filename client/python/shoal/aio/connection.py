@@ -6,6 +6,12 @@ requests in order and fetches possibly out of order, so answers are matched
 by correlation id. A request whose caller stopped waiting (a timeout, a
 cancelled poll) is still sent whole and its answer dropped, so a frame is
 never cut short.
+
+Receiving is a ``BufferedProtocol``: the socket reads into one receive
+buffer where small frames are parsed in place, and a frame too large for
+it (a fetch of megabytes) gets a buffer of its own, sized from its prefix,
+that the socket reads straight into -- no copying a large payload from
+buffer to buffer on its way in.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import protocol
 from ..errors import ConnectionClosedError, ConnectError, ProtocolError, ShoalError, error_for
@@ -22,13 +28,113 @@ from ..errors import ConnectionClosedError, ConnectError, ProtocolError, ShoalEr
 log = logging.getLogger("shoal")
 
 _PREFIX = struct.Struct("<II")
+#: The shared receive buffer; frames larger than half of it are received
+#: into buffers of their own.
+RECV_BUFFER_BYTES = 256 * 1024
+_LARGE_FRAME_BYTES = RECV_BUFFER_BYTES // 2
 
-Answer = Tuple[protocol.Response, bytes]
+Answer = Tuple[protocol.Response, object]
 
 
 def _retrieve(f: asyncio.Future) -> None:
     if not f.cancelled():
         f.exception()
+
+
+class _Receiver(asyncio.BufferedProtocol):
+    def __init__(self, conn: "Connection"):
+        self.conn = conn
+        self.transport: Optional[asyncio.Transport] = None
+        self.buf = bytearray(RECV_BUFFER_BYTES)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        # A large frame being received in place, and how much of it is in.
+        self.big: Optional[bytearray] = None
+        self.big_have = 0
+        self.write_paused = False
+        self.drain_waiters: List[asyncio.Future] = []
+
+    # -- transport callbacks --
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int):  # type: ignore[override]
+        if self.big is not None:
+            return memoryview(self.big)[self.big_have :]
+        if self.end == len(self.buf):
+            self._compact()
+        return self.view[self.end :]
+
+    def buffer_updated(self, nbytes: int) -> None:  # type: ignore[override]
+        if self.big is not None:
+            self.big_have += nbytes
+            if self.big_have == len(self.big):
+                frame, self.big = self.big, None
+                _, header_len = _PREFIX.unpack_from(frame, 0)
+                payload = memoryview(frame)[8 + header_len :]
+                self.conn._on_frame(bytes(frame[8 : 8 + header_len]), payload)
+            return
+        self.end += nbytes
+        try:
+            self._parse()
+        except ProtocolError as e:
+            self.conn.close(e)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.conn.close(exc)
+        for f in self.drain_waiters:
+            if not f.done():
+                f.set_result(None)
+        self.drain_waiters.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+    # -- framing --
+
+    def _compact(self) -> None:
+        n = self.end - self.start
+        if self.start:
+            self.buf[:n] = self.buf[self.start : self.end]
+        self.start, self.end = 0, n
+
+    def _parse(self) -> None:
+        buf = self.buf
+        while self.end - self.start >= 8:
+            frame_len, header_len = _PREFIX.unpack_from(buf, self.start)
+            protocol.check_prefix(frame_len, header_len)
+            total = 4 + frame_len
+            have = self.end - self.start
+            if have >= total:
+                s = self.start + 8
+                header = bytes(buf[s : s + header_len])
+                payload = bytes(buf[s + header_len : self.start + total])
+                self.start += total
+                self.conn._on_frame(header, payload)
+                continue
+            if total > _LARGE_FRAME_BYTES:
+                big = bytearray(total)
+                big[:have] = buf[self.start : self.end]
+                self.big, self.big_have = big, have
+                self.start = self.end = 0
+                return
+            if self.start + total > len(buf):
+                self._compact()
+            return
+        if self.start == self.end:
+            self.start = self.end = 0
 
 
 class Connection:
@@ -38,13 +144,15 @@ class Connection:
         self.host = host
         self.port = port
         self.client_id = client_id
-        self._reader: Optional[asyncio.StreamReader] = None
-        self._writer: Optional[asyncio.StreamWriter] = None
+        self._rx: Optional[_Receiver] = None
+        self._transport: Optional[asyncio.Transport] = None
         self._pending: Dict[int, asyncio.Future] = {}
         self._next_corr = 1
         self._closed = False
         self._close_cause: Optional[BaseException] = None
-        self._read_task: Optional[asyncio.Task] = None
+        # A connection-level error the broker sent (correlation id 0),
+        # usually just before it closes: the reason pending requests fail.
+        self._broker_error: Optional[ShoalError] = None
 
     @property
     def addr(self) -> str:
@@ -55,22 +163,22 @@ class Connection:
         cls, host: str, port: int, client_id: str, connect_timeout: float
     ) -> "Connection":
         c = cls(host, port, client_id)
+        loop = asyncio.get_running_loop()
         try:
-            r, w = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=1 << 20), connect_timeout
+            transport, rx = await asyncio.wait_for(
+                loop.create_connection(lambda: _Receiver(c), host, port), connect_timeout
             )
         except asyncio.TimeoutError as e:
             raise ConnectError(f"{host}:{port}", TimeoutError(f"no answer in {connect_timeout}s")) from e
         except OSError as e:
             raise ConnectError(f"{host}:{port}", e) from e
-        sock = w.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        c._reader, c._writer = r, w
-        c._read_task = asyncio.get_running_loop().create_task(c._read_loop())
+        c._transport, c._rx = transport, rx
         return c
 
     @property
@@ -82,20 +190,17 @@ class Connection:
             return
         self._closed = True
         self._close_cause = cause
-        if self._writer is not None:
-            self._writer.close()
-        if self._read_task is not None and self._read_task is not asyncio.current_task():
-            self._read_task.cancel()
+        if self._transport is not None:
+            self._transport.close()
         self._fail_pending()
 
     async def wait_closed(self) -> None:
-        if self._writer is not None:
-            try:
-                await self._writer.wait_closed()
-            except (OSError, asyncio.CancelledError):
-                pass
+        # The transport closes on the next loop iterations; give it one.
+        await asyncio.sleep(0)
 
     def _closed_error(self) -> ShoalError:
+        if self._broker_error is not None:
+            return self._broker_error
         cause = self._close_cause
         if isinstance(cause, ShoalError) and not isinstance(cause, ConnectionClosedError):
             return cause
@@ -109,14 +214,37 @@ class Connection:
             if not fut.done():
                 fut.set_exception(self._closed_error())
 
+    def _on_frame(self, header: bytes, payload) -> None:
+        try:
+            resp = protocol.decode_response(header)
+        except ProtocolError as e:
+            log.warning("bad frame from %s: %s", self.addr, e)
+            self.close(e)
+            return
+        corr = resp.correlation_id
+        if corr != 0:
+            fut = self._pending.pop(corr, None)
+            if fut is not None and not fut.done():
+                fut.set_result((resp, payload))
+            return
+        if resp.error_code != 0:
+            # Connection-level (a frame the broker could not take,
+            # TooManyConnections, a timed-out frame): the broker closes
+            # after most of them.
+            e = error_for(resp.error_code, resp.error_message, resp.leader_hint)
+            log.warning("broker %s reported on the connection: %s", self.addr, e)
+            self._broker_error = e
+        # Pushes (correlation id 0, C5) are not used by this client: dropped.
+
     async def request(
         self,
         body: Tuple[int, Callable],
         payload: Sequence[bytes] = (),
         timeout: Optional[float] = None,
     ) -> Answer:
-        """Sends a request and waits for its answer. A broker error is
-        raised as its :class:`~shoal.errors.BrokerError` class."""
+        """Sends a request and waits for its answer: the response and its
+        payload (bytes-like). A broker error is raised as its
+        :class:`~shoal.errors.BrokerError` class."""
         fut = self.send(body, payload)
         await self.drain()
         try:
@@ -125,9 +253,7 @@ class Connection:
             else:
                 resp, data = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
-            raise ConnectionClosedError(
-                f"no answer from {self.addr} within {timeout}s"
-            ) from None
+            raise ConnectionClosedError(f"no answer from {self.addr} within {timeout}s") from None
         if resp.error_code != 0:
             raise error_for(resp.error_code, resp.error_message, resp.leader_hint)
         return resp, data
@@ -146,58 +272,21 @@ class Connection:
         # A caller that stopped waiting never reads the outcome.
         fut.add_done_callback(_retrieve)
         self._pending[corr] = fut
-        w = self._writer
-        assert w is not None
-        w.write(protocol.prefix(len(header), payload_len) + header)
-        for p in payload:
-            if p:
-                w.write(p)
+        t = self._transport
+        assert t is not None
+        if payload_len:
+            t.writelines([protocol.prefix(len(header), payload_len), header, *[p for p in payload if p]])
+        else:
+            t.write(protocol.prefix(len(header), 0) + header)
         return fut
 
     async def drain(self) -> None:
-        """Waits while the socket's send buffer is over its high mark."""
-        if self._writer is not None and not self._closed:
-            try:
-                await self._writer.drain()
-            except (ConnectionError, OSError) as e:
-                self.close(e)
-                raise self._closed_error() from e
-
-    async def _read_loop(self) -> None:
-        r = self._reader
-        assert r is not None
-        cause: Optional[BaseException] = None
-        try:
-            while True:
-                head = await r.readexactly(8)
-                frame_len, header_len = _PREFIX.unpack(head)
-                protocol.check_prefix(frame_len, header_len)
-                rest = await r.readexactly(frame_len - 4)
-                header = rest[:header_len]
-                payload = rest[header_len:] if len(rest) > header_len else b""
-                resp = protocol.decode_response(header)
-                corr = resp.correlation_id
-                if corr != 0:
-                    fut = self._pending.pop(corr, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result((resp, payload))
-                    continue
-                if resp.error_code != 0:
-                    # Connection-level (a frame the broker could not take,
-                    # TooManyConnections, a timed-out frame): the broker
-                    # closes after most of them, and pending requests fail
-                    # with this error rather than a bare "closed".
-                    e = error_for(resp.error_code, resp.error_message, resp.leader_hint)
-                    log.warning("broker %s reported on the connection: %s", self.addr, e)
-                    cause = e
-                # Pushes (corr 0) are not used by this client: dropped.
-        except asyncio.IncompleteReadError:
-            pass
-        except asyncio.CancelledError:
+        """Waits while the transport's send buffer is over its high mark."""
+        rx = self._rx
+        if rx is None or self._closed or not rx.write_paused:
             return
-        except ProtocolError as e:
-            log.warning("bad frame from %s: %s", self.addr, e)
-            cause = e
-        except (ConnectionError, OSError) as e:
-            cause = cause or e
-        self.close(cause)
+        f = asyncio.get_running_loop().create_future()
+        rx.drain_waiters.append(f)
+        await f
+        if self._closed:
+            raise self._closed_error()

@@ -53,7 +53,7 @@ REQUEST_BYTES_MAX = 4 * 1024 * 1024
 #: request of more whose answer was lost could not be retried safely. (The
 #: Rust client coalesces up to 4 MiB regardless.)
 REQUEST_BATCHES_MAX = 5
-_I32_MAX = 2**31 - 1
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 
 BytesLike = Union[bytes, bytearray, memoryview]
 HeadersArg = Union[None, Dict[Union[str, bytes], BytesLike], Sequence[Tuple[Union[str, bytes], BytesLike]]]
@@ -295,11 +295,14 @@ class _Buffer:
     def __init__(self, bytes_max: int):
         self.bytes_max = bytes_max
         self.used = 0
-        self._cond = threading.Condition(threading.Lock())
+        # The lock itself on the hot path (a Condition's own __enter__ is
+        # Python code); the condition only for blocking waiters.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._async_waiters: List[asyncio.Future] = []
 
     def try_reserve(self, n: int) -> bool:
-        with self._cond:
+        with self._lock:
             if self.used + n <= self.bytes_max:
                 self.used += n
                 return True
@@ -469,7 +472,9 @@ class Producer:
             raise ClosedError("the producer was closed")
         key, value, hs, nbytes = self._prepare(key, value, headers)
         if partition is None:
-            partition = self.choose_partition(key, await self.partition_count(topic))
+            t = self.client._topics.get(topic)
+            n = len(t.partitions) if t is not None else await self.partition_count(topic)
+            partition = self.choose_partition(key, n)
         if not self._buffer.try_reserve(nbytes):
             self._seal_all()
             ok = self.max_block > 0 and await self._buffer.wait_async(
@@ -516,7 +521,8 @@ class Producer:
                     st = self._parts[(topic, partition)] = _Partition(topic, partition)
                 b = st.builder
                 if b.count and (
-                    len(b._buf) + nbytes > self.batch_bytes or not b.fits_timestamp(ts)
+                    len(b._buf) + nbytes > self.batch_bytes
+                    or not _I32_MIN <= ts - b.first_timestamp_ms <= _I32_MAX
                 ):
                     self._seal(st)
                 index = b.count
@@ -715,6 +721,10 @@ class Producer:
                     slot.complete(offset, None)
                     offset += count
             else:
+                if getattr(error, "needs_refresh", False):
+                    # UnknownTopicId, FencedLeaderEpoch: what this client
+                    # knows of the topic is out of date.
+                    self.client.invalidate(st.topic)
                 for _, slot in groups:
                     slot.complete(0, error)
                 if unreported is None:
