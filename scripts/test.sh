@@ -56,6 +56,7 @@ if [ "$status" -eq 0 ]; then
   target/debug/shoal-perf ping --spawn --duration 1s --warmup 200ms --rate 2000 --json > /dev/null || status=$?
   target/debug/shoal-perf hiccup --duration 1s --json > /dev/null || status=$?
 fi
+bash scripts/test-python.sh 2>&1 | tee -a "$log" || status=$?  # the Python client (client/python)
 # One closing line over every test binary (the last one cargo prints is
 # often an empty doc-test run).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
