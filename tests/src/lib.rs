@@ -107,6 +107,8 @@ impl ZooKeeper {
         panic!("ZooKeeper did not start on port {}", self.port);
     }
 
+    /// Serving: `srvr` reports the server's mode (`ruok` answers earlier,
+    /// before the server takes sessions).
     fn ruok(&self) -> bool {
         use std::io::{Read, Write};
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
@@ -114,7 +116,7 @@ impl ZooKeeper {
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         let mut out = String::new();
-        s.write_all(b"ruok").is_ok() && s.read_to_string(&mut out).is_ok() && out == "imok"
+        s.write_all(b"srvr").is_ok() && s.read_to_string(&mut out).is_ok() && out.contains("Mode:")
     }
 
     /// SIGKILL the server (its data stays).
@@ -135,6 +137,40 @@ impl Drop for ZooKeeper {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Three cluster members around `zk` (ids 1-3, one shard each, on cores
+/// 0 and 1 in turn), with `racks[i]` as broker i+1's rack where given and
+/// a 1.5 s ZooKeeper session timeout.
+pub fn three_brokers(zk: &ZooKeeper, racks: &[&str]) -> Vec<Broker> {
+    (1..=3u32)
+        .map(|id| {
+            let cores = if id % 2 == 0 { "1" } else { "0" };
+            let extra: Vec<&str> = racks
+                .get(id as usize - 1)
+                .map_or(vec![], |r| vec!["--rack", r]);
+            Broker::start_member(
+                cores,
+                &zk.connect(),
+                id,
+                "zk_session_timeout_ms = 1500\n",
+                &extra,
+            )
+        })
+        .collect()
+}
+
+/// Polls `f` until it holds or `within` passes (then panics naming
+/// `what`); returns the time it took.
+pub fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if f() {
+            return t0.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: not within {within:?}");
 }
 
 pub struct Broker {

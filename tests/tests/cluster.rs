@@ -7,29 +7,14 @@
 //! tests run in parallel. Session timeouts are short (1.5 s) to keep the
 //! wall time small.
 
-use shoal_tests::{raw, Broker, ZooKeeper};
+use shoal_tests::{eventually, raw, three_brokers, Broker, ZooKeeper};
 use shoal_wire::fb;
 use std::io::Write;
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+/// The session timeout `three_brokers` gives its brokers.
 const SESSION_MS: u64 = 1500;
-
-fn toml() -> String {
-    format!("zk_session_timeout_ms = {SESSION_MS}\n")
-}
-
-/// Three brokers (one shard each, ids 1-3), optionally with racks.
-fn cluster(zk: &ZooKeeper, racks: &[&str]) -> Vec<Broker> {
-    (1..=3u32)
-        .map(|id| {
-            let cores = if id % 2 == 0 { "1" } else { "0" };
-            let rack = racks.get(id as usize - 1);
-            let extra: Vec<&str> = rack.map_or(vec![], |r| vec!["--rack", r]);
-            Broker::start_member(cores, &zk.connect(), id, &toml(), &extra)
-        })
-        .collect()
-}
 
 #[derive(Debug, Clone)]
 struct Part {
@@ -198,18 +183,6 @@ fn produce(port: u16, topic: &str, partition: u32) -> (u16, String, Option<(i32,
     )
 }
 
-/// Polls `f` until it holds or `within` passes; returns the time taken.
-fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while t0.elapsed() < within {
-        if f() {
-            return t0.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what}: not within {within:?}");
-}
-
 fn by_id(brokers: &[Broker], id: u32) -> &Broker {
     &brokers[id as usize - 1]
 }
@@ -220,7 +193,7 @@ fn by_id(brokers: &[Broker], id: u32) -> &Broker {
 #[test]
 fn brokers_register_and_duplicate_ids_are_refused() {
     let zk = ZooKeeper::start();
-    let brokers = cluster(&zk, &[]);
+    let brokers = three_brokers(&zk, &[]);
     for b in &brokers {
         eventually(Duration::from_secs(10), "all brokers in metadata", || {
             metadata(b.port).ids() == vec![1, 2, 3]
@@ -256,7 +229,7 @@ fn brokers_register_and_duplicate_ids_are_refused() {
 #[test]
 fn controller_fails_over_and_topics_can_still_be_created() {
     let zk = ZooKeeper::start();
-    let mut brokers = cluster(&zk, &[]);
+    let mut brokers = three_brokers(&zk, &[]);
     let first = eventually(Duration::from_secs(10), "a controller", || {
         metadata(brokers[0].port).controller > 0
     });
@@ -299,7 +272,7 @@ fn controller_fails_over_and_topics_can_still_be_created() {
 #[test]
 fn placement_spreads_replicas_and_leaders() {
     let zk = ZooKeeper::start();
-    let brokers = cluster(&zk, &["a", "a", "b"]);
+    let brokers = three_brokers(&zk, &["a", "a", "b"]);
     let port = brokers[0].port;
     eventually(Duration::from_secs(10), "brokers", || {
         metadata(port).ids().len() == 3
@@ -360,7 +333,7 @@ fn placement_spreads_replicas_and_leaders() {
 #[test]
 fn not_leader_names_the_leader() {
     let zk = ZooKeeper::start();
-    let brokers = cluster(&zk, &[]);
+    let brokers = three_brokers(&zk, &[]);
     let port = brokers[0].port;
     eventually(Duration::from_secs(10), "brokers", || {
         metadata(port).ids().len() == 3
@@ -388,7 +361,7 @@ fn not_leader_names_the_leader() {
 #[test]
 fn a_killed_broker_leaves_and_comes_back() {
     let zk = ZooKeeper::start();
-    let mut brokers = cluster(&zk, &[]);
+    let mut brokers = three_brokers(&zk, &[]);
     let port = brokers[0].port;
     eventually(Duration::from_secs(10), "brokers", || {
         metadata(port).ids().len() == 3
@@ -467,7 +440,7 @@ fn zookeeper_unreachable_at_start_is_a_clear_error() {
 #[test]
 fn brokers_survive_a_zookeeper_restart() {
     let mut zk = ZooKeeper::start();
-    let brokers = cluster(&zk, &[]);
+    let brokers = three_brokers(&zk, &[]);
     let port = brokers[0].port;
     eventually(Duration::from_secs(10), "brokers", || {
         metadata(port).ids().len() == 3
@@ -500,7 +473,7 @@ fn brokers_survive_a_zookeeper_restart() {
 #[test]
 fn malformed_nodes_are_reported_not_fatal() {
     let zk = ZooKeeper::start();
-    let brokers = cluster(&zk, &[]);
+    let brokers = three_brokers(&zk, &[]);
     let port = brokers[0].port;
     eventually(Duration::from_secs(10), "brokers", || {
         metadata(port).ids().len() == 3
@@ -546,7 +519,7 @@ fn zk_create(zk: &ZooKeeper, path: &str, data: &[u8]) {
 #[test]
 fn deleted_topics_are_removed_everywhere_even_from_a_broker_that_was_down() {
     let zk = ZooKeeper::start();
-    let mut brokers = cluster(&zk, &[]);
+    let mut brokers = three_brokers(&zk, &[]);
     let port = brokers[0].port;
     eventually(Duration::from_secs(10), "brokers", || {
         metadata(port).ids().len() == 3

@@ -8,41 +8,15 @@ use shoal_client::{
     Client, ClientConfig, Consumer, ConsumerConfig, DiscoveryCache, NewTopic, Producer,
     ProducerConfig, StartAt,
 };
-use shoal_tests::{shoal_bin, Broker, ZooKeeper};
+use shoal_tests::{eventually, shoal_bin, three_brokers, ZooKeeper};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-
-fn cluster(zk: &ZooKeeper) -> Vec<Broker> {
-    (1..=3u32)
-        .map(|id| {
-            let cores = if id % 2 == 0 { "1" } else { "0" };
-            Broker::start_member(
-                cores,
-                &zk.connect(),
-                id,
-                "zk_session_timeout_ms = 1500\n",
-                &[],
-            )
-        })
-        .collect()
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn wait_for(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while t0.elapsed() < within {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{what}: not within {within:?}");
 }
 
 fn cluster_status(addr: &str) -> serde_json::Value {
@@ -65,9 +39,9 @@ fn cluster_status(addr: &str) -> serde_json::Value {
 #[test]
 fn a_client_that_knows_one_broker_reaches_every_leader() {
     let zk = ZooKeeper::start();
-    let brokers = cluster(&zk);
+    let brokers = three_brokers(&zk, &[]);
     let addr = brokers[0].addr();
-    wait_for(Duration::from_secs(10), "three brokers", || {
+    eventually(Duration::from_secs(10), "three brokers", || {
         cluster_status(&addr)["brokers"]
             .as_array()
             .map_or(0, Vec::len)
@@ -117,9 +91,9 @@ fn a_client_that_knows_one_broker_reaches_every_leader() {
 #[test]
 fn the_discovery_cache_lets_a_client_connect_while_zookeeper_is_down() {
     let mut zk = ZooKeeper::start();
-    let brokers = cluster(&zk);
+    let brokers = three_brokers(&zk, &[]);
     let addr = brokers[0].addr();
-    wait_for(Duration::from_secs(10), "three brokers", || {
+    eventually(Duration::from_secs(10), "three brokers", || {
         cluster_status(&addr)["brokers"]
             .as_array()
             .map_or(0, Vec::len)
@@ -162,7 +136,7 @@ fn the_discovery_cache_lets_a_client_connect_while_zookeeper_is_down() {
 #[test]
 fn cluster_status_follows_a_killed_broker() {
     let zk = ZooKeeper::start();
-    let mut brokers = cluster(&zk);
+    let mut brokers = three_brokers(&zk, &[]);
     let addr = brokers[0].addr();
     let ids = |v: &serde_json::Value| -> Vec<u64> {
         v["brokers"]
@@ -170,7 +144,7 @@ fn cluster_status_follows_a_killed_broker() {
             .map(|a| a.iter().filter_map(|b| b["id"].as_u64()).collect())
             .unwrap_or_default()
     };
-    wait_for(Duration::from_secs(10), "three brokers", || {
+    eventually(Duration::from_secs(10), "three brokers", || {
         ids(&cluster_status(&addr)) == vec![1, 2, 3]
     });
     let s = cluster_status(&addr);
@@ -179,11 +153,11 @@ fn cluster_status_follows_a_killed_broker() {
         "{s}"
     );
     brokers[2].kill9();
-    wait_for(Duration::from_secs(6), "broker 3 gone", || {
+    eventually(Duration::from_secs(6), "broker 3 gone", || {
         ids(&cluster_status(&addr)) == vec![1, 2]
     });
     brokers[2].restart();
-    wait_for(Duration::from_secs(10), "broker 3 back", || {
+    eventually(Duration::from_secs(10), "broker 3 back", || {
         ids(&cluster_status(&addr)) == vec![1, 2, 3]
     });
 }
