@@ -377,6 +377,8 @@ impl<'a> CreateTopicRequest<'a> {
   pub const VT_RETENTION_MS: ::flatbuffers::VOffsetT = 12;
   pub const VT_RETENTION_BYTES: ::flatbuffers::VOffsetT = 14;
   pub const VT_SEGMENT_BYTES: ::flatbuffers::VOffsetT = 16;
+  pub const VT_MIN_INSYNC_REPLICAS: ::flatbuffers::VOffsetT = 18;
+  pub const VT_UNCLEAN_LEADER_ELECTION: ::flatbuffers::VOffsetT = 20;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -394,7 +396,9 @@ impl<'a> CreateTopicRequest<'a> {
     if let Some(x) = args.sync { builder.add_sync(x); }
     builder.add_partitions(args.partitions);
     if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_min_insync_replicas(args.min_insync_replicas);
     builder.add_replication_factor(args.replication_factor);
+    builder.add_unclean_leader_election(args.unclean_leader_election);
     builder.finish()
   }
 
@@ -448,6 +452,20 @@ impl<'a> CreateTopicRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<i64>(CreateTopicRequest::VT_SEGMENT_BYTES, Some(-1)).unwrap()}
   }
+  #[inline]
+  pub fn min_insync_replicas(&self) -> i16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i16>(CreateTopicRequest::VT_MIN_INSYNC_REPLICAS, Some(-1)).unwrap()}
+  }
+  #[inline]
+  pub fn unclean_leader_election(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(CreateTopicRequest::VT_UNCLEAN_LEADER_ELECTION, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
@@ -463,6 +481,8 @@ impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
      .visit_field::<i64>("retention_ms", Self::VT_RETENTION_MS, false)?
      .visit_field::<i64>("retention_bytes", Self::VT_RETENTION_BYTES, false)?
      .visit_field::<i64>("segment_bytes", Self::VT_SEGMENT_BYTES, false)?
+     .visit_field::<i16>("min_insync_replicas", Self::VT_MIN_INSYNC_REPLICAS, false)?
+     .visit_field::<bool>("unclean_leader_election", Self::VT_UNCLEAN_LEADER_ELECTION, false)?
      .finish();
     Ok(())
   }
@@ -475,6 +495,8 @@ pub struct CreateTopicRequestArgs<'a> {
     pub retention_ms: i64,
     pub retention_bytes: i64,
     pub segment_bytes: i64,
+    pub min_insync_replicas: i16,
+    pub unclean_leader_election: bool,
 }
 impl<'a> Default for CreateTopicRequestArgs<'a> {
   #[inline]
@@ -487,6 +509,8 @@ impl<'a> Default for CreateTopicRequestArgs<'a> {
       retention_ms: -1,
       retention_bytes: -1,
       segment_bytes: -1,
+      min_insync_replicas: -1,
+      unclean_leader_election: false,
     }
   }
 }
@@ -525,6 +549,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateTopicRequestBuilder<'a,
     self.fbb_.push_slot::<i64>(CreateTopicRequest::VT_SEGMENT_BYTES, segment_bytes, -1);
   }
   #[inline]
+  pub fn add_min_insync_replicas(&mut self, min_insync_replicas: i16) {
+    self.fbb_.push_slot::<i16>(CreateTopicRequest::VT_MIN_INSYNC_REPLICAS, min_insync_replicas, -1);
+  }
+  #[inline]
+  pub fn add_unclean_leader_election(&mut self, unclean_leader_election: bool) {
+    self.fbb_.push_slot::<bool>(CreateTopicRequest::VT_UNCLEAN_LEADER_ELECTION, unclean_leader_election, false);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateTopicRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     CreateTopicRequestBuilder {
@@ -549,6 +581,8 @@ impl ::core::fmt::Debug for CreateTopicRequest<'_> {
       ds.field("retention_ms", &self.retention_ms());
       ds.field("retention_bytes", &self.retention_bytes());
       ds.field("segment_bytes", &self.segment_bytes());
+      ds.field("min_insync_replicas", &self.min_insync_replicas());
+      ds.field("unclean_leader_election", &self.unclean_leader_election());
       ds.finish()
   }
 }
@@ -1426,6 +1460,8 @@ impl<'a> TopicInfo<'a> {
   pub const VT_RETENTION_BYTES: ::flatbuffers::VOffsetT = 14;
   pub const VT_SEGMENT_BYTES: ::flatbuffers::VOffsetT = 16;
   pub const VT_TOPIC_ID: ::flatbuffers::VOffsetT = 18;
+  pub const VT_MIN_INSYNC_REPLICAS: ::flatbuffers::VOffsetT = 20;
+  pub const VT_UNCLEAN_LEADER_ELECTION: ::flatbuffers::VOffsetT = 22;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1444,7 +1480,9 @@ impl<'a> TopicInfo<'a> {
     if let Some(x) = args.sync { builder.add_sync(x); }
     if let Some(x) = args.partitions { builder.add_partitions(x); }
     if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_min_insync_replicas(args.min_insync_replicas);
     builder.add_replication_factor(args.replication_factor);
+    builder.add_unclean_leader_election(args.unclean_leader_election);
     builder.finish()
   }
 
@@ -1505,6 +1543,20 @@ impl<'a> TopicInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(TopicInfo::VT_TOPIC_ID, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn min_insync_replicas(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(TopicInfo::VT_MIN_INSYNC_REPLICAS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn unclean_leader_election(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(TopicInfo::VT_UNCLEAN_LEADER_ELECTION, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for TopicInfo<'_> {
@@ -1521,6 +1573,8 @@ impl ::flatbuffers::Verifiable for TopicInfo<'_> {
      .visit_field::<i64>("retention_bytes", Self::VT_RETENTION_BYTES, false)?
      .visit_field::<i64>("segment_bytes", Self::VT_SEGMENT_BYTES, false)?
      .visit_field::<u64>("topic_id", Self::VT_TOPIC_ID, false)?
+     .visit_field::<u16>("min_insync_replicas", Self::VT_MIN_INSYNC_REPLICAS, false)?
+     .visit_field::<bool>("unclean_leader_election", Self::VT_UNCLEAN_LEADER_ELECTION, false)?
      .finish();
     Ok(())
   }
@@ -1534,6 +1588,8 @@ pub struct TopicInfoArgs<'a> {
     pub retention_bytes: i64,
     pub segment_bytes: i64,
     pub topic_id: u64,
+    pub min_insync_replicas: u16,
+    pub unclean_leader_election: bool,
 }
 impl<'a> Default for TopicInfoArgs<'a> {
   #[inline]
@@ -1547,6 +1603,8 @@ impl<'a> Default for TopicInfoArgs<'a> {
       retention_bytes: 0,
       segment_bytes: 0,
       topic_id: 0,
+      min_insync_replicas: 0,
+      unclean_leader_election: false,
     }
   }
 }
@@ -1589,6 +1647,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TopicInfoBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u64>(TopicInfo::VT_TOPIC_ID, topic_id, 0);
   }
   #[inline]
+  pub fn add_min_insync_replicas(&mut self, min_insync_replicas: u16) {
+    self.fbb_.push_slot::<u16>(TopicInfo::VT_MIN_INSYNC_REPLICAS, min_insync_replicas, 0);
+  }
+  #[inline]
+  pub fn add_unclean_leader_election(&mut self, unclean_leader_election: bool) {
+    self.fbb_.push_slot::<bool>(TopicInfo::VT_UNCLEAN_LEADER_ELECTION, unclean_leader_election, false);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TopicInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     TopicInfoBuilder {
@@ -1614,6 +1680,8 @@ impl ::core::fmt::Debug for TopicInfo<'_> {
       ds.field("retention_bytes", &self.retention_bytes());
       ds.field("segment_bytes", &self.segment_bytes());
       ds.field("topic_id", &self.topic_id());
+      ds.field("min_insync_replicas", &self.min_insync_replicas());
+      ds.field("unclean_leader_election", &self.unclean_leader_election());
       ds.finish()
   }
 }
@@ -2377,6 +2445,9 @@ impl<'a> FetchRequest<'a> {
   pub const VT_MIN_BYTES: ::flatbuffers::VOffsetT = 16;
   pub const VT_MAX_WAIT_MS: ::flatbuffers::VOffsetT = 18;
   pub const VT_TOPIC_ID: ::flatbuffers::VOffsetT = 20;
+  pub const VT_REPLICA_ID: ::flatbuffers::VOffsetT = 22;
+  pub const VT_CURRENT_LEADER_EPOCH: ::flatbuffers::VOffsetT = 24;
+  pub const VT_LAST_FETCHED_EPOCH: ::flatbuffers::VOffsetT = 26;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2391,6 +2462,9 @@ impl<'a> FetchRequest<'a> {
     builder.add_topic_id(args.topic_id);
     builder.add_timestamp_ms(args.timestamp_ms);
     builder.add_offset(args.offset);
+    builder.add_last_fetched_epoch(args.last_fetched_epoch);
+    builder.add_current_leader_epoch(args.current_leader_epoch);
+    builder.add_replica_id(args.replica_id);
     builder.add_max_wait_ms(args.max_wait_ms);
     builder.add_min_bytes(args.min_bytes);
     builder.add_max_bytes(args.max_bytes);
@@ -2464,6 +2538,27 @@ impl<'a> FetchRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(FetchRequest::VT_TOPIC_ID, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn replica_id(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(FetchRequest::VT_REPLICA_ID, Some(-1)).unwrap()}
+  }
+  #[inline]
+  pub fn current_leader_epoch(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(FetchRequest::VT_CURRENT_LEADER_EPOCH, Some(-1)).unwrap()}
+  }
+  #[inline]
+  pub fn last_fetched_epoch(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(FetchRequest::VT_LAST_FETCHED_EPOCH, Some(-1)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for FetchRequest<'_> {
@@ -2481,6 +2576,9 @@ impl ::flatbuffers::Verifiable for FetchRequest<'_> {
      .visit_field::<u32>("min_bytes", Self::VT_MIN_BYTES, false)?
      .visit_field::<u32>("max_wait_ms", Self::VT_MAX_WAIT_MS, false)?
      .visit_field::<u64>("topic_id", Self::VT_TOPIC_ID, false)?
+     .visit_field::<i32>("replica_id", Self::VT_REPLICA_ID, false)?
+     .visit_field::<i32>("current_leader_epoch", Self::VT_CURRENT_LEADER_EPOCH, false)?
+     .visit_field::<i32>("last_fetched_epoch", Self::VT_LAST_FETCHED_EPOCH, false)?
      .finish();
     Ok(())
   }
@@ -2495,6 +2593,9 @@ pub struct FetchRequestArgs<'a> {
     pub min_bytes: u32,
     pub max_wait_ms: u32,
     pub topic_id: u64,
+    pub replica_id: i32,
+    pub current_leader_epoch: i32,
+    pub last_fetched_epoch: i32,
 }
 impl<'a> Default for FetchRequestArgs<'a> {
   #[inline]
@@ -2509,6 +2610,9 @@ impl<'a> Default for FetchRequestArgs<'a> {
       min_bytes: 1,
       max_wait_ms: 0,
       topic_id: 0,
+      replica_id: -1,
+      current_leader_epoch: -1,
+      last_fetched_epoch: -1,
     }
   }
 }
@@ -2555,6 +2659,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FetchRequestBuilder<'a, 'b, A
     self.fbb_.push_slot::<u64>(FetchRequest::VT_TOPIC_ID, topic_id, 0);
   }
   #[inline]
+  pub fn add_replica_id(&mut self, replica_id: i32) {
+    self.fbb_.push_slot::<i32>(FetchRequest::VT_REPLICA_ID, replica_id, -1);
+  }
+  #[inline]
+  pub fn add_current_leader_epoch(&mut self, current_leader_epoch: i32) {
+    self.fbb_.push_slot::<i32>(FetchRequest::VT_CURRENT_LEADER_EPOCH, current_leader_epoch, -1);
+  }
+  #[inline]
+  pub fn add_last_fetched_epoch(&mut self, last_fetched_epoch: i32) {
+    self.fbb_.push_slot::<i32>(FetchRequest::VT_LAST_FETCHED_EPOCH, last_fetched_epoch, -1);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FetchRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     FetchRequestBuilder {
@@ -2581,6 +2697,9 @@ impl ::core::fmt::Debug for FetchRequest<'_> {
       ds.field("min_bytes", &self.min_bytes());
       ds.field("max_wait_ms", &self.max_wait_ms());
       ds.field("topic_id", &self.topic_id());
+      ds.field("replica_id", &self.replica_id());
+      ds.field("current_leader_epoch", &self.current_leader_epoch());
+      ds.field("last_fetched_epoch", &self.last_fetched_epoch());
       ds.finish()
   }
 }
@@ -2603,6 +2722,9 @@ impl<'a> FetchResponse<'a> {
   pub const VT_HIGH_WATERMARK: ::flatbuffers::VOffsetT = 4;
   pub const VT_LOG_START_OFFSET: ::flatbuffers::VOffsetT = 6;
   pub const VT_NEXT_OFFSET: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LEADER_EPOCH: ::flatbuffers::VOffsetT = 10;
+  pub const VT_DIVERGING_EPOCH: ::flatbuffers::VOffsetT = 12;
+  pub const VT_DIVERGING_END_OFFSET: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2614,9 +2736,12 @@ impl<'a> FetchResponse<'a> {
     args: &'args FetchResponseArgs
   ) -> ::flatbuffers::WIPOffset<FetchResponse<'bldr>> {
     let mut builder = FetchResponseBuilder::new(_fbb);
+    builder.add_diverging_end_offset(args.diverging_end_offset);
     builder.add_next_offset(args.next_offset);
     builder.add_log_start_offset(args.log_start_offset);
     builder.add_high_watermark(args.high_watermark);
+    builder.add_diverging_epoch(args.diverging_epoch);
+    builder.add_leader_epoch(args.leader_epoch);
     builder.finish()
   }
 
@@ -2642,6 +2767,27 @@ impl<'a> FetchResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(FetchResponse::VT_NEXT_OFFSET, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn leader_epoch(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(FetchResponse::VT_LEADER_EPOCH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn diverging_epoch(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(FetchResponse::VT_DIVERGING_EPOCH, Some(-1)).unwrap()}
+  }
+  #[inline]
+  pub fn diverging_end_offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(FetchResponse::VT_DIVERGING_END_OFFSET, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for FetchResponse<'_> {
@@ -2653,6 +2799,9 @@ impl ::flatbuffers::Verifiable for FetchResponse<'_> {
      .visit_field::<u64>("high_watermark", Self::VT_HIGH_WATERMARK, false)?
      .visit_field::<u64>("log_start_offset", Self::VT_LOG_START_OFFSET, false)?
      .visit_field::<u64>("next_offset", Self::VT_NEXT_OFFSET, false)?
+     .visit_field::<u32>("leader_epoch", Self::VT_LEADER_EPOCH, false)?
+     .visit_field::<i32>("diverging_epoch", Self::VT_DIVERGING_EPOCH, false)?
+     .visit_field::<u64>("diverging_end_offset", Self::VT_DIVERGING_END_OFFSET, false)?
      .finish();
     Ok(())
   }
@@ -2661,6 +2810,9 @@ pub struct FetchResponseArgs {
     pub high_watermark: u64,
     pub log_start_offset: u64,
     pub next_offset: u64,
+    pub leader_epoch: u32,
+    pub diverging_epoch: i32,
+    pub diverging_end_offset: u64,
 }
 impl<'a> Default for FetchResponseArgs {
   #[inline]
@@ -2669,6 +2821,9 @@ impl<'a> Default for FetchResponseArgs {
       high_watermark: 0,
       log_start_offset: 0,
       next_offset: 0,
+      leader_epoch: 0,
+      diverging_epoch: -1,
+      diverging_end_offset: 0,
     }
   }
 }
@@ -2691,6 +2846,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FetchResponseBuilder<'a, 'b, 
     self.fbb_.push_slot::<u64>(FetchResponse::VT_NEXT_OFFSET, next_offset, 0);
   }
   #[inline]
+  pub fn add_leader_epoch(&mut self, leader_epoch: u32) {
+    self.fbb_.push_slot::<u32>(FetchResponse::VT_LEADER_EPOCH, leader_epoch, 0);
+  }
+  #[inline]
+  pub fn add_diverging_epoch(&mut self, diverging_epoch: i32) {
+    self.fbb_.push_slot::<i32>(FetchResponse::VT_DIVERGING_EPOCH, diverging_epoch, -1);
+  }
+  #[inline]
+  pub fn add_diverging_end_offset(&mut self, diverging_end_offset: u64) {
+    self.fbb_.push_slot::<u64>(FetchResponse::VT_DIVERGING_END_OFFSET, diverging_end_offset, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FetchResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     FetchResponseBuilder {
@@ -2711,6 +2878,9 @@ impl ::core::fmt::Debug for FetchResponse<'_> {
       ds.field("high_watermark", &self.high_watermark());
       ds.field("log_start_offset", &self.log_start_offset());
       ds.field("next_offset", &self.next_offset());
+      ds.field("leader_epoch", &self.leader_epoch());
+      ds.field("diverging_epoch", &self.diverging_epoch());
+      ds.field("diverging_end_offset", &self.diverging_end_offset());
       ds.finish()
   }
 }

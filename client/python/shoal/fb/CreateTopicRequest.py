@@ -73,8 +73,22 @@ class CreateTopicRequest(object):
             return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
         return -1
 
+    # CreateTopicRequest
+    def MinInsyncReplicas(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int16Flags, o + self._tab.Pos)
+        return -1
+
+    # CreateTopicRequest
+    def UncleanLeaderElection(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
 def CreateTopicRequestStart(builder):
-    builder.StartObject(7)
+    builder.StartObject(9)
 
 def Start(builder):
     CreateTopicRequestStart(builder)
@@ -120,6 +134,18 @@ def CreateTopicRequestAddSegmentBytes(builder, segmentBytes):
 
 def AddSegmentBytes(builder, segmentBytes):
     CreateTopicRequestAddSegmentBytes(builder, segmentBytes)
+
+def CreateTopicRequestAddMinInsyncReplicas(builder, minInsyncReplicas):
+    builder.PrependInt16Slot(7, minInsyncReplicas, -1)
+
+def AddMinInsyncReplicas(builder, minInsyncReplicas):
+    CreateTopicRequestAddMinInsyncReplicas(builder, minInsyncReplicas)
+
+def CreateTopicRequestAddUncleanLeaderElection(builder, uncleanLeaderElection):
+    builder.PrependBoolSlot(8, uncleanLeaderElection, 0)
+
+def AddUncleanLeaderElection(builder, uncleanLeaderElection):
+    CreateTopicRequestAddUncleanLeaderElection(builder, uncleanLeaderElection)
 
 def CreateTopicRequestEnd(builder):
     return builder.EndObject()

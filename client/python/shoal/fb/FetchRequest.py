@@ -87,8 +87,29 @@ class FetchRequest(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
+    # FetchRequest
+    def ReplicaId(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int32Flags, o + self._tab.Pos)
+        return -1
+
+    # FetchRequest
+    def CurrentLeaderEpoch(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int32Flags, o + self._tab.Pos)
+        return -1
+
+    # FetchRequest
+    def LastFetchedEpoch(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(26))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int32Flags, o + self._tab.Pos)
+        return -1
+
 def FetchRequestStart(builder):
-    builder.StartObject(9)
+    builder.StartObject(12)
 
 def Start(builder):
     FetchRequestStart(builder)
@@ -146,6 +167,24 @@ def FetchRequestAddTopicId(builder, topicId):
 
 def AddTopicId(builder, topicId):
     FetchRequestAddTopicId(builder, topicId)
+
+def FetchRequestAddReplicaId(builder, replicaId):
+    builder.PrependInt32Slot(9, replicaId, -1)
+
+def AddReplicaId(builder, replicaId):
+    FetchRequestAddReplicaId(builder, replicaId)
+
+def FetchRequestAddCurrentLeaderEpoch(builder, currentLeaderEpoch):
+    builder.PrependInt32Slot(10, currentLeaderEpoch, -1)
+
+def AddCurrentLeaderEpoch(builder, currentLeaderEpoch):
+    FetchRequestAddCurrentLeaderEpoch(builder, currentLeaderEpoch)
+
+def FetchRequestAddLastFetchedEpoch(builder, lastFetchedEpoch):
+    builder.PrependInt32Slot(11, lastFetchedEpoch, -1)
+
+def AddLastFetchedEpoch(builder, lastFetchedEpoch):
+    FetchRequestAddLastFetchedEpoch(builder, lastFetchedEpoch)
 
 def FetchRequestEnd(builder):
     return builder.EndObject()

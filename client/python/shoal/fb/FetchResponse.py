@@ -45,8 +45,29 @@ class FetchResponse(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
+    # FetchResponse
+    def LeaderEpoch(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
+    # FetchResponse
+    def DivergingEpoch(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int32Flags, o + self._tab.Pos)
+        return -1
+
+    # FetchResponse
+    def DivergingEndOffset(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
 def FetchResponseStart(builder):
-    builder.StartObject(3)
+    builder.StartObject(6)
 
 def Start(builder):
     FetchResponseStart(builder)
@@ -68,6 +89,24 @@ def FetchResponseAddNextOffset(builder, nextOffset):
 
 def AddNextOffset(builder, nextOffset):
     FetchResponseAddNextOffset(builder, nextOffset)
+
+def FetchResponseAddLeaderEpoch(builder, leaderEpoch):
+    builder.PrependUint32Slot(3, leaderEpoch, 0)
+
+def AddLeaderEpoch(builder, leaderEpoch):
+    FetchResponseAddLeaderEpoch(builder, leaderEpoch)
+
+def FetchResponseAddDivergingEpoch(builder, divergingEpoch):
+    builder.PrependInt32Slot(4, divergingEpoch, -1)
+
+def AddDivergingEpoch(builder, divergingEpoch):
+    FetchResponseAddDivergingEpoch(builder, divergingEpoch)
+
+def FetchResponseAddDivergingEndOffset(builder, divergingEndOffset):
+    builder.PrependUint64Slot(5, divergingEndOffset, 0)
+
+def AddDivergingEndOffset(builder, divergingEndOffset):
+    FetchResponseAddDivergingEndOffset(builder, divergingEndOffset)
 
 def FetchResponseEnd(builder):
     return builder.EndObject()

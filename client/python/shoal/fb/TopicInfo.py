@@ -98,8 +98,22 @@ class TopicInfo(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
+    # TopicInfo
+    def MinInsyncReplicas(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint16Flags, o + self._tab.Pos)
+        return 0
+
+    # TopicInfo
+    def UncleanLeaderElection(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
 def TopicInfoStart(builder):
-    builder.StartObject(8)
+    builder.StartObject(10)
 
 def Start(builder):
     TopicInfoStart(builder)
@@ -157,6 +171,18 @@ def TopicInfoAddTopicId(builder, topicId):
 
 def AddTopicId(builder, topicId):
     TopicInfoAddTopicId(builder, topicId)
+
+def TopicInfoAddMinInsyncReplicas(builder, minInsyncReplicas):
+    builder.PrependUint16Slot(8, minInsyncReplicas, 0)
+
+def AddMinInsyncReplicas(builder, minInsyncReplicas):
+    TopicInfoAddMinInsyncReplicas(builder, minInsyncReplicas)
+
+def TopicInfoAddUncleanLeaderElection(builder, uncleanLeaderElection):
+    builder.PrependBoolSlot(9, uncleanLeaderElection, 0)
+
+def AddUncleanLeaderElection(builder, uncleanLeaderElection):
+    TopicInfoAddUncleanLeaderElection(builder, uncleanLeaderElection)
 
 def TopicInfoEnd(builder):
     return builder.EndObject()
