@@ -1194,6 +1194,8 @@ impl Client {
                             retention_ms: to_i(t.retention_ms),
                             retention_bytes: to_i(t.retention_bytes),
                             segment_bytes: to_i(t.segment_bytes),
+                            min_insync_replicas: -1,
+                            unclean_leader_election: false,
                         },
                     )
                     .as_union_value()

@@ -51,6 +51,8 @@ pub struct FileConfig {
     pub cluster: Option<String>,
     pub rack: Option<String>,
     pub zk_session_timeout_ms: Option<u64>,
+    pub replica_lag_max_ms: Option<u64>,
+    pub auto_leader_rebalance: Option<bool>,
 }
 
 /// The resolved configuration a broker runs with.
@@ -150,7 +152,17 @@ pub struct ClusterConfig {
     pub name: String,
     pub rack: Option<String>,
     pub session_timeout: Duration,
+    /// A follower that has not caught up with its leader's log end for
+    /// this long leaves the in-sync set.
+    pub replica_lag_max: Duration,
+    /// The controller moves leadership back to each partition's preferred
+    /// replica once it is in sync again.
+    pub auto_leader_rebalance: bool,
 }
+
+/// Default `replica_lag_max_ms` (Kafka's `replica.lag.time.max.ms` is 30 s
+/// since 2.5; 10 s keeps acks=all stalls short when a follower hangs).
+pub const REPLICA_LAG_MAX_MS_DEFAULT: u64 = 10_000;
 
 /// Default ZooKeeper session timeout: a dead broker leaves the cluster
 /// (and its partitions are seen offline) this long after its last contact.
@@ -244,12 +256,22 @@ impl Config {
                         "zk_session_timeout_ms {session_ms} must be 1000 to 600000"
                     )));
                 }
+                let lag_ms = file
+                    .replica_lag_max_ms
+                    .unwrap_or(REPLICA_LAG_MAX_MS_DEFAULT);
+                if !(100..=600_000).contains(&lag_ms) {
+                    return Err(Error::Config(format!(
+                        "replica_lag_max_ms {lag_ms} must be 100 to 600000"
+                    )));
+                }
                 Some(ClusterConfig {
                     zookeeper,
                     broker_id,
                     name,
                     rack: o.rack.clone().or(file.rack).filter(|r| !r.is_empty()),
                     session_timeout: Duration::from_millis(session_ms),
+                    replica_lag_max: Duration::from_millis(lag_ms),
+                    auto_leader_rebalance: file.auto_leader_rebalance.unwrap_or(true),
                 })
             }
         };

@@ -91,6 +91,23 @@ pub enum Error {
     /// An error another broker answered (the controller, over a link).
     #[error("{message}")]
     Remote { code: ErrorCode, message: String },
+    /// acks=all with fewer in-sync replicas than the topic asks for.
+    #[error("{topic}-{partition} has {isr} in-sync replica(s), fewer than min_insync_replicas = {min}; not acknowledged")]
+    NotEnoughReplicas {
+        topic: String,
+        partition: u32,
+        isr: usize,
+        min: usize,
+    },
+    /// A replication request from another leader epoch than this
+    /// replica's.
+    #[error("{topic}-{partition}: leader epoch {asked} is not the current {current}")]
+    FencedLeaderEpoch {
+        topic: String,
+        partition: u32,
+        asked: i64,
+        current: u32,
+    },
 }
 
 /// Where a partition's leader can be reached (sent with `NotLeader`).
@@ -128,6 +145,8 @@ impl Error {
             Error::LeaderNotAvailable { .. } => ErrorCode::LeaderNotAvailable,
             Error::ClusterUnavailable(_) => ErrorCode::ClusterUnavailable,
             Error::Remote { code, .. } => *code,
+            Error::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
+            Error::FencedLeaderEpoch { .. } => ErrorCode::FencedLeaderEpoch,
         }
     }
 

@@ -39,5 +39,6 @@ pub mod metrics;
 pub mod partitions;
 pub mod prometheus;
 pub mod reactor;
+pub mod replication;
 pub mod rt;
 pub mod server;

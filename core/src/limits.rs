@@ -146,3 +146,9 @@ pub fn check_config(c: &Config) -> Result<()> {
     }
     Ok(())
 }
+
+/// Bounds on how long an acks=all produce waits for its replicas (the
+/// request's `timeout_ms`, clamped): never forever, never so short that a
+/// follower's round trip cannot make it.
+pub const ACKS_ALL_TIMEOUT_MIN: Duration = Duration::from_millis(100);
+pub const ACKS_ALL_TIMEOUT_MAX: Duration = Duration::from_secs(300);

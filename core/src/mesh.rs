@@ -70,6 +70,8 @@ pub struct FetchReply {
     pub next_offset: u64,
     /// See [`crate::partitions::FetchOk::appended_at`].
     pub appended_at: Option<std::time::Instant>,
+    pub leader_epoch: u32,
+    pub diverging: Option<(i32, u64)>,
 }
 
 /// Everything that crosses between cores.
@@ -114,6 +116,9 @@ pub enum MeshMsg {
     /// From the controller: the topic's placement or partition state
     /// changed (leader, epoch, ISR); its local logs stay as they are.
     UpdateTopic { meta: TopicMeta, reply: Reply<()> },
+    /// From shard 0: this broker lost (true) or regained (false)
+    /// ZooKeeper; a leader acknowledges no acks=all write meanwhile.
+    Fence { fenced: bool },
     /// From shard 0: the cluster as ZooKeeper shows it now.
     ClusterView {
         view: std::sync::Arc<crate::cluster::ClusterView>,

@@ -33,6 +33,12 @@ pub struct TopicMeta {
     /// holds none, the leader's, for information).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placement: Vec<Placement>,
+    /// Cluster only: acks=all needs this many in-sync replicas (0 in
+    /// records that predate the setting: min(2, RF)).
+    #[serde(default)]
+    pub min_insync_replicas: u16,
+    #[serde(default)]
+    pub unclean_leader_election: bool,
 }
 
 /// Where one partition lives in a cluster and who leads it.
@@ -67,6 +73,18 @@ impl TopicMeta {
             (Some(me), Some(p)) => p.replica_on(me).is_some(),
             (Some(_), None) => self.placement.is_empty(),
             (None, _) => true,
+        }
+    }
+
+    /// The in-sync replicas acks=all needs for `partition`.
+    pub fn min_insync(&self, partition: u32) -> usize {
+        let rf = self
+            .placement
+            .get(partition as usize)
+            .map_or(1, |p| p.replicas.len());
+        match self.min_insync_replicas {
+            0 => rf.min(2),
+            m => usize::from(m).min(rf),
         }
     }
 

@@ -42,6 +42,8 @@ pub struct Reactor {
     /// of (`None` on a single node, or before the first word from
     /// ZooKeeper).
     pub cluster: std::cell::RefCell<Option<std::sync::Arc<crate::cluster::ClusterView>>>,
+    /// Cluster mode: each local partition's replication role.
+    pub replication: Rc<crate::replication::Replicas>,
     /// Cluster mode: the way to the ZooKeeper thread (topic changes).
     pub control: Option<crate::cluster::ControlSender>,
     next_subscription: Cell<u64>,
@@ -68,6 +70,7 @@ impl Reactor {
             creating: Default::default(),
             topic_changes: futures::lock::Mutex::new(()),
             cluster: Default::default(),
+            replication: Default::default(),
             control,
             next_subscription: Cell::new(1),
         }
@@ -111,6 +114,8 @@ impl Reactor {
                         log_start_offset: ok.log_start_offset,
                         next_offset: ok.next_offset,
                         appended_at: ok.appended_at,
+                        leader_epoch: ok.leader_epoch,
+                        diverging: ok.diverging,
                     })
                 });
                 let _ = reply.send(r);
@@ -142,8 +147,10 @@ impl Reactor {
             }
             MeshMsg::UpdateTopic { meta, reply } => {
                 self.partitions.reserve(&meta);
+                self.replication.mark(&meta.name);
                 let _ = reply.send(Ok(()));
             }
+            MeshMsg::Fence { fenced } => self.replication.set_fenced(fenced),
             MeshMsg::ClusterView { view } => {
                 *self.cluster.borrow_mut() = Some(view);
             }
@@ -168,7 +175,7 @@ impl Reactor {
                 acks,
                 reply,
             } => match self
-                .produce_append(&topic, topic_id, partition, &payload)
+                .produce_append(&topic, topic_id, partition, &payload, acks)
                 .await
             {
                 Err(e) => {
@@ -176,12 +183,19 @@ impl Reactor {
                     None
                 }
                 Ok((log, ok)) => Some(Box::pin(async move {
+                    let next = ok.last_offset + 1;
                     let r: Result<_> = match acks {
                         crate::partitions::Acks::Leader => log
-                            .wait_acked(ok.last_offset + 1)
+                            .wait_acked(next)
                             .await
                             .map(|()| ok)
                             .map_err(Into::into),
+                        crate::partitions::Acks::All { .. } => {
+                            match self.all_wait(&topic, partition, acks) {
+                                Some(all) => all.wait(&log, next).await.map(|()| ok),
+                                None => Ok(ok),
+                            }
+                        }
                         crate::partitions::Acks::None => Ok(ok),
                     };
                     let _ = reply.send(r);

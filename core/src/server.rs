@@ -192,6 +192,9 @@ async fn shard_main(
     if let Some(rx) = links.from_control {
         tasks.push(rt::spawn(cluster::bridge::serve(reactor.clone(), rx)));
     }
+    if config.cluster.is_some() {
+        tasks.push(rt::spawn(reactor.clone().replication_loop()));
+    }
     let per_shard_max = config.connections_max.div_ceil(config.cores.len());
     for listener in listeners {
         tasks.push(rt::spawn(accept_loop(
@@ -233,6 +236,7 @@ async fn shard_main(
     for t in tasks {
         t.cancel().await;
     }
+    reactor.replication_stop().await;
     reactor.close_all().await;
     tracing::info!(shard = id, "shard stopped; partitions flushed");
     Ok(())

@@ -23,6 +23,19 @@ pub async fn serve(reactor: Rc<Reactor>, mut rx: mpsc::Receiver<ToShards>) {
                 }
                 *reactor.cluster.borrow_mut() = Some(view);
             }
+            ToShards::Fence(fenced) => {
+                for s in (0..reactor.nshards).filter(|&s| s != reactor.id) {
+                    if reactor
+                        .mesh
+                        .send(&reactor, s, MeshMsg::Fence { fenced })
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!(shard = s, "shard gone; fence not delivered");
+                    }
+                }
+                reactor.replication.set_fenced(fenced);
+            }
             ToShards::Apply { meta, reply } => {
                 let _ = reply.send(reactor.apply_cluster_topic(meta).await);
             }

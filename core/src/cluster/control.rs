@@ -121,7 +121,15 @@ struct Control {
     stop: Arc<AtomicBool>,
     /// Whether the cluster's tree existed when this broker first connected.
     tree_existed: Cell<bool>,
+    /// Controller: a pass over the partitions' leaders is running.
+    electing: Cell<bool>,
+    /// Controller: when leadership last moved back to preferred replicas.
+    last_rebalance: Cell<Option<Instant>>,
 }
+
+/// How often the controller moves leadership back to preferred replicas
+/// that are in sync again.
+const REBALANCE_EVERY: Duration = Duration::from_secs(5);
 
 enum Exit {
     Stop,
@@ -172,6 +180,8 @@ impl Control {
             links: RefCell::new(None),
             stop,
             tree_existed: Cell::new(true),
+            electing: Cell::new(false),
+            last_rebalance: Cell::new(None),
         })
     }
 
@@ -309,6 +319,7 @@ impl Control {
         if let Some(r) = ready.take() {
             let _ = r.send(Ok(()));
         }
+        self.fence_shards(false).await;
         self.try_elect().await;
         let mut tick = tokio::time::interval(TICK);
         let mut disconnected_since: Option<Instant> = None;
@@ -317,6 +328,7 @@ impl Control {
                 ev = watcher.changed() => {
                     if ev.event_type == zkc::EventType::Session {
                         if ev.session_state.is_terminated() {
+                            self.fence_shards(true).await;
                             return Ok(Exit::Expired);
                         }
                         continue;
@@ -327,6 +339,7 @@ impl Control {
                     while let Some(ev) = futures::FutureExt::now_or_never(watcher.changed()) {
                         if ev.event_type == zkc::EventType::Session {
                             if ev.session_state.is_terminated() {
+                                self.fence_shards(true).await;
                                 return Ok(Exit::Expired);
                             }
                             continue;
@@ -342,20 +355,25 @@ impl Control {
                     match st {
                         zkc::SessionState::Disconnected => {
                             disconnected_since = Some(Instant::now());
-                            tracing::warn!("lost contact with ZooKeeper; serving on while the session lives");
+                            tracing::warn!("lost contact with ZooKeeper; serving on while the session lives, acknowledging no acks=all write");
+                            self.fence_shards(true).await;
                         }
                         zkc::SessionState::SyncConnected => {
                             if let Some(t) = disconnected_since.take() {
                                 tracing::info!(after_ms = t.elapsed().as_millis() as u64, "ZooKeeper reachable again");
                                 // Watch events during the gap can be lost: read
                                 // everything again.
-                                if let Err(e) = self.read_all().await {
-                                    tracing::warn!(error = %e, "cannot re-read the cluster");
+                                match self.read_all().await {
+                                    Ok(()) => self.fence_shards(false).await,
+                                    Err(e) => tracing::warn!(error = %e, "cannot re-read the cluster"),
                                 }
                                 self.try_elect().await;
                             }
                         }
-                        s if s.is_terminated() => return Ok(Exit::Expired),
+                        s if s.is_terminated() => {
+                            self.fence_shards(true).await;
+                            return Ok(Exit::Expired);
+                        }
                         _ => {}
                     }
                 }
@@ -378,6 +396,9 @@ impl Control {
                     }
                     if disconnected_since.is_none() && self.view.borrow().controller.is_none() {
                         self.try_elect().await;
+                    }
+                    if disconnected_since.is_none() {
+                        self.spawn_elect_leaders();
                     }
                 }
             }
@@ -582,6 +603,15 @@ impl Control {
         Ok(())
     }
 
+    /// Tells the shards whether this broker has lost ZooKeeper (a leader
+    /// then acknowledges no acks=all write: it may have been deposed
+    /// without hearing of it).
+    async fn fence_shards(&self, fenced: bool) {
+        if self.to_shards.clone().send(ToShards::Fence(fenced)).await.is_err() {
+            tracing::debug!("shards gone; fence not delivered");
+        }
+    }
+
     async fn read_controller(&self) -> Result<()> {
         let zk = self.zk()?;
         let path = self.layout.controller();
@@ -701,6 +731,7 @@ impl Control {
             if let Err(e) = self.read_brokers().await {
                 tracing::warn!(error = %e, "cannot read the brokers");
             }
+            self.spawn_elect_leaders();
         }
         if controller {
             if let Err(e) = self.read_controller().await {
@@ -886,6 +917,8 @@ impl Control {
             retention_bytes: s.retention_bytes,
             segment_bytes: s.segment_bytes,
             replicas,
+            min_insync_replicas: Some(s.min_insync_replicas),
+            unclean_leader_election: s.unclean_leader_election,
         };
         let zk = self.zk()?;
         let opts = zkc::CreateMode::Persistent.with_acls(zkc::Acls::anyone_all());
@@ -1005,7 +1038,152 @@ impl Control {
             ToControl::DeleteTopic { name, reply } => {
                 let _ = reply.send(self.forward(PeerRequest::DeleteTopic(name)).await);
             }
+            ToControl::AlterIsr {
+                topic,
+                partition,
+                leader_epoch,
+                isr,
+                reply,
+            } => {
+                let _ = reply.send(self.alter_isr(&topic, partition, leader_epoch, isr).await);
+            }
         }
+    }
+
+    /// A leader's change of its in-sync set: written only while ZooKeeper
+    /// still shows this broker leading at `epoch` (a conditional write on
+    /// the partition's node, so a controller's concurrent change wins and
+    /// this one is tried again on top of it).
+    async fn alter_isr(
+        &self,
+        topic: &str,
+        partition: u32,
+        epoch: u32,
+        isr: Vec<u32>,
+    ) -> Result<Vec<u32>> {
+        let zk = self.zk()?;
+        let path = self.layout.partition(topic, partition);
+        let me = self.cc.broker_id;
+        loop {
+            let (bytes, stat) = match zk.get_data(&path).await {
+                Ok(x) => x,
+                Err(zkc::Error::NoNode) => return Err(Error::UnknownTopic(topic.into())),
+                Err(e) => return Err(zk_err(&format!("read {path}"), e)),
+            };
+            let mut st: PartitionStateRec = zk::decode(&path, &bytes)?;
+            if st.leader != Some(me) || st.leader_epoch != epoch {
+                return Err(Error::FencedLeaderEpoch {
+                    topic: topic.into(),
+                    partition,
+                    asked: i64::from(epoch),
+                    current: st.leader_epoch,
+                });
+            }
+            if st.isr == isr {
+                return Ok(isr);
+            }
+            let old = std::mem::replace(&mut st.isr, isr.clone());
+            match zk.set_data(&path, &zk::encode(&st), Some(stat.version)).await {
+                Ok(_) => {
+                    tracing::info!(topic, partition, epoch, ?old, new = ?isr, "in-sync set changed");
+                    return Ok(isr);
+                }
+                Err(zkc::Error::BadVersion) => continue,
+                Err(e) => return Err(zk_err(&format!("write {path}"), e)),
+            }
+        }
+    }
+
+    // ---- leader election (controller) -------------------------------------
+
+    /// Runs a pass over every partition's leader in the background, unless
+    /// one is running or this broker is not the controller.
+    fn spawn_elect_leaders(self: &Rc<Self>) {
+        if self.ctrl.borrow().is_none() || self.electing.replace(true) {
+            return;
+        }
+        let c = self.clone();
+        tokio::task::spawn_local(async move {
+            let rebalance = c.cc.auto_leader_rebalance
+                && c
+                    .last_rebalance
+                    .get()
+                    .is_none_or(|t| t.elapsed() >= REBALANCE_EVERY);
+            if rebalance {
+                c.last_rebalance.set(Some(Instant::now()));
+            }
+            if let Err(e) = c.elect_leaders(rebalance).await {
+                tracing::warn!(error = %e, "leader election pass failed; retrying");
+            }
+            c.electing.set(false);
+        });
+    }
+
+    /// Gives every partition whose leader is gone a new one from its live
+    /// in-sync replicas (a new leader epoch), drops dead brokers from
+    /// in-sync sets, and (`rebalance`) hands leadership back to preferred
+    /// replicas that are in sync.
+    async fn elect_leaders(&self, rebalance: bool) -> Result<()> {
+        let live: std::collections::BTreeSet<u32> =
+            self.view.borrow().brokers.keys().copied().collect();
+        let todo: Vec<(String, u32, Vec<u32>, bool)> = self
+            .topics
+            .borrow()
+            .iter()
+            .flat_map(|(name, (rec, states))| {
+                rec.replicas
+                    .iter()
+                    .zip(states)
+                    .enumerate()
+                    .filter_map(|(p, (replicas, st))| {
+                        let ids: Vec<u32> = replicas.iter().map(|r| r.broker).collect();
+                        next_state(st, &ids, &live, rec.unclean_leader_election, rebalance)
+                            .map(|_| (name.clone(), p as u32, ids, rec.unclean_leader_election))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let zk = self.zk()?;
+        for (name, p, replicas, unclean) in todo {
+            let (version, epoch) = self.fence()?;
+            let path = self.layout.partition(&name, p);
+            let (bytes, stat) = match zk.get_data(&path).await {
+                Ok(x) => x,
+                Err(zkc::Error::NoNode) => continue,
+                Err(e) => return Err(zk_err(&format!("read {path}"), e)),
+            };
+            let st: PartitionStateRec = zk::decode(&path, &bytes)?;
+            let Some(mut next) = next_state(&st, &replicas, &live, unclean, rebalance) else {
+                continue;
+            };
+            next.controller_epoch = epoch;
+            let mut w = zk.new_multi_writer();
+            let add = |r: std::result::Result<(), zkc::Error>| {
+                r.map_err(|e| zk_err("prepare a leader change", e))
+            };
+            add(w.add_check_version(&self.layout.controller_epoch(), version))?;
+            add(w.add_set_data(&path, &zk::encode(&next), Some(stat.version)))?;
+            match w.commit().await {
+                Ok(_) => {
+                    let unclean_pick = next.leader.is_some_and(|l| !st.isr.contains(&l));
+                    tracing::info!(topic = %name, partition = p, old_leader = ?st.leader, leader = ?next.leader, epoch = next.leader_epoch, isr = ?next.isr, unclean = unclean_pick, "partition leadership");
+                }
+                Err(zkc::MultiWriteError::OperationFailed {
+                    source: zkc::Error::BadVersion,
+                    index: 1,
+                }) => {
+                    tracing::debug!(topic = %name, partition = p, "partition state moved meanwhile; next pass");
+                }
+                Err(zkc::MultiWriteError::OperationFailed { source, .. })
+                | Err(zkc::MultiWriteError::RequestFailed { source }) => {
+                    return Err(self.write_failed("change a partition's leader", source))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs a controller request here if this broker is the controller,
@@ -1036,5 +1214,120 @@ impl Control {
                 self.refresh_topic(&name).await
             }
         }
+    }
+}
+
+/// The partition state the controller should write, if any: a live leader
+/// from the in-sync set when the leader is gone (unclean: any live replica,
+/// when the topic allows it and no in-sync one lives), dead brokers out of
+/// the in-sync set, and (`rebalance`) the preferred replica back in the
+/// lead once it is in sync. Every change of leader bumps the epoch. With no
+/// live in-sync replica the set is kept as it was, so one of its members
+/// can take over when it returns.
+pub(crate) fn next_state(
+    st: &PartitionStateRec,
+    replicas: &[u32],
+    live: &std::collections::BTreeSet<u32>,
+    unclean: bool,
+    rebalance: bool,
+) -> Option<PartitionStateRec> {
+    let live_isr: Vec<u32> = st.isr.iter().copied().filter(|b| live.contains(b)).collect();
+    let mut next = st.clone();
+    match st.leader.filter(|l| live.contains(l)) {
+        Some(leader) => {
+            if live_isr.len() != st.isr.len() {
+                next.isr = live_isr.clone();
+            }
+            if let Some(&preferred) = replicas.first() {
+                if rebalance && preferred != leader && live_isr.contains(&preferred) {
+                    next.leader = Some(preferred);
+                    next.leader_epoch += 1;
+                }
+            }
+        }
+        None => {
+            let clean = replicas.iter().copied().find(|r| live_isr.contains(r));
+            if let Some(c) = clean {
+                next.leader = Some(c);
+                next.isr = live_isr;
+                next.leader_epoch += 1;
+            } else if let Some(c) = replicas
+                .iter()
+                .copied()
+                .find(|r| unclean && live.contains(r))
+            {
+                next.leader = Some(c);
+                next.isr = vec![c];
+                next.leader_epoch += 1;
+            } else if st.leader.is_some() {
+                next.leader = None;
+                next.leader_epoch += 1;
+            }
+        }
+    }
+    (next != *st).then_some(next)
+}
+
+#[cfg(test)]
+mod election_tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn st(leader: Option<u32>, epoch: u32, isr: &[u32]) -> PartitionStateRec {
+        PartitionStateRec {
+            leader,
+            leader_epoch: epoch,
+            isr: isr.to_vec(),
+            controller_epoch: 1,
+        }
+    }
+
+    fn live(b: &[u32]) -> BTreeSet<u32> {
+        b.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_dead_leader_is_replaced_from_the_isr_with_a_new_epoch() {
+        let n = next_state(&st(Some(1), 4, &[1, 2, 3]), &[1, 2, 3], &live(&[2, 3]), false, false)
+            .expect("a change");
+        assert_eq!(n.leader, Some(2));
+        assert_eq!(n.leader_epoch, 5);
+        assert_eq!(n.isr, vec![2, 3]);
+    }
+
+    #[test]
+    fn only_in_sync_replicas_are_elected_unless_unclean() {
+        // Broker 3 is alive but out of sync; 1 and 2 are dead.
+        let s = st(Some(1), 4, &[1, 2]);
+        let n = next_state(&s, &[1, 2, 3], &live(&[3]), false, false).expect("offline");
+        assert_eq!(n.leader, None);
+        assert_eq!(n.isr, vec![1, 2], "the set is kept for when one returns");
+        assert_eq!(n.leader_epoch, 5);
+        // Offline already: nothing more to write.
+        assert_eq!(next_state(&n, &[1, 2, 3], &live(&[3]), false, false), None);
+        // Broker 2 comes back: it leads.
+        let m = next_state(&n, &[1, 2, 3], &live(&[2, 3]), false, false).expect("back");
+        assert_eq!((m.leader, m.leader_epoch, m.isr.clone()), (Some(2), 6, vec![2]));
+        // Unclean allowed: 3 leads at once.
+        let u = next_state(&s, &[1, 2, 3], &live(&[3]), true, false).expect("unclean");
+        assert_eq!((u.leader, u.isr.clone()), (Some(3), vec![3]));
+    }
+
+    #[test]
+    fn dead_followers_leave_the_isr_without_a_new_epoch() {
+        let n = next_state(&st(Some(1), 2, &[1, 2, 3]), &[1, 2, 3], &live(&[1, 2]), false, false)
+            .expect("a change");
+        assert_eq!((n.leader, n.leader_epoch, n.isr.clone()), (Some(1), 2, vec![1, 2]));
+        assert_eq!(next_state(&n, &[1, 2, 3], &live(&[1, 2]), false, false), None);
+    }
+
+    #[test]
+    fn leadership_returns_to_the_preferred_replica_once_in_sync() {
+        let s = st(Some(2), 5, &[2, 3]);
+        assert_eq!(next_state(&s, &[1, 2, 3], &live(&[1, 2, 3]), false, true), None, "1 not in sync yet");
+        let s = st(Some(2), 5, &[2, 3, 1]);
+        assert_eq!(next_state(&s, &[1, 2, 3], &live(&[1, 2, 3]), false, false), None, "rebalance off");
+        let n = next_state(&s, &[1, 2, 3], &live(&[1, 2, 3]), false, true).expect("back to 1");
+        assert_eq!((n.leader, n.leader_epoch), (Some(1), 6));
     }
 }

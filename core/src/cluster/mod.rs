@@ -94,11 +94,24 @@ pub enum ToControl {
         name: String,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// A leader changes a partition's in-sync set: written to ZooKeeper
+    /// only if this broker still leads it at `leader_epoch` there; answers
+    /// the set as written.
+    AlterIsr {
+        topic: String,
+        partition: u32,
+        leader_epoch: u32,
+        isr: Vec<u32>,
+        reply: oneshot::Sender<Result<Vec<u32>>>,
+    },
 }
 
 /// The control thread → shard 0.
 pub enum ToShards {
     View(Arc<ClusterView>),
+    /// This broker lost (true) or regained (false) its ZooKeeper
+    /// connection.
+    Fence(bool),
     /// Make the local state of this topic match ZooKeeper's record: open
     /// the replicas this broker holds, update leader and ISR.
     Apply {

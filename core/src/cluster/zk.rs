@@ -119,6 +119,11 @@ pub struct TopicRecord {
     pub segment_bytes: u64,
     /// Partition `i`'s replicas at index `i`, preferred leader first.
     pub replicas: Vec<Vec<Replica>>,
+    /// `None` in records that predate the setting: min(2, RF).
+    #[serde(default)]
+    pub min_insync_replicas: Option<u16>,
+    #[serde(default)]
+    pub unclean_leader_election: bool,
 }
 
 /// One partition's leader and in-sync replicas.
@@ -190,6 +195,8 @@ pub fn topic_meta(
         retention_bytes: rec.retention_bytes,
         segment_bytes: rec.segment_bytes,
         placement,
+        min_insync_replicas: rec.min_insync_replicas.unwrap_or(0),
+        unclean_leader_election: rec.unclean_leader_election,
     }
 }
 
@@ -249,6 +256,8 @@ mod tests {
                     shard: 1,
                 },
             ]],
+            min_insync_replicas: None,
+            unclean_leader_election: false,
         };
         let st = vec![PartitionStateRec {
             leader: Some(1),

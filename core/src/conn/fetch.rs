@@ -5,7 +5,7 @@
 use crate::conn::dispatch::{body_mismatch, s};
 use crate::conn::Conn;
 use crate::limits::{FETCHES_IN_FLIGHT_MAX, FETCH_BYTES_MAX, MAX_WAIT_MAX};
-use crate::partitions::{FetchOk, FetchParams};
+use crate::partitions::{FetchOk, FetchParams, ReplicaFetch};
 use crate::rt;
 use shoal_wire::fb;
 use std::rc::Rc;
@@ -25,6 +25,11 @@ impl Conn {
             max_bytes: f.max_bytes().clamp(1, FETCH_BYTES_MAX),
             min_bytes: f.min_bytes(),
             max_wait: Duration::from_millis(u64::from(f.max_wait_ms())).min(MAX_WAIT_MAX),
+            replica: (f.replica_id() >= 0).then(|| ReplicaFetch {
+                broker: f.replica_id() as u32,
+                current_leader_epoch: f.current_leader_epoch(),
+                last_fetched_epoch: f.last_fetched_epoch(),
+            }),
         };
         if self.fetches_in_flight.get() >= FETCHES_IN_FLIGHT_MAX {
             return self.fetch_and_answer(corr, params).await;
@@ -62,6 +67,8 @@ impl Conn {
 
     async fn respond_fetch(&self, corr: u32, ok: FetchOk) -> std::io::Result<()> {
         let (hw, start, next) = (ok.high_watermark, ok.log_start_offset, ok.next_offset);
+        let (leader_epoch, (diverging_epoch, diverging_end_offset)) =
+            (ok.leader_epoch, ok.diverging.unwrap_or((-1, 0)));
         self.respond_with(
             corr,
             fb::ResponseBody::FetchResponse,
@@ -72,6 +79,9 @@ impl Conn {
                         high_watermark: hw,
                         log_start_offset: start,
                         next_offset: next,
+                        leader_epoch,
+                        diverging_epoch,
+                        diverging_end_offset,
                     },
                 )
                 .as_union_value()

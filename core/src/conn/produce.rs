@@ -5,7 +5,7 @@
 use crate::conn::dispatch::{body_mismatch, s};
 use crate::conn::Conn;
 use crate::error::Error;
-use crate::limits::PRODUCES_IN_FLIGHT_MAX;
+use crate::limits::{ACKS_ALL_TIMEOUT_MAX, ACKS_ALL_TIMEOUT_MIN, PRODUCES_IN_FLIGHT_MAX};
 use crate::partitions::{Acks, PendingProduce};
 use crate::rt;
 use shoal_wire::fb;
@@ -25,9 +25,12 @@ impl Conn {
         let acks = match p.acks() {
             fb::Acks::None => Acks::None,
             fb::Acks::Leader => Acks::Leader,
-            _ => {
-                let e =
-                    Error::InvalidConfig("acks=all needs replication; use leader or none".into());
+            fb::Acks::All => Acks::All {
+                timeout: std::time::Duration::from_millis(u64::from(p.timeout_ms()))
+                    .clamp(ACKS_ALL_TIMEOUT_MIN, ACKS_ALL_TIMEOUT_MAX),
+            },
+            other => {
+                let e = Error::Malformed(format!("unknown acks level {}", other.0));
                 return self.fail(corr, e).await;
             }
         };

@@ -152,6 +152,7 @@ impl Conn {
                 max_bytes: credit.min(u64::from(FETCH_BYTES_MAX)) as u32,
                 min_bytes: 1,
                 max_wait: PUSH_IDLE_WAIT,
+                replica: None,
             };
             // Waits for data without polling: an idle subscription costs a
             // waiter slot, nothing more. A grant or a cancellation ends the

@@ -31,6 +31,8 @@ impl Conn {
             retention_ms: opt(c.retention_ms()),
             retention_bytes: opt(c.retention_bytes()),
             segment_bytes: opt(c.segment_bytes()),
+            min_insync_replicas: u16::try_from(c.min_insync_replicas()).ok(),
+            unclean_leader_election: c.unclean_leader_election(),
         };
         match self.reactor.create_topic(spec).await {
             Ok(()) => {
@@ -289,6 +291,8 @@ fn build_topic<'a>(
             retention_bytes: t.meta.retention_bytes.map_or(-1, |v| v as i64),
             segment_bytes: t.meta.segment_bytes as i64,
             topic_id: t.meta.id,
+            min_insync_replicas: t.meta.min_insync(0) as u16,
+            unclean_leader_election: t.meta.unclean_leader_election,
         },
     )
 }

@@ -30,6 +30,13 @@ pub struct TopicSpec {
     pub retention_ms: Option<u64>,
     pub retention_bytes: Option<u64>,
     pub segment_bytes: Option<u64>,
+    /// acks=all needs this many in-sync replicas (`None`: min(2, RF)).
+    #[serde(default)]
+    pub min_insync_replicas: Option<u16>,
+    /// Whether a replica outside the in-sync set may become leader when no
+    /// in-sync one is alive (availability over acknowledged data).
+    #[serde(default)]
+    pub unclean_leader_election: bool,
 }
 
 /// A topic's settings: the spec's, or the broker's defaults.
@@ -38,6 +45,8 @@ pub struct Settings {
     pub retention_ms: Option<u64>,
     pub retention_bytes: Option<u64>,
     pub segment_bytes: u64,
+    pub min_insync_replicas: u16,
+    pub unclean_leader_election: bool,
 }
 
 /// Validates a spec (name, partition count, settings) and fills in the
@@ -67,7 +76,17 @@ pub fn settings(spec: &TopicSpec, config: &crate::config::Config) -> Result<Sett
             .or(config.retention.map(|d| d.as_millis() as u64)),
         retention_bytes: spec.retention_bytes.or(config.retention_bytes),
         segment_bytes: spec.segment_bytes.unwrap_or(config.segment_bytes),
+        min_insync_replicas: spec
+            .min_insync_replicas
+            .unwrap_or(spec.replication_factor.min(2)),
+        unclean_leader_election: spec.unclean_leader_election,
     };
+    if s.min_insync_replicas == 0 || s.min_insync_replicas > spec.replication_factor {
+        return Err(Error::InvalidConfig(format!(
+            "min_insync_replicas must be 1 to the replication factor ({})",
+            spec.replication_factor
+        )));
+    }
     let probe = TopicMeta {
         name: spec.name.clone(),
         id: 0,
@@ -77,6 +96,8 @@ pub fn settings(spec: &TopicSpec, config: &crate::config::Config) -> Result<Sett
         retention_bytes: s.retention_bytes,
         segment_bytes: s.segment_bytes,
         placement: Vec::new(),
+        min_insync_replicas: s.min_insync_replicas,
+        unclean_leader_election: s.unclean_leader_election,
     };
     probe
         .log_config()
@@ -96,10 +117,10 @@ pub fn new_topic_id() -> u64 {
 
 /// Sends a request to the control thread (cluster mode) and waits for its
 /// answer.
-async fn ask_control(
+pub(crate) async fn ask_control<T>(
     control: &crate::cluster::ControlSender,
-    msg: impl FnOnce(futures::channel::oneshot::Sender<Result<()>>) -> crate::cluster::ToControl,
-) -> Result<()> {
+    msg: impl FnOnce(futures::channel::oneshot::Sender<Result<T>>) -> crate::cluster::ToControl,
+) -> Result<T> {
     use futures::SinkExt;
     let (tx, rx) = futures::channel::oneshot::channel();
     control
@@ -232,6 +253,8 @@ impl Reactor {
             retention_bytes: s.retention_bytes,
             segment_bytes: s.segment_bytes,
             placement: Vec::new(),
+            min_insync_replicas: s.min_insync_replicas,
+            unclean_leader_election: s.unclean_leader_election,
         })
     }
 
@@ -312,6 +335,7 @@ impl Reactor {
                     },
                     async {
                         self.partitions.reserve(&meta);
+                        self.replication.mark(&meta.name);
                         Ok(())
                     },
                 )

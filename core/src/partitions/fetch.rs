@@ -13,6 +13,7 @@ use crate::reactor::Reactor;
 use crate::rt;
 use shoal_shard::ReadSlice;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -26,6 +27,18 @@ pub struct FetchParams {
     pub max_bytes: u32,
     pub min_bytes: u32,
     pub max_wait: Duration,
+    /// A follower's fetch from its leader (`None`: a consumer).
+    pub replica: Option<ReplicaFetch>,
+}
+
+/// What a follower's fetch says about it.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaFetch {
+    pub broker: u32,
+    /// The leader epoch it believes current.
+    pub current_leader_epoch: i32,
+    /// The epoch of the last batch in its log (-1: none).
+    pub last_fetched_epoch: i32,
 }
 
 /// Log bytes to send.
@@ -57,6 +70,10 @@ pub struct FetchOk {
     /// When the last batch of `data` was appended, if it is among the
     /// partition's newest (for the e2e histogram).
     pub appended_at: Option<std::time::Instant>,
+    /// Replica fetches: the leader's epoch, and where the follower's log
+    /// diverges (epoch, end offset; see the protocol's FetchResponse).
+    pub leader_epoch: u32,
+    pub diverging: Option<(i32, u64)>,
 }
 
 /// State of one partition as seen by its owner.
@@ -67,7 +84,7 @@ pub struct PartitionState {
 }
 
 impl Reactor {
-    pub async fn fetch(&self, params: FetchParams) -> Result<FetchOk> {
+    pub async fn fetch(self: &Rc<Self>, params: FetchParams) -> Result<FetchOk> {
         let owner = self.owner(&params.topic, params.partition)?;
         if owner == self.id {
             return self.fetch_local(&params).await;
@@ -83,15 +100,36 @@ impl Reactor {
             log_start_offset: r.log_start_offset,
             next_offset: r.next_offset,
             appended_at: r.appended_at,
+            leader_epoch: r.leader_epoch,
+            diverging: r.diverging,
         })
     }
 
     /// Reads from a local partition, long-polling up to `max_wait` for
     /// `min_bytes`.
-    pub(crate) async fn fetch_local(&self, p: &FetchParams) -> Result<FetchOk> {
+    pub(crate) async fn fetch_local(self: &Rc<Self>, p: &FetchParams) -> Result<FetchOk> {
         self.partitions.check_id(&p.topic, p.topic_id)?;
         let log = self.partitions.local_log(&p.topic, p.partition)?;
         add(&self.metrics.fetch_requests, 1);
+        let mut leader_epoch = 0;
+        if let Some(r) = &p.replica {
+            let leader = self.replication.leading(&p.topic, p.partition)?;
+            leader.check_epoch(r.current_leader_epoch)?;
+            leader_epoch = leader.epoch;
+            if let Some(d) = divergence(&log, r, p.offset) {
+                return Ok(FetchOk {
+                    data: None,
+                    high_watermark: log.high_watermark(),
+                    log_start_offset: log.start_offset(),
+                    next_offset: p.offset,
+                    appended_at: None,
+                    leader_epoch,
+                    diverging: Some(d),
+                });
+            }
+            leader.on_fetch(self, &log, r.broker, p.offset);
+        }
+        let replica = p.replica.is_some();
         let deadline = rt::now() + p.max_wait;
         let mut offset = p.offset;
         if let Some(ts) = p.timestamp_ms {
@@ -104,9 +142,13 @@ impl Reactor {
             // walked or it is sent, and the partition's read-ahead stays
             // ahead of this reader (issue 16); the shard never waits for
             // the disk.
-            let slice = log
-                .read_ready(offset, u64::from(p.max_bytes.max(1)), RESIDENT_WAIT_MAX)
-                .await?;
+            let max_bytes = u64::from(p.max_bytes.max(1));
+            let slice = if replica {
+                log.read_replica_ready(offset, max_bytes, RESIDENT_WAIT_MAX)
+                    .await?
+            } else {
+                log.read_ready(offset, max_bytes, RESIDENT_WAIT_MAX).await?
+            };
             let now = rt::now();
             // A slice that stops short of the data already there (at
             // max_bytes, a segment's end or a tail cache block's end) cannot
@@ -133,6 +175,8 @@ impl Reactor {
                     next_offset: slice.next_offset,
                     data: (!slice.is_empty()).then_some(FetchData::Local(slice)),
                     appended_at,
+                    leader_epoch,
+                    diverging: None,
                 };
                 return Ok(ok);
             }
@@ -141,7 +185,11 @@ impl Reactor {
             } else {
                 slice.next_offset
             };
-            let _ = rt::timeout(deadline - now, log.wait_for_data(wait_from)).await;
+            if replica {
+                let _ = rt::timeout(deadline - now, log.wait_for_replica_data(wait_from)).await;
+            } else {
+                let _ = rt::timeout(deadline - now, log.wait_for_data(wait_from)).await;
+            }
         }
     }
 
@@ -206,5 +254,21 @@ impl Reactor {
                 reply,
             })
             .await
+    }
+}
+
+/// Where a follower's log parts from the leader's, if it does before
+/// `offset` (KIP-279, asked in the fetch itself as in KIP-595): its last
+/// epoch ends earlier here, or this log has no such epoch.
+fn divergence(log: &shoal_shard::PartitionLog, r: &ReplicaFetch, offset: u64) -> Option<(i32, u64)> {
+    if r.last_fetched_epoch < 0 {
+        // An empty follower (or one from before epochs): only a position
+        // past this log's end needs cutting back.
+        return (offset > log.next_offset()).then_some((-2, log.next_offset()));
+    }
+    match log.epoch_end(r.last_fetched_epoch as u32) {
+        Some((e, end)) if e == r.last_fetched_epoch as u32 && end >= offset => None,
+        Some((e, end)) => Some((e as i32, end)),
+        None => Some((-2, log.start_offset())),
     }
 }

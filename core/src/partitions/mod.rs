@@ -11,7 +11,7 @@
 pub mod fetch;
 pub mod produce;
 
-pub use fetch::{FetchData, FetchOk, FetchParams, PartitionState};
+pub use fetch::{FetchData, FetchOk, FetchParams, PartitionState, ReplicaFetch};
 pub use produce::{Acks, PendingProduce, ProduceOk};
 
 use crate::error::{Error, Result};
@@ -299,6 +299,7 @@ impl Reactor {
             .remove(name)
             .ok_or_else(|| Error::UnknownTopic(name.into()))?;
         self.partitions.install(&meta, logs);
+        self.replication.mark(&meta.name);
         Ok(())
     }
 
@@ -349,6 +350,7 @@ impl Reactor {
     /// must not stall the other partitions' produce path). Idempotent: a
     /// topic this shard never opened is fine.
     pub async fn drop_topic(&self, meta: &TopicMeta) -> Result<()> {
+        self.replication_stop_topic(&meta.name).await;
         let (_, mut logs) = self.partitions.remove(&meta.name);
         self.metrics.append_clocks.forget(&meta.name);
         if let Some((_, staged)) = self.partitions.staged.borrow_mut().remove(&meta.name) {

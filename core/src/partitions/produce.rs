@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::mesh::MeshMsg;
 use crate::metrics::add;
 use crate::reactor::Reactor;
+use crate::replication::Replicas;
 use crate::rt;
 use futures::channel::oneshot;
 use shoal_shard::PartitionLog;
@@ -26,6 +27,11 @@ pub enum Acks {
     /// Answered once the topic's sync mode acknowledges: in the file under
     /// `interval` and `none`, on stable storage under `always`.
     Leader,
+    /// Answered once every in-sync replica holds the batches as `Leader`
+    /// promises (the high watermark passed them) and the in-sync set has
+    /// at least the topic's `min_insync_replicas`; within `timeout`. The
+    /// same as `Leader` where the partition is not replicated.
+    All { timeout: std::time::Duration },
 }
 
 #[derive(Debug, Clone)]
@@ -44,16 +50,41 @@ pub enum PendingProduce {
         ok: ProduceOk,
         /// Offset the acknowledgement must reach, if any.
         wait: Option<u64>,
+        /// acks=all: the replicas it waits for.
+        all: Option<AllWait>,
     },
     Remote(oneshot::Receiver<Result<ProduceOk>>),
+}
+
+/// What an acks=all produce waits on.
+pub struct AllWait {
+    pub replicas: Rc<Replicas>,
+    pub topic: String,
+    pub partition: u32,
+    pub timeout: std::time::Duration,
+}
+
+impl AllWait {
+    pub async fn wait(&self, log: &PartitionLog, next: u64) -> Result<()> {
+        self.replicas
+            .wait_all(&self.topic, self.partition, log, next, self.timeout)
+            .await
+    }
 }
 
 impl PendingProduce {
     pub async fn finish(self) -> Result<ProduceOk> {
         match self {
-            PendingProduce::Local { log, ok, wait } => {
-                if let Some(next) = wait {
-                    log.wait_acked(next).await?;
+            PendingProduce::Local {
+                log,
+                ok,
+                wait,
+                all,
+            } => {
+                match (wait, all) {
+                    (Some(next), Some(all)) => all.wait(&log, next).await?,
+                    (Some(next), None) => log.wait_acked(next).await?,
+                    (None, _) => {}
                 }
                 Ok(ok)
             }
@@ -104,10 +135,16 @@ impl Reactor {
         let owner = self.owner(topic, partition)?;
         if owner == self.id {
             let (log, ok) = self
-                .produce_append(topic, topic_id, partition, payload)
+                .produce_append(topic, topic_id, partition, payload, acks)
                 .await?;
-            let wait = (acks == Acks::Leader).then_some(ok.last_offset + 1);
-            return Ok(PendingProduce::Local { log, ok, wait });
+            let wait = (acks != Acks::None).then_some(ok.last_offset + 1);
+            let all = self.all_wait(topic, partition, acks);
+            return Ok(PendingProduce::Local {
+                log,
+                ok,
+                wait,
+                all,
+            });
         }
         let (tx, rx) = oneshot::channel();
         self.partitions.check_id(topic, topic_id)?;
@@ -123,15 +160,34 @@ impl Reactor {
         Ok(PendingProduce::Remote(rx))
     }
 
+    /// What an acks=all produce on a local partition waits on.
+    pub(crate) fn all_wait(&self, topic: &str, partition: u32, acks: Acks) -> Option<AllWait> {
+        match acks {
+            Acks::All { timeout } => Some(AllWait {
+                replicas: self.replication.clone(),
+                topic: topic.to_string(),
+                partition,
+                timeout,
+            }),
+            _ => None,
+        }
+    }
+
     /// Appends every batch of `payload` to a local partition, or none.
+    /// acks=all is refused before anything is appended when the in-sync
+    /// set is too small.
     pub(crate) async fn produce_append(
         &self,
         topic: &str,
         topic_id: u64,
         partition: u32,
         payload: &[u8],
+        acks: Acks,
     ) -> Result<(Rc<PartitionLog>, ProduceOk)> {
         self.partitions.check_id(topic, topic_id)?;
+        if matches!(acks, Acks::All { .. }) {
+            self.replication.check_insync(topic, partition)?;
+        }
         let log = self.partitions.local_log(topic, partition)?;
         let batch_bytes_max = log.config().batch_bytes_max;
         validate_all(payload, batch_bytes_max)?;

@@ -1,0 +1,372 @@
+//! The follower's side of a partition: a fetch task pulling from the
+//! leader's owning shard.
+//!
+//! Each fetch names the leader epoch the follower believes current and the
+//! epoch of its own last batch. The leader answers with whole batches from
+//! its log (sent from the segment file, zero-copy on its side), which the
+//! follower appends as they are, offsets and epochs included; or, when the
+//! follower's log diverges from the leader's, with the end of the last
+//! epoch they share, and the follower truncates there (KIP-279; never to
+//! its own high watermark, which is how Kafka lost acknowledged records
+//! before KIP-101). The next fetch goes out only once the appended batches
+//! are stored as the topic's sync mode promises, so the position the leader
+//! counts for acks=all is in this replica's file.
+//!
+//! The task ends when its role does ([`Fetcher::stop`]); it is never
+//! cancelled inside a log operation.
+
+use super::Slot;
+use crate::limits::FETCH_BYTES_MAX;
+use crate::reactor::Reactor;
+use crate::rt;
+use flatbuffers::FlatBufferBuilder;
+use futures::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use shoal_shard::{Notify, PartitionLog};
+use shoal_wire::batch::Batches;
+use shoal_wire::frame::{self, FRAME_PREFIX_BYTES};
+use shoal_wire::{fb, ErrorCode};
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// How long a fetch waits at the leader for new data.
+const FETCH_WAIT: Duration = Duration::from_millis(500);
+/// Bytes a fetch asks for.
+const FETCH_BYTES: u32 = 1 << 20;
+/// Beyond the fetch's wait: an answer later than this means the
+/// connection is dead.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Stop {
+    flag: Cell<bool>,
+    notify: Notify,
+}
+
+impl Stop {
+    /// Runs `f` unless the task is told to stop first.
+    async fn or_stop<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
+        if self.flag.get() {
+            return None;
+        }
+        let stopped = self.notify.changed();
+        match futures::future::select(std::pin::pin!(f), std::pin::pin!(stopped)).await {
+            futures::future::Either::Left((v, _)) => Some(v),
+            futures::future::Either::Right(_) => None,
+        }
+    }
+
+    async fn sleep(&self, d: Duration) -> bool {
+        self.or_stop(rt::sleep(d)).await.is_some()
+    }
+}
+
+/// A running follower.
+pub struct Fetcher {
+    pub leader: Option<u32>,
+    pub epoch: u32,
+    stop: Rc<Stop>,
+    task: Option<rt::Task<()>>,
+}
+
+impl Fetcher {
+    /// Follows `leader` at `epoch` (no leader alive: waits for the
+    /// metadata to name one, which starts a new fetcher).
+    pub fn start(
+        reactor: Rc<Reactor>,
+        slot: Rc<Slot>,
+        log: Rc<PartitionLog>,
+        leader: Option<u32>,
+        epoch: u32,
+    ) -> Fetcher {
+        let stop = Rc::new(Stop::default());
+        let task = leader.map(|l| {
+            let f = Follow {
+                reactor,
+                topic: slot.topic.clone(),
+                partition: slot.partition,
+                log,
+                leader: l,
+                epoch,
+                stop: stop.clone(),
+            };
+            rt::spawn(f.run())
+        });
+        Fetcher {
+            leader,
+            epoch,
+            stop,
+            task,
+        }
+    }
+
+    /// Ends the fetch task and waits for it: no append of this role
+    /// happens after.
+    pub async fn stop(self) {
+        self.stop.flag.set(true);
+        self.stop.notify.notify_all();
+        if let Some(t) = self.task {
+            t.await;
+        }
+    }
+}
+
+struct Follow {
+    reactor: Rc<Reactor>,
+    topic: String,
+    partition: u32,
+    log: Rc<PartitionLog>,
+    leader: u32,
+    epoch: u32,
+    stop: Rc<Stop>,
+}
+
+/// Why a connection's fetch loop ended.
+enum Ended {
+    Stopped,
+    /// Try again after a pause (connection lost, leader not ready).
+    Retry(String),
+}
+
+impl Follow {
+    async fn run(self) {
+        let mut backoff = BACKOFF_MIN;
+        let mut warned = false;
+        while !self.stop.flag.get() {
+            let why = match self.leader_addr() {
+                None => "the leader is not registered".to_string(),
+                Some(addr) => {
+                    match self
+                        .stop
+                        .or_stop(rt::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)))
+                        .await
+                    {
+                        None => return,
+                        Some(Some(Ok(stream))) => {
+                            let _ = stream.set_nodelay(true);
+                            match self.fetch_loop(stream, &mut backoff).await {
+                                Ended::Stopped => return,
+                                Ended::Retry(why) => why,
+                            }
+                        }
+                        Some(Some(Err(e))) => format!("cannot connect to {addr}: {e}"),
+                        Some(None) => format!("no connection to {addr} within 2 s"),
+                    }
+                }
+            };
+            if !warned {
+                tracing::info!(topic = %self.topic, partition = self.partition, leader = self.leader, epoch = self.epoch, "follower waits: {why}");
+                warned = true;
+            } else {
+                tracing::debug!(topic = %self.topic, partition = self.partition, leader = self.leader, "follower waits: {why}");
+            }
+            if !self.stop.sleep(backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn leader_addr(&self) -> Option<std::net::SocketAddr> {
+        let view = self.reactor.cluster.borrow().clone()?;
+        let broker = view.brokers.get(&self.leader)?;
+        let meta = self.reactor.partitions.topic(&self.topic)?;
+        let shard = meta
+            .placement
+            .get(self.partition as usize)?
+            .replica_on(self.leader)?
+            .shard;
+        let port = broker.shard_port(shard)?;
+        std::net::ToSocketAddrs::to_socket_addrs(&(broker.host.as_str(), port))
+            .ok()?
+            .next()
+    }
+
+    async fn fetch_loop(&self, mut stream: TcpStream, backoff: &mut Duration) -> Ended {
+        let me = self.reactor.broker_id().unwrap_or(0);
+        let mut fbb = FlatBufferBuilder::new();
+        let mut out = Vec::with_capacity(256);
+        let mut buf: Vec<u8> = Vec::with_capacity(FETCH_BYTES as usize + 4096);
+        let mut corr: u32 = 0;
+        loop {
+            if self.stop.flag.get() {
+                return Ended::Stopped;
+            }
+            let Some(topic_id) = self.reactor.partitions.topic(&self.topic).map(|m| m.id) else {
+                return Ended::Stopped;
+            };
+            corr = corr.wrapping_add(1);
+            let offset = self.log.next_offset();
+            let last_epoch = self.log.last_epoch().map_or(-1, |e| e as i32);
+            encode_fetch(
+                &mut fbb,
+                &mut out,
+                corr,
+                &self.topic,
+                self.partition,
+                topic_id,
+                offset,
+                me,
+                self.epoch,
+                last_epoch,
+            );
+            let exchange = async {
+                stream.write_all(&out).await?;
+                read_frame(&mut stream, &mut buf).await
+            };
+            let parts = match self
+                .stop
+                .or_stop(rt::timeout(FETCH_WAIT + ANSWER_GRACE, exchange))
+                .await
+            {
+                None => return Ended::Stopped,
+                Some(None) => return Ended::Retry("the leader did not answer in time".into()),
+                Some(Some(Err(e))) => return Ended::Retry(format!("connection lost: {e}")),
+                Some(Some(Ok(parts))) => parts,
+            };
+            let header = &buf[parts.header.clone()];
+            let resp = match frame::decode_response(header) {
+                Ok(r) => r,
+                Err(e) => return Ended::Retry(format!("unreadable answer: {e}")),
+            };
+            let code = ErrorCode::from_u16(resp.error_code());
+            if code != ErrorCode::None {
+                let msg = resp.error_message().unwrap_or_default().to_string();
+                return Ended::Retry(format!("the leader answered {code:?}: {msg}"));
+            }
+            let Some(f) = resp.body_as_fetch_response() else {
+                return Ended::Retry("the leader answered another request".into());
+            };
+            if f.leader_epoch() != self.epoch {
+                return Ended::Retry(format!(
+                    "the leader answered for epoch {}, not {}",
+                    f.leader_epoch(),
+                    self.epoch
+                ));
+            }
+            let (hw, div_epoch, div_end) =
+                (f.high_watermark(), f.diverging_epoch(), f.diverging_end_offset());
+            if div_epoch != -1 {
+                self.truncate(div_epoch, div_end).await;
+                continue;
+            }
+            let payload = &buf[parts.payload.clone()];
+            let bmax = self.log.config().batch_bytes_max;
+            let mut appended = false;
+            for b in Batches::new(payload, bmax) {
+                let (h, bytes) = match b {
+                    Ok(x) => x,
+                    Err(e) => return Ended::Retry(format!("a bad batch from the leader: {e}")),
+                };
+                if h.base_offset < self.log.next_offset() {
+                    continue;
+                }
+                if let Err(e) = self.log.append_replica(bytes).await {
+                    return Ended::Retry(format!("cannot append at {}: {e}", h.base_offset));
+                }
+                appended = true;
+            }
+            if appended {
+                if let Err(e) = self.log.wait_acked(self.log.next_offset()).await {
+                    return Ended::Retry(format!("cannot store replicated batches: {e}"));
+                }
+            }
+            self.log
+                .set_high_watermark(hw.min(self.log.next_offset()));
+            *backoff = BACKOFF_MIN;
+        }
+    }
+
+    /// The leader's log and ours part after `epoch` ends at `end` there
+    /// (`epoch` -2: no epoch in common; truncate to `end`).
+    async fn truncate(&self, epoch: i32, end: u64) {
+        let ours = if epoch >= 0 {
+            match self.log.epoch_end(epoch as u32) {
+                Some((_, our_end)) => our_end,
+                None => self.log.start_offset(),
+            }
+        } else {
+            self.log.next_offset()
+        };
+        let to = end.min(ours).min(self.log.next_offset());
+        tracing::warn!(topic = %self.topic, partition = self.partition, leader = self.leader, epoch = self.epoch, log_end = self.log.next_offset(), to, "log diverges from the leader's: truncating");
+        if let Err(e) = self.log.truncate_to(to).await {
+            tracing::error!(topic = %self.topic, partition = self.partition, error = %e, "cannot truncate");
+            let _ = self.stop.sleep(BACKOFF_MAX).await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_fetch(
+    fbb: &mut FlatBufferBuilder<'static>,
+    out: &mut Vec<u8>,
+    corr: u32,
+    topic: &str,
+    partition: u32,
+    topic_id: u64,
+    offset: u64,
+    me: u32,
+    epoch: u32,
+    last_fetched_epoch: i32,
+) {
+    fbb.reset();
+    let t = fbb.create_string(topic);
+    let body = fb::FetchRequest::create(
+        fbb,
+        &fb::FetchRequestArgs {
+            topic: Some(t),
+            partition,
+            offset,
+            by_timestamp: false,
+            timestamp_ms: 0,
+            max_bytes: FETCH_BYTES.min(FETCH_BYTES_MAX),
+            min_bytes: 1,
+            max_wait_ms: FETCH_WAIT.as_millis() as u32,
+            topic_id,
+            replica_id: me as i32,
+            current_leader_epoch: epoch as i32,
+            last_fetched_epoch,
+        },
+    );
+    let client = fbb.create_string("shoal-replica");
+    let req = fb::Request::create(
+        fbb,
+        &fb::RequestArgs {
+            version: 1,
+            correlation_id: corr,
+            client_id: Some(client),
+            body_type: fb::RequestBody::FetchRequest,
+            body: Some(body.as_union_value()),
+        },
+    );
+    fbb.finish(req, None);
+    out.clear();
+    frame::write_frame(out, fbb.finished_data(), &[]);
+}
+
+/// Reads one response frame into `buf` (reused: no allocation once it has
+/// grown to the largest answer).
+async fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<frame::FrameParts> {
+    buf.resize(FRAME_PREFIX_BYTES, 0);
+    stream.read_exact(&mut buf[..FRAME_PREFIX_BYTES]).await?;
+    let total = match frame::check_response(buf) {
+        Ok(frame::Check::Incomplete { total }) => total,
+        Ok(frame::Check::Complete(parts)) => return Ok(parts),
+        Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+    };
+    buf.resize(total, 0);
+    stream.read_exact(&mut buf[FRAME_PREFIX_BYTES..]).await?;
+    match frame::check_response(buf) {
+        Ok(frame::Check::Complete(parts)) => Ok(parts),
+        Ok(frame::Check::Incomplete { .. }) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame shorter than its length",
+        )),
+        Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+    }
+}
