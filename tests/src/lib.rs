@@ -626,6 +626,24 @@ pub mod raw {
         }
     }
 
+    /// Reads one response frame: its header and payload (what is left
+    /// over stays in `buf`); `None` if the connection closed first.
+    pub fn read_frame(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(Vec<u8>, Vec<u8>)> {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            if let Ok(Check::Complete(p)) = frame::check_response(buf) {
+                let h = buf[p.header].to_vec();
+                let payload = buf[p.payload].to_vec();
+                buf.drain(..p.total);
+                return Some((h, payload));
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
     /// One batch of `n` records of `size` bytes, each value starting with
     /// its sequence number (10 digits, from `first_seq` or 0), idempotent
     /// when `producer_id` is not -1.
@@ -643,5 +661,148 @@ pub mod raw {
             .expect("record fits");
         }
         b.finish(producer_id, 0, first_seq)
+    }
+}
+
+/// Cluster metadata over the raw protocol, for tests that follow leaders
+/// and in-sync sets.
+pub mod meta {
+    use super::raw;
+    use shoal_wire::fb;
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    #[derive(Debug, Clone)]
+    pub struct Part {
+        pub leader: u32,
+        pub shard: u16,
+        pub replicas: Vec<u32>,
+        pub isr: Vec<u32>,
+        pub offline: bool,
+    }
+
+    #[derive(Debug)]
+    pub struct Meta {
+        /// (id, port, shard ports, rack)
+        pub brokers: Vec<(u32, u16, Vec<u16>, String)>,
+        pub controller: i32,
+        pub cluster: String,
+        pub topics: Vec<(String, Vec<Part>)>,
+    }
+
+    impl Meta {
+        pub fn ids(&self) -> Vec<u32> {
+            self.brokers.iter().map(|b| b.0).collect()
+        }
+        pub fn topic(&self, name: &str) -> Vec<Part> {
+            self.topics
+                .iter()
+                .find(|t| t.0 == name)
+                .map(|t| t.1.clone())
+                .unwrap_or_else(|| panic!("no topic {name} in {self:?}"))
+        }
+        pub fn shard_port(&self, broker: u32, shard: u16) -> u16 {
+            let b = self.brokers.iter().find(|b| b.0 == broker).expect("broker");
+            b.2[shard as usize]
+        }
+    }
+
+    /// One request, one response header (raw protocol).
+    pub fn call(port: u16, frame: Vec<u8>) -> Vec<u8> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(&frame).unwrap();
+        let mut buf = Vec::new();
+        raw::read_header(&mut s, &mut buf).expect("response")
+    }
+
+    pub fn metadata(port: u16) -> Meta {
+        let h = call(
+            port,
+            raw::request(1, fb::RequestBody::MetadataRequest, |fbb| {
+                fb::MetadataRequest::create(fbb, &fb::MetadataRequestArgs { topics: None })
+                    .as_union_value()
+            }),
+        );
+        let r = flatbuffers::root::<fb::Response>(&h).expect("response");
+        assert_eq!(r.error_code(), 0, "{:?}", r.error_message());
+        let m = r.body_as_metadata_response().expect("metadata");
+        Meta {
+            brokers: m
+                .brokers()
+                .map(|v| {
+                    v.iter()
+                        .map(|b| {
+                            (
+                                b.id(),
+                                b.port(),
+                                b.shard_ports()
+                                    .map(|p| p.iter().collect())
+                                    .unwrap_or_default(),
+                                b.rack().unwrap_or_default().to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            controller: m.controller_id(),
+            cluster: m.cluster().unwrap_or_default().to_string(),
+            topics: m
+                .topics()
+                .map(|v| {
+                    v.iter()
+                        .map(|t| {
+                            let parts = t
+                                .partitions()
+                                .map(|ps| {
+                                    ps.iter()
+                                        .map(|p| Part {
+                                            leader: p.leader_broker(),
+                                            shard: p.shard(),
+                                            replicas: p
+                                                .replicas()
+                                                .map(|x| x.iter().collect())
+                                                .unwrap_or_default(),
+                                            isr: p
+                                                .isr()
+                                                .map(|x| x.iter().collect())
+                                                .unwrap_or_default(),
+                                            offline: p.offline(),
+                                        })
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            (t.name().unwrap_or_default().to_string(), parts)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Creates a topic; returns the error code (0 = created) and message.
+    pub fn create_topic(port: u16, name: &str, partitions: u32, rf: u16) -> (u16, String) {
+        let h = call(
+            port,
+            raw::request(1, fb::RequestBody::CreateTopicRequest, |fbb| {
+                let n = fbb.create_string(name);
+                fb::CreateTopicRequest::create(
+                    fbb,
+                    &fb::CreateTopicRequestArgs {
+                        name: Some(n),
+                        partitions,
+                        replication_factor: rf,
+                        ..Default::default()
+                    },
+                )
+                .as_union_value()
+            }),
+        );
+        let r = flatbuffers::root::<fb::Response>(&h).expect("response");
+        (
+            r.error_code(),
+            r.error_message().unwrap_or_default().to_string(),
+        )
     }
 }
