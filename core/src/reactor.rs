@@ -70,7 +70,7 @@ impl Reactor {
             creating: Default::default(),
             topic_changes: futures::lock::Mutex::new(()),
             cluster: Default::default(),
-            replication: Default::default(),
+            replication: Rc::new(crate::replication::Replicas::new(control.is_some())),
             control,
             next_subscription: Cell::new(1),
         }

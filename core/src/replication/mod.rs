@@ -112,8 +112,11 @@ impl Slot {
 
 /// A shard's replication state: a slot per local partition of a cluster
 /// topic.
-#[derive(Default)]
 pub struct Replicas {
+    /// Cluster mode, before this broker first heard ZooKeeper's partition
+    /// states: its `topics.json` may name it leader of partitions that
+    /// moved while it was down, so it takes no role and no write yet.
+    waiting_for_zookeeper: Cell<bool>,
     slots: RefCell<HashMap<(String, u32), Rc<Slot>>>,
     /// This broker has lost ZooKeeper: acks=all is not acknowledged.
     fenced: Cell<bool>,
@@ -126,6 +129,26 @@ pub struct Replicas {
 }
 
 impl Replicas {
+    pub fn new(cluster: bool) -> Replicas {
+        Replicas {
+            waiting_for_zookeeper: Cell::new(cluster),
+            slots: Default::default(),
+            fenced: Cell::new(cluster),
+            fence_changed: Notify::default(),
+            dirty: Default::default(),
+            wake: Notify::default(),
+        }
+    }
+
+    /// Refuses writes before this broker knows from ZooKeeper what it
+    /// leads.
+    pub fn check_started(&self, topic: &str, partition: u32) -> Result<()> {
+        if self.waiting_for_zookeeper.get() {
+            return Err(not_leader_now(topic, partition));
+        }
+        Ok(())
+    }
+
     pub fn slot(&self, topic: &str, partition: u32) -> Option<Rc<Slot>> {
         self.slots
             .borrow()
@@ -142,6 +165,9 @@ impl Replicas {
     }
 
     pub fn set_fenced(&self, fenced: bool) {
+        if !fenced && self.waiting_for_zookeeper.replace(false) {
+            self.wake.notify_all();
+        }
         if self.fenced.replace(fenced) != fenced {
             if fenced {
                 tracing::warn!("lost ZooKeeper: acks=all writes wait until it is back (or fail)");
@@ -174,6 +200,9 @@ impl Reactor {
         let Some(me) = self.broker_id() else {
             return;
         };
+        if self.replication.waiting_for_zookeeper.get() {
+            return;
+        }
         let logs = match topic {
             Some(t) => self.partitions.local_logs_of(Some(&[t.to_string()])),
             None => self.partitions.local_logs_of(None),
@@ -311,6 +340,9 @@ impl Reactor {
         else {
             return;
         };
+        while self.replication.waiting_for_zookeeper.get() {
+            self.replication.wake.changed().await;
+        }
         let mut last_checkpoint = rt::now();
         let mut last_lag_check = rt::now();
         let mut last_full_sync = rt::now();
