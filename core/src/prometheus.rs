@@ -181,7 +181,7 @@ impl Reactor {
                 partition,
                 log_start_offset: log.start_offset(),
                 log_end_offset: log.end_offset(),
-                high_watermark: log.end_offset(),
+                high_watermark: log.high_watermark(),
                 size_bytes: log.size_bytes(),
             });
         }

@@ -205,7 +205,7 @@ impl Reactor {
             .map(|(key, log)| {
                 let st = PartitionState {
                     log_start_offset: log.start_offset(),
-                    high_watermark: log.end_offset(),
+                    high_watermark: log.high_watermark(),
                 };
                 (key, st)
             })
@@ -243,7 +243,7 @@ impl Reactor {
             let log = self.partitions.local_log(topic, partition)?;
             return Ok(PartitionState {
                 log_start_offset: log.start_offset(),
-                high_watermark: log.end_offset(),
+                high_watermark: log.high_watermark(),
             });
         }
         let topic = topic.to_string();

@@ -39,7 +39,7 @@ const FETCH_BYTES: u32 = 1 << 20;
 const ANSWER_GRACE: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 struct Stop {
