@@ -53,6 +53,7 @@
 
 mod read;
 mod recover;
+mod replica;
 mod retention;
 mod writer;
 
@@ -208,6 +209,11 @@ struct Inner {
     injected_failures: Cell<u32>,
     /// The forward readers' read-ahead streams.
     read_ahead: RefCell<ReadAhead>,
+    /// Leader epochs and the high watermark ([`replica`]).
+    replica: RefCell<replica::ReplicaState>,
+    /// Bumped when a truncation reopens the state: background loops of
+    /// the state before end.
+    generation: Cell<u64>,
 }
 
 impl Inner {
@@ -305,8 +311,27 @@ impl PartitionLog {
 
     /// Appends a batch that already carries its offsets (a replica copying
     /// its leader): its `base_offset` must equal [`Self::next_offset`].
+    ///
+    /// The batch keeps its leader epoch; the first batch of a newer epoch
+    /// than the log's last records that epoch (durably) before it is
+    /// accepted, and an older epoch is refused. The idempotent-producer
+    /// check is skipped (a follower stores whatever its leader stored) but
+    /// the producer state is kept, so this replica dedupes retries as its
+    /// leader did if it leads next.
     pub async fn append_replica(&self, batch: &[u8]) -> Result<Appended> {
         let h = BatchHeader::decode(batch)?;
+        let last = self.last_epoch();
+        if last.is_some_and(|l| h.leader_epoch < l) {
+            return Err(Error::Corrupt(format!(
+                "replica batch at {} has leader epoch {}, older than the log's last {}",
+                h.base_offset,
+                h.leader_epoch,
+                last.unwrap_or(0)
+            )));
+        }
+        if last != Some(h.leader_epoch) && h.base_offset == self.next_offset() {
+            self.record_epoch(h.leader_epoch, h.base_offset).await?;
+        }
         self.append_inner(batch, Some(h.base_offset)).await
     }
 
@@ -370,7 +395,7 @@ impl PartitionLog {
                 });
             }
         }
-        if header.is_idempotent() {
+        if header.is_idempotent() && expect_base.is_none() {
             if let Some(b) = st.producers.check(header)? {
                 return Ok(Accept::Done(Appended {
                     base_offset: b.base_offset,
@@ -396,6 +421,9 @@ impl PartitionLog {
         let mut head = [0u8; BATCH_HEADER_BYTES];
         head.copy_from_slice(&batch[..BATCH_HEADER_BYTES]);
         batch::set_base_offset(&mut head, base);
+        if expect_base.is_none() {
+            batch::set_leader_epoch(&mut head, inner.replica.borrow().stamp);
+        }
         let st = &mut *st;
         st.pending.push(&st.dma, &head);
         st.pending.push(&st.dma, &batch[BATCH_HEADER_BYTES..]);

@@ -152,6 +152,21 @@ impl PartitionLog {
         self.read(from, max_bytes)
     }
 
+    /// [`Self::read_ready`] for a follower: up to the log's end, past the
+    /// high watermark.
+    pub async fn read_replica_ready(
+        &self,
+        from: u64,
+        max_bytes: u64,
+        wait_max: Duration,
+    ) -> Result<ReadSlice> {
+        if let Some(plan) = self.plan_read(from, max_bytes) {
+            let (files, start, end, advised_from) = plan;
+            wait_resident(&files, start, end, advised_from, wait_max).await;
+        }
+        self.read_replica(from, max_bytes)
+    }
+
     /// The segment bytes a read of `from` would touch, if it reads a
     /// segment file: the files, the range, and where the advice issued for
     /// it (read-ahead included) begins. `None` where [`Self::read`] answers
@@ -217,35 +232,65 @@ impl PartitionLog {
     /// closes). Long-polling is the broker's job; this is its wake-up.
     pub async fn wait_for_data(&self, offset: u64) {
         self.inner.st.borrow_mut().tail_interest = Some(rt::now());
+        loop {
+            let changed = self.inner.progress.changed();
+            {
+                let st = self.inner.st.borrow();
+                if st.closing || st.writer_done || st.write_failure.is_some() {
+                    return;
+                }
+            }
+            if self.high_watermark() > offset {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// [`Self::wait_for_data`] for a follower: data past the high
+    /// watermark counts.
+    pub async fn wait_for_replica_data(&self, offset: u64) {
+        self.inner.st.borrow_mut().tail_interest = Some(rt::now());
         let _ = self
             .wait_until(|st| st.written_next > offset || st.closing)
             .await;
     }
 
     /// Reads whole batches from the one holding `from`, up to `max_bytes`
-    /// (at least one batch, so a consumer always progresses). Never waits:
-    /// at the end of the log the slice is empty.
+    /// (at least one batch, so a consumer always progresses) and never
+    /// past the high watermark. Never waits: at the high watermark the
+    /// slice is empty.
     pub fn read(&self, from: u64, max_bytes: u64) -> Result<ReadSlice> {
+        self.read_upto(from, max_bytes, self.high_watermark())
+    }
+
+    /// [`Self::read`] for a follower: up to the log's end.
+    pub fn read_replica(&self, from: u64, max_bytes: u64) -> Result<ReadSlice> {
+        self.read_upto(from, max_bytes, u64::MAX)
+    }
+
+    fn read_upto(&self, from: u64, max_bytes: u64, limit: u64) -> Result<ReadSlice> {
         let st = self.inner.st.borrow();
         let start = st
             .closed
             .first()
             .map_or(st.active.base_offset, |s| s.base_offset);
-        let end = st.written_next;
-        if from < start || from > end {
+        let written = st.written_next;
+        if from < start || from > written {
             return Err(Error::OffsetOutOfRange {
                 offset: from,
                 start,
-                end,
+                end: written,
             });
         }
+        let end = limit.min(written);
         let seg = std::iter::once(&st.active)
             .chain(st.closed.iter().rev())
             .find(|s| s.base_offset <= from)
             .cloned()
             .unwrap_or_else(|| st.active.clone());
         let bmax = self.inner.config.batch_bytes_max;
-        if from == end {
+        if from >= end {
             let active = st.active.clone();
             return Ok(ReadSlice {
                 position: active.len(),
@@ -257,7 +302,11 @@ impl PartitionLog {
                 segment: active,
             });
         }
-        if let Some(c) = st.tail.read(seg.base_offset, seg.len(), from, max_bytes) {
+        if let Some(c) = st
+            .tail
+            .read(seg.base_offset, seg.len(), from, max_bytes)
+            .filter(|c| c.next_offset <= end)
+        {
             return Ok(ReadSlice {
                 position: c.position,
                 len: c.len,
@@ -280,7 +329,7 @@ impl PartitionLog {
         let mut next = from;
         while let Some(h) = seg.header_at(&files, pos, bmax) {
             let blen = u64::from(h.batch_len);
-            if first.is_some() && pos + blen - position > max_bytes {
+            if h.next_offset() > end || (first.is_some() && pos + blen - position > max_bytes) {
                 break;
             }
             first.get_or_insert(h.base_offset);

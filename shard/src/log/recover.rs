@@ -10,11 +10,12 @@
 
 use super::{
     align_down, capacity_bytes,
-    writer::{interval_sync_loop, writer_loop, Prealloc},
+    writer::Prealloc,
+    replica::ReplicaState,
     Inner, PartitionLog, Pending, State,
 };
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::{LogConfig, SyncMode};
+use crate::config::LogConfig;
 use crate::durable;
 use crate::error::{Error, Result};
 use crate::index::{IndexBytes, SegmentIndex};
@@ -57,7 +58,7 @@ async fn dma_probe(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+pub(super) fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
     let mut bases = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let name = e?.file_name();
@@ -422,120 +423,161 @@ impl PartitionLog {
         config.validate().map_err(Error::Config)?;
         // Absolute: glommio opens directories by absolute path only.
         let dir = std::path::absolute(dir.as_ref())?;
-        let bmax = config.batch_bytes_max;
-        let capacity = capacity_bytes(&config);
-        let found = {
-            let dir = dir.clone();
-            rt::spawn_blocking(move || recover_files(&dir, bmax, capacity)).await?
-        };
-        dma_probe(&dir).await?;
-        let Found {
-            closed,
-            active,
-            active_path,
-            base,
-            end,
-            next_offset,
-            max_ts,
-            producers,
-            trusted,
-            tail_end,
-            checkpoint: ck,
-        } = found;
-        if let Err(e) = durable::write_durably(&dir, checkpoint::FILE_NAME, ck).await {
-            // A full disk must not keep the partition from opening. The old
-            // checkpoint stays; one that says "clean" is trusted only while
-            // the file keeps exactly its length, and any write changes that.
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot write the recovery checkpoint on open; a crash recovery will scan more");
-        }
-
-        let closed: Vec<Rc<Segment>> = closed
-            .into_iter()
-            .map(|c| {
-                let seg = Rc::new(Segment::new(c.path, c.base, 0, None));
-                seg.set_visible(c.len, c.next_offset);
-                seg.set_max_timestamp(c.max_ts);
-                seg.join_budget(&budget);
-                seg
-            })
-            .collect();
-        let active = Rc::new(Segment::new(active_path, base, capacity, Some(active)));
-        active.set_visible(end, next_offset);
-        let dma = Rc::new(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .dma_open(&active.path)
-                .await?,
-        );
-        // Nothing is reserved until the first append (`Prealloc::due`): a
-        // partition that is never written takes no preallocated disk.
-        let prealloc = Prealloc::new(end);
-        let mut pending = Pending {
-            chunks: Vec::new(),
-            file_pos: align_down(end),
-            len: 0,
-            prefix: 0,
-            next_offset,
-        };
-        let prefix = (end - pending.file_pos) as usize;
-        if prefix > 0 {
-            let files = active.open_files();
-            let tail = active
-                .bytes(&files, pending.file_pos, prefix as u64)
-                .to_vec();
-            pending.push(&dma, &tail);
-            pending.prefix = prefix;
-        }
-        let first_offset = closed.first().map_or(active.base_offset, |s| s.base_offset);
-        tracing::debug!(dir = %dir.display(), segments = closed.len() + 1, first_offset, next_offset, trusted, "opened partition log");
-
+        let (state, replica, tail_end) = open_parts(&dir, &config, budget.clone()).await?;
         let inner = Rc::new(Inner {
             dir,
             budget,
             tail_end,
-            st: RefCell::new(State {
-                closed,
-                active,
-                dma,
-                active_bytes: end,
-                active_created: rt::now(),
-                active_max_ts: max_ts,
-                next_offset,
-                written_next: next_offset,
-                durable_next: next_offset,
-                pending,
-                sync_requested: false,
-                rolling: false,
-                closing: false,
-                writer_done: false,
-                write_failure: None,
-                roll_failure: None,
-                failures: 0,
-                retry: BTreeMap::new(),
-                roll_needed: false,
-                producers,
-                ckpt_pos: end,
-                ckpt_running: false,
-                round_seq: 0,
-                rounds_written: 0,
-                rounds_in_flight: 0,
-                prealloc,
-                tail: TailCache::new(config.tail_cache_bytes),
-                tail_interest: None,
-            }),
+            st: RefCell::new(state),
             config,
             progress: Notify::default(),
             wake_writer: Notify::default(),
             space: Notify::default(),
             injected_failures: Cell::new(0),
             read_ahead: RefCell::new(ReadAhead::new(ReadAheadBudget::shard_default())),
+            replica: RefCell::new(replica),
+            generation: Cell::new(0),
         });
-        rt::spawn_detached(writer_loop(inner.clone()));
-        if let SyncMode::Interval(d) = inner.config.sync {
-            rt::spawn_detached(interval_sync_loop(Rc::downgrade(&inner), d));
-        }
+        super::writer::start(&inner);
         Ok(PartitionLog { inner })
+    }
+}
+
+/// The write state and replication state of the log in `dir`, recovered
+/// (a truncation reopens with this, in place).
+pub(super) async fn open_state(
+    dir: &Path,
+    config: &LogConfig,
+    budget: Rc<FdBudget>,
+) -> Result<(State, ReplicaState)> {
+    let (st, r, _) = open_parts(dir, config, budget).await?;
+    Ok((st, r))
+}
+
+async fn open_parts(
+    dir: &Path,
+    config: &LogConfig,
+    budget: Rc<FdBudget>,
+) -> Result<(State, ReplicaState, TailEnd)> {
+    let dir = dir.to_path_buf();
+    {
+        let bmax = config.batch_bytes_max;
+        let capacity = capacity_bytes(config);
+        let found = {
+            let dir = dir.clone();
+            rt::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)?;
+                super::replica::finish_interrupted(&dir, bmax)?;
+                recover_files(&dir, bmax, capacity)
+            })
+            .await?
+        };
+            dma_probe(&dir).await?;
+            let Found {
+                closed,
+                active,
+                active_path,
+                base,
+                end,
+                next_offset,
+                max_ts,
+                producers,
+                trusted,
+                tail_end,
+                checkpoint: ck,
+            } = found;
+            if let Err(e) = durable::write_durably(&dir, checkpoint::FILE_NAME, ck).await {
+                // A full disk must not keep the partition from opening. The old
+                // checkpoint stays; one that says "clean" is trusted only while
+                // the file keeps exactly its length, and any write changes that.
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot write the recovery checkpoint on open; a crash recovery will scan more");
+            }
+
+            let closed: Vec<Rc<Segment>> = closed
+                .into_iter()
+                .map(|c| {
+                    let seg = Rc::new(Segment::new(c.path, c.base, 0, None));
+                    seg.set_visible(c.len, c.next_offset);
+                    seg.set_max_timestamp(c.max_ts);
+                    seg.join_budget(&budget);
+                    seg
+                })
+                .collect();
+            let active = Rc::new(Segment::new(active_path, base, capacity, Some(active)));
+            active.set_visible(end, next_offset);
+            let dma = Rc::new(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .dma_open(&active.path)
+                    .await?,
+            );
+            // Nothing is reserved until the first append (`Prealloc::due`): a
+            // partition that is never written takes no preallocated disk.
+            let prealloc = Prealloc::new(end);
+            let mut pending = Pending {
+                chunks: Vec::new(),
+                file_pos: align_down(end),
+                len: 0,
+                prefix: 0,
+                next_offset,
+            };
+            let prefix = (end - pending.file_pos) as usize;
+            if prefix > 0 {
+                let files = active.open_files();
+                let tail = active
+                    .bytes(&files, pending.file_pos, prefix as u64)
+                    .to_vec();
+                pending.push(&dma, &tail);
+                pending.prefix = prefix;
+            }
+            let first_offset = closed.first().map_or(active.base_offset, |s| s.base_offset);
+            tracing::debug!(dir = %dir.display(), segments = closed.len() + 1, first_offset, next_offset, trusted, "opened partition log");
+        let first_epoch = {
+            let first = closed.first().unwrap_or(&active);
+            match first.files() {
+                Ok(files) => super::replica::first_header(&files, first.len()).map(|h| h.leader_epoch),
+                Err(_) => None,
+            }
+        };
+        let replica = {
+            let dir = dir.clone();
+            rt::spawn_blocking(move || {
+                super::replica::load(&dir, first_offset, next_offset, first_epoch)
+            })
+            .await
+        };
+        let state = State {
+            closed,
+            active,
+            dma,
+            active_bytes: end,
+            active_created: rt::now(),
+            active_max_ts: max_ts,
+            next_offset,
+            written_next: next_offset,
+            durable_next: next_offset,
+            pending,
+            sync_requested: false,
+            rolling: false,
+            closing: false,
+            writer_done: false,
+            write_failure: None,
+            roll_failure: None,
+            failures: 0,
+            retry: BTreeMap::new(),
+            roll_needed: false,
+            producers,
+            ckpt_pos: end,
+            ckpt_running: false,
+            round_seq: 0,
+            rounds_written: 0,
+            rounds_in_flight: 0,
+            prealloc,
+            tail: TailCache::new(config.tail_cache_bytes),
+            tail_interest: None,
+        };
+        Ok((state, replica, tail_end))
     }
 }
 

@@ -536,7 +536,24 @@ async fn write_recovery_point(
     Ok(())
 }
 
-pub(super) async fn interval_sync_loop(inner: Weak<Inner>, every: std::time::Duration) {
+/// Starts the writer (and the interval syncer, under `interval`) of the
+/// log's current state.
+pub(super) fn start(inner: &Rc<Inner>) {
+    rt::spawn_detached(writer_loop(inner.clone()));
+    if let crate::config::SyncMode::Interval(d) = inner.config.sync {
+        rt::spawn_detached(interval_sync_loop(
+            Rc::downgrade(inner),
+            d,
+            inner.generation.get(),
+        ));
+    }
+}
+
+pub(super) async fn interval_sync_loop(
+    inner: Weak<Inner>,
+    every: std::time::Duration,
+    generation: u64,
+) {
     // Warn once per streak of failures, not every interval.
     let mut failing = false;
     loop {
@@ -544,7 +561,7 @@ pub(super) async fn interval_sync_loop(inner: Weak<Inner>, every: std::time::Dur
         let Some(inner) = inner.upgrade() else { return };
         let (target, dma) = {
             let st = inner.st.borrow();
-            if st.closing {
+            if st.closing || inner.generation.get() != generation {
                 return;
             }
             // A failed write is retried by the writer, which syncs then.
