@@ -185,11 +185,9 @@ impl Reactor {
                 Ok((log, ok)) => Some(Box::pin(async move {
                     let next = ok.last_offset + 1;
                     let r: Result<_> = match acks {
-                        crate::partitions::Acks::Leader => log
-                            .wait_acked(next)
-                            .await
-                            .map(|()| ok)
-                            .map_err(Into::into),
+                        crate::partitions::Acks::Leader => {
+                            log.wait_acked(next).await.map(|()| ok).map_err(Into::into)
+                        }
                         crate::partitions::Acks::All { .. } => {
                             match self.all_wait(&topic, partition, acks) {
                                 Some(all) => all.wait(&log, next).await.map(|()| ok),

@@ -710,25 +710,37 @@ pub mod meta {
 
     /// One request, one response header (raw protocol).
     pub fn call(port: u16, frame: Vec<u8>) -> Vec<u8> {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(&frame).unwrap();
+        try_call(port, frame).expect("a response")
+    }
+
+    /// [`call`], `None` if the broker is down or does not answer.
+    pub fn try_call(port: u16, frame: Vec<u8>) -> Option<Vec<u8>> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+        s.write_all(&frame).ok()?;
         let mut buf = Vec::new();
-        raw::read_header(&mut s, &mut buf).expect("response")
+        raw::read_header(&mut s, &mut buf)
     }
 
     pub fn metadata(port: u16) -> Meta {
-        let h = call(
+        try_metadata(port).expect("metadata")
+    }
+
+    /// [`metadata`], `None` if the broker is down or answers an error.
+    pub fn try_metadata(port: u16) -> Option<Meta> {
+        let h = try_call(
             port,
             raw::request(1, fb::RequestBody::MetadataRequest, |fbb| {
                 fb::MetadataRequest::create(fbb, &fb::MetadataRequestArgs { topics: None })
                     .as_union_value()
             }),
-        );
-        let r = flatbuffers::root::<fb::Response>(&h).expect("response");
-        assert_eq!(r.error_code(), 0, "{:?}", r.error_message());
-        let m = r.body_as_metadata_response().expect("metadata");
-        Meta {
+        )?;
+        let r = flatbuffers::root::<fb::Response>(&h).ok()?;
+        if r.error_code() != 0 {
+            return None;
+        }
+        let m = r.body_as_metadata_response()?;
+        Some(Meta {
             brokers: m
                 .brokers()
                 .map(|v| {
@@ -778,7 +790,7 @@ pub mod meta {
                         .collect()
                 })
                 .unwrap_or_default(),
-        }
+        })
     }
 
     /// Creates a topic; returns the error code (0 = created) and message.

@@ -12,7 +12,7 @@
 //! `SHOAL_KILL_ROUNDS` sets the number of kill rounds (10 by default; the
 //! long run in `scripts/failover-rounds.sh` uses 50).
 
-use shoal_tests::meta::{create_topic, metadata};
+use shoal_tests::meta::{create_topic, metadata, try_metadata};
 use shoal_tests::{eventually, raw, three_brokers, Broker, ZooKeeper};
 use shoal_wire::batch::Batches;
 use shoal_wire::fb;
@@ -29,7 +29,7 @@ const TOPIC_WAIT: Duration = Duration::from_secs(20);
 /// any of `ports` that answers.
 fn leader_of(ports: &[u16], topic: &str) -> Option<(u32, u16, Vec<u32>, Vec<u32>)> {
     for &p in ports {
-        let Ok(m) = std::panic::catch_unwind(|| metadata(p)) else {
+        let Some(m) = try_metadata(p) else {
             continue;
         };
         let Some(t) = m.topics.iter().find(|t| t.0 == topic) else {
@@ -281,14 +281,18 @@ fn acknowledged_messages_survive_leader_kills() {
         victim.kill9();
         let killed_at = Instant::now();
         let at_kill = load.count();
-        eventually(Duration::from_secs(30), "a write acknowledged after the kill", || {
-            load.count() > at_kill + 1
-        });
+        eventually(
+            Duration::from_secs(30),
+            "a write acknowledged after the kill",
+            || load.count() > at_kill + 1,
+        );
         gaps.push(killed_at.elapsed());
         victim.restart();
-        eventually(Duration::from_secs(60), "the restarted broker back in sync", || {
-            leader_of(&p, topic).is_some_and(|l| l.3.len() == 3)
-        });
+        eventually(
+            Duration::from_secs(60),
+            "the restarted broker back in sync",
+            || leader_of(&p, topic).is_some_and(|l| l.3.len() == 3),
+        );
         eprintln!(
             "round {round}: killed broker {leader}, acks=all again after {:?}",
             gaps.last().unwrap()
@@ -318,20 +322,30 @@ fn acknowledged_messages_survive_leader_kills() {
             Some(&seq),
             "message {seq} acknowledged at offset {offset} is not there"
         );
-        assert_eq!(count.get(&seq), Some(&1), "message {seq} stored more than once");
+        assert_eq!(
+            count.get(&seq),
+            Some(&1),
+            "message {seq} stored more than once"
+        );
     }
     assert!(acked.len() > rounds * 20, "{} acknowledged", acked.len());
     // The replicas agree byte for byte up to the high watermark.
-    eventually(Duration::from_secs(30), "replicas identical up to the high watermark", || {
-        let a = stored_batches(&brokers[0], topic, hw);
-        let b = stored_batches(&brokers[1], topic, hw);
-        let c = stored_batches(&brokers[2], topic, hw);
-        !a.is_empty() && a == b && b == c
-    });
+    eventually(
+        Duration::from_secs(30),
+        "replicas identical up to the high watermark",
+        || {
+            let a = stored_batches(&brokers[0], topic, hw);
+            let b = stored_batches(&brokers[1], topic, hw);
+            let c = stored_batches(&brokers[2], topic, hw);
+            !a.is_empty() && a == b && b == c
+        },
+    );
     // Leadership went back to the preferred replica.
-    eventually(Duration::from_secs(30), "the preferred replica leads", || {
-        leader_of(&p, topic).is_some_and(|(l, _, replicas, _)| Some(&l) == replicas.first())
-    });
+    eventually(
+        Duration::from_secs(30),
+        "the preferred replica leads",
+        || leader_of(&p, topic).is_some_and(|(l, _, replicas, _)| Some(&l) == replicas.first()),
+    );
 }
 
 /// A leader frozen past its session timeout is replaced; a write sent to
@@ -362,7 +376,13 @@ fn a_frozen_leader_acknowledges_nothing_after_it_is_replaced() {
     // While it is frozen, a client sends it a write (the kernel queues it).
     let stale = std::thread::spawn(move || {
         let b = raw::batch(pid + 1, 0, 1, 64);
-        produce(old_port, "frozen", &b, fb::Acks::All, Duration::from_secs(3))
+        produce(
+            old_port,
+            "frozen",
+            &b,
+            fb::Acks::All,
+            Duration::from_secs(3),
+        )
     });
     std::thread::sleep(Duration::from_millis(300));
     let (_, new_port, ..) = leader_of(&others, topic).expect("the new leader");
@@ -375,9 +395,11 @@ fn a_frozen_leader_acknowledges_nothing_after_it_is_replaced() {
     unsafe { libc::kill(old_pid, libc::SIGCONT) };
     let r = stale.join().expect("client thread");
     assert!(r.is_err(), "the deposed leader acknowledged a write: {r:?}");
-    eventually(Duration::from_secs(30), "the old leader back in sync", || {
-        leader_of(&others, topic).is_some_and(|l| l.3.len() == 3)
-    });
+    eventually(
+        Duration::from_secs(30),
+        "the old leader back in sync",
+        || leader_of(&others, topic).is_some_and(|l| l.3.len() == 3),
+    );
     let (_, port, ..) = leader_of(&p, topic).expect("a leader");
     let (records, _) = read_all(port, topic);
     let seqs: Vec<u64> = records.iter().map(|r| r.1).collect();
@@ -395,8 +417,14 @@ fn too_few_in_sync_replicas_refuse_acks_all_and_hide_unreplicated_data() {
     let (_zk, mut brokers) = replicated_cluster(topic, "replica_lag_max_ms = 60000");
     let p = ports(&brokers);
     let (leader, port, ..) = leader_of(&p, topic).expect("a leader");
-    produce(port, topic, &raw::batch(-1, 0, 1, 64), fb::Acks::All, Duration::from_secs(5))
-        .expect("acked while all are in sync");
+    produce(
+        port,
+        topic,
+        &raw::batch(-1, 0, 1, 64),
+        fb::Acks::All,
+        Duration::from_secs(5),
+    )
+    .expect("acked while all are in sync");
     // Freeze both followers: an acks=leader write is stored on the leader
     // only, and no consumer may see it.
     let followers: Vec<usize> = (0..3).filter(|&i| i as u32 + 1 != leader).collect();
@@ -408,8 +436,14 @@ fn too_few_in_sync_replicas_refuse_acks_all_and_hide_unreplicated_data() {
         // SAFETY: signals our own child process by pid.
         unsafe { libc::kill(pid, libc::SIGSTOP) };
     }
-    produce(port, topic, &raw::batch(-1, 1, 1, 64), fb::Acks::Leader, Duration::from_secs(5))
-        .expect("acks=leader needs no follower");
+    produce(
+        port,
+        topic,
+        &raw::batch(-1, 1, 1, 64),
+        fb::Acks::Leader,
+        Duration::from_secs(5),
+    )
+    .expect("acks=leader needs no follower");
     std::thread::sleep(Duration::from_millis(500));
     let (records, hw) = read_all(port, topic);
     assert_eq!(hw, 1, "the high watermark waits for the followers");
@@ -418,28 +452,51 @@ fn too_few_in_sync_replicas_refuse_acks_all_and_hide_unreplicated_data() {
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGCONT) };
     }
-    eventually(Duration::from_secs(20), "the write replicated and visible", || {
-        read_all(port, topic).1 == 2
-    });
+    eventually(
+        Duration::from_secs(20),
+        "the write replicated and visible",
+        || read_all(port, topic).1 == 2,
+    );
     // Kill both followers: the controller drops them from the set, and
     // acks=all is refused.
     for &i in &followers {
         brokers[i].kill9();
     }
-    eventually(Duration::from_secs(20), "the in-sync set shrinks to the leader", || {
-        leader_of(&[port_of(&brokers, leader)], topic).is_some_and(|l| l.3 == vec![leader])
-    });
-    let r = produce(port, topic, &raw::batch(-1, 2, 1, 64), fb::Acks::All, Duration::from_secs(5));
+    eventually(
+        Duration::from_secs(20),
+        "the in-sync set shrinks to the leader",
+        || leader_of(&[port_of(&brokers, leader)], topic).is_some_and(|l| l.3 == vec![leader]),
+    );
+    let r = produce(
+        port,
+        topic,
+        &raw::batch(-1, 2, 1, 64),
+        fb::Acks::All,
+        Duration::from_secs(5),
+    );
     match r {
         Err((38, msg)) => assert!(msg.contains("min_insync_replicas"), "{msg}"),
         other => panic!("expected NotEnoughReplicas, got {other:?}"),
     }
-    produce(port, topic, &raw::batch(-1, 3, 1, 64), fb::Acks::Leader, Duration::from_secs(5))
-        .expect("acks=leader still works");
+    produce(
+        port,
+        topic,
+        &raw::batch(-1, 3, 1, 64),
+        fb::Acks::Leader,
+        Duration::from_secs(5),
+    )
+    .expect("acks=leader still works");
     // A follower returns: acks=all works again.
     brokers[followers[0]].restart();
     eventually(Duration::from_secs(30), "acks=all accepted again", || {
-        produce(port, topic, &raw::batch(-1, 4, 1, 64), fb::Acks::All, Duration::from_secs(5)).is_ok()
+        produce(
+            port,
+            topic,
+            &raw::batch(-1, 4, 1, 64),
+            fb::Acks::All,
+            Duration::from_secs(5),
+        )
+        .is_ok()
     });
 }
 

@@ -607,7 +607,13 @@ impl Control {
     /// then acknowledges no acks=all write: it may have been deposed
     /// without hearing of it).
     async fn fence_shards(&self, fenced: bool) {
-        if self.to_shards.clone().send(ToShards::Fence(fenced)).await.is_err() {
+        if self
+            .to_shards
+            .clone()
+            .send(ToShards::Fence(fenced))
+            .await
+            .is_err()
+        {
             tracing::debug!("shards gone; fence not delivered");
         }
     }
@@ -1083,7 +1089,10 @@ impl Control {
                 return Ok(isr);
             }
             let old = std::mem::replace(&mut st.isr, isr.clone());
-            match zk.set_data(&path, &zk::encode(&st), Some(stat.version)).await {
+            match zk
+                .set_data(&path, &zk::encode(&st), Some(stat.version))
+                .await
+            {
                 Ok(_) => {
                     tracing::info!(topic, partition, epoch, ?old, new = ?isr, "in-sync set changed");
                     return Ok(isr);
@@ -1105,8 +1114,7 @@ impl Control {
         let c = self.clone();
         tokio::task::spawn_local(async move {
             let rebalance = c.cc.auto_leader_rebalance
-                && c
-                    .last_rebalance
+                && c.last_rebalance
                     .get()
                     .is_none_or(|t| t.elapsed() >= REBALANCE_EVERY);
             if rebalance {
@@ -1231,7 +1239,12 @@ pub(crate) fn next_state(
     unclean: bool,
     rebalance: bool,
 ) -> Option<PartitionStateRec> {
-    let live_isr: Vec<u32> = st.isr.iter().copied().filter(|b| live.contains(b)).collect();
+    let live_isr: Vec<u32> = st
+        .isr
+        .iter()
+        .copied()
+        .filter(|b| live.contains(b))
+        .collect();
     let mut next = st.clone();
     match st.leader.filter(|l| live.contains(l)) {
         Some(leader) => {
@@ -1288,8 +1301,14 @@ mod election_tests {
 
     #[test]
     fn a_dead_leader_is_replaced_from_the_isr_with_a_new_epoch() {
-        let n = next_state(&st(Some(1), 4, &[1, 2, 3]), &[1, 2, 3], &live(&[2, 3]), false, false)
-            .expect("a change");
+        let n = next_state(
+            &st(Some(1), 4, &[1, 2, 3]),
+            &[1, 2, 3],
+            &live(&[2, 3]),
+            false,
+            false,
+        )
+        .expect("a change");
         assert_eq!(n.leader, Some(2));
         assert_eq!(n.leader_epoch, 5);
         assert_eq!(n.isr, vec![2, 3]);
@@ -1307,7 +1326,10 @@ mod election_tests {
         assert_eq!(next_state(&n, &[1, 2, 3], &live(&[3]), false, false), None);
         // Broker 2 comes back: it leads.
         let m = next_state(&n, &[1, 2, 3], &live(&[2, 3]), false, false).expect("back");
-        assert_eq!((m.leader, m.leader_epoch, m.isr.clone()), (Some(2), 6, vec![2]));
+        assert_eq!(
+            (m.leader, m.leader_epoch, m.isr.clone()),
+            (Some(2), 6, vec![2])
+        );
         // Unclean allowed: 3 leads at once.
         let u = next_state(&s, &[1, 2, 3], &live(&[3]), true, false).expect("unclean");
         assert_eq!((u.leader, u.isr.clone()), (Some(3), vec![3]));
@@ -1315,18 +1337,38 @@ mod election_tests {
 
     #[test]
     fn dead_followers_leave_the_isr_without_a_new_epoch() {
-        let n = next_state(&st(Some(1), 2, &[1, 2, 3]), &[1, 2, 3], &live(&[1, 2]), false, false)
-            .expect("a change");
-        assert_eq!((n.leader, n.leader_epoch, n.isr.clone()), (Some(1), 2, vec![1, 2]));
-        assert_eq!(next_state(&n, &[1, 2, 3], &live(&[1, 2]), false, false), None);
+        let n = next_state(
+            &st(Some(1), 2, &[1, 2, 3]),
+            &[1, 2, 3],
+            &live(&[1, 2]),
+            false,
+            false,
+        )
+        .expect("a change");
+        assert_eq!(
+            (n.leader, n.leader_epoch, n.isr.clone()),
+            (Some(1), 2, vec![1, 2])
+        );
+        assert_eq!(
+            next_state(&n, &[1, 2, 3], &live(&[1, 2]), false, false),
+            None
+        );
     }
 
     #[test]
     fn leadership_returns_to_the_preferred_replica_once_in_sync() {
         let s = st(Some(2), 5, &[2, 3]);
-        assert_eq!(next_state(&s, &[1, 2, 3], &live(&[1, 2, 3]), false, true), None, "1 not in sync yet");
+        assert_eq!(
+            next_state(&s, &[1, 2, 3], &live(&[1, 2, 3]), false, true),
+            None,
+            "1 not in sync yet"
+        );
         let s = st(Some(2), 5, &[2, 3, 1]);
-        assert_eq!(next_state(&s, &[1, 2, 3], &live(&[1, 2, 3]), false, false), None, "rebalance off");
+        assert_eq!(
+            next_state(&s, &[1, 2, 3], &live(&[1, 2, 3]), false, false),
+            None,
+            "rebalance off"
+        );
         let n = next_state(&s, &[1, 2, 3], &live(&[1, 2, 3]), false, true).expect("back to 1");
         assert_eq!((n.leader, n.leader_epoch), (Some(1), 6));
     }

@@ -260,7 +260,11 @@ impl Reactor {
 /// Where a follower's log parts from the leader's, if it does before
 /// `offset` (KIP-279, asked in the fetch itself as in KIP-595): its last
 /// epoch ends earlier here, or this log has no such epoch.
-fn divergence(log: &shoal_shard::PartitionLog, r: &ReplicaFetch, offset: u64) -> Option<(i32, u64)> {
+fn divergence(
+    log: &shoal_shard::PartitionLog,
+    r: &ReplicaFetch,
+    offset: u64,
+) -> Option<(i32, u64)> {
     if r.last_fetched_epoch < 0 {
         // An empty follower (or one from before epochs): only a position
         // past this log's end needs cutting back.

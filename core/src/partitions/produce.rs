@@ -75,12 +75,7 @@ impl AllWait {
 impl PendingProduce {
     pub async fn finish(self) -> Result<ProduceOk> {
         match self {
-            PendingProduce::Local {
-                log,
-                ok,
-                wait,
-                all,
-            } => {
+            PendingProduce::Local { log, ok, wait, all } => {
                 match (wait, all) {
                     (Some(next), Some(all)) => all.wait(&log, next).await?,
                     (Some(next), None) => log.wait_acked(next).await?,
@@ -139,12 +134,7 @@ impl Reactor {
                 .await?;
             let wait = (acks != Acks::None).then_some(ok.last_offset + 1);
             let all = self.all_wait(topic, partition, acks);
-            return Ok(PendingProduce::Local {
-                log,
-                ok,
-                wait,
-                all,
-            });
+            return Ok(PendingProduce::Local { log, ok, wait, all });
         }
         let (tx, rx) = oneshot::channel();
         self.partitions.check_id(topic, topic_id)?;

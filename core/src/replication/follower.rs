@@ -248,8 +248,11 @@ impl Follow {
                     self.epoch
                 ));
             }
-            let (hw, div_epoch, div_end) =
-                (f.high_watermark(), f.diverging_epoch(), f.diverging_end_offset());
+            let (hw, div_epoch, div_end) = (
+                f.high_watermark(),
+                f.diverging_epoch(),
+                f.diverging_end_offset(),
+            );
             if div_epoch != -1 {
                 self.truncate(div_epoch, div_end).await;
                 continue;
@@ -275,8 +278,7 @@ impl Follow {
                     return Ended::Retry(format!("cannot store replicated batches: {e}"));
                 }
             }
-            self.log
-                .set_high_watermark(hw.min(self.log.next_offset()));
+            self.log.set_high_watermark(hw.min(self.log.next_offset()));
             *backoff = BACKOFF_MIN;
         }
     }
@@ -351,7 +353,10 @@ fn encode_fetch(
 
 /// Reads one response frame into `buf` (reused: no allocation once it has
 /// grown to the largest answer).
-async fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<frame::FrameParts> {
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<frame::FrameParts> {
     buf.resize(FRAME_PREFIX_BYTES, 0);
     stream.read_exact(&mut buf[..FRAME_PREFIX_BYTES]).await?;
     let total = match frame::check_response(buf) {

@@ -181,7 +181,13 @@ impl LeaderState {
     }
 
     /// A follower fetches at `offset`: it holds everything below.
-    pub fn on_fetch(self: &Rc<Self>, reactor: &Rc<Reactor>, log: &PartitionLog, broker: u32, offset: u64) {
+    pub fn on_fetch(
+        self: &Rc<Self>,
+        reactor: &Rc<Reactor>,
+        log: &PartitionLog,
+        broker: u32,
+        offset: u64,
+    ) {
         let now = rt::now();
         let end = log.next_offset();
         {

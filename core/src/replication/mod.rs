@@ -49,9 +49,14 @@ pub const HW_CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 pub enum Want {
     /// Not replicated: a single node, or a topic without placement.
     Alone,
-    Leader { epoch: u32 },
+    Leader {
+        epoch: u32,
+    },
     /// Follow `leader` (none alive: wait for one).
-    Follower { leader: Option<u32>, epoch: u32 },
+    Follower {
+        leader: Option<u32>,
+        epoch: u32,
+    },
 }
 
 impl Want {
@@ -332,12 +337,7 @@ impl Reactor {
     /// leave the in-sync set, roles follow the metadata, high watermarks
     /// are checkpointed.
     pub async fn replication_loop(self: Rc<Self>) {
-        let Some(lag_max) = self
-            .config
-            .cluster
-            .as_ref()
-            .map(|c| c.replica_lag_max)
-        else {
+        let Some(lag_max) = self.config.cluster.as_ref().map(|c| c.replica_lag_max) else {
             return;
         };
         while self.replication.waiting_for_zookeeper.get() {

@@ -9,10 +9,8 @@
 //! torn or corrupt write, truncated with a warning ([`TailEnd`]).
 
 use super::{
-    align_down, capacity_bytes,
-    writer::Prealloc,
-    replica::ReplicaState,
-    Inner, PartitionLog, Pending, State,
+    align_down, capacity_bytes, replica::ReplicaState, writer::Prealloc, Inner, PartitionLog,
+    Pending, State,
 };
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::LogConfig;
@@ -472,71 +470,73 @@ async fn open_parts(
             })
             .await?
         };
-            dma_probe(&dir).await?;
-            let Found {
-                closed,
-                active,
-                active_path,
-                base,
-                end,
-                next_offset,
-                max_ts,
-                producers,
-                trusted,
-                tail_end,
-                checkpoint: ck,
-            } = found;
-            if let Err(e) = durable::write_durably(&dir, checkpoint::FILE_NAME, ck).await {
-                // A full disk must not keep the partition from opening. The old
-                // checkpoint stays; one that says "clean" is trusted only while
-                // the file keeps exactly its length, and any write changes that.
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot write the recovery checkpoint on open; a crash recovery will scan more");
-            }
+        dma_probe(&dir).await?;
+        let Found {
+            closed,
+            active,
+            active_path,
+            base,
+            end,
+            next_offset,
+            max_ts,
+            producers,
+            trusted,
+            tail_end,
+            checkpoint: ck,
+        } = found;
+        if let Err(e) = durable::write_durably(&dir, checkpoint::FILE_NAME, ck).await {
+            // A full disk must not keep the partition from opening. The old
+            // checkpoint stays; one that says "clean" is trusted only while
+            // the file keeps exactly its length, and any write changes that.
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot write the recovery checkpoint on open; a crash recovery will scan more");
+        }
 
-            let closed: Vec<Rc<Segment>> = closed
-                .into_iter()
-                .map(|c| {
-                    let seg = Rc::new(Segment::new(c.path, c.base, 0, None));
-                    seg.set_visible(c.len, c.next_offset);
-                    seg.set_max_timestamp(c.max_ts);
-                    seg.join_budget(&budget);
-                    seg
-                })
-                .collect();
-            let active = Rc::new(Segment::new(active_path, base, capacity, Some(active)));
-            active.set_visible(end, next_offset);
-            let dma = Rc::new(
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .dma_open(&active.path)
-                    .await?,
-            );
-            // Nothing is reserved until the first append (`Prealloc::due`): a
-            // partition that is never written takes no preallocated disk.
-            let prealloc = Prealloc::new(end);
-            let mut pending = Pending {
-                chunks: Vec::new(),
-                file_pos: align_down(end),
-                len: 0,
-                prefix: 0,
-                next_offset,
-            };
-            let prefix = (end - pending.file_pos) as usize;
-            if prefix > 0 {
-                let files = active.open_files();
-                let tail = active
-                    .bytes(&files, pending.file_pos, prefix as u64)
-                    .to_vec();
-                pending.push(&dma, &tail);
-                pending.prefix = prefix;
-            }
-            let first_offset = closed.first().map_or(active.base_offset, |s| s.base_offset);
-            tracing::debug!(dir = %dir.display(), segments = closed.len() + 1, first_offset, next_offset, trusted, "opened partition log");
+        let closed: Vec<Rc<Segment>> = closed
+            .into_iter()
+            .map(|c| {
+                let seg = Rc::new(Segment::new(c.path, c.base, 0, None));
+                seg.set_visible(c.len, c.next_offset);
+                seg.set_max_timestamp(c.max_ts);
+                seg.join_budget(&budget);
+                seg
+            })
+            .collect();
+        let active = Rc::new(Segment::new(active_path, base, capacity, Some(active)));
+        active.set_visible(end, next_offset);
+        let dma = Rc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .dma_open(&active.path)
+                .await?,
+        );
+        // Nothing is reserved until the first append (`Prealloc::due`): a
+        // partition that is never written takes no preallocated disk.
+        let prealloc = Prealloc::new(end);
+        let mut pending = Pending {
+            chunks: Vec::new(),
+            file_pos: align_down(end),
+            len: 0,
+            prefix: 0,
+            next_offset,
+        };
+        let prefix = (end - pending.file_pos) as usize;
+        if prefix > 0 {
+            let files = active.open_files();
+            let tail = active
+                .bytes(&files, pending.file_pos, prefix as u64)
+                .to_vec();
+            pending.push(&dma, &tail);
+            pending.prefix = prefix;
+        }
+        let first_offset = closed.first().map_or(active.base_offset, |s| s.base_offset);
+        tracing::debug!(dir = %dir.display(), segments = closed.len() + 1, first_offset, next_offset, trusted, "opened partition log");
         let first_epoch = {
             let first = closed.first().unwrap_or(&active);
             match first.files() {
-                Ok(files) => super::replica::first_header(&files, first.len()).map(|h| h.leader_epoch),
+                Ok(files) => {
+                    super::replica::first_header(&files, first.len()).map(|h| h.leader_epoch)
+                }
                 Err(_) => None,
             }
         };

@@ -216,7 +216,13 @@ impl PartitionLog {
             // Nothing to cut but an epoch begun at the end with no batch
             // (a leader that wrote nothing in it).
             let stale = offset == next
-                && self.inner.replica.borrow().epochs.iter().any(|&(_, o)| o >= offset);
+                && self
+                    .inner
+                    .replica
+                    .borrow()
+                    .epochs
+                    .iter()
+                    .any(|&(_, o)| o >= offset);
             if stale {
                 self.cut_epochs(offset).await?;
             }
@@ -224,8 +230,12 @@ impl PartitionLog {
         }
         let inner = self.inner.clone();
         let dir = inner.dir.clone();
-        durable::write_durably(&dir, TRUNCATE_INTENT_FILE, format!("{offset}\n").into_bytes())
-            .await?;
+        durable::write_durably(
+            &dir,
+            TRUNCATE_INTENT_FILE,
+            format!("{offset}\n").into_bytes(),
+        )
+        .await?;
         self.shutdown().await?;
         let bmax = inner.config.batch_bytes_max;
         {
