@@ -228,6 +228,15 @@ impl PartitionLog {
             }
             return Ok(());
         }
+        if offset > self.start_offset() {
+            let s = self.read_replica(offset, 1)?;
+            if s.first_offset != offset {
+                return Err(Error::Config(format!(
+                    "cannot truncate at {offset}: the batch there starts at {}",
+                    s.first_offset
+                )));
+            }
+        }
         let inner = self.inner.clone();
         let dir = inner.dir.clone();
         durable::write_durably(
@@ -238,10 +247,12 @@ impl PartitionLog {
         .await?;
         self.shutdown().await?;
         let bmax = inner.config.batch_bytes_max;
-        {
+        let applied = {
             let dir = dir.clone();
-            rt::spawn_blocking(move || apply_truncation(&dir, offset, bmax)).await?;
-        }
+            rt::spawn_blocking(move || apply_truncation(&dir, offset, bmax)).await
+        };
+        // Reopened whatever happened: a cut that failed halfway is finished
+        // by the open (the intent is still there) or fails it again.
         let (state, replica) =
             super::recover::open_state(&dir, &inner.config, inner.budget.clone()).await?;
         *inner.st.borrow_mut() = state;
@@ -252,6 +263,7 @@ impl PartitionLog {
         writer::start(&inner);
         inner.progress.notify_all();
         inner.space.notify_all();
+        applied?;
         tracing::info!(dir = %dir.display(), offset, "log truncated");
         Ok(())
     }
