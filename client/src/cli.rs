@@ -653,6 +653,8 @@ mod tests {
             retention_ms: None,
             retention_bytes: None,
             segment_bytes: 1 << 30,
+            min_insync_replicas: 0,
+            unclean_leader_election: false,
         }
     }
 

@@ -69,6 +69,12 @@ pub struct TopicInfo {
     pub retention_ms: Option<u64>,
     pub retention_bytes: Option<u64>,
     pub segment_bytes: u64,
+    /// Replicas that must be in sync for an `acks=all` produce (0 from a
+    /// single node or brokers that predate the field).
+    pub min_insync_replicas: u16,
+    /// Whether a replica outside the in-sync set may become leader when
+    /// none inside is alive (losing what only the in-sync set had).
+    pub unclean_leader_election: bool,
 }
 
 /// A live broker as the last metadata described it.
@@ -309,6 +315,8 @@ pub(crate) fn topic_info(t: fb::TopicInfo<'_>) -> TopicInfo {
         retention_ms: opt(t.retention_ms()),
         retention_bytes: opt(t.retention_bytes()),
         segment_bytes: t.segment_bytes().max(0) as u64,
+        min_insync_replicas: t.min_insync_replicas(),
+        unclean_leader_election: t.unclean_leader_election(),
     }
 }
 
@@ -1194,6 +1202,7 @@ impl Client {
                             retention_ms: to_i(t.retention_ms),
                             retention_bytes: to_i(t.retention_bytes),
                             segment_bytes: to_i(t.segment_bytes),
+                            ..Default::default()
                         },
                     )
                     .as_union_value()

@@ -514,6 +514,7 @@ async fn fetch_frame(
                         max_bytes: q.max_bytes,
                         min_bytes: q.min_bytes,
                         max_wait_ms: q.max_wait.as_millis().min(u128::from(u32::MAX)) as u32,
+                        ..Default::default()
                     },
                 )
                 .as_union_value()

@@ -677,6 +677,7 @@ fn fetch_ok(corr: u32, next_offset: u64) -> Vec<u8> {
                     high_watermark: next_offset,
                     log_start_offset: 0,
                     next_offset,
+                    ..Default::default()
                 },
             );
             (fb::ResponseBody::FetchResponse, Some(b.as_union_value()))
