@@ -44,6 +44,7 @@ pub mod error;
 #[cfg(test)]
 mod fake_broker;
 pub mod producer;
+pub(crate) mod retry;
 
 pub use client::{
     BrokerInfo, Client, ClientConfig, ClusterInfo, DiscoverySource, NewTopic, PartitionInfo,
