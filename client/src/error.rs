@@ -39,6 +39,11 @@ pub enum Error {
     /// be accepted, however long it waited.
     #[error("a record of {bytes} bytes cannot fit the producer's buffer of {bytes_max} bytes")]
     RecordTooLarge { bytes: usize, bytes_max: usize },
+    /// A record was not acknowledged, for a reason the broker did not give
+    /// (the connection, no broker reachable, ...) and retries did not
+    /// cure: the message says what the last attempt met.
+    #[error("not acknowledged: {0}")]
+    Undelivered(String),
     /// A batch read from the broker failed its CRC or its record framing:
     /// the bytes are not what the producer wrote. Nothing of it was
     /// delivered, and the position stays before it.

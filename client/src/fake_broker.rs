@@ -591,6 +591,11 @@ impl FakeBroker {
         q.extend(std::iter::repeat_n(what, n));
     }
 
+    /// Drops what is left of `api`'s script.
+    pub fn clear_script(&self, api: Api) {
+        lock(&self.state).scripts.remove(&api);
+    }
+
     /// Scripted answers not yet used.
     pub fn scripted_left(&self, api: Api) -> usize {
         lock(&self.state).scripts.get(&api).map_or(0, VecDeque::len)
@@ -606,6 +611,18 @@ impl FakeBroker {
             .records()
     }
 
+    /// Flips one byte inside stored batch number `index` of
+    /// `topic`/`partition`, past its header: its CRC no longer matches (a
+    /// second flip mends it).
+    pub fn flip_byte(&self, topic: &str, partition: u32, index: usize) {
+        let logs = lock(&self.state).logs.clone();
+        let mut l = logs_lock(&logs);
+        let log = l.entry((topic.to_string(), partition)).or_default();
+        let b = &mut log.batches[index];
+        let at = b.len() - 1;
+        b[at] ^= 0x40;
+    }
+
     /// Stores `values` in `topic`/`partition` as one batch, as another
     /// producer would, and pushes it to this fake's subscribers.
     pub fn append(&self, topic: &str, partition: u32, values: &[&[u8]]) {
@@ -619,8 +636,17 @@ impl FakeBroker {
     /// else the error goes to the whole connection as the broker does it
     /// today.
     pub fn end_subscriptions(&self, code: ErrorCode, tagged: bool) {
+        let ids: Vec<u64> = lock(&self.state).subs.keys().copied().collect();
+        for id in ids {
+            self.end_subscription(id, code, tagged);
+        }
+    }
+
+    /// Ends one push subscription with `code` (see
+    /// [`Self::end_subscriptions`]).
+    pub fn end_subscription(&self, id: u64, code: ErrorCode, tagged: bool) {
         let mut st = lock(&self.state);
-        for (id, sub) in st.subs.drain() {
+        if let Some(sub) = st.subs.remove(&id) {
             let frame = response(
                 0,
                 Some((code, "subscription ended (fake)")),

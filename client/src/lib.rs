@@ -42,6 +42,8 @@ pub mod consumer;
 pub mod discovery;
 pub mod error;
 #[cfg(test)]
+mod failover_tests;
+#[cfg(test)]
 mod fake_broker;
 pub mod producer;
 pub(crate) mod retry;

@@ -191,7 +191,7 @@ fn failure_error((code, message): &Failure) -> Error {
             code: *code,
             message: message.clone(),
         },
-        None => Error::Protocol(message.clone()),
+        None => Error::Undelivered(message.clone()),
     }
 }
 
@@ -967,15 +967,20 @@ async fn deliver(
     let mut retry = Retrier::until(policy, group[0].deadline);
     let mut refreshed_unknown = false;
     let mut gap_renumbered: Option<usize> = None;
+    // Why batch `i`'s last attempt failed: what it fails with if its time
+    // runs out.
+    let mut last: Option<Failure> = None;
     while i < group.len() {
-        if !group[i].sent && Instant::now() >= group[i].deadline {
-            let failure = (
-                Some(ErrorCode::Timeout),
-                format!(
-                    "not sent within the delivery timeout of {:?}",
-                    cfg.delivery_timeout
-                ),
-            );
+        if Instant::now() >= group[i].deadline {
+            let failure = last.take().unwrap_or_else(|| {
+                (
+                    Some(ErrorCode::Timeout),
+                    format!(
+                        "not acknowledged within the delivery timeout of {:?}",
+                        cfg.delivery_timeout
+                    ),
+                )
+            });
             i = give_up(group, i, failure, numbering, &mut renumbered);
             retry = next_retrier(group, i, policy);
             continue;
@@ -987,14 +992,25 @@ async fn deliver(
         let (r, sent_to) = {
             let parts: Vec<&[u8]> = group[i..end].iter().map(|b| b.batch.as_slice()).collect();
             let topic_id = core.topic_id(topic);
-            core.client
-                .attempt(topic, partition, ACK_WAIT, &mut |conn| {
-                    let parts = &parts;
-                    async move {
-                        produce_parts(&conn, topic, topic_id, partition, cfg.acks, parts).await
-                    }
-                })
-                .await
+            // Only acks=all asks the broker to hold the request (for the
+            // replicas); others are answered once stored.
+            let held = if cfg.acks == Acks::All {
+                ACK_WAIT
+            } else {
+                Duration::ZERO
+            };
+            let mut send = |conn: Arc<crate::connection::Connection>| {
+                let parts = &parts;
+                async move { produce_parts(&conn, topic, topic_id, partition, cfg.acks, parts).await }
+            };
+            let attempt = core.client.attempt(topic, partition, held, &mut send);
+            // Never past the delivery timeout: the answer may still come,
+            // but the caller was promised one by then.
+            match tokio::time::timeout_at(group[i].deadline.into(), attempt).await {
+                Ok(r) => r,
+                // Given up at the top of the loop, with the last error.
+                Err(_) => continue,
+            }
         };
         let e = match r {
             Ok(p) => {
@@ -1011,6 +1027,7 @@ async fn deliver(
                         offset += u64::from(b.record_count);
                     }
                     i = end;
+                    last = None;
                     retry = next_retrier(group, i, policy);
                 } else {
                     // Stored, but not back to back (a retry answered for
@@ -1051,6 +1068,7 @@ async fn deliver(
                 continue;
             }
         }
+        last = Some((e.code(), e.to_string()));
         let unknown_once = e.is_unknown_placement() && sent_to.is_some() && !refreshed_unknown;
         refreshed_unknown |= e.is_unknown_placement();
         if e.is_retriable() || unknown_once {
@@ -1070,6 +1088,7 @@ async fn deliver(
         }
         let failure: Failure = (e.code(), e.to_string());
         let retriable = e.is_retriable();
+        last = None;
         i = give_up(group, i, failure.clone(), numbering, &mut renumbered);
         if retriable {
             // Out of time or retries: so are the batches behind it whose
