@@ -46,7 +46,7 @@ impl Endpoint {
 
 /// Why a command stopped before its end.
 #[derive(Debug)]
-enum Stop {
+pub(crate) enum Stop {
     /// Whoever read the output has gone: not a failure of the command.
     OutputClosed,
     Failed(String),
@@ -78,7 +78,7 @@ fn finish(r: Result<(), Stop>) -> Result<(), String> {
 
 /// A command's output stream. Every write reports a closed pipe as
 /// [`Stop::OutputClosed`], so `?` ends the command quietly.
-struct Out<W: Write>(W);
+pub(crate) struct Out<W: Write>(pub(crate) W);
 
 impl<W: Write> Out<W> {
     fn line(&mut self, args: std::fmt::Arguments<'_>) -> Result<(), Stop> {
@@ -628,7 +628,7 @@ pub fn consume(
     )))
 }
 
-async fn consume_to<W: Write>(
+pub(crate) async fn consume_to<W: Write>(
     to: &Endpoint,
     topic: &str,
     from_beginning: bool,

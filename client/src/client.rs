@@ -651,7 +651,9 @@ impl Client {
             let r = match self.any_connection().await {
                 Ok(conn) => {
                     let addr = conn.addr;
-                    let r = f(conn).await;
+                    // A broker that hangs must not hold up a metadata
+                    // refresh in the middle of a failover.
+                    let r = self.within(conn.clone(), Duration::ZERO, f(conn)).await;
                     if matches!(r, Err(Error::Closed | Error::Io(_))) {
                         // Try the others first next time.
                         let mut preferred = lock(&self.inner.preferred);

@@ -870,3 +870,88 @@ async fn produce_with_acks_all_succeeds_across_a_failover() {
     assert_dense(&stored);
     assert_eq!(values(&stored), lines);
 }
+
+/// Output shared with the test while `consume_to` writes it.
+#[derive(Clone, Default)]
+struct SharedOut(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SharedOut {
+    fn lines(&self) -> Vec<String> {
+        let b = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        String::from_utf8_lossy(&b)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// `shoal consume --follow` through a failover: every message printed
+/// once, in order, and the command ends when it has its count.
+#[tokio::test]
+async fn consume_follows_the_leader_through_a_failover() {
+    let (c, fakes) = cluster(2).await;
+    c.topic("t", &[2]);
+    fill(&fakes[1], "t", 0, 0, 5);
+    let out = SharedOut::default();
+    let (to, o) = (endpoint(&fakes), out.clone());
+    let run = tokio::spawn(async move {
+        let mut o = cli::Out(o);
+        cli::consume_to(&to, "t", true, Some(30), true, None, &mut o)
+            .await
+            .map_err(|e| format!("{e:?}"))
+    });
+    let t0 = Instant::now();
+    while out.lines().len() < 15 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", out.lines());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    fail_over(&c, &fakes, "t", 0, 2, 1);
+    fakes[0].script(Api::Fetch, Scripted::Fail(ErrorCode::LeaderNotAvailable), 2);
+    fill(&fakes[0], "t", 0, 5, 5);
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("ends at its count")
+        .expect("task")
+        .expect("no error");
+    assert_eq!(out.lines(), numbered(0..30));
+}
+
+/// `shoal consume` without `--follow` stops at the end its partitions'
+/// leaders report, though a fetch there fails on the way.
+#[tokio::test]
+async fn consume_stops_at_the_leaders_end() {
+    let (c, fakes) = cluster(2).await;
+    c.topic("t", &[2, 1]);
+    fill(&fakes[1], "t", 0, 0, 2);
+    fill(&fakes[0], "t", 1, 0, 1);
+    fakes[1].script(Api::Fetch, Scripted::DropBeforeStore, 1);
+    let out = SharedOut::default();
+    let mut o = cli::Out(out.clone());
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        cli::consume_to(&endpoint(&fakes), "t", true, None, false, None, &mut o),
+    )
+    .await
+    .expect("stops at the end")
+    .map_err(|e| format!("{e:?}"))
+    .expect("no error");
+    let mut lines = out.lines();
+    lines.sort_by_key(|l| l[1..].parse::<u32>().unwrap_or(0));
+    assert_eq!(
+        lines,
+        ["m0", "m0", "m1", "m1", "m2", "m2", "m3", "m4", "m5"]
+    );
+}
