@@ -10,7 +10,7 @@
 //! user's cache directory). With `--json`, `cluster status` and `topic
 //! describe` print exactly one JSON object on stdout.
 //!
-//! Output goes through [`Out`], never `println!`: a reader that goes away
+//! Output goes through `Out`, never `println!`: a reader that goes away
 //! early (`shoal topic list | head -1`) closes the pipe, and the command
 //! then stops quietly with success, as `cat` or `grep` would, instead of
 //! panicking on the failed write.

@@ -15,8 +15,8 @@
 //! `LeaderNotAvailable`, `NotEnoughReplicas`, a stale leader epoch, a
 //! refused connect, a connection lost mid-request, no answer in time) is
 //! sent again to the partition's leader as metadata then says, after a
-//! backoff (see [`crate::retry`]), until `delivery_timeout` after its batch
-//! was sealed. A retry carries the same batches with the same sequences;
+//! backoff (see the crate's failover notes), until `delivery_timeout`
+//! after its batch was sealed. A retry carries the same batches with the same sequences;
 //! the broker answers a batch it stored already with its original offsets.
 //! Retries go one batch per request, so each batch learns its own offsets
 //! even when the first attempt stored only some of them. A request holds
