@@ -930,6 +930,14 @@ impl Client {
         }
     }
 
+    /// How many partitions `topic` has, if its metadata is cached.
+    pub(crate) fn cached_partition_count(&self, topic: &str) -> Option<u32> {
+        lock(&self.inner.cache)
+            .topics
+            .get(topic)
+            .map(|t| t.partitions.len() as u32)
+    }
+
     /// How many partitions `topic` has (cached; no allocation on a hit).
     pub async fn partition_count(&self, topic: &str) -> Result<u32> {
         if let Some(t) = lock(&self.inner.cache).topics.get(topic) {

@@ -425,6 +425,45 @@ async fn a_leader_that_lost_acknowledged_batches_gets_a_new_epoch() {
     assert_eq!(headers, [(1, 0), (1, 1)]);
 }
 
+/// While the cluster cannot answer metadata in a failover, sends go on:
+/// the partition is chosen from the partitions last seen, and the batch
+/// waits for a leader rather than failing.
+#[tokio::test]
+async fn sends_go_on_while_metadata_is_unavailable() {
+    let (c, fakes) = cluster(2).await;
+    c.topic("t", &[2]);
+    let client = Client::connect_with_config(
+        &bootstrap(&fakes),
+        ClientConfig {
+            admin_retry_max: Duration::from_millis(50),
+            ..client_config()
+        },
+    )
+    .await
+    .expect("connect");
+    let p = Producer::new(client, producer_config());
+    p.send("t", None, b"m0").await.expect("stored");
+    for f in &fakes {
+        f.script(
+            Api::Metadata,
+            Scripted::Fail(ErrorCode::ClusterUnavailable),
+            20,
+        );
+    }
+    fail_over(&c, &fakes, "t", 0, 2, 1);
+    let first = p.send_nowait("t", None, b"m1").await.expect("queued");
+    let t0 = Instant::now();
+    while fakes[0].scripted_left(Api::Metadata) == 20 {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let second = p.send_nowait("t", None, b"m2").await.expect("queued");
+    assert_eq!(first.await.expect("stored").offset, 1);
+    assert_eq!(second.await.expect("stored").offset, 2);
+    assert_eq!(fakes[0].scripted_left(Api::Metadata), 0);
+    assert_eq!(values(&fakes[0].records("t", 0)), ["m0", "m1", "m2"]);
+}
+
 /// Sequence numbers wrap from `i32::MAX` to 0, never to a negative number
 /// (which means "no sequence"); a batch may span the wrap.
 #[test]

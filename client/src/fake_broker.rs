@@ -74,6 +74,7 @@ pub(crate) enum Scripted {
 /// The request types a script applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Api {
+    Metadata,
     Produce,
     Fetch,
     Subscribe,
@@ -1163,7 +1164,14 @@ async fn serve(s: tokio::net::TcpStream, st: Arc<Mutex<State>>) {
         let mut close = false;
         let reply = if req.body_as_metadata_request().is_some() {
             st.metadata_requests += 1;
-            Some(metadata(corr, &st, port))
+            match scripted(&mut st, Api::Metadata) {
+                Some(Scripted::Fail(code)) => Some(error(corr, code, "scripted (fake)")),
+                Some(_) => {
+                    close = true;
+                    None
+                }
+                None => Some(metadata(corr, &st, port)),
+            }
         } else if let Some(p) = req.body_as_produce_request() {
             let topic = p.topic().unwrap_or("").to_string();
             let headers: Vec<BatchHeader> = Batches::new(payload, usize::MAX)

@@ -290,6 +290,11 @@ struct Core {
     /// writes into a topic deleted and re-created under the same name
     /// (the broker refuses such a request with `UnknownTopicId`).
     topic_ids: std::sync::Mutex<HashMap<String, u64>>,
+    /// Partitions of each topic as last seen: used while the client has
+    /// dropped a topic's placement in a failover, so that sends do not
+    /// wait on (or fail with) a metadata refresh; partitions never go
+    /// away.
+    partition_counts: std::sync::Mutex<HashMap<String, u32>>,
 }
 
 impl Core {
@@ -487,6 +492,7 @@ impl Producer {
                     buffer: Semaphore::new(buffer_bytes_max),
                     buffer_bytes_max,
                     topic_ids: Default::default(),
+                    partition_counts: Default::default(),
                 }),
                 producer_id,
                 partitions: Mutex::new(HashMap::new()),
@@ -522,8 +528,30 @@ impl Producer {
         self.send_nowait_to(topic, partition, key, value).await
     }
 
+    async fn partition_count(&self, topic: &str) -> Result<u32> {
+        let core = self.core();
+        let known = {
+            let cached = core.client.cached_partition_count(topic);
+            let mut counts = lock(&core.partition_counts);
+            match (cached, counts.get(topic).copied()) {
+                (Some(n), Some(known)) if n == known => Some(n),
+                (Some(n), _) => {
+                    counts.insert(topic.to_string(), n);
+                    Some(n)
+                }
+                (None, known) => known,
+            }
+        };
+        if let Some(n) = known {
+            return Ok(n);
+        }
+        let n = core.client.partition_count(topic).await?;
+        lock(&core.partition_counts).insert(topic.to_string(), n);
+        Ok(n)
+    }
+
     async fn partition_for(&self, topic: &str, key: Option<&[u8]>) -> Result<u32> {
-        let n = self.core().client.partition_count(topic).await?;
+        let n = self.partition_count(topic).await?;
         if n == 0 {
             return Err(Error::Invalid(format!("topic {topic:?} has no partitions")));
         }
