@@ -317,6 +317,56 @@ async fn a_dropped_multi_batch_request_is_retried_batch_by_batch() {
     );
 }
 
+/// Batches of one request stored with another producer's between them:
+/// the answer's offsets do not span them back to back, so each batch is
+/// asked again alone and answered, as a duplicate, with its own offsets.
+#[tokio::test]
+async fn batches_stored_apart_each_learn_their_own_offsets() {
+    let fake = FakeBroker::start(&[("t", 1)]).await;
+    fake.set_produce_mode(ProduceMode::Hold);
+    let p = Producer::new(connect(&fake.addr_string()).await, producer_config());
+    let pair = |i: u32| (format!("m{}", 2 * i), format!("m{}", 2 * i + 1));
+    let (a, b) = pair(0);
+    let first = p
+        .send_batch("t", 0, &[(None, a.as_bytes()), (None, b.as_bytes())])
+        .await
+        .expect("room");
+    fake.wait_held(1).await;
+    let mut queued = Vec::new();
+    for i in 1..4u32 {
+        let (a, b) = pair(i);
+        queued.push(
+            p.send_batch("t", 0, &[(None, a.as_bytes()), (None, b.as_bytes())])
+                .await
+                .expect("room"),
+        );
+    }
+    fake.interleave_next_produce();
+    fake.set_produce_mode(ProduceMode::Ack);
+    assert!(fake.release(None));
+    assert_eq!(first.await.expect("stored").offset, 0);
+    let mut offsets = Vec::new();
+    for d in queued {
+        offsets.push(d.await.expect("stored").offset);
+    }
+    assert_eq!(offsets, [2, 5, 8]);
+    let mut want = numbered(0..4);
+    want.push("between".into());
+    want.extend(numbered(4..6));
+    want.push("between".into());
+    want.extend(numbered(6..8));
+    assert_eq!(values(&fake.records("t", 0)), want);
+    let calls: Vec<(usize, bool)> = fake
+        .produces()
+        .iter()
+        .map(|c| (c.headers.len(), c.duplicate))
+        .collect();
+    assert_eq!(
+        calls,
+        [(1, false), (3, false), (1, true), (1, true), (1, true)]
+    );
+}
+
 /// Produces on while the leader dies with requests in flight: the held
 /// request and those queued behind it go to the new leader, in order, and
 /// every record is stored once.

@@ -404,6 +404,9 @@ struct State {
     grants_unanswered: bool,
     /// Connections stop reading requests (their socket buffers fill up).
     reading_paused: bool,
+    /// The next produce that stores several batches gets another
+    /// producer's batch between each two of them.
+    interleave_next: bool,
     subscribe_credits: Vec<u64>,
     connections: usize,
     metadata_requests: usize,
@@ -592,6 +595,13 @@ impl FakeBroker {
         q.extend(std::iter::repeat_n(what, n));
     }
 
+    /// The next produce of several batches is stored with another
+    /// producer's batch between each two (two connections' appends
+    /// interleaved on the broker).
+    pub fn interleave_next_produce(&self) {
+        lock(&self.state).interleave_next = true;
+    }
+
     /// Drops what is left of `api`'s script.
     pub fn clear_script(&self, api: Api) {
         lock(&self.state).scripts.remove(&api);
@@ -736,7 +746,12 @@ fn store(
         let log = l.entry((topic.to_string(), partition)).or_default();
         let mut result: Option<AppendOk> = None;
         let mut failed = None;
-        for b in batches {
+        let interleave = batches.len() > 1 && std::mem::take(&mut st.interleave_next);
+        for (i, b) in batches.into_iter().enumerate() {
+            if interleave && i > 0 {
+                // Another connection's batch lands between this request's.
+                let _ = log.append(&shoal_wire::batch::build_batch(&[&b"between"[..]], 1));
+            }
             match log.append(b) {
                 Ok((base, last, dup)) => {
                     let r = result.get_or_insert((base, last, true));
