@@ -10,7 +10,7 @@
 //! user's cache directory). With `--json`, `cluster status` and `topic
 //! describe` print exactly one JSON object on stdout.
 //!
-//! Output goes through [`Out`], never `println!`: a reader that goes away
+//! Output goes through `Out`, never `println!`: a reader that goes away
 //! early (`shoal topic list | head -1`) closes the pipe, and the command
 //! then stops quietly with success, as `cat` or `grep` would, instead of
 //! panicking on the failed write.
@@ -46,7 +46,7 @@ impl Endpoint {
 
 /// Why a command stopped before its end.
 #[derive(Debug)]
-enum Stop {
+pub(crate) enum Stop {
     /// Whoever read the output has gone: not a failure of the command.
     OutputClosed,
     Failed(String),
@@ -78,7 +78,7 @@ fn finish(r: Result<(), Stop>) -> Result<(), String> {
 
 /// A command's output stream. Every write reports a closed pipe as
 /// [`Stop::OutputClosed`], so `?` ends the command quietly.
-struct Out<W: Write>(W);
+pub(crate) struct Out<W: Write>(pub(crate) W);
 
 impl<W: Write> Out<W> {
     fn line(&mut self, args: std::fmt::Arguments<'_>) -> Result<(), Stop> {
@@ -449,8 +449,12 @@ pub fn topic_delete(to: &Endpoint, name: &str) -> Result<(), String> {
     }))
 }
 
-/// One message per stdin line; exits after stdin closes and every message
-/// is acknowledged.
+/// `shoal produce`: one message per stdin line (its bytes, UTF-8 or not,
+/// without the line end: `\n` or `\r\n`). Succeeds only if every line was
+/// acknowledged; otherwise fails naming how many were not, and the first
+/// reason. Lines are retried through a failover (see
+/// [`ProducerConfig::delivery_timeout`]); with `--acks all` none that was
+/// acknowledged is lost by one.
 pub fn produce(
     to: &Endpoint,
     topic: &str,
@@ -458,64 +462,153 @@ pub fn produce(
     partition: Option<u32>,
     acks: Acks,
 ) -> Result<(), String> {
-    finish(rt()?.block_on(async {
-        let c = connect(to).await?;
-        c.topic(topic).await.map_err(|e| e.to_string())?;
-        let p = Producer::new(
-            c,
-            ProducerConfig {
-                acks,
-                ..ProducerConfig::default()
-            },
-        );
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
-        std::thread::spawn(move || {
-            for line in std::io::stdin().lock().lines() {
-                let Ok(line) = line else { break };
-                if tx.blocking_send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut deliveries = Vec::new();
-        let mut sent = 0u64;
-        while let Some(line) = rx.recv().await {
-            let d = match partition {
-                Some(part) => {
-                    p.send_nowait_to(
-                        topic,
-                        part,
-                        key.as_deref().map(str::as_bytes),
-                        line.as_bytes(),
-                    )
-                    .await
-                }
-                None => {
-                    p.send_nowait(topic, key.as_deref().map(str::as_bytes), line.as_bytes())
-                        .await
-                }
-            }
-            .map_err(|e| e.to_string())?;
-            deliveries.push(d);
-            sent += 1;
-            if deliveries.len() >= 10_000 {
-                for d in deliveries.drain(..) {
-                    d.await
-                        .map_err(|e| format!("message not acknowledged: {e}"))?;
-                }
-            }
-        }
-        p.flush().await.map_err(|e| e.to_string())?;
-        for d in deliveries {
-            d.await
-                .map_err(|e| format!("message not acknowledged: {e}"))?;
-        }
-        let mut err = Out(std::io::stderr().lock());
-        err.line(format_args!("{sent} messages acknowledged"))
-    }))
+    let summary = rt()?.block_on(produce_lines(
+        to,
+        topic,
+        key.as_deref().map(str::as_bytes),
+        partition,
+        acks,
+        std::io::stdin(),
+    ))?;
+    let mut err = Out(std::io::stderr().lock());
+    finish(err.line(format_args!(
+        "{} messages acknowledged",
+        summary.acknowledged
+    )))
 }
 
-/// One message value per stdout line.
+/// What `produce` did with its input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProduceSummary {
+    pub lines: u64,
+    pub acknowledged: u64,
+}
+
+/// Deliveries awaited at a time; past it, reading waits for the oldest.
+const DELIVERIES_IN_FLIGHT_MAX: usize = 10_000;
+
+/// Counts what became of each line.
+#[derive(Default)]
+struct Tally {
+    lines: u64,
+    acknowledged: u64,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn failed(&mut self, e: impl std::fmt::Display) {
+        self.first_error.get_or_insert_with(|| e.to_string());
+    }
+
+    async fn settle(&mut self, d: crate::Delivery) {
+        match d.await {
+            Ok(_) => self.acknowledged += 1,
+            Err(e) => self.failed(e),
+        }
+    }
+}
+
+/// Splits off one line's value: without its `\n`, and without a `\r`
+/// before it.
+fn line_value(mut line: Vec<u8>) -> Vec<u8> {
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    }
+    line
+}
+
+/// Sends each line of `input` as one message and waits for all of them.
+/// `Ok` only if every line was acknowledged; the error names how many were
+/// not. A read error of the input ends reading and counts as a failure.
+pub async fn produce_lines(
+    to: &Endpoint,
+    topic: &str,
+    key: Option<&[u8]>,
+    partition: Option<u32>,
+    acks: Acks,
+    input: impl std::io::Read + Send + 'static,
+) -> Result<ProduceSummary, String> {
+    let c = connect(to).await?;
+    c.topic(topic).await.map_err(|e| e.to_string())?;
+    let p = Producer::new(
+        c,
+        ProducerConfig {
+            acks,
+            ..ProducerConfig::default()
+        },
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(1024);
+    std::thread::spawn(move || {
+        let mut input = std::io::BufReader::new(input);
+        loop {
+            let mut line = Vec::new();
+            let r = match input.read_until(b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) => Ok(line_value(line)),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e),
+            };
+            let stop = r.is_err();
+            if tx.blocking_send(r).is_err() || stop {
+                return;
+            }
+        }
+    });
+    let mut tally = Tally::default();
+    let mut deliveries = std::collections::VecDeque::new();
+    let mut read_error = None;
+    while let Some(line) = rx.recv().await {
+        let value = match line {
+            Ok(v) => v,
+            Err(e) => {
+                read_error = Some(format!("cannot read the input: {e}"));
+                break;
+            }
+        };
+        tally.lines += 1;
+        let d = match partition {
+            Some(part) => p.send_nowait_to(topic, part, key, &value).await,
+            None => p.send_nowait(topic, key, &value).await,
+        };
+        match d {
+            Ok(d) => deliveries.push_back(d),
+            Err(e) => tally.failed(e),
+        }
+        if deliveries.len() >= DELIVERIES_IN_FLIGHT_MAX {
+            if let Some(d) = deliveries.pop_front() {
+                tally.settle(d).await;
+            }
+        }
+    }
+    // Each failure is reported by its own delivery too.
+    let _ = p.flush().await;
+    for d in deliveries {
+        tally.settle(d).await;
+    }
+    let unacknowledged = tally.lines - tally.acknowledged;
+    match (unacknowledged, read_error) {
+        (0, None) => Ok(ProduceSummary {
+            lines: tally.lines,
+            acknowledged: tally.acknowledged,
+        }),
+        (0, Some(r)) => Err(format!(
+            "{r}; the {} lines read before it were acknowledged",
+            tally.lines
+        )),
+        (n, r) => Err(format!(
+            "{n} of {} lines were not acknowledged (first error: {}){}",
+            tally.lines,
+            tally.first_error.as_deref().unwrap_or("unknown"),
+            r.map_or(String::new(), |r| format!("; then {r}"))
+        )),
+    }
+}
+
+/// `shoal consume`: one message value per stdout line. Rides out a
+/// failover: the consumer resumes on the new leader where it was.
 pub fn consume(
     to: &Endpoint,
     topic: &str,
@@ -524,63 +617,82 @@ pub fn consume(
     follow: bool,
     partition: Option<u32>,
 ) -> Result<(), String> {
-    finish(rt()?.block_on(async {
-        let c = connect(to).await?;
-        let info = c.topic(topic).await.map_err(|e| e.to_string())?;
-        let mut consumer = Consumer::new(
-            c.clone(),
-            ConsumerConfig {
-                max_wait: Duration::from_millis(500),
-                ..ConsumerConfig::default()
-            },
-        );
-        let start = if from_beginning {
-            StartAt::Beginning
-        } else {
-            StartAt::End
-        };
-        let parts: Vec<u32> = match partition {
-            Some(p) => vec![p],
-            None => (0..info.partitions.len() as u32).collect(),
-        };
-        for &p in &parts {
-            consumer
-                .assign(topic, p, start)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        // Without --follow, stop at the end as it is now.
-        let ends = c
-            .describe_topic(topic)
+    finish(rt()?.block_on(consume_to(
+        to,
+        topic,
+        from_beginning,
+        count,
+        follow,
+        partition,
+        &mut stdout(),
+    )))
+}
+
+pub(crate) async fn consume_to<W: Write>(
+    to: &Endpoint,
+    topic: &str,
+    from_beginning: bool,
+    count: Option<u64>,
+    follow: bool,
+    partition: Option<u32>,
+    out: &mut Out<W>,
+) -> Result<(), Stop> {
+    let c = connect(to).await?;
+    let info = c.topic(topic).await.map_err(|e| e.to_string())?;
+    let mut consumer = Consumer::new(
+        c.clone(),
+        ConsumerConfig {
+            max_wait: Duration::from_millis(500),
+            ..ConsumerConfig::default()
+        },
+    );
+    let parts: Vec<u32> = match partition {
+        Some(p) => vec![p],
+        None => (0..info.partitions.len() as u32).collect(),
+    };
+    // Without --follow, stop at each partition's end as its leader says
+    // now (metadata from another broker does not know it).
+    let mut ends = BTreeMap::new();
+    for &p in &parts {
+        let (start, end) = c
+            .partition_offsets(topic, p)
             .await
-            .map_err(|e| e.to_string())?
-            .partitions;
-        let mut printed = 0u64;
-        let mut out = stdout();
-        loop {
-            if count.is_some_and(|n| printed >= n) {
-                return Ok(());
-            }
-            if !follow
-                && consumer
-                    .positions()
-                    .iter()
-                    .all(|(_, p, next)| *next >= ends[*p as usize].high_watermark)
-            {
-                return Ok(());
-            }
-            let records = consumer.poll().await.map_err(|e| e.to_string())?;
-            for r in records {
-                if count.is_some_and(|n| printed >= n) {
-                    break;
-                }
-                out.bytes(r.value.as_deref().unwrap_or_default())?;
-                out.bytes(b"\n")?;
-                printed += 1;
-            }
-            out.flush()?;
+            .map_err(|e| e.to_string())?;
+        ends.insert(p, end);
+        let at = if from_beginning {
+            StartAt::Offset(start)
+        } else {
+            StartAt::Offset(end)
+        };
+        consumer
+            .assign(topic, p, at)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut printed = 0u64;
+    loop {
+        if count.is_some_and(|n| printed >= n) {
+            return Ok(());
         }
-    }))
+        if !follow
+            && consumer
+                .positions()
+                .iter()
+                .all(|(_, p, next)| ends.get(p).is_none_or(|end| next >= end))
+        {
+            return Ok(());
+        }
+        let records = consumer.poll().await.map_err(|e| e.to_string())?;
+        for r in records {
+            if count.is_some_and(|n| printed >= n) {
+                break;
+            }
+            out.bytes(r.value.as_deref().unwrap_or_default())?;
+            out.bytes(b"\n")?;
+            printed += 1;
+        }
+        out.flush()?;
+    }
 }
 
 pub fn metrics(to: &Endpoint) -> Result<(), String> {
@@ -653,6 +765,8 @@ mod tests {
             retention_ms: None,
             retention_bytes: None,
             segment_bytes: 1 << 30,
+            min_insync_replicas: 0,
+            unclean_leader_election: false,
         }
     }
 

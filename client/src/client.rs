@@ -16,6 +16,7 @@
 use crate::connection::{Connection, Frame};
 use crate::discovery::{self, Bootstrap, BrokerAddr, CacheFile, DiscoveryCache};
 use crate::error::{Error, LeaderHint, Result};
+use crate::retry::{Retrier, RetryPolicy};
 use shoal_wire::{fb, ErrorCode};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -69,6 +70,12 @@ pub struct TopicInfo {
     pub retention_ms: Option<u64>,
     pub retention_bytes: Option<u64>,
     pub segment_bytes: u64,
+    /// Replicas that must be in sync for an `acks=all` produce (0 from a
+    /// single node or brokers that predate the field).
+    pub min_insync_replicas: u16,
+    /// Whether a replica outside the in-sync set may become leader when
+    /// none inside is alive (losing what only the in-sync set had).
+    pub unclean_leader_election: bool,
 }
 
 /// A live broker as the last metadata described it.
@@ -153,6 +160,13 @@ pub struct ClientConfig {
     /// can be reached or the cluster cannot answer (`ClusterUnavailable`,
     /// no controller during a failover). Default 10 s.
     pub admin_retry_max: Duration,
+    /// How long a request may go unanswered beyond the time it asks the
+    /// broker to hold it (a fetch's `max_wait`, a produce's wait for its
+    /// acknowledgement). Past it the connection counts as dead: it is
+    /// closed, and the partition's requests on it are retried after a
+    /// metadata refresh (a leader that hangs rather than dies). Default
+    /// 30 s.
+    pub request_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -162,6 +176,7 @@ impl Default for ClientConfig {
             reconnect_backoff_max: Duration::from_secs(30),
             discovery_cache: DiscoveryCache::Default,
             admin_retry_max: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -309,6 +324,8 @@ pub(crate) fn topic_info(t: fb::TopicInfo<'_>) -> TopicInfo {
         retention_ms: opt(t.retention_ms()),
         retention_bytes: opt(t.retention_bytes()),
         segment_bytes: t.segment_bytes().max(0) as u64,
+        min_insync_replicas: t.min_insync_replicas(),
+        unclean_leader_election: t.unclean_leader_election(),
     }
 }
 
@@ -634,7 +651,9 @@ impl Client {
             let r = match self.any_connection().await {
                 Ok(conn) => {
                     let addr = conn.addr;
-                    let r = f(conn).await;
+                    // A broker that hangs must not hold up a metadata
+                    // refresh in the middle of a failover.
+                    let r = self.within(conn.clone(), Duration::ZERO, f(conn)).await;
                     if matches!(r, Err(Error::Closed | Error::Io(_))) {
                         // Try the others first next time.
                         let mut preferred = lock(&self.inner.preferred);
@@ -911,6 +930,14 @@ impl Client {
         }
     }
 
+    /// How many partitions `topic` has, if its metadata is cached.
+    pub(crate) fn cached_partition_count(&self, topic: &str) -> Option<u32> {
+        lock(&self.inner.cache)
+            .topics
+            .get(topic)
+            .map(|t| t.partitions.len() as u32)
+    }
+
     /// How many partitions `topic` has (cached; no allocation on a hit).
     pub async fn partition_count(&self, topic: &str) -> Result<u32> {
         if let Some(t) = lock(&self.inner.cache).topics.get(topic) {
@@ -1131,43 +1158,89 @@ impl Client {
         })
     }
 
-    /// Runs `f` on the connection to `topic`/`partition`'s leader, retrying
-    /// a retriable failure up to `retries` times: at once when a
-    /// `NotLeader` named the leader, else after `backoff` × the attempt,
-    /// with the placement re-learned.
+    /// Runs `f` on the connection to `topic`/`partition`'s leader,
+    /// retrying a retriable failure as `policy` says (see [`crate::retry`]):
+    /// at once when a `NotLeader` named the leader elsewhere, else after a
+    /// backoff, with the placement re-learned. `held`: how long the request
+    /// asks the broker to hold it before answering.
     pub(crate) async fn with_partition<T, F, Fut>(
         &self,
         topic: &str,
         partition: u32,
-        retries: u32,
-        backoff: Duration,
+        policy: RetryPolicy,
+        held: Duration,
         mut f: F,
     ) -> Result<T>
     where
         F: FnMut(Arc<Connection>) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let mut attempt = 0;
+        let mut retry = Retrier::new(policy);
+        let mut refreshed_unknown = false;
         loop {
-            let mut sent_to = None;
-            let r = match self.partition_connection(topic, partition).await {
-                Ok(conn) => {
-                    sent_to = Some(conn.addr);
-                    f(conn).await
-                }
-                Err(e) => Err(e),
-            };
-            match r {
+            let (r, sent_to) = self.attempt(topic, partition, held, &mut f).await;
+            let e = match r {
                 Ok(v) => return Ok(v),
-                Err(e) if e.is_retriable() && attempt < retries => {
-                    attempt += 1;
-                    let at_once = self.reroute(topic, partition, sent_to, &e);
-                    tracing::debug!(error = %e, topic, partition, attempt, at_once, "request failed; retrying");
-                    if !at_once {
-                        tokio::time::sleep(backoff * attempt).await;
-                    }
+                Err(e) if e.is_retriable() => e,
+                Err(e) if e.is_unknown_placement() && sent_to.is_some() && !refreshed_unknown => {
+                    refreshed_unknown = true;
+                    e
                 }
                 Err(e) => return Err(e),
+            };
+            let at_once = self.reroute(topic, partition, sent_to, &e);
+            match retry.next_wait(at_once) {
+                Some(wait) => {
+                    tracing::debug!(error = %e, topic, partition, attempt = retry.attempts(), ?wait, "request failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(e),
+            }
+        }
+    }
+
+    /// One attempt of a partition's request: its leader's connection, and
+    /// `f` on it within the request timeout. Returns where it was sent, if
+    /// it got that far.
+    pub(crate) async fn attempt<T, F, Fut>(
+        &self,
+        topic: &str,
+        partition: u32,
+        held: Duration,
+        f: &mut F,
+    ) -> (Result<T>, Option<SocketAddr>)
+    where
+        F: FnMut(Arc<Connection>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let conn = match self.partition_connection(topic, partition).await {
+            Ok(c) => c,
+            Err(e) => return (Err(e), None),
+        };
+        let addr = conn.addr;
+        (self.within(conn.clone(), held, f(conn)).await, Some(addr))
+    }
+
+    /// Awaits `request` on `conn`, for at most `held` plus the request
+    /// timeout. A request unanswered by then closes the connection: what
+    /// else is pending on it fails too and is retried elsewhere, rather
+    /// than each waiting out its own timeout on a broker that hangs.
+    pub(crate) async fn within<T>(
+        &self,
+        conn: Arc<Connection>,
+        held: Duration,
+        request: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let limit = held.saturating_add(self.inner.config.request_timeout);
+        match tokio::time::timeout(limit, request).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(addr = %conn.addr, ?limit, "no answer in time; closing the connection");
+                conn.close();
+                Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer from {} within {limit:?}", conn.addr),
+                )))
             }
         }
     }
@@ -1194,8 +1267,7 @@ impl Client {
                             retention_ms: to_i(t.retention_ms),
                             retention_bytes: to_i(t.retention_bytes),
                             segment_bytes: to_i(t.segment_bytes),
-                            min_insync_replicas: -1,
-                            unclean_leader_election: false,
+                            ..Default::default()
                         },
                     )
                     .as_union_value()
@@ -1306,24 +1378,35 @@ impl Client {
     }
 
     /// `topic`/`partition`'s log start offset and high watermark, from its
-    /// leader.
+    /// leader: a fetch (which only the leader answers) at the end of the
+    /// log, so it reads nothing. Retried through a failover like any
+    /// request to the partition.
     pub async fn partition_offsets(&self, topic: &str, partition: u32) -> Result<(u64, u64)> {
+        self.partition_offsets_with(
+            topic,
+            partition,
+            RetryPolicy {
+                retries: u32::MAX,
+                backoff: Duration::from_millis(50),
+                backoff_max: Duration::from_secs(1),
+                timeout: Duration::from_secs(30),
+            },
+        )
+        .await
+    }
+
+    pub(crate) async fn partition_offsets_with(
+        &self,
+        topic: &str,
+        partition: u32,
+        policy: RetryPolicy,
+    ) -> Result<(u64, u64)> {
         self.with_partition(
             topic,
             partition,
-            3,
-            Duration::from_millis(100),
-            |conn| async move {
-                let t = describe_on(&conn, topic).await?;
-                let p = t
-                    .partitions
-                    .get(partition as usize)
-                    .ok_or_else(|| Error::Broker {
-                        code: ErrorCode::UnknownPartition,
-                        message: format!("topic {topic:?} has no partition {partition}"),
-                    })?;
-                Ok((p.log_start_offset, p.high_watermark))
-            },
+            policy,
+            Duration::ZERO,
+            |conn| async move { crate::consumer::leader_offsets(&conn, topic, partition).await },
         )
         .await
     }

@@ -258,6 +258,21 @@ impl Connection {
         self.closed.load(Ordering::SeqCst)
     }
 
+    /// Gives the connection up (its broker stopped answering): every
+    /// request waiting on it fails with [`Error::Closed`], every push route
+    /// ends with it, and nothing more is sent on it.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.reader.abort();
+        for (_, w) in lock(&self.pending).drain() {
+            let _ = w.tx.send(Err(Error::Closed));
+        }
+        for (_, route) in lock(&self.pushes).drain() {
+            let _ = route.tx.send(Err(Error::Closed));
+        }
+        lock(&self.new_routes).clear();
+    }
+
     /// Sends a request and waits for its response. `body` builds the
     /// request body; `payload` follows the header raw (record batches).
     ///
@@ -547,6 +562,14 @@ async fn read_loop(
                     if let Some(w) = waiting {
                         let _ = w.tx.send(Ok(frame));
                     }
+                } else if let (Some(id), Some((code, message))) = (push_id, &err) {
+                    // The end of one subscription, named: only it hears.
+                    if let Some(route) = lock(pushes).remove(&id) {
+                        route.error(Error::Broker {
+                            code: *code,
+                            message: message.clone(),
+                        });
+                    }
                 } else if let Some(id) = push_id {
                     let mut routes = lock(pushes);
                     let over = routes.get(&id).is_some_and(|route| !route.push(id, frame));
@@ -555,8 +578,10 @@ async fn read_loop(
                         routes.remove(&id);
                     }
                 } else if let Some((code, message)) = err {
-                    // Connection-level errors (a push that ended, a request the
-                    // broker could not parse): every subscription hears it.
+                    // Connection-level errors (a push that ended without
+                    // saying which, a request the broker could not parse):
+                    // every subscription hears it, and each retriable one
+                    // subscribes again from where it is.
                     tracing::warn!(?code, %message, "broker reported an error");
                     for route in lock(pushes).values() {
                         route.error(Error::Broker {

@@ -4,12 +4,13 @@
 use crate::client::Client;
 use crate::connection::Connection;
 use crate::error::{Error, Result};
+use crate::retry::{Retrier, RetryPolicy};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
-use shoal_wire::batch::{Batches, Records};
+use shoal_wire::batch::{validate_batch, Batches, Records};
 use shoal_wire::fb;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A record read from a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,14 +76,29 @@ impl From<RecordView> for ConsumedRecord {
 }
 
 /// Calls `f` with each record at or after `from` in a run of batches, and
-/// its offset and timestamp.
+/// its offset and timestamp. With `verify`, every batch is checked whole
+/// (CRC and record framing) before any of its records is handed out.
 fn for_each_record<'a>(
+    topic: &str,
+    partition: u32,
     payload: &'a [u8],
     from: u64,
+    verify: bool,
     mut f: impl FnMut(u64, i64, shoal_wire::batch::Record<'a>),
 ) -> Result<()> {
     for b in Batches::new(payload, usize::MAX) {
         let (h, batch) = b.map_err(|e| Error::Protocol(format!("bad batch from broker: {e}")))?;
+        if verify {
+            validate_batch(batch, usize::MAX).map_err(|source| Error::Corrupt {
+                topic: topic.to_string(),
+                partition,
+                offset: h.base_offset,
+                source,
+            })?;
+        }
+        if h.next_offset() <= from {
+            continue;
+        }
         for r in Records::new(batch) {
             let r = r.map_err(|e| Error::Protocol(format!("bad record from broker: {e}")))?;
             let offset = h.base_offset + u64::from(r.offset_delta);
@@ -98,25 +114,59 @@ fn for_each_record<'a>(
     Ok(())
 }
 
-/// Decodes the records at or after `from` in a run of batches.
+/// Checks every batch of `payload` whole (CRC and record framing).
+fn verify_batches(topic: &str, partition: u32, payload: &[u8]) -> Result<()> {
+    for_each_record(topic, partition, payload, u64::MAX, true, |_, _, _| {})
+}
+
+/// The offset after the records of `payload`, read from its last batch;
+/// `reported` (the broker's next offset) when it carries none. Positions
+/// follow the bytes actually received, so a broker that reports a next
+/// offset past them never makes the client skip a record.
+fn next_after(payload: &[u8], reported: u64) -> u64 {
+    Batches::new(payload, usize::MAX)
+        .filter_map(|b| b.ok())
+        .last()
+        .map_or(reported, |(h, _)| h.next_offset())
+}
+
+/// Decodes the records at or after `from` in a run of batches, checking
+/// each batch's CRC first ([`Error::Corrupt`]).
 pub fn decode_records(
     topic: &str,
     partition: u32,
     payload: &[u8],
     from: u64,
 ) -> Result<Vec<ConsumedRecord>> {
+    decode_checked(topic, partition, payload, from, true)
+}
+
+fn decode_checked(
+    topic: &str,
+    partition: u32,
+    payload: &[u8],
+    from: u64,
+    verify: bool,
+) -> Result<Vec<ConsumedRecord>> {
     let mut out = Vec::new();
-    for_each_record(payload, from, |offset, timestamp_ms, r| {
-        out.push(ConsumedRecord {
-            topic: topic.to_string(),
-            partition,
-            offset,
-            timestamp_ms,
-            key: r.key.map(<[u8]>::to_vec),
-            value: r.value.map(<[u8]>::to_vec),
-            headers: r.headers().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
-        });
-    })?;
+    for_each_record(
+        topic,
+        partition,
+        payload,
+        from,
+        verify,
+        |offset, timestamp_ms, r| {
+            out.push(ConsumedRecord {
+                topic: topic.to_string(),
+                partition,
+                offset,
+                timestamp_ms,
+                key: r.key.map(<[u8]>::to_vec),
+                value: r.value.map(<[u8]>::to_vec),
+                headers: r.headers().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+            });
+        },
+    )?;
     Ok(out)
 }
 
@@ -128,19 +178,36 @@ pub fn decode_record_views(
     payload: &Bytes,
     from: u64,
 ) -> Result<Vec<RecordView>> {
+    decode_views_checked(topic, partition, payload, from, true)
+}
+
+fn decode_views_checked(
+    topic: &Arc<str>,
+    partition: u32,
+    payload: &Bytes,
+    from: u64,
+    verify: bool,
+) -> Result<Vec<RecordView>> {
     let mut out = Vec::new();
     let view = |s: &[u8]| payload.slice_ref(s);
-    for_each_record(payload, from, |offset, timestamp_ms, r| {
-        out.push(RecordView {
-            topic: topic.clone(),
-            partition,
-            offset,
-            timestamp_ms,
-            key: r.key.map(view),
-            value: r.value.map(view),
-            headers: r.headers().map(|(k, v)| (view(k), view(v))).collect(),
-        });
-    })?;
+    for_each_record(
+        topic,
+        partition,
+        payload,
+        from,
+        verify,
+        |offset, timestamp_ms, r| {
+            out.push(RecordView {
+                topic: topic.clone(),
+                partition,
+                offset,
+                timestamp_ms,
+                key: r.key.map(view),
+                value: r.value.map(view),
+                headers: r.headers().map(|(k, v)| (view(k), view(v))).collect(),
+            });
+        },
+    )?;
     Ok(out)
 }
 
@@ -153,19 +220,35 @@ pub struct Fetched {
     pub log_start_offset: u64,
 }
 
+/// How a consumer reads, and how it rides out a failover.
+///
+/// A fetch or subscribe that fails retriably (the leader moved or died,
+/// no leader yet, the connection lost) is retried at the partition's
+/// leader as metadata then says, with a backoff that doubles from
+/// `retry_backoff` to `retry_backoff_max`, and resumes from the first
+/// offset not yet delivered: the application sees no error and no record
+/// twice. An error surfaces only once a partition has kept failing for
+/// `unavailable_max` (or `retries` times in a row).
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     pub max_bytes: u32,
     pub min_bytes: u32,
     pub max_wait: Duration,
-    /// Times a fetch or subscribe that failed retriably is sent again (to
-    /// the new leader after `NotLeader`, after a metadata refresh when the
-    /// leader is unknown or gone); also bounds the re-subscribes of a push
-    /// subscription in a row. Default 10.
+    /// Retries in a row of one partition's fetch or subscribe before its
+    /// error surfaces. Default: unbounded (`unavailable_max` bounds them).
     pub retries: u32,
-    /// Wait before retry `n` is `n` × this; none after a `NotLeader` that
-    /// named the leader. Default 100 ms.
+    /// First wait before a retry; it doubles per retry, each wait drawn
+    /// between half and all of it. None after a `NotLeader` that named
+    /// the leader. Default 50 ms.
     pub retry_backoff: Duration,
+    /// Longest wait between retries. Default 1 s.
+    pub retry_backoff_max: Duration,
+    /// How long a partition may stay unavailable (every attempt failing
+    /// retriably) before the error surfaces. Default 120 s.
+    pub unavailable_max: Duration,
+    /// Check each received batch's CRC before handing out its records; a
+    /// mismatch is [`Error::Corrupt`]. Default on.
+    pub check_crcs: bool,
 }
 
 impl Default for ConsumerConfig {
@@ -174,8 +257,22 @@ impl Default for ConsumerConfig {
             max_bytes: 1024 * 1024,
             min_bytes: 1,
             max_wait: Duration::from_millis(500),
-            retries: 10,
-            retry_backoff: Duration::from_millis(100),
+            retries: u32::MAX,
+            retry_backoff: Duration::from_millis(50),
+            retry_backoff_max: Duration::from_secs(1),
+            unavailable_max: Duration::from_secs(120),
+            check_crcs: true,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            retries: self.retries,
+            backoff: self.retry_backoff,
+            backoff_max: self.retry_backoff_max,
+            timeout: self.unavailable_max,
         }
     }
 }
@@ -186,7 +283,11 @@ struct Assignment {
     /// out.
     shared_topic: Arc<str>,
     partition: u32,
+    /// The first offset not yet delivered.
     next: u64,
+    /// Set while the partition's fetches fail: its retries so far, and
+    /// when the next may go.
+    unavailable: Option<(Retrier, Instant)>,
 }
 
 /// Reads assigned partitions.
@@ -194,6 +295,14 @@ pub struct Consumer {
     client: Client,
     config: ConsumerConfig,
     assigned: Vec<Assignment>,
+}
+
+/// What one partition's fetch in a poll came to.
+enum Polled {
+    /// The answer: its frame and the broker's next offset.
+    Fetched(crate::connection::Frame, u64),
+    /// Unavailable for now; retried later, from the same offset.
+    Later(Retrier, Instant),
 }
 
 impl Consumer {
@@ -213,11 +322,14 @@ impl Consumer {
             topic: topic.to_string(),
             partition,
             next,
+            unavailable: None,
         });
         Ok(())
     }
 
-    /// The offset `start` means for `partition` of `topic` now.
+    /// The offset `start` means for `partition` of `topic` now, as its
+    /// leader says (only the leader knows its log start and high
+    /// watermark).
     async fn start_offset(&self, topic: &str, partition: u32, start: StartAt) -> Result<u64> {
         let n = self.client.partition_count(topic).await?;
         if partition >= n {
@@ -225,21 +337,21 @@ impl Consumer {
                 "topic {topic:?} has no partition {partition}"
             )));
         }
+        let policy = self.config.retry_policy();
         Ok(match start {
             StartAt::Offset(o) => o,
-            StartAt::Beginning => self
-                .fetch_once(topic, partition, 0, None, 0, Duration::ZERO)
-                .await
-                .map(|f| f.log_start_offset)
-                .or_else(|e| {
-                    if e.code() == Some(shoal_wire::ErrorCode::OffsetOutOfRange) {
-                        Ok(0)
-                    } else {
-                        Err(e)
-                    }
-                })?,
-            // Only the leader knows its high watermark.
-            StartAt::End => self.client.partition_offsets(topic, partition).await?.1,
+            StartAt::Beginning => {
+                self.client
+                    .partition_offsets_with(topic, partition, policy)
+                    .await?
+                    .0
+            }
+            StartAt::End => {
+                self.client
+                    .partition_offsets_with(topic, partition, policy)
+                    .await?
+                    .1
+            }
             StartAt::Timestamp(ts) => {
                 let f = self
                     .fetch_once(topic, partition, 0, Some(ts), 1, Duration::ZERO)
@@ -266,7 +378,7 @@ impl Consumer {
             .collect()
     }
 
-    /// One fetch from one partition.
+    /// One fetch from one partition, retried through a failover.
     pub async fn fetch_once(
         &self,
         topic: &str,
@@ -276,16 +388,15 @@ impl Consumer {
         min_bytes: u32,
         max_wait: Duration,
     ) -> Result<Fetched> {
-        let max_bytes = self.config.max_bytes;
+        let (max_bytes, verify) = (self.config.max_bytes, self.config.check_crcs);
         self.client
             .with_partition(
                 topic,
                 partition,
-                self.config.retries,
-                self.config.retry_backoff,
+                self.config.retry_policy(),
+                max_wait,
                 |conn| async move {
-                    fetch(
-                        &conn,
+                    let q = FetchSpec {
                         topic,
                         partition,
                         offset,
@@ -293,8 +404,8 @@ impl Consumer {
                         max_bytes,
                         min_bytes,
                         max_wait,
-                    )
-                    .await
+                    };
+                    fetch(&conn, &q, verify).await
                 },
             )
             .await
@@ -302,10 +413,14 @@ impl Consumer {
 
     /// Returns the next records from the assigned partitions: at once if
     /// any are ready, else as soon as one partition has data, else empty
-    /// after `max_wait`.
+    /// after `max_wait`. A partition whose leader is moving is retried
+    /// meanwhile, from the first offset not yet returned, and holds up
+    /// none of the others; its error comes back only once it has been
+    /// unavailable for `unavailable_max`.
     pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>> {
+        let verify = self.config.check_crcs;
         self.poll_with(|a, payload, from| {
-            decode_records(&a.topic, a.partition, payload.as_ref(), from)
+            decode_checked(&a.topic, a.partition, payload.as_ref(), from, verify)
         })
         .await
     }
@@ -314,8 +429,9 @@ impl Consumer {
     /// key, value and headers are views of the received frame and the
     /// topic name is shared ([`RecordView`]).
     pub async fn poll_views(&mut self) -> Result<Vec<RecordView>> {
+        let verify = self.config.check_crcs;
         self.poll_with(|a, payload, from| {
-            decode_record_views(&a.shared_topic, a.partition, payload, from)
+            decode_views_checked(&a.shared_topic, a.partition, payload, from, verify)
         })
         .await
     }
@@ -324,61 +440,116 @@ impl Consumer {
         &mut self,
         decode: impl Fn(&Assignment, &Bytes, u64) -> Result<Vec<T>>,
     ) -> Result<Vec<T>> {
-        for wait in [Duration::ZERO, self.config.max_wait] {
+        let deadline = Instant::now() + self.config.max_wait;
+        for long_poll in [false, true] {
             let mut fetches = FuturesUnordered::new();
             let this = &*self;
             for (i, a) in this.assigned.iter().enumerate() {
-                let min = if wait.is_zero() {
-                    0
-                } else {
-                    self.config.min_bytes
-                };
-                fetches.push(async move {
-                    let q = &FetchSpec {
-                        topic: &a.topic,
-                        partition: a.partition,
-                        offset: a.next,
-                        timestamp_ms: None,
-                        max_bytes: this.config.max_bytes,
-                        min_bytes: min,
-                        max_wait: wait,
-                    };
-                    let r = this
-                        .client
-                        .with_partition(
-                            &a.topic,
-                            a.partition,
-                            this.config.retries,
-                            this.config.retry_backoff,
-                            |conn| async move { fetch_frame(&conn, q).await },
-                        )
-                        .await;
-                    (i, r)
-                });
+                fetches.push(async move { (i, this.poll_partition(a, long_poll, deadline).await) });
             }
             let mut got = Vec::new();
-            let mut advance = Vec::new();
+            // Applied only if the whole poll succeeds: records decoded and
+            // then dropped with an error must not count as delivered.
+            let mut updates = Vec::new();
             while let Some((i, r)) = fetches.next().await {
-                let (frame, _, _, next_offset) = r?;
-                advance.push((i, next_offset));
-                let a = &this.assigned[i];
-                let records = decode(a, &frame.payload_bytes(), a.next)?;
-                if !records.is_empty() {
-                    got.extend(records);
-                    if !wait.is_zero() {
-                        break;
+                match r? {
+                    Polled::Fetched(frame, reported_next) => {
+                        let a = &this.assigned[i];
+                        let payload = frame.payload_bytes();
+                        let records = decode(a, &payload, a.next)?;
+                        updates.push((i, Some(next_after(&payload, reported_next)), None));
+                        if !records.is_empty() {
+                            got.extend(records);
+                            if long_poll {
+                                break;
+                            }
+                        }
                     }
+                    Polled::Later(retry, at) => updates.push((i, None, Some((retry, at)))),
                 }
             }
             drop(fetches);
-            for (i, next) in advance {
-                self.assigned[i].next = self.assigned[i].next.max(next);
+            for (i, next, unavailable) in updates {
+                let a = &mut self.assigned[i];
+                if let Some(next) = next {
+                    a.next = a.next.max(next);
+                }
+                a.unavailable = unavailable;
             }
             if !got.is_empty() {
                 return Ok(got);
             }
         }
         Ok(Vec::new())
+    }
+
+    /// One partition's part of a poll: a fetch from its next offset at its
+    /// leader. `long_poll`: the broker may hold it until `deadline`, and a
+    /// partition that fails is retried until then; otherwise one try, and
+    /// none while the partition is backing off.
+    async fn poll_partition(
+        &self,
+        a: &Assignment,
+        long_poll: bool,
+        deadline: Instant,
+    ) -> Result<Polled> {
+        let mut unavailable = a.unavailable.clone();
+        loop {
+            if let Some((retry, at)) = &unavailable {
+                let now = Instant::now();
+                if *at > now && (!long_poll || *at >= deadline) {
+                    return Ok(Polled::Later(retry.clone(), *at));
+                }
+                tokio::time::sleep_until((*at).into()).await;
+            }
+            let max_wait = if long_poll {
+                deadline.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            let q = FetchSpec {
+                topic: &a.topic,
+                partition: a.partition,
+                offset: a.next,
+                timestamp_ms: None,
+                max_bytes: self.config.max_bytes,
+                min_bytes: if long_poll { self.config.min_bytes } else { 0 },
+                max_wait,
+            };
+            let (r, sent_to) = self
+                .client
+                .attempt(&a.topic, a.partition, max_wait, &mut |conn: Arc<
+                    Connection,
+                >| {
+                    let q = &q;
+                    async move { fetch_frame(&conn, q).await }
+                })
+                .await;
+            let e = match r {
+                Ok((frame, _, _, next)) => return Ok(Polled::Fetched(frame, next)),
+                Err(e) if e.is_retriable() || e.is_unknown_placement() => e,
+                Err(e) => return Err(e),
+            };
+            let (mut retry, _) = unavailable
+                .take()
+                .unwrap_or_else(|| (Retrier::new(self.config.retry_policy()), Instant::now()));
+            let at_once = self.client.reroute(&a.topic, a.partition, sent_to, &e);
+            let once_only = e.is_unknown_placement() && retry.attempts() > 0;
+            match retry.next_wait(at_once) {
+                Some(wait) if !once_only => {
+                    tracing::debug!(
+                        topic = %a.topic,
+                        partition = a.partition,
+                        offset = a.next,
+                        error = %e,
+                        ?wait,
+                        "fetch failed; retrying at the partition's leader"
+                    );
+                    unavailable = Some((retry, Instant::now() + wait));
+                }
+                _ => return Err(e),
+            }
+        }
     }
 
     /// Subscribes to pushes of `partition` from `start` (a [`StartAt`], or
@@ -396,16 +567,19 @@ impl Consumer {
             StartAt::Offset(o) => o,
             start => self.start_offset(topic, partition, start).await?,
         };
-        let (conn, id) = subscribe_request(
-            &self.client,
-            topic,
-            partition,
-            offset,
-            credit_bytes,
-            self.config.retries,
-            self.config.retry_backoff,
-        )
-        .await?;
+        let policy = self.config.retry_policy();
+        let (conn, id) =
+            self.client
+                .with_partition(
+                    topic,
+                    partition,
+                    policy,
+                    Duration::ZERO,
+                    |conn| async move {
+                        subscribe_on(conn, topic, partition, offset, credit_bytes).await
+                    },
+                )
+                .await?;
         let pushes = conn.register_push(id);
         Ok(Subscription {
             client: self.client.clone(),
@@ -418,56 +592,71 @@ impl Consumer {
             auto_credit: true,
             initial_credit: credit_bytes,
             owed_bytes: 0,
-            retries: self.config.retries,
-            retry_backoff: self.config.retry_backoff,
-            resubscribes: 0,
+            policy,
+            check_crcs: self.config.check_crcs,
+            retry: None,
+            subscribed_at: Instant::now(),
+            resubscribe_due: None,
             ended: false,
         })
     }
 }
 
-/// Subscribes at the partition's leader, following redirects; returns
-/// the connection the pushes will come on and the subscription's id.
-#[allow(clippy::too_many_arguments)]
-async fn subscribe_request(
-    client: &Client,
+/// Subscribes on `conn`; returns it and the subscription's id.
+async fn subscribe_on(
+    conn: Arc<Connection>,
     topic: &str,
     partition: u32,
     offset: u64,
     credit_bytes: u64,
-    retries: u32,
-    backoff: Duration,
 ) -> Result<(Arc<Connection>, u64)> {
-    client
-        .with_partition(topic, partition, retries, backoff, |conn| async move {
-            let f = conn
-                .request(
-                    fb::RequestBody::SubscribeRequest,
-                    |fbb| {
-                        let t = fbb.create_string(topic);
-                        fb::SubscribeRequest::create(
-                            fbb,
-                            &fb::SubscribeRequestArgs {
-                                topic_id: 0,
-                                topic: Some(t),
-                                partition,
-                                offset,
-                                credit_bytes,
-                            },
-                        )
-                        .as_union_value()
+    let f = conn
+        .request(
+            fb::RequestBody::SubscribeRequest,
+            |fbb| {
+                let t = fbb.create_string(topic);
+                fb::SubscribeRequest::create(
+                    fbb,
+                    &fb::SubscribeRequestArgs {
+                        topic_id: 0,
+                        topic: Some(t),
+                        partition,
+                        offset,
+                        credit_bytes,
                     },
-                    &[],
                 )
-                .await?;
-            let id = f
-                .response()
-                .body_as_subscribe_response()
-                .map(|s| s.subscription_id())
-                .ok_or_else(|| Error::Protocol("expected a subscribe response".into()))?;
-            Ok((conn, id))
-        })
-        .await
+                .as_union_value()
+            },
+            &[],
+        )
+        .await?;
+    let id = f
+        .response()
+        .body_as_subscribe_response()
+        .map(|s| s.subscription_id())
+        .ok_or_else(|| Error::Protocol("expected a subscribe response".into()))?;
+    Ok((conn, id))
+}
+
+/// The log start offset and high watermark of `topic`/`partition` from
+/// `conn`'s broker, which must lead it: a fetch from the first batch at or
+/// after the end of time, which reads nothing (a `ListOffsets`).
+pub(crate) async fn leader_offsets(
+    conn: &Connection,
+    topic: &str,
+    partition: u32,
+) -> Result<(u64, u64)> {
+    let q = FetchSpec {
+        topic,
+        partition,
+        offset: 0,
+        timestamp_ms: Some(i64::MAX),
+        max_bytes: 1,
+        min_bytes: 0,
+        max_wait: Duration::ZERO,
+    };
+    let (_, high_watermark, log_start_offset, _) = fetch_frame(conn, &q).await?;
+    Ok((log_start_offset, high_watermark))
 }
 
 /// Counts the records of a run of batches from their headers alone.
@@ -514,9 +703,7 @@ async fn fetch_frame(
                         max_bytes: q.max_bytes,
                         min_bytes: q.min_bytes,
                         max_wait_ms: q.max_wait.as_millis().min(u128::from(u32::MAX)) as u32,
-                        replica_id: -1,
-                        current_leader_epoch: -1,
-                        last_fetched_epoch: -1,
+                        ..Default::default()
                     },
                 )
                 .as_union_value()
@@ -554,31 +741,16 @@ pub async fn fetch_raw(
     Ok((f.payload().len() as u64, count_records(f.payload())?, next))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn fetch(
-    conn: &Connection,
-    topic: &str,
-    partition: u32,
-    offset: u64,
-    timestamp_ms: Option<i64>,
-    max_bytes: u32,
-    min_bytes: u32,
-    max_wait: Duration,
-) -> Result<Fetched> {
-    let q = FetchSpec {
-        topic,
-        partition,
-        offset,
-        timestamp_ms,
-        max_bytes,
-        min_bytes,
-        max_wait,
+async fn fetch(conn: &Connection, q: &FetchSpec<'_>, verify: bool) -> Result<Fetched> {
+    let (f, high_watermark, log_start_offset, next_offset) = fetch_frame(conn, q).await?;
+    let from = if q.timestamp_ms.is_some() {
+        0
+    } else {
+        q.offset
     };
-    let (f, high_watermark, log_start_offset, next_offset) = fetch_frame(conn, &q).await?;
-    let from = if timestamp_ms.is_some() { 0 } else { offset };
     Ok(Fetched {
-        records: decode_records(topic, partition, f.payload(), from)?,
-        next_offset,
+        records: decode_checked(q.topic, q.partition, f.payload(), from, verify)?,
+        next_offset: next_after(f.payload(), next_offset),
         high_watermark,
         log_start_offset,
     })
@@ -605,14 +777,20 @@ async fn grant_request(conn: &Connection, subscription: u64, bytes: u64) -> Resu
 
 /// A push subscription to one partition. When its connection closes or
 /// the broker ends it with a retriable error (the leader moved or went
-/// away), it subscribes again at the partition's leader from the next
-/// offset it has not delivered, so nothing is lost or repeated (L3).
+/// away), it subscribes again at the partition's leader from the first
+/// offset it has not delivered, so nothing is lost or repeated (L3); the
+/// application sees an error only once the partition has been unavailable
+/// for the consumer's `unavailable_max`.
+///
+/// A broker that hangs without closing the connection looks like a quiet
+/// partition: pushes carry no heartbeat to tell them apart.
 pub struct Subscription {
     client: Client,
     conn: Arc<Connection>,
     id: u64,
     topic: Arc<str>,
     partition: u32,
+    /// The first offset not yet delivered.
     next: u64,
     pushes: crate::connection::PushRoute,
     auto_credit: bool,
@@ -621,10 +799,15 @@ pub struct Subscription {
     initial_credit: u64,
     /// Bytes consumed and not yet granted back.
     owed_bytes: u64,
-    retries: u32,
-    retry_backoff: Duration,
-    /// Re-subscribes since the last push: bounded by `retries`.
-    resubscribes: u32,
+    policy: RetryPolicy,
+    check_crcs: bool,
+    /// Set while re-subscribing fails, cleared by a push or by a
+    /// subscription that lasted.
+    retry: Option<Retrier>,
+    subscribed_at: Instant,
+    /// A push failed its check: subscribe again from `next` before
+    /// anything else, rather than deliver what follows the gap.
+    resubscribe_due: Option<String>,
     /// A non-retriable error ended it: no re-subscribe after that.
     ended: bool,
 }
@@ -655,15 +838,18 @@ impl Subscription {
 
     /// Waits for the next push. With automatic credit, consumed bytes are
     /// granted back in steps of half the initial credit, without waiting
-    /// for the broker's answer.
+    /// for the broker's answer. A push whose batch fails its CRC is
+    /// [`Error::Corrupt`]; the position stays before it, and the next call
+    /// subscribes again from there.
     ///
-    /// Cancel-safe: the only wait is for the push itself, so a `next()`
-    /// dropped by a timeout or `select!` has taken nothing, and the push
-    /// is returned by the next call.
+    /// Cancel-safe: a `next()` dropped by a timeout or `select!` has taken
+    /// nothing, and the push is returned by the next call; a re-subscribe
+    /// cut short is started again by the next call.
     pub async fn next(&mut self) -> Result<Pushed> {
         let (payload, from) = self.next_payload().await?;
         Ok(Pushed {
-            records: decode_records(&self.topic, self.partition, &payload, from)?,
+            // Checked already in `next_payload`.
+            records: decode_checked(&self.topic, self.partition, &payload, from, false)?,
             payload_bytes: payload.len() as u64,
         })
     }
@@ -673,7 +859,7 @@ impl Subscription {
     pub async fn next_views(&mut self) -> Result<PushedViews> {
         let (payload, from) = self.next_payload().await?;
         Ok(PushedViews {
-            records: decode_record_views(&self.topic, self.partition, &payload, from)?,
+            records: decode_views_checked(&self.topic, self.partition, &payload, from, false)?,
             payload_bytes: payload.len() as u64,
         })
     }
@@ -685,65 +871,128 @@ impl Subscription {
         Ok((payload.len() as u64, count_records(&payload)?))
     }
 
-    /// The next push's payload and the offset to decode it from. Nothing
-    /// after the wait for the push awaits (see [`Self::next`]); a
-    /// re-subscribe cut short by a cancel is started again by the next
-    /// call (the dead route stays in place until a new one is whole).
+    /// The next push's payload (checked) and the offset to decode it from.
+    /// Nothing between taking a push and returning it awaits (see
+    /// [`Self::next`]); the dead route of a failed subscription stays in
+    /// place until a new one is whole, so a cancelled re-subscribe is
+    /// started again by the next call.
     async fn next_payload(&mut self) -> Result<(Bytes, u64)> {
         loop {
+            if let Some(why) = self.resubscribe_due.take() {
+                let cause = Error::Protocol(why.clone());
+                if let Err(e) = self.resubscribe(&cause).await {
+                    self.resubscribe_due = Some(why);
+                    if !e.is_retriable() {
+                        return Err(e);
+                    }
+                    self.wait_before_retry(e).await?;
+                }
+                continue;
+            }
             let e = match self.pushes.recv().await {
                 Some(Ok(frame)) => {
-                    let next = frame
+                    let reported_next = frame
                         .response()
                         .body_as_push()
                         .ok_or_else(|| Error::Protocol("expected a push".into()))?
                         .next_offset();
-                    let from = std::mem::replace(&mut self.next, next);
                     let payload = frame.payload_bytes();
-                    self.resubscribes = 0;
                     self.consumed(payload.len() as u64);
+                    if self.check_crcs {
+                        if let Err(e) = verify_batches(&self.topic, self.partition, &payload) {
+                            self.resubscribe_due = Some(e.to_string());
+                            return Err(e);
+                        }
+                    }
+                    let from = self.next;
+                    self.next = self.next.max(next_after(&payload, reported_next));
+                    self.retry = None;
                     return Ok((payload, from));
                 }
                 Some(Err(e)) => e,
                 None => Error::Closed,
             };
-            if !e.is_retriable() {
+            if self.ended {
+                return Err(e);
+            }
+            if !(e.is_retriable() || e.is_unknown_placement()) {
                 self.ended = true;
                 return Err(e);
             }
-            if self.ended || self.resubscribes >= self.retries {
-                return Err(e);
+            if self.subscribed_at.elapsed() >= self.policy.backoff_max {
+                // The last subscription lasted: this is a new outage.
+                self.retry = None;
             }
-            self.resubscribe(&e).await?;
+            let mut cause = e;
+            loop {
+                let at_once =
+                    self.client
+                        .reroute(&self.topic, self.partition, Some(self.conn.addr), &cause);
+                self.wait_before_retry_at(cause, at_once).await?;
+                match self.resubscribe_once().await {
+                    Ok(()) => break,
+                    Err(e) if e.is_retriable() || e.is_unknown_placement() => cause = e,
+                    Err(e) => {
+                        self.ended = true;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Backs off before the next re-subscribe, or gives `cause` back once
+    /// the partition has been unavailable too long.
+    async fn wait_before_retry(&mut self, cause: Error) -> Result<()> {
+        self.wait_before_retry_at(cause, false).await
+    }
+
+    async fn wait_before_retry_at(&mut self, cause: Error, at_once: bool) -> Result<()> {
+        let policy = self.policy;
+        let retry = self.retry.get_or_insert_with(|| Retrier::new(policy));
+        match retry.next_wait(at_once) {
+            Some(wait) => {
+                tracing::debug!(topic = %self.topic, partition = self.partition, error = %cause, ?wait, "push subscription lost; subscribing again");
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            None => {
+                self.ended = true;
+                Err(cause)
+            }
         }
     }
 
     /// Subscribes again from the next undelivered offset, at the leader as
-    /// metadata knows it after `cause`.
+    /// metadata knows it after `cause`, retrying as the policy says.
     async fn resubscribe(&mut self, cause: &Error) -> Result<()> {
-        self.resubscribes += 1;
-        let at_once = self
-            .client
+        self.client
             .reroute(&self.topic, self.partition, Some(self.conn.addr), cause);
-        if !at_once {
-            tokio::time::sleep(self.retry_backoff * self.resubscribes).await;
-        }
-        let (conn, id) = subscribe_request(
-            &self.client,
-            &self.topic,
+        self.resubscribe_once().await
+    }
+
+    /// One subscribe at the partition's leader from `next`; on success the
+    /// new subscription replaces the old one.
+    async fn resubscribe_once(&mut self) -> Result<()> {
+        let (topic, partition, offset, credit) = (
+            self.topic.clone(),
             self.partition,
             self.next,
             self.initial_credit,
-            self.retries,
-            self.retry_backoff,
-        )
-        .await?;
+        );
+        let (r, _) = self
+            .client
+            .attempt(&topic, partition, Duration::ZERO, &mut |conn| {
+                let topic = topic.clone();
+                async move { subscribe_on(conn, &topic, partition, offset, credit).await }
+            })
+            .await;
+        let (conn, id) = r?;
         tracing::info!(
             topic = %self.topic,
             partition = self.partition,
             offset = self.next,
             broker = %conn.addr,
-            error = %cause,
             "push subscription re-subscribed"
         );
         let pushes = conn.register_push(id);
@@ -763,6 +1012,7 @@ impl Subscription {
         self.id = id;
         self.pushes = pushes;
         self.owed_bytes = 0;
+        self.subscribed_at = Instant::now();
         Ok(())
     }
 

@@ -39,6 +39,22 @@ pub enum Error {
     /// be accepted, however long it waited.
     #[error("a record of {bytes} bytes cannot fit the producer's buffer of {bytes_max} bytes")]
     RecordTooLarge { bytes: usize, bytes_max: usize },
+    /// A record was not acknowledged, for a reason the broker did not give
+    /// (the connection, no broker reachable, ...) and retries did not
+    /// cure: the message says what the last attempt met.
+    #[error("not acknowledged: {0}")]
+    Undelivered(String),
+    /// A batch read from the broker failed its CRC or its record framing:
+    /// the bytes are not what the producer wrote. Nothing of it was
+    /// delivered, and the position stays before it.
+    #[error("corrupt batch in {topic}-{partition} at offset {offset}: {source}")]
+    Corrupt {
+        topic: String,
+        partition: u32,
+        /// The batch's base offset.
+        offset: u64,
+        source: shoal_wire::BatchError,
+    },
 }
 
 /// Where a partition's leader is, as a broker that is not its leader
@@ -63,9 +79,15 @@ impl Error {
         }
     }
 
-    /// Whether retrying the same request may succeed.
+    /// Whether retrying the same request may succeed (after a metadata
+    /// refresh where [`Self::is_routing`] says so).
     pub fn is_retriable(&self) -> bool {
         match self {
+            // A stale leader epoch: the leader moved; the request is fine.
+            Error::Broker {
+                code: ErrorCode::FencedLeaderEpoch,
+                ..
+            } => true,
             Error::Broker { code, .. } => code.is_retriable(),
             Error::NotLeader { .. } | Error::Discovery(_) => true,
             Error::Io(_) | Error::Closed | Error::Connect { .. } | Error::BufferFull { .. } => true,
@@ -85,6 +107,7 @@ impl Error {
             Error::Broker { code, .. } => matches!(
                 code,
                 ErrorCode::NotOwner
+                    | ErrorCode::NotLeader
                     | ErrorCode::LeaderNotAvailable
                     | ErrorCode::ClusterUnavailable
                     | ErrorCode::FencedLeaderEpoch
@@ -94,5 +117,15 @@ impl Error {
             ),
             _ => false,
         }
+    }
+
+    /// The broker does not know the topic or partition: worth one retry
+    /// after a metadata refresh (the request may have gone to a broker
+    /// that no longer holds it), not more.
+    pub(crate) fn is_unknown_placement(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
+        )
     }
 }

@@ -9,14 +9,24 @@
 //! it, and refuse produce, fetch and subscribe for partitions they do not
 //! lead with `NotLeader` (with or without a leader hint), or
 //! `LeaderNotAvailable` while a partition is offline.
+//!
+//! Stored batches live in a [`FakeLog`] per partition, shared by every
+//! member of a cluster: when leadership moves, the new leader has what the
+//! old one stored (as with `acks=all`), unless a test truncates it (a lost
+//! `acks=leader` tail). The log keeps idempotent producers' state as the
+//! broker does (the last few batches per producer id): a retry of a stored
+//! batch is answered with its original offsets and `duplicate`, a gap with
+//! `OutOfOrderSequence`. Fetches read the log; subscriptions are pushed
+//! what it holds and what is appended, within their credit. A script per
+//! request type fails, drops or ignores the next requests.
 // A kit: each test uses the few knobs it needs.
 #![allow(dead_code)]
 
 use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
-use shoal_wire::batch::{BatchHeader, Batches};
+use shoal_wire::batch::{validate_batch, BatchHeader, Batches, Records};
 use shoal_wire::frame::{self, Check};
 use shoal_wire::{fb, ErrorCode};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,6 +53,192 @@ pub(crate) struct ProduceCall {
     pub port: u16,
     /// Stored (false: refused, e.g. with NotLeader).
     pub accepted: bool,
+    /// Every batch was already stored (an idempotent retry).
+    pub duplicate: bool,
+}
+
+/// What the fake does with the next request of a kind, instead of its
+/// usual answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scripted {
+    /// Answers with this error (`NotLeader` without a hint); stores nothing.
+    Fail(ErrorCode),
+    /// Closes the connection before storing anything.
+    DropBeforeStore,
+    /// Stores the batches, then closes the connection without answering.
+    DropAfterStore,
+    /// Stores the batches and never answers (a hung broker).
+    StoreAndIgnore,
+}
+
+/// The request types a script applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Api {
+    Metadata,
+    Produce,
+    Fetch,
+    Subscribe,
+}
+
+/// Batches remembered per idempotent producer (the broker's
+/// `PRODUCER_BATCHES_KEPT`).
+pub(crate) const FAKE_PRODUCER_BATCHES_KEPT: usize = 5;
+
+/// Adds `n` to a sequence number, wrapping from `i32::MAX` to 0 (sequences
+/// are never negative: a negative one means "no sequence").
+pub(crate) fn seq_add(seq: i32, n: i64) -> i32 {
+    ((i64::from(seq) + n).rem_euclid(1 << 31)) as i32
+}
+
+#[derive(Debug, Clone, Copy)]
+struct StoredSeq {
+    first_seq: i32,
+    last_seq: i32,
+    base_offset: u64,
+    last_offset: u64,
+}
+
+#[derive(Debug, Default)]
+struct FakeProducer {
+    epoch: i16,
+    batches: VecDeque<StoredSeq>,
+}
+
+/// One partition's log.
+#[derive(Debug, Default)]
+pub(crate) struct FakeLog {
+    /// Stored batches, base offsets set.
+    pub batches: Vec<Vec<u8>>,
+    pub next_offset: u64,
+    producers: HashMap<i64, FakeProducer>,
+}
+
+/// A batch appended (or recognised as stored already): base offset, last
+/// offset, duplicate.
+type AppendOk = (u64, u64, bool);
+
+impl FakeLog {
+    /// Appends one valid batch, or answers a retry of a stored one with its
+    /// offsets, or refuses a sequence gap.
+    fn append(&mut self, batch: &[u8]) -> Result<AppendOk, (ErrorCode, String)> {
+        let h = BatchHeader::decode(batch).map_err(|e| (ErrorCode::CorruptBatch, e.to_string()))?;
+        let count = i64::from(h.record_count);
+        if h.is_idempotent() {
+            let last_seq = seq_add(h.base_sequence, count - 1);
+            if let Some(p) = self.producers.get(&h.producer_id) {
+                if h.producer_epoch < p.epoch {
+                    return Err((ErrorCode::OutOfOrderSequence, "fenced epoch (fake)".into()));
+                }
+                if h.producer_epoch == p.epoch {
+                    if let Some(b) = p
+                        .batches
+                        .iter()
+                        .find(|b| b.first_seq == h.base_sequence && b.last_seq == last_seq)
+                    {
+                        return Ok((b.base_offset, b.last_offset, true));
+                    }
+                    let expected = p.batches.back().map_or(0, |b| seq_add(b.last_seq, 1));
+                    if h.base_sequence != expected {
+                        return Err((
+                            ErrorCode::OutOfOrderSequence,
+                            format!(
+                                "producer {}: expected sequence {expected}, got {} (fake)",
+                                h.producer_id, h.base_sequence
+                            ),
+                        ));
+                    }
+                }
+            }
+            let base = self.next_offset;
+            let p = self.producers.entry(h.producer_id).or_default();
+            if p.epoch != h.producer_epoch {
+                p.epoch = h.producer_epoch;
+                p.batches.clear();
+            }
+            if p.batches.len() == FAKE_PRODUCER_BATCHES_KEPT {
+                p.batches.pop_front();
+            }
+            p.batches.push_back(StoredSeq {
+                first_seq: h.base_sequence,
+                last_seq,
+                base_offset: base,
+                last_offset: base + h.record_count as u64 - 1,
+            });
+        }
+        let base = self.next_offset;
+        let mut stored = batch.to_vec();
+        shoal_wire::batch::set_base_offset(&mut stored, base);
+        self.batches.push(stored);
+        self.next_offset = base + u64::from(h.record_count);
+        Ok((base, self.next_offset - 1, false))
+    }
+
+    /// Whole batches from the one holding `from`, at least one, up to
+    /// `max_bytes`; and the offset after the last.
+    fn read(&self, from: u64, max_bytes: usize) -> (Vec<u8>, u64) {
+        let mut out = Vec::new();
+        let mut next = from;
+        for b in &self.batches {
+            let Ok(h) = BatchHeader::decode(b) else {
+                continue;
+            };
+            if h.next_offset() <= from {
+                continue;
+            }
+            if !out.is_empty() && out.len() + b.len() > max_bytes {
+                break;
+            }
+            out.extend_from_slice(b);
+            next = h.next_offset();
+        }
+        (out, next)
+    }
+
+    /// The first offset of the first batch with a record at or after `ts`,
+    /// or the end.
+    fn offset_for_timestamp(&self, ts: i64) -> u64 {
+        self.batches
+            .iter()
+            .filter_map(|b| BatchHeader::decode(b).ok())
+            .find(|h| h.max_timestamp_ms >= ts)
+            .map_or(self.next_offset, |h| h.base_offset)
+    }
+
+    /// Loses every batch from `offset` on (a leader's unreplicated tail),
+    /// with what the producers' state says about them.
+    pub fn truncate(&mut self, offset: u64) {
+        self.batches
+            .retain(|b| BatchHeader::decode(b).is_ok_and(|h| h.base_offset < offset));
+        self.next_offset = self.next_offset.min(offset);
+        self.producers.retain(|_, p| {
+            p.batches.retain(|b| b.last_offset < offset);
+            !p.batches.is_empty()
+        });
+    }
+
+    /// Every stored record: offset and value.
+    pub fn records(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for b in &self.batches {
+            let Ok(h) = BatchHeader::decode(b) else {
+                continue;
+            };
+            for r in Records::new(b).flatten() {
+                out.push((
+                    h.base_offset + u64::from(r.offset_delta),
+                    r.value.unwrap_or_default().to_vec(),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Logs by (topic, partition).
+pub(crate) type Logs = Arc<Mutex<HashMap<(String, u32), FakeLog>>>;
+
+fn logs_lock(l: &Logs) -> std::sync::MutexGuard<'_, HashMap<(String, u32), FakeLog>> {
+    l.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Where one partition is led, as a [`FakeCluster`] knows it.
@@ -83,10 +279,11 @@ pub(crate) struct ClusterView {
     pub stale_metadata: u32,
 }
 
-/// Fakes sharing one view of a cluster.
+/// Fakes sharing one view of a cluster, and its logs.
 #[derive(Clone, Default)]
 pub(crate) struct FakeCluster {
     pub view: Arc<Mutex<ClusterView>>,
+    pub logs: Logs,
 }
 
 impl FakeCluster {
@@ -139,6 +336,26 @@ impl FakeCluster {
     pub fn member(&self, id: u32) -> Option<FakeMember> {
         self.with(|v| v.members.iter().find(|m| m.id == id).cloned())
     }
+
+    /// Moves `topic`/`partition` to `leader` with a new leader epoch.
+    pub fn move_leader(&self, topic: &str, partition: u32, leader: u32) {
+        self.place(topic, partition, |p| {
+            p.leader = leader;
+            p.leader_epoch += 1;
+            p.offline = false;
+        });
+    }
+
+    /// Takes broker `id` out of the live brokers metadata lists.
+    pub fn remove_member(&self, id: u32) {
+        self.with(|v| v.members.retain(|m| m.id != id));
+    }
+
+    pub fn log<T>(&self, topic: &str, partition: u32, f: impl FnOnce(&mut FakeLog) -> T) -> T {
+        f(logs_lock(&self.logs)
+            .entry((topic.to_string(), partition))
+            .or_default())
+    }
 }
 
 impl ProduceCall {
@@ -152,7 +369,18 @@ struct Held {
     corr: u32,
     topic: String,
     partition: u32,
-    records: u64,
+    payload: Vec<u8>,
+}
+
+/// A push subscription the fake feeds from its log.
+struct FakeSub {
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    topic: String,
+    partition: u32,
+    /// Next offset to push.
+    next: u64,
+    granted_bytes: u64,
+    pushed_bytes: u64,
 }
 
 #[derive(Default)]
@@ -167,13 +395,18 @@ struct State {
     produce_mode: Option<ProduceMode>,
     produces: Vec<ProduceCall>,
     held: Vec<Held>,
-    offsets: HashMap<(String, u32), u64>,
-    subs: HashMap<u64, mpsc::UnboundedSender<Vec<u8>>>,
+    logs: Logs,
+    scripts: HashMap<Api, VecDeque<Scripted>>,
+    subs: HashMap<u64, FakeSub>,
+    subs_made: u64,
     grants: Vec<(u64, u64)>,
     /// Grants are recorded but never answered.
     grants_unanswered: bool,
     /// Connections stop reading requests (their socket buffers fill up).
     reading_paused: bool,
+    /// The next produce that stores several batches gets another
+    /// producer's batch between each two of them.
+    interleave_next: bool,
     subscribe_credits: Vec<u64>,
     connections: usize,
     metadata_requests: usize,
@@ -241,6 +474,7 @@ impl FakeBroker {
             let mut st = lock(&fake.state);
             st.id = id;
             st.cluster = Some(cluster.clone());
+            st.logs = cluster.logs.clone();
             st.shard_ports = vec![shard_port];
         }
         cluster.with(|v| {
@@ -343,14 +577,108 @@ impl FakeBroker {
         }
         let h = st.held.remove(0);
         let frame = match code {
-            None => {
-                let base = assign(&mut st, &h.topic, h.partition, h.records);
-                produce_ok(h.corr, base, h.records)
-            }
+            None => match store(&mut st, &h.topic, h.partition, &h.payload) {
+                Ok((base, last, dup)) => produce_ok(h.corr, base, last, dup),
+                Err((c, m)) => error(h.corr, c, &m),
+            },
             Some(c) => error(h.corr, c, "failed by the test"),
         };
         let _ = h.out.send(frame);
         true
+    }
+
+    /// The next `n` requests of `api` get `what` instead of their answer
+    /// (after whatever was scripted before).
+    pub fn script(&self, api: Api, what: Scripted, n: usize) {
+        let mut st = lock(&self.state);
+        let q = st.scripts.entry(api).or_default();
+        q.extend(std::iter::repeat_n(what, n));
+    }
+
+    /// The next produce of several batches is stored with another
+    /// producer's batch between each two (two connections' appends
+    /// interleaved on the broker).
+    pub fn interleave_next_produce(&self) {
+        lock(&self.state).interleave_next = true;
+    }
+
+    /// Drops what is left of `api`'s script.
+    pub fn clear_script(&self, api: Api) {
+        lock(&self.state).scripts.remove(&api);
+    }
+
+    /// Scripted answers not yet used.
+    pub fn scripted_left(&self, api: Api) -> usize {
+        lock(&self.state).scripts.get(&api).map_or(0, VecDeque::len)
+    }
+
+    /// What this fake has stored in `topic`/`partition` (shared with its
+    /// cluster): offset and value of every record.
+    pub fn records(&self, topic: &str, partition: u32) -> Vec<(u64, Vec<u8>)> {
+        let logs = lock(&self.state).logs.clone();
+        let mut l = logs_lock(&logs);
+        l.entry((topic.to_string(), partition))
+            .or_default()
+            .records()
+    }
+
+    /// Flips one byte inside stored batch number `index` of
+    /// `topic`/`partition`, past its header: its CRC no longer matches (a
+    /// second flip mends it).
+    pub fn flip_byte(&self, topic: &str, partition: u32, index: usize) {
+        let logs = lock(&self.state).logs.clone();
+        let mut l = logs_lock(&logs);
+        let log = l.entry((topic.to_string(), partition)).or_default();
+        let b = &mut log.batches[index];
+        let at = b.len() - 1;
+        b[at] ^= 0x40;
+    }
+
+    /// Stores `values` in `topic`/`partition` as one batch, as another
+    /// producer would, and pushes it to this fake's subscribers.
+    pub fn append(&self, topic: &str, partition: u32, values: &[&[u8]]) {
+        let batch = shoal_wire::batch::build_batch(values, 1);
+        let mut st = lock(&self.state);
+        let _ = store(&mut st, topic, partition, &batch);
+    }
+
+    /// Ends every push subscription with `code`, as a broker that stopped
+    /// leading: `tagged` names the subscription in the answer (a Push body),
+    /// else the error goes to the whole connection as the broker does it
+    /// today.
+    pub fn end_subscriptions(&self, code: ErrorCode, tagged: bool) {
+        let ids: Vec<u64> = lock(&self.state).subs.keys().copied().collect();
+        for id in ids {
+            self.end_subscription(id, code, tagged);
+        }
+    }
+
+    /// Ends one push subscription with `code` (see
+    /// [`Self::end_subscriptions`]).
+    pub fn end_subscription(&self, id: u64, code: ErrorCode, tagged: bool) {
+        let mut st = lock(&self.state);
+        if let Some(sub) = st.subs.remove(&id) {
+            let frame = response(
+                0,
+                Some((code, "subscription ended (fake)")),
+                |fbb| {
+                    if !tagged {
+                        return (fb::ResponseBody::NONE, None);
+                    }
+                    let b = fb::Push::create(
+                        fbb,
+                        &fb::PushArgs {
+                            subscription_id: id,
+                            high_watermark: 0,
+                            next_offset: 0,
+                        },
+                    );
+                    (fb::ResponseBody::Push, Some(b.as_union_value()))
+                },
+                &[],
+            );
+            let _ = sub.out.send(frame);
+        }
     }
 
     /// Waits until `n` produces are held.
@@ -366,14 +694,15 @@ impl FakeBroker {
 
     /// Subscriptions made so far (their ids are 1, 2, ...).
     pub fn subscriptions(&self) -> usize {
-        lock(&self.state).subs.len()
+        lock(&self.state).subs_made as usize
     }
 
-    /// Sends a push of `payload` for `subscription`.
+    /// Sends a push of `payload` for `subscription`, outside the log and
+    /// its credit.
     pub fn push(&self, subscription: u64, payload: &[u8], next_offset: u64) {
         let st = lock(&self.state);
-        let out = st.subs.get(&subscription).expect("a known subscription");
-        let _ = out.send(response(
+        let sub = st.subs.get(&subscription).expect("a known subscription");
+        let _ = sub.out.send(response(
             0,
             None,
             |fbb| {
@@ -392,14 +721,95 @@ impl FakeBroker {
     }
 }
 
-fn assign(st: &mut State, topic: &str, partition: u32, records: u64) -> u64 {
-    let next = st
-        .offsets
-        .entry((topic.to_string(), partition))
-        .or_insert(0);
-    let base = *next;
-    *next += records;
-    base
+/// Stores every batch of a produce's payload, in order, as the broker
+/// does: all are checked first, then appended one by one, so a refused
+/// sequence leaves the batches before it stored. Pushes what was stored to
+/// this fake's subscribers.
+fn store(
+    st: &mut State,
+    topic: &str,
+    partition: u32,
+    payload: &[u8],
+) -> Result<AppendOk, (ErrorCode, String)> {
+    let mut batches = Vec::new();
+    for b in Batches::new(payload, usize::MAX) {
+        let (_, bytes) = b.map_err(|e| (ErrorCode::CorruptBatch, e.to_string()))?;
+        validate_batch(bytes, usize::MAX).map_err(|e| (ErrorCode::CorruptBatch, e.to_string()))?;
+        batches.push(bytes);
+    }
+    if batches.is_empty() {
+        return Err((ErrorCode::MalformedRequest, "no batch (fake)".into()));
+    }
+    let logs = st.logs.clone();
+    let r = {
+        let mut l = logs_lock(&logs);
+        let log = l.entry((topic.to_string(), partition)).or_default();
+        let mut result: Option<AppendOk> = None;
+        let mut failed = None;
+        let interleave = batches.len() > 1 && std::mem::take(&mut st.interleave_next);
+        for (i, b) in batches.into_iter().enumerate() {
+            if interleave && i > 0 {
+                // Another connection's batch lands between this request's.
+                let _ = log.append(&shoal_wire::batch::build_batch(&[&b"between"[..]], 1));
+            }
+            match log.append(b) {
+                Ok((base, last, dup)) => {
+                    let r = result.get_or_insert((base, last, true));
+                    r.1 = last;
+                    r.2 &= dup;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => result.ok_or((ErrorCode::MalformedRequest, "no batch (fake)".into())),
+        }
+    };
+    pump(st, Some((topic, partition)));
+    r
+}
+
+/// Pushes stored batches to the subscriptions of `only` (all if `None`)
+/// while they have credit left (one push may overrun it, as the broker's
+/// may).
+fn pump(st: &mut State, only: Option<(&str, u32)>) {
+    let logs = st.logs.clone();
+    let mut l = logs_lock(&logs);
+    for (&id, sub) in st.subs.iter_mut() {
+        if only.is_some_and(|(t, p)| (t, p) != (sub.topic.as_str(), sub.partition)) {
+            continue;
+        }
+        let log = l.entry((sub.topic.clone(), sub.partition)).or_default();
+        while sub.pushed_bytes < sub.granted_bytes && sub.next < log.next_offset {
+            let (payload, next) = log.read(sub.next, 1);
+            if payload.is_empty() {
+                break;
+            }
+            sub.pushed_bytes += payload.len() as u64;
+            sub.next = next;
+            let frame = response(
+                0,
+                None,
+                |fbb| {
+                    let b = fb::Push::create(
+                        fbb,
+                        &fb::PushArgs {
+                            subscription_id: id,
+                            high_watermark: log.next_offset,
+                            next_offset: next,
+                        },
+                    );
+                    (fb::ResponseBody::Push, Some(b.as_union_value()))
+                },
+                &payload,
+            );
+            let _ = sub.out.send(frame);
+        }
+    }
 }
 
 /// A leader hint: broker id, host, port, leader epoch.
@@ -467,7 +877,7 @@ fn error(corr: u32, code: ErrorCode, message: &str) -> Vec<u8> {
     )
 }
 
-fn produce_ok(corr: u32, base: u64, records: u64) -> Vec<u8> {
+fn produce_ok(corr: u32, base: u64, last: u64, duplicate: bool) -> Vec<u8> {
     response(
         corr,
         None,
@@ -476,8 +886,8 @@ fn produce_ok(corr: u32, base: u64, records: u64) -> Vec<u8> {
                 fbb,
                 &fb::ProduceResponseArgs {
                     base_offset: base,
-                    last_offset: (base + records).saturating_sub(1),
-                    duplicate: false,
+                    last_offset: last,
+                    duplicate,
                 },
             );
             (fb::ResponseBody::ProduceResponse, Some(b.as_union_value()))
@@ -666,7 +1076,21 @@ fn not_leader(corr: u32, st: &State, topic: &str, partition: u32) -> Option<Vec<
     })
 }
 
-fn fetch_ok(corr: u32, next_offset: u64) -> Vec<u8> {
+/// A fetch from the log: from `offset` (or the first batch at or after a
+/// timestamp), whole batches up to `max_bytes`. Past the end: nothing, and
+/// the next offset is the one asked for.
+fn fetch_ok(corr: u32, st: &State, f: &fb::FetchRequest<'_>) -> Vec<u8> {
+    let mut l = logs_lock(&st.logs);
+    let log = l
+        .entry((f.topic().unwrap_or("").to_string(), f.partition()))
+        .or_default();
+    let offset = if f.by_timestamp() {
+        log.offset_for_timestamp(f.timestamp_ms())
+    } else {
+        f.offset()
+    };
+    let (payload, next_offset) = log.read(offset, f.max_bytes() as usize);
+    let high_watermark = log.next_offset;
     response(
         corr,
         None,
@@ -674,14 +1098,15 @@ fn fetch_ok(corr: u32, next_offset: u64) -> Vec<u8> {
             let b = fb::FetchResponse::create(
                 fbb,
                 &fb::FetchResponseArgs {
-                    high_watermark: next_offset,
+                    high_watermark,
                     log_start_offset: 0,
                     next_offset,
+                    ..Default::default()
                 },
             );
             (fb::ResponseBody::FetchResponse, Some(b.as_union_value()))
         },
-        &[],
+        &payload,
     )
 }
 
@@ -704,12 +1129,24 @@ fn empty_ok(corr: u32, body_type: fb::ResponseBody) -> Vec<u8> {
     )
 }
 
+/// What a request's script says, if anything is scripted for `api`.
+fn scripted(st: &mut State, api: Api) -> Option<Scripted> {
+    st.scripts.get_mut(&api).and_then(VecDeque::pop_front)
+}
+
+/// Frames the writer task takes as "close the connection".
+const CLOSE: Vec<u8> = Vec::new();
+
 async fn serve(s: tokio::net::TcpStream, st: Arc<Mutex<State>>) {
     let port = s.local_addr().map_or(0, |a| a.port());
     let (mut r, mut w) = s.into_split();
     let (out, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     tokio::spawn(async move {
         while let Some(f) = out_rx.recv().await {
+            if f.is_empty() {
+                let _ = w.shutdown().await;
+                return;
+            }
             if w.write_all(&f).await.is_err() {
                 return;
             }
@@ -739,81 +1176,166 @@ async fn serve(s: tokio::net::TcpStream, st: Arc<Mutex<State>>) {
         let payload = &frame[parts.payload.clone()];
         let corr = req.correlation_id();
         let mut st = lock(&st);
+        let mut close = false;
         let reply = if req.body_as_metadata_request().is_some() {
             st.metadata_requests += 1;
-            Some(metadata(corr, &st, port))
+            match scripted(&mut st, Api::Metadata) {
+                Some(Scripted::Fail(code)) => Some(error(corr, code, "scripted (fake)")),
+                Some(_) => {
+                    close = true;
+                    None
+                }
+                None => Some(metadata(corr, &st, port)),
+            }
         } else if let Some(p) = req.body_as_produce_request() {
             let topic = p.topic().unwrap_or("").to_string();
             let headers: Vec<BatchHeader> = Batches::new(payload, usize::MAX)
                 .filter_map(|b| b.ok().map(|(h, _)| h))
                 .collect();
-            let records: u64 = headers.iter().map(|h| u64::from(h.record_count)).sum();
             let refused = not_leader(corr, &st, &topic, p.partition());
-            st.produces.push(ProduceCall {
+            let mut call = ProduceCall {
                 partition: p.partition(),
                 headers,
                 port,
-                accepted: refused.is_none(),
-            });
-            if let Some(e) = refused {
+                accepted: false,
+                duplicate: false,
+            };
+            let reply = if let Some(e) = refused {
                 Some(e)
             } else {
-                match st.produce_mode.unwrap_or(ProduceMode::Ack) {
-                    ProduceMode::Ack => {
-                        let base = assign(&mut st, &topic, p.partition(), records);
-                        Some(produce_ok(corr, base, records))
-                    }
-                    ProduceMode::Fail(code) => Some(error(corr, code, "failed by the test")),
-                    ProduceMode::Hold => {
-                        st.held.push(Held {
-                            out: out.clone(),
-                            corr,
-                            topic,
-                            partition: p.partition(),
-                            records,
-                        });
+                match scripted(&mut st, Api::Produce) {
+                    Some(Scripted::Fail(code)) => Some(error(corr, code, "scripted (fake)")),
+                    Some(Scripted::DropBeforeStore) => {
+                        close = true;
                         None
                     }
+                    Some(what @ (Scripted::DropAfterStore | Scripted::StoreAndIgnore)) => {
+                        let r = store(&mut st, &topic, p.partition(), payload);
+                        call.accepted = r.is_ok();
+                        call.duplicate = r.is_ok_and(|r| r.2);
+                        close = what == Scripted::DropAfterStore;
+                        None
+                    }
+                    None => match st.produce_mode.unwrap_or(ProduceMode::Ack) {
+                        ProduceMode::Ack => {
+                            let r = store(&mut st, &topic, p.partition(), payload);
+                            call.accepted = r.is_ok();
+                            Some(match r {
+                                Ok((base, last, dup)) => {
+                                    call.duplicate = dup;
+                                    produce_ok(corr, base, last, dup)
+                                }
+                                Err((code, m)) => error(corr, code, &m),
+                            })
+                        }
+                        ProduceMode::Fail(code) => Some(error(corr, code, "failed by the test")),
+                        ProduceMode::Hold => {
+                            call.accepted = true;
+                            st.held.push(Held {
+                                out: out.clone(),
+                                corr,
+                                topic,
+                                partition: p.partition(),
+                                payload: payload.to_vec(),
+                            });
+                            None
+                        }
+                    },
                 }
-            }
+            };
+            st.produces.push(call);
+            reply
         } else if let Some(f) = req.body_as_fetch_request() {
             st.fetches.push((f.partition(), port));
-            not_leader(corr, &st, f.topic().unwrap_or(""), f.partition())
-                .or_else(|| Some(fetch_ok(corr, f.offset())))
+            match not_leader(corr, &st, f.topic().unwrap_or(""), f.partition()) {
+                Some(e) => Some(e),
+                None => match scripted(&mut st, Api::Fetch) {
+                    Some(Scripted::Fail(code)) => Some(error(corr, code, "scripted (fake)")),
+                    Some(Scripted::StoreAndIgnore) => None,
+                    Some(Scripted::DropBeforeStore | Scripted::DropAfterStore) => {
+                        close = true;
+                        None
+                    }
+                    None => Some(fetch_ok(corr, &st, &f)),
+                },
+            }
         } else if let Some(s) = req.body_as_subscribe_request() {
             st.subscribes.push((s.partition(), port, s.offset()));
-            not_leader(corr, &st, s.topic().unwrap_or(""), s.partition()).or_else(|| {
-                let id = st.subs.len() as u64 + 1;
-                st.subs.insert(id, out.clone());
-                st.subscribe_credits.push(s.credit_bytes());
-                Some(response(
-                    corr,
-                    None,
-                    |fbb| {
-                        let b = fb::SubscribeResponse::create(
-                            fbb,
-                            &fb::SubscribeResponseArgs {
-                                subscription_id: id,
+            let topic = s.topic().unwrap_or("").to_string();
+            match not_leader(corr, &st, &topic, s.partition()) {
+                Some(e) => Some(e),
+                None => match scripted(&mut st, Api::Subscribe) {
+                    Some(Scripted::Fail(code)) => Some(error(corr, code, "scripted (fake)")),
+                    Some(Scripted::StoreAndIgnore) => None,
+                    Some(Scripted::DropBeforeStore | Scripted::DropAfterStore) => {
+                        close = true;
+                        None
+                    }
+                    None => {
+                        st.subs_made += 1;
+                        let id = st.subs_made;
+                        st.subs.insert(
+                            id,
+                            FakeSub {
+                                out: out.clone(),
+                                topic,
+                                partition: s.partition(),
+                                next: s.offset(),
+                                granted_bytes: s.credit_bytes(),
+                                pushed_bytes: 0,
                             },
                         );
-                        (
-                            fb::ResponseBody::SubscribeResponse,
-                            Some(b.as_union_value()),
-                        )
-                    },
-                    &[],
-                ))
-            })
+                        st.subscribe_credits.push(s.credit_bytes());
+                        // Answered before anything is pushed: the client
+                        // routes pushes once it has the answer.
+                        let _ = out.send(response(
+                            corr,
+                            None,
+                            |fbb| {
+                                let b = fb::SubscribeResponse::create(
+                                    fbb,
+                                    &fb::SubscribeResponseArgs {
+                                        subscription_id: id,
+                                    },
+                                );
+                                (
+                                    fb::ResponseBody::SubscribeResponse,
+                                    Some(b.as_union_value()),
+                                )
+                            },
+                            &[],
+                        ));
+                        pump(&mut st, None);
+                        None
+                    }
+                },
+            }
         } else if let Some(g) = req.body_as_grant_credit_request() {
             st.grants.push((g.subscription_id(), g.bytes()));
-            (!st.grants_unanswered).then(|| empty_ok(corr, fb::ResponseBody::GrantCreditResponse))
-        } else if req.body_as_unsubscribe_request().is_some() {
+            if let Some(sub) = st.subs.get_mut(&g.subscription_id()) {
+                sub.granted_bytes += g.bytes();
+            }
+            let answer = (!st.grants_unanswered)
+                .then(|| empty_ok(corr, fb::ResponseBody::GrantCreditResponse));
+            if let Some(a) = answer {
+                let _ = out.send(a);
+            }
+            pump(&mut st, None);
+            None
+        } else if let Some(u) = req.body_as_unsubscribe_request() {
+            st.subs.remove(&u.subscription_id());
             Some(empty_ok(corr, fb::ResponseBody::UnsubscribeResponse))
         } else {
             Some(error(corr, ErrorCode::UnsupportedApi, "not in the fake"))
         };
         if let Some(f) = reply {
             let _ = out.send(f);
+        }
+        if close {
+            st.subs.retain(|_, s| !s.out.same_channel(&out));
+            st.held.retain(|h| !h.out.same_channel(&out));
+            let _ = out.send(CLOSE);
+            return;
         }
     }
 }

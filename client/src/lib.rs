@@ -17,6 +17,29 @@
 //!   consume, metrics, cluster status).
 //! - [`connection`]: one TCP connection, requests multiplexed by
 //!   correlation id.
+//! - `retry`: the retry policy every partition request follows through a
+//!   failover (exponential backoff with jitter, bounded by a timeout).
+//!
+//! # Failover (L3)
+//! A partition's leader may move or die at any moment. The client treats
+//! `NotLeader`, `LeaderNotAvailable`, `NotEnoughReplicas`,
+//! `ClusterUnavailable`, `FencedLeaderEpoch`, a refused connect, a
+//! connection lost mid-request and a request unanswered within
+//! [`ClientConfig::request_timeout`] alike: it learns where the leader is
+//! now (the `NotLeader` hint, else fresh metadata), backs off (50 ms
+//! doubling to 1 s, jittered; none after a hint) and tries again.
+//! - The [`Producer`] retries each batch with the same producer id and
+//!   sequence until [`ProducerConfig::delivery_timeout`] (120 s): a batch
+//!   the old leader stored before the connection dropped is answered as a
+//!   duplicate with its original offsets, never stored twice; batches of a
+//!   partition stay in order. Only [`Acks::All`] promises that an
+//!   acknowledged record survives a failover.
+//! - The [`Consumer`] and push [`Subscription`]s resume at the new leader
+//!   from the first offset not yet delivered: no error, no record twice,
+//!   none skipped. An error surfaces only once a partition has been
+//!   unavailable for [`ConsumerConfig::unavailable_max`] (120 s). Every
+//!   batch received is checked against its CRC ([`Error::Corrupt`]).
+//! - `shoal produce` exits 0 only if every input line was acknowledged.
 //!
 //! ```no_run
 //! # async fn demo() -> shoal_client::Result<()> {
@@ -42,8 +65,11 @@ pub mod consumer;
 pub mod discovery;
 pub mod error;
 #[cfg(test)]
+mod failover_tests;
+#[cfg(test)]
 mod fake_broker;
 pub mod producer;
+pub(crate) mod retry;
 
 pub use client::{
     BrokerInfo, Client, ClientConfig, ClusterInfo, DiscoverySource, NewTopic, PartitionInfo,

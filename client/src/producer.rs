@@ -11,6 +11,27 @@
 //! error carries the same producer id and sequence and the broker never
 //! writes it twice.
 //!
+//! Failover (L3): a request that fails retriably (`NotLeader`,
+//! `LeaderNotAvailable`, `NotEnoughReplicas`, a stale leader epoch, a
+//! refused connect, a connection lost mid-request, no answer in time) is
+//! sent again to the partition's leader as metadata then says, after a
+//! backoff (see the crate's failover notes), until `delivery_timeout`
+//! after its batch was sealed. A retry carries the same batches with the same sequences;
+//! the broker answers a batch it stored already with its original offsets.
+//! Retries go one batch per request, so each batch learns its own offsets
+//! even when the first attempt stored only some of them. A request holds
+//! at most [`REQUEST_BATCHES_MAX`] batches, the number the broker remembers
+//! per producer, so a batch being retried is always one the broker can
+//! still recognise.
+//!
+//! A batch that fails for good leaves a gap in the sequence, and one whose
+//! fate is unknown (given up on after a timeout) may or may not be stored:
+//! either way the batches after it are renumbered under a new producer
+//! epoch, which the broker takes as a fresh start. So does a leader that
+//! answers `OutOfOrderSequence` to a single batch after a failover: it lost
+//! earlier batches that were acknowledged with `acks=leader` or `none`, and
+//! does not have this one.
+//!
 //! Memory is bounded by `buffer_bytes_max`: a record takes its encoded size
 //! from the buffer when it is accepted and gives it back when its batch is
 //! acknowledged or fails, so the queues between callers and sender tasks
@@ -24,13 +45,18 @@
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use shoal_wire::batch::{BatchBuilder, NewRecord, NO_PRODUCER_ID, NO_SEQUENCE};
+use crate::retry::{Retrier, RetryPolicy};
+use shoal_wire::batch::{
+    compute_crc, BatchBuilder, BatchHeader, NewRecord, BATCH_HEADER_BYTES, NO_PRODUCER_ID,
+    NO_SEQUENCE,
+};
 use shoal_wire::{fb, ErrorCode};
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore, TryAcquireError};
 
 /// How the broker acknowledges.
@@ -39,8 +65,14 @@ pub enum Acks {
     /// The broker answers once it accepted the batch (nothing waited for).
     None,
     /// The broker answers once the batch is stored per the topic's sync
-    /// mode (on disk under `always`).
+    /// mode (on disk under `always`). A failover may lose it: a new leader
+    /// has only what it had replicated.
     Leader,
+    /// The broker answers once every in-sync replica has the batch (and
+    /// at least the topic's `min_insync_replicas` are in sync): a failover
+    /// to any of them keeps it. Too few in sync is `NotEnoughReplicas`,
+    /// retried until the delivery timeout.
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,14 +91,24 @@ pub struct ProducerConfig {
     /// request is in flight still go out together.
     pub linger: Duration,
     pub acks: Acks,
+    /// Producer id and sequence numbers on every batch, so the broker
+    /// stores a retried batch once. Off, a retry after a lost answer may
+    /// store a batch twice, and each request carries one batch. Default on.
     pub idempotent: bool,
-    /// Times a request that failed retriably is sent again (to the new
-    /// leader after `NotLeader`, after a metadata refresh when the leader
-    /// is unknown or gone).
+    /// Retries of one batch, at most. Default unbounded: the delivery
+    /// timeout bounds them.
     pub retries: u32,
-    /// Wait before retry `n` is `n` × this; none after a `NotLeader` that
-    /// named the leader.
+    /// First wait before a retry; it doubles per retry up to
+    /// `retry_backoff_max`, each wait drawn between half and all of it.
+    /// None after a `NotLeader` that named the leader. Default 50 ms.
     pub retry_backoff: Duration,
+    /// Longest wait between retries. Default 1 s.
+    pub retry_backoff_max: Duration,
+    /// How long a batch may take from being sealed to being acknowledged,
+    /// retries included (Kafka's `delivery.timeout.ms`). Past it the
+    /// batch's records fail with the last error; a batch not sent by then
+    /// is not sent. Default 120 s: longer than a failover takes.
+    pub delivery_timeout: Duration,
     pub partitioner: Partitioner,
     /// Bytes of records (encoded) accepted but not yet acknowledged or
     /// failed, over all partitions. Default 32 MiB.
@@ -84,11 +126,24 @@ impl Default for ProducerConfig {
             linger: Duration::from_millis(1),
             acks: Acks::Leader,
             idempotent: true,
-            retries: 10,
-            retry_backoff: Duration::from_millis(100),
+            retries: u32::MAX,
+            retry_backoff: Duration::from_millis(50),
+            retry_backoff_max: Duration::from_secs(1),
+            delivery_timeout: Duration::from_secs(120),
             partitioner: Partitioner::KeyOrRoundRobin,
             buffer_bytes_max: 32 * 1024 * 1024,
             buffer_wait_max: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ProducerConfig {
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            retries: self.retries,
+            backoff: self.retry_backoff,
+            backoff_max: self.retry_backoff_max,
+            timeout: self.delivery_timeout,
         }
     }
 }
@@ -136,7 +191,7 @@ fn failure_error((code, message): &Failure) -> Error {
             code: *code,
             message: message.clone(),
         },
-        None => Error::Protocol(message.clone()),
+        None => Error::Undelivered(message.clone()),
     }
 }
 
@@ -192,7 +247,9 @@ struct Pending {
 
 struct PartitionState {
     pending: Pending,
-    next_sequence: i32,
+    /// How the next sealed batch is numbered (the sender renumbers after
+    /// a failure).
+    numbering: Numbering,
     queue: mpsc::UnboundedSender<Outgoing>,
     /// The sender has a batch to send or is sending one; it clears this
     /// (under the partition table's lock) only when its queue is empty and
@@ -210,6 +267,7 @@ enum Outgoing {
         record_count: u32,
         slot: Arc<BatchSlot>,
         buffer_bytes: usize,
+        sealed_at: Instant,
     },
     /// Answered once everything before it is answered: with the first
     /// failure since the previous marker, or success.
@@ -232,6 +290,11 @@ struct Core {
     /// writes into a topic deleted and re-created under the same name
     /// (the broker refuses such a request with `UnknownTopicId`).
     topic_ids: std::sync::Mutex<HashMap<String, u64>>,
+    /// Partitions of each topic as last seen: used while the client has
+    /// dropped a topic's placement in a failover, so that sends do not
+    /// wait on (or fail with) a metadata refresh; partitions never go
+    /// away.
+    partition_counts: std::sync::Mutex<HashMap<String, u32>>,
 }
 
 impl Core {
@@ -268,7 +331,7 @@ impl Drop for Shared {
     fn drop(&mut self) {
         let mut parts = lock(&self.partitions);
         for st in parts.values_mut().flat_map(|p| p.values_mut()) {
-            seal(&self.core, self.producer_id, st);
+            seal(&self.core, st);
         }
     }
 }
@@ -307,8 +370,74 @@ fn hash(key: &[u8]) -> u32 {
     })
 }
 
+/// Adds `n` to a sequence number. Sequences never go negative (a negative
+/// one means "none"): after `i32::MAX` comes 0, as in Kafka, and a batch
+/// that spans the wrap ends at a small number.
+pub(crate) fn seq_add(seq: i32, n: u32) -> i32 {
+    ((i64::from(seq) + i64::from(n)).rem_euclid(1 << 31)) as i32
+}
+
+/// How a partition's idempotent batches are numbered: producer id, epoch
+/// and the next batch's first sequence. Non-idempotent: no producer id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Numbering {
+    producer_id: i64,
+    epoch: i16,
+    next_sequence: i32,
+}
+
+impl Numbering {
+    fn idempotent(&self) -> bool {
+        self.producer_id >= 0
+    }
+
+    /// A fresh start after a batch the broker may not have stored: the
+    /// next epoch (a higher epoch is a new sequence from 0 to the broker),
+    /// or a new producer id once the epoch is spent.
+    fn bumped(self) -> Numbering {
+        match self.epoch.checked_add(1) {
+            Some(epoch) => Numbering {
+                epoch,
+                next_sequence: 0,
+                ..self
+            },
+            None => Numbering {
+                producer_id: new_producer_id(),
+                epoch: 0,
+                next_sequence: 0,
+            },
+        }
+    }
+
+    /// Numbers `batch` (of `record_count` records) as the next one,
+    /// re-sealing it if it carries other numbers (its CRC covers them).
+    fn stamp(&mut self, batch: &mut [u8], record_count: u32) {
+        if !self.idempotent() {
+            return;
+        }
+        if let Ok(mut h) = BatchHeader::decode(batch) {
+            let wanted = (self.producer_id, self.epoch, self.next_sequence);
+            if (h.producer_id, h.producer_epoch, h.base_sequence) != wanted {
+                h.producer_id = self.producer_id;
+                h.producer_epoch = self.epoch;
+                h.base_sequence = self.next_sequence;
+                h.encode(&mut batch[..BATCH_HEADER_BYTES]);
+                h.crc = compute_crc(batch);
+                h.encode(&mut batch[..BATCH_HEADER_BYTES]);
+            }
+        }
+        self.next_sequence = seq_add(self.next_sequence, record_count);
+    }
+}
+
+/// A random producer id: with 63 bits a collision between producers is
+/// negligible, and no broker round trip is needed to get one.
+fn new_producer_id() -> i64 {
+    (rand::random::<u64>() >> 1) as i64
+}
+
 /// Turns the pending records into a batch and queues it for the sender.
-fn seal(core: &Core, producer_id: i64, st: &mut PartitionState) {
+fn seal(core: &Core, st: &mut PartitionState) {
     let p = &mut st.pending;
     p.linger_armed = false;
     if p.builder.is_empty() {
@@ -316,15 +445,18 @@ fn seal(core: &Core, producer_id: i64, st: &mut PartitionState) {
     }
     p.generation += 1;
     let record_count = p.builder.record_count();
-    let seq = if producer_id >= 0 {
-        st.next_sequence
+    let n = &mut st.numbering;
+    let seq = if n.idempotent() {
+        n.next_sequence
     } else {
         NO_SEQUENCE
     };
-    st.next_sequence = st.next_sequence.wrapping_add(record_count as i32) & i32::MAX;
+    if n.idempotent() {
+        n.next_sequence = seq_add(seq, record_count);
+    }
     // `finish` hands its buffer over and starts the next batch with one of
     // the same capacity, so it does not grow (and copy) its way up again.
-    let batch = p.builder.finish(producer_id, 0, seq);
+    let batch = p.builder.finish(n.producer_id, n.epoch, seq);
     let slot = std::mem::take(&mut p.slot);
     let buffer_bytes = std::mem::take(&mut p.buffer_bytes);
     st.sender_busy = true;
@@ -333,6 +465,7 @@ fn seal(core: &Core, producer_id: i64, st: &mut PartitionState) {
         record_count,
         slot,
         buffer_bytes,
+        sealed_at: Instant::now(),
     };
     if let Err(mpsc::error::SendError(Outgoing::Batch {
         slot, buffer_bytes, ..
@@ -345,10 +478,8 @@ fn seal(core: &Core, producer_id: i64, st: &mut PartitionState) {
 
 impl Producer {
     pub fn new(client: Client, config: ProducerConfig) -> Producer {
-        // A random id: with 63 bits a collision between producers is
-        // negligible, and no broker round trip is needed to get one.
         let producer_id = if config.idempotent {
-            (rand::random::<u64>() >> 1) as i64
+            new_producer_id()
         } else {
             NO_PRODUCER_ID
         };
@@ -361,6 +492,7 @@ impl Producer {
                     buffer: Semaphore::new(buffer_bytes_max),
                     buffer_bytes_max,
                     topic_ids: Default::default(),
+                    partition_counts: Default::default(),
                 }),
                 producer_id,
                 partitions: Mutex::new(HashMap::new()),
@@ -396,8 +528,30 @@ impl Producer {
         self.send_nowait_to(topic, partition, key, value).await
     }
 
+    async fn partition_count(&self, topic: &str) -> Result<u32> {
+        let core = self.core();
+        let known = {
+            let cached = core.client.cached_partition_count(topic);
+            let mut counts = lock(&core.partition_counts);
+            match (cached, counts.get(topic).copied()) {
+                (Some(n), Some(known)) if n == known => Some(n),
+                (Some(n), _) => {
+                    counts.insert(topic.to_string(), n);
+                    Some(n)
+                }
+                (None, known) => known,
+            }
+        };
+        if let Some(n) = known {
+            return Ok(n);
+        }
+        let n = core.client.partition_count(topic).await?;
+        lock(&core.partition_counts).insert(topic.to_string(), n);
+        Ok(n)
+    }
+
     async fn partition_for(&self, topic: &str, key: Option<&[u8]>) -> Result<u32> {
-        let n = self.core().client.partition_count(topic).await?;
+        let n = self.partition_count(topic).await?;
         if n == 0 {
             return Err(Error::Invalid(format!("topic {topic:?} has no partitions")));
         }
@@ -518,17 +672,23 @@ impl Producer {
     fn seal_all(&self) {
         let mut parts = lock(&self.shared.partitions);
         for st in parts.values_mut().flat_map(|p| p.values_mut()) {
-            seal(&self.shared.core, self.shared.producer_id, st);
+            seal(&self.shared.core, st);
         }
     }
 
     fn new_partition(&self, topic: &str, partition: u32) -> PartitionState {
         let (q, rx) = mpsc::unbounded_channel();
+        let numbering = Numbering {
+            producer_id: self.shared.producer_id,
+            epoch: 0,
+            next_sequence: 0,
+        };
         tokio::spawn(partition_sender(
             self.shared.core.clone(),
             Arc::downgrade(&self.shared),
             topic.to_string(),
             partition,
+            numbering,
             rx,
         ));
         PartitionState {
@@ -539,7 +699,7 @@ impl Producer {
                 generation: 0,
                 linger_armed: false,
             },
-            next_sequence: 0,
+            numbering,
             queue: q,
             sender_busy: false,
         }
@@ -572,7 +732,7 @@ impl Producer {
         // Stamped when accepted, after any wait for room, so records of a
         // batch are in time order.
         let timestamp_ms = now_ms();
-        let (core, producer_id) = (&*self.shared.core, self.shared.producer_id);
+        let core = &*self.shared.core;
         let cfg = &core.config;
         let mut parts = lock(&self.shared.partitions);
         if !parts.contains_key(topic) {
@@ -589,7 +749,7 @@ impl Producer {
         if !st.pending.builder.is_empty()
             && (own_batch || st.pending.builder.len() + first_bytes > cfg.batch_bytes)
         {
-            seal(core, producer_id, st);
+            seal(core, st);
         }
         let index = st.pending.builder.record_count();
         for (i, (key, value)) in records.iter().enumerate() {
@@ -612,7 +772,7 @@ impl Producer {
             || st.pending.builder.len() >= cfg.batch_bytes
             || (cfg.linger.is_zero() && !st.sender_busy);
         if due {
-            seal(core, producer_id, st);
+            seal(core, st);
         } else if !cfg.linger.is_zero() && !st.pending.linger_armed {
             st.pending.linger_armed = true;
             let (shared, linger, topic) =
@@ -626,7 +786,7 @@ impl Producer {
                 let mut parts = lock(&shared.partitions);
                 if let Some(st) = parts.get_mut(&topic).and_then(|p| p.get_mut(&partition)) {
                     if st.pending.generation == generation {
-                        seal(&shared.core, shared.producer_id, st);
+                        seal(&shared.core, st);
                     }
                 }
             });
@@ -643,7 +803,7 @@ impl Producer {
         {
             let mut parts = lock(&self.shared.partitions);
             for (&partition, st) in parts.values_mut().flat_map(|p| p.iter_mut()) {
-                seal(&self.shared.core, self.shared.producer_id, st);
+                seal(&self.shared.core, st);
                 let slot: Arc<BatchSlot> = Arc::default();
                 if st.queue.send(Outgoing::FlushMarker(slot.clone())).is_err() {
                     slot.complete(Err((None, Error::Closed.to_string())));
@@ -668,90 +828,337 @@ impl Producer {
 /// Bytes of batches one produce request may carry.
 const REQUEST_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// Batches one produce request may carry: the number of batches the broker
+/// remembers per producer to recognise retries (`PRODUCER_BATCHES_KEPT` in
+/// `shard/src/limits.rs`). With more, a request whose batches were all
+/// stored but whose answer was lost could not be retried: the broker would
+/// have forgotten the first of them and refuse it as out of order.
+pub const REQUEST_BATCHES_MAX: usize = 5;
+
+/// How long a produce asks the broker to wait for its acknowledgement
+/// (`acks=all`: for the in-sync replicas) before answering `Timeout`.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// One batch of a request, until it is answered.
+struct InFlight {
+    batch: Vec<u8>,
+    record_count: u32,
+    slot: Arc<BatchSlot>,
+    buffer_bytes: usize,
+    /// When its delivery timeout runs out.
+    deadline: Instant,
+    /// Sent at least once: its fate may be unknown.
+    sent: bool,
+    /// Its base offset, or why it failed.
+    outcome: Option<std::result::Result<u64, Failure>>,
+}
+
 /// One partition's batches, sent in order, one request at a time; batches
-/// queued while a request is in flight travel together in the next.
+/// queued while a request is in flight travel together in the next (up to
+/// [`REQUEST_BATCHES_MAX`], or one at a time without idempotence).
 async fn partition_sender(
     core: Arc<Core>,
     table: Weak<Shared>,
     topic: String,
     partition: u32,
+    mut numbering: Numbering,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
-    let mut next: Option<Outgoing> = None;
+    // Taken from `rx` to be renumbered, still in order (see `renumber`).
+    let mut backlog: VecDeque<Outgoing> = VecDeque::new();
     let mut unreported: Option<Failure> = None;
-    let mut batches: Vec<Vec<u8>> = Vec::new();
-    let mut groups: Vec<(u32, Arc<BatchSlot>)> = Vec::new();
+    let batches_max = if numbering.idempotent() {
+        REQUEST_BATCHES_MAX
+    } else {
+        1
+    };
+    let delivery_timeout = core.config.delivery_timeout;
     loop {
-        if next.is_none() && rx.is_empty() {
+        if backlog.is_empty() && rx.is_empty() {
             going_idle(&core, &table, &topic, partition, &rx);
         }
-        let first = match next.take() {
-            Some(o) => o,
-            None => match rx.recv().await {
+        let mut group: Vec<InFlight> = Vec::new();
+        let mut payload_bytes = 0;
+        while group.len() < batches_max {
+            let o = match backlog.pop_front() {
                 Some(o) => o,
-                None => return,
-            },
-        };
-        let (batch, record_count, slot, mut buffer_bytes) = match first {
-            Outgoing::FlushMarker(slot) => {
-                slot.complete(unreported.take().map_or(Ok(0), Err));
-                continue;
-            }
-            Outgoing::Batch {
-                batch,
-                record_count,
-                slot,
-                buffer_bytes,
-            } => (batch, record_count, slot, buffer_bytes),
-        };
-        let mut payload_bytes = batch.len();
-        batches.push(batch);
-        groups.push((record_count, slot));
-        while payload_bytes < REQUEST_BYTES_MAX {
-            match rx.try_recv() {
-                Ok(Outgoing::Batch {
-                    batch,
+                None if group.is_empty() => match rx.recv().await {
+                    Some(o) => o,
+                    None => return,
+                },
+                None => match rx.try_recv() {
+                    Ok(o) => o,
+                    Err(_) => break,
+                },
+            };
+            match o {
+                Outgoing::FlushMarker(slot) if group.is_empty() => {
+                    slot.complete(unreported.take().map_or(Ok(0), Err));
+                }
+                Outgoing::Batch {
+                    mut batch,
                     record_count,
                     slot,
-                    buffer_bytes: b,
-                }) if payload_bytes + batch.len() <= REQUEST_BYTES_MAX => {
+                    buffer_bytes,
+                    sealed_at,
+                } if group.is_empty() || payload_bytes + batch.len() <= REQUEST_BYTES_MAX => {
                     payload_bytes += batch.len();
-                    buffer_bytes += b;
-                    batches.push(batch);
-                    groups.push((record_count, slot));
+                    numbering.stamp(&mut batch, record_count);
+                    group.push(InFlight {
+                        batch,
+                        record_count,
+                        slot,
+                        buffer_bytes,
+                        deadline: sealed_at + delivery_timeout,
+                        sent: false,
+                        outcome: None,
+                    });
                 }
-                Ok(o) => {
-                    next = Some(o);
+                o => {
+                    backlog.push_front(o);
                     break;
                 }
-                Err(_) => break,
             }
         }
-        let parts: Vec<&[u8]> = batches.iter().map(Vec::as_slice).collect();
-        let sent = send_with_retries(&core, &topic, partition, &parts).await;
-        drop(parts);
-        batches.clear();
+        if group.is_empty() {
+            continue;
+        }
+        let renumbered = deliver(&core, &topic, partition, &mut group, &mut numbering).await;
+        if renumbered {
+            renumber(&table, &topic, partition, &numbering, &mut backlog, &mut rx);
+        }
         // Room first, then the answers: whoever sees a delivery complete
         // also sees its bytes out of the buffer.
-        core.release(buffer_bytes);
-        match sent {
-            Ok(base) => {
-                // The broker stores the batches back to back.
-                let mut offset = base;
-                for (count, slot) in groups.drain(..) {
-                    slot.complete(Ok(offset));
-                    offset += u64::from(count);
-                }
+        core.release(group.iter().map(|b| b.buffer_bytes).sum());
+        for b in group {
+            let outcome = b
+                .outcome
+                .unwrap_or_else(|| Err((None, "not sent (the producer stopped)".into())));
+            if let Err(f) = &outcome {
+                unreported.get_or_insert_with(|| f.clone());
             }
-            Err(e) => {
-                let failure: Failure = (e.code(), e.to_string());
-                for (_, slot) in groups.drain(..) {
-                    slot.complete(Err(failure.clone()));
-                }
-                unreported.get_or_insert(failure);
-            }
+            b.slot.complete(outcome);
         }
     }
+}
+
+/// After the sender changed the numbering: batches sealed from now on
+/// follow it, after those queued already (which the sender re-stamps as it
+/// takes them). Under the partition table's lock, so no seal slips in
+/// between; the queue is moved to `backlog` to count it.
+fn renumber(
+    table: &Weak<Shared>,
+    topic: &str,
+    partition: u32,
+    numbering: &Numbering,
+    backlog: &mut VecDeque<Outgoing>,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+) {
+    let Some(shared) = table.upgrade() else {
+        // No producer left to seal anything.
+        return;
+    };
+    let mut parts = lock(&shared.partitions);
+    while let Ok(o) = rx.try_recv() {
+        backlog.push_back(o);
+    }
+    let mut after = *numbering;
+    for o in backlog.iter() {
+        if let Outgoing::Batch { record_count, .. } = o {
+            after.next_sequence = seq_add(after.next_sequence, *record_count);
+        }
+    }
+    if let Some(st) = parts.get_mut(topic).and_then(|p| p.get_mut(&partition)) {
+        st.numbering = after;
+    }
+}
+
+/// Sends one group of a partition's batches until each is acknowledged or
+/// has failed for good, setting each one's outcome. Returns whether the
+/// numbering changed (the batches queued behind must follow it).
+async fn deliver(
+    core: &Core,
+    topic: &str,
+    partition: u32,
+    group: &mut [InFlight],
+    numbering: &mut Numbering,
+) -> bool {
+    let cfg = &core.config;
+    let policy = cfg.retry_policy();
+    let idempotent = numbering.idempotent();
+    let mut renumbered = false;
+    // The first batch not yet answered.
+    let mut i = 0;
+    // One batch per request: after any failure, so that each learns its
+    // own offsets and its own verdict.
+    let mut single = group.len() == 1;
+    let mut retry = Retrier::until(policy, group[0].deadline);
+    let mut refreshed_unknown = false;
+    let mut gap_renumbered: Option<usize> = None;
+    // Why batch `i`'s last attempt failed: what it fails with if its time
+    // runs out.
+    let mut last: Option<Failure> = None;
+    while i < group.len() {
+        if Instant::now() >= group[i].deadline {
+            let failure = last.take().unwrap_or_else(|| {
+                (
+                    Some(ErrorCode::Timeout),
+                    format!(
+                        "not acknowledged within the delivery timeout of {:?}",
+                        cfg.delivery_timeout
+                    ),
+                )
+            });
+            i = give_up(group, i, failure, numbering, &mut renumbered);
+            retry = next_retrier(group, i, policy);
+            continue;
+        }
+        let end = if single { i + 1 } else { group.len() };
+        for b in &mut group[i..end] {
+            b.sent = true;
+        }
+        let (r, sent_to) = {
+            let parts: Vec<&[u8]> = group[i..end].iter().map(|b| b.batch.as_slice()).collect();
+            let topic_id = core.topic_id(topic);
+            // Only acks=all asks the broker to hold the request (for the
+            // replicas); others are answered once stored.
+            let held = if cfg.acks == Acks::All {
+                ACK_WAIT
+            } else {
+                Duration::ZERO
+            };
+            let mut send = |conn: Arc<crate::connection::Connection>| {
+                let parts = &parts;
+                async move { produce_parts(&conn, topic, topic_id, partition, cfg.acks, parts).await }
+            };
+            let attempt = core.client.attempt(topic, partition, held, &mut send);
+            // Never past the delivery timeout: the answer may still come,
+            // but the caller was promised one by then.
+            match tokio::time::timeout_at(group[i].deadline.into(), attempt).await {
+                Ok(r) => r,
+                // Given up at the top of the loop, with the last error.
+                Err(_) => continue,
+            }
+        };
+        let e = match r {
+            Ok(p) => {
+                let records: u64 = group[i..end]
+                    .iter()
+                    .map(|b| u64::from(b.record_count))
+                    .sum();
+                let span = p.last_offset.checked_sub(p.base_offset).map(|d| d + 1);
+                if end - i == 1 || span == Some(records) {
+                    // One batch, or several stored back to back.
+                    let mut offset = p.base_offset;
+                    for b in &mut group[i..end] {
+                        b.outcome = Some(Ok(offset));
+                        offset += u64::from(b.record_count);
+                    }
+                    i = end;
+                    last = None;
+                    retry = next_retrier(group, i, policy);
+                } else {
+                    // Stored, but not back to back (a retry answered for
+                    // some, or another producer's batches between): each
+                    // alone again is answered with its own offsets.
+                    single = true;
+                }
+                continue;
+            }
+            Err(e) => e,
+        };
+        if e.code() == Some(ErrorCode::OutOfOrderSequence) && idempotent {
+            if end - i > 1 {
+                // Which batch? Each alone says; those stored come back as
+                // duplicates.
+                single = true;
+                continue;
+            }
+            if gap_renumbered != Some(i) {
+                // A single batch refused as out of order was not stored
+                // (were it stored, it would be among the last batches the
+                // broker remembers, a request never holding more): the
+                // leader lacks batches before it, acknowledged without
+                // `acks=all` and lost in a failover. Start afresh.
+                tracing::warn!(
+                    topic,
+                    partition,
+                    error = %e,
+                    "the partition's leader lacks earlier batches of this producer \
+                     (lost in a failover?); renumbering under a new producer epoch"
+                );
+                gap_renumbered = Some(i);
+                *numbering = numbering.bumped();
+                for b in &mut group[i..] {
+                    numbering.stamp(&mut b.batch, b.record_count);
+                }
+                renumbered = true;
+                continue;
+            }
+        }
+        last = Some((e.code(), e.to_string()));
+        let unknown_once = e.is_unknown_placement() && sent_to.is_some() && !refreshed_unknown;
+        refreshed_unknown |= e.is_unknown_placement();
+        if e.is_retriable() || unknown_once {
+            let at_once = core.client.reroute(topic, partition, sent_to, &e);
+            if let Some(wait) = retry.next_wait(at_once) {
+                tracing::debug!(error = %e, topic, partition, attempt = retry.attempts(), ?wait, "produce failed; retrying");
+                single |= end - i > 1;
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        } else if end - i > 1 {
+            // The broker checks every batch of a request before it stores
+            // any, so none of these is stored: each alone finds the one it
+            // refuses.
+            single = true;
+            continue;
+        }
+        let failure: Failure = (e.code(), e.to_string());
+        let retriable = e.is_retriable();
+        last = None;
+        i = give_up(group, i, failure.clone(), numbering, &mut renumbered);
+        if retriable {
+            // Out of time or retries: so are the batches behind it whose
+            // deadline has passed too.
+            while i < group.len() && Instant::now() >= group[i].deadline {
+                i = give_up(group, i, failure.clone(), numbering, &mut renumbered);
+            }
+        }
+        retry = next_retrier(group, i, policy);
+    }
+    renumbered
+}
+
+/// Fails batch `i` and renumbers the ones after it: under a new epoch if
+/// it was sent (the broker may or may not have it, so the sequence it
+/// expects next is unknown), else from its own first sequence (the broker
+/// never saw it). Returns the next batch's index.
+fn give_up(
+    group: &mut [InFlight],
+    i: usize,
+    failure: Failure,
+    numbering: &mut Numbering,
+    renumbered: &mut bool,
+) -> usize {
+    group[i].outcome = Some(Err(failure));
+    if numbering.idempotent() {
+        if group[i].sent {
+            *numbering = numbering.bumped();
+        } else if let Ok(h) = BatchHeader::decode(&group[i].batch) {
+            numbering.next_sequence = h.base_sequence;
+        }
+        for b in &mut group[i + 1..] {
+            numbering.stamp(&mut b.batch, b.record_count);
+        }
+        *renumbered = true;
+    }
+    i + 1
+}
+
+fn next_retrier(group: &[InFlight], i: usize, policy: RetryPolicy) -> Retrier {
+    let deadline = group.get(i).map_or_else(Instant::now, |b| b.deadline);
+    Retrier::until(policy, deadline)
 }
 
 /// The sender is about to wait for work: with a linger of zero, what
@@ -778,7 +1185,7 @@ fn going_idle(
     }
     st.sender_busy = false;
     if core.config.linger.is_zero() {
-        seal(core, shared.producer_id, st);
+        seal(core, st);
     }
 }
 
@@ -818,6 +1225,7 @@ async fn produce_parts(
     let acks = match acks {
         Acks::None => fb::Acks::None,
         Acks::Leader => fb::Acks::Leader,
+        Acks::All => fb::Acks::All,
     };
     let f = conn
         .request_parts(
@@ -831,7 +1239,7 @@ async fn produce_parts(
                         topic_id,
                         partition,
                         acks,
-                        timeout_ms: 30_000,
+                        timeout_ms: ACK_WAIT.as_millis() as u32,
                     },
                 )
                 .as_union_value()
@@ -848,29 +1256,6 @@ async fn produce_parts(
         last_offset: p.last_offset(),
         duplicate: p.duplicate(),
     })
-}
-
-async fn send_with_retries(
-    core: &Core,
-    topic: &str,
-    partition: u32,
-    batches: &[&[u8]],
-) -> Result<u64> {
-    let cfg = &core.config;
-    core.client
-        .with_partition(
-            topic,
-            partition,
-            cfg.retries,
-            cfg.retry_backoff,
-            |conn| async move {
-                let topic_id = core.topic_id(topic);
-                produce_parts(&conn, topic, topic_id, partition, cfg.acks, batches)
-                    .await
-                    .map(|p| p.base_offset)
-            },
-        )
-        .await
 }
 
 #[cfg(test)]
