@@ -127,6 +127,11 @@ pub struct NewTopic {
     pub retention_ms: Option<u64>,
     pub retention_bytes: Option<u64>,
     pub segment_bytes: Option<u64>,
+    /// acks=all needs this many in-sync replicas (`None`: min(2, RF)).
+    pub min_insync_replicas: Option<u16>,
+    /// Whether a replica outside the in-sync set may lead when no in-sync
+    /// one is alive (availability over acknowledged data).
+    pub unclean_leader_election: bool,
 }
 
 impl NewTopic {
@@ -139,6 +144,8 @@ impl NewTopic {
             retention_ms: None,
             retention_bytes: None,
             segment_bytes: None,
+            min_insync_replicas: None,
+            unclean_leader_election: false,
         }
     }
 }
@@ -1267,7 +1274,10 @@ impl Client {
                             retention_ms: to_i(t.retention_ms),
                             retention_bytes: to_i(t.retention_bytes),
                             segment_bytes: to_i(t.segment_bytes),
-                            ..Default::default()
+                            min_insync_replicas: t
+                                .min_insync_replicas
+                                .map_or(-1, |m| i16::try_from(m).unwrap_or(i16::MAX)),
+                            unclean_leader_election: t.unclean_leader_election,
                         },
                     )
                     .as_union_value()

@@ -74,7 +74,8 @@ enum Command {
         #[command(subcommand)]
         command: TopicCommand,
     },
-    /// Produce one message per stdin line; exits when stdin closes and all are acknowledged.
+    /// Produce one message per stdin line (raw bytes); retries through a
+    /// failover; exits 0 only when every line is acknowledged.
     Produce {
         topic: String,
         /// Key for every message (chooses the partition by hash).
@@ -83,6 +84,8 @@ enum Command {
         /// Send to this partition.
         #[arg(long)]
         partition: Option<u32>,
+        /// none | leader | all (all: every in-sync replica holds it;
+        /// survives a failover).
         #[arg(long, value_enum, default_value = "leader")]
         acks: AcksArg,
     },
@@ -140,6 +143,13 @@ enum TopicCommand {
         retention_bytes: Option<u64>,
         #[arg(long)]
         segment_bytes: Option<u64>,
+        /// acks=all needs this many in-sync replicas (default: min(2, replication)).
+        #[arg(long)]
+        min_insync_replicas: Option<u16>,
+        /// Let a replica outside the in-sync set lead when no in-sync one is
+        /// alive: the partition stays available but may lose acknowledged data.
+        #[arg(long)]
+        unclean_leader_election: bool,
     },
     List,
     Describe {
@@ -157,6 +167,7 @@ enum TopicCommand {
 enum AcksArg {
     None,
     Leader,
+    All,
 }
 
 fn main() {
@@ -208,6 +219,8 @@ fn main() {
                 retention_ms,
                 retention_bytes,
                 segment_bytes,
+                min_insync_replicas,
+                unclean_leader_election,
             } => cli::topic_create(
                 b,
                 shoal_client::NewTopic {
@@ -218,6 +231,8 @@ fn main() {
                     retention_ms,
                     retention_bytes,
                     segment_bytes,
+                    min_insync_replicas,
+                    unclean_leader_election,
                 },
             ),
             TopicCommand::List => cli::topic_list(b),
@@ -233,6 +248,7 @@ fn main() {
             let acks = match acks {
                 AcksArg::None => shoal_client::Acks::None,
                 AcksArg::Leader => shoal_client::Acks::Leader,
+                AcksArg::All => shoal_client::Acks::All,
             };
             cli::produce(b, &topic, key, partition, acks)
         }

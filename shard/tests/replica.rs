@@ -93,7 +93,10 @@ fn epochs_are_stamped_recorded_and_answered() {
         assert_eq!(log.epoch_end(2), Some((0, 2)));
         assert_eq!(log.epoch_end(3), Some((3, 5)));
         assert_eq!(log.epoch_end(9), Some((3, 5)));
-        assert!(log.set_leader_epoch(2).await.is_err(), "epochs never go back");
+        assert!(
+            log.set_leader_epoch(2).await.is_err(),
+            "epochs never go back"
+        );
         log.crash_stop().await;
         let log = PartitionLog::open(&path, small()).await.unwrap();
         assert_eq!(log.last_epoch(), Some(3));

@@ -111,6 +111,7 @@ impl ErrorCode {
                 | ErrorCode::LeaderNotAvailable
                 | ErrorCode::NotEnoughReplicas
                 | ErrorCode::ClusterUnavailable
+                | ErrorCode::FencedLeaderEpoch
                 | ErrorCode::Timeout
                 | ErrorCode::StorageError
         )

@@ -135,7 +135,7 @@ impl Reactor {
         if let Some(ts) = p.timestamp_ms {
             offset = log
                 .offset_for_timestamp(ts)
-                .unwrap_or_else(|| log.end_offset());
+                .unwrap_or_else(|| log.high_watermark());
         }
         loop {
             // The slice's pages are in memory before its headers are
