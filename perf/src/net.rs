@@ -59,6 +59,9 @@ pub struct Common {
     /// Sync mode of the created topic.
     #[arg(long, default_value = "interval:100")]
     pub sync: String,
+    /// Replication factor of the created topic (a cluster: --spawn-cluster).
+    #[arg(long, default_value_t = 1)]
+    pub replication: u16,
     /// Start a `shoal serve` of our own on a free port and temp dir.
     #[arg(long)]
     pub spawn: bool,
@@ -138,6 +141,9 @@ pub struct E2eArgs {
     pub size: usize,
     #[arg(long, default_value_t = 0)]
     pub linger_us: u64,
+    /// all | leader | none
+    #[arg(long, default_value = "leader")]
+    pub acks: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -567,6 +573,7 @@ async fn setup_topic(client: &Client, c: &Common, default_name: &str) -> Result<
     if client.topic(&name).await.is_err() {
         let mut t = NewTopic::new(&name, c.partitions);
         t.sync = Some(c.sync.clone());
+        t.replication_factor = c.replication;
         client
             .create_topic(&t)
             .await
@@ -673,7 +680,8 @@ fn acks_of(s: &str) -> Result<Acks, String> {
     match s {
         "leader" => Ok(Acks::Leader),
         "none" => Ok(Acks::None),
-        _ => Err(format!("invalid acks {s:?}: leader or none")),
+        "all" => Ok(Acks::All),
+        _ => Err(format!("invalid acks {s:?}: all, leader or none")),
     }
 }
 
@@ -795,7 +803,7 @@ pub fn produce(a: ProduceArgs) -> Result<(), String> {
                 broker_produce_latency_us: None,
                 settings: serde_json::json!({
                     "producers": producers, "size": a.size, "batch_bytes": a.batch_bytes, "linger_us": a.linger_us,
-                    "acks": a.acks, "rate": a.rate, "partitions": c.partitions, "sync": c.sync, "topic": topic,
+                    "acks": a.acks, "replication": c.replication, "rate": a.rate, "partitions": c.partitions, "sync": c.sync, "topic": topic,
                     "spawn": c.spawn, "spawn_cluster": c.spawn_cluster, "broker_cores": c.broker_cores,
                 }),
             };
@@ -986,6 +994,7 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
     if a.size < 16 {
         return Err("--size must be at least 16 (the message carries its send time)".into());
     }
+    let acks = acks_of(&a.acks)?;
     run_mode(a.common.clone(), "perf-e2e", move |session| async move {
         let Session {
             c,
@@ -1061,6 +1070,7 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
             client.clone(),
             ProducerConfig {
                 linger: Duration::from_micros(a.linger_us),
+                acks,
                 ..ProducerConfig::default()
             },
         );
@@ -1134,7 +1144,7 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
                 .zip(broker_after.as_ref())
                 .and_then(|(b, a)| bucket_percentiles(b, a)),
             settings: serde_json::json!({
-                "rate": a.rate, "size": a.size, "linger_us": a.linger_us, "partitions": c.partitions, "sync": c.sync,
+                "rate": a.rate, "acks": a.acks, "replication": c.replication, "size": a.size, "linger_us": a.linger_us, "partitions": c.partitions, "sync": c.sync,
                 "topic": topic, "spawn": c.spawn, "spawn_cluster": c.spawn_cluster, "broker_cores": c.broker_cores,
                 "latency": "intended send time to delivery by push (corrected for coordinated omission)",
             }),

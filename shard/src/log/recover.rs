@@ -531,21 +531,9 @@ async fn open_parts(
         }
         let first_offset = closed.first().map_or(active.base_offset, |s| s.base_offset);
         tracing::debug!(dir = %dir.display(), segments = closed.len() + 1, first_offset, next_offset, trusted, "opened partition log");
-        let first_epoch = {
-            let first = closed.first().unwrap_or(&active);
-            match first.files() {
-                Ok(files) => {
-                    super::replica::first_header(&files, first.len()).map(|h| h.leader_epoch)
-                }
-                Err(_) => None,
-            }
-        };
         let replica = {
             let dir = dir.clone();
-            rt::spawn_blocking(move || {
-                super::replica::load(&dir, first_offset, next_offset, first_epoch)
-            })
-            .await
+            rt::spawn_blocking(move || super::replica::load(&dir, first_offset, next_offset)).await
         };
         let state = State {
             closed,

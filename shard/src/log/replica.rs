@@ -78,8 +78,11 @@ fn decode_epochs(bytes: &[u8]) -> Option<Vec<(u32, u64)>> {
 }
 
 /// The replication state of the log in `dir` as its files say, fitted to
-/// a log of offsets `[start, next)` whose first batch has `first_epoch`.
-pub(super) fn load(dir: &Path, start: u64, next: u64, first_epoch: Option<u32>) -> ReplicaState {
+/// a log of offsets `[start, next)`. A log with batches but no epoch file
+/// predates epochs: its batches were all appended as epoch 0 (nothing
+/// stamped another), and reading its first batch here would open a
+/// closed segment at every start.
+pub(super) fn load(dir: &Path, start: u64, next: u64) -> ReplicaState {
     let mut epochs = match std::fs::read(dir.join(EPOCHS_FILE)) {
         Ok(b) => decode_epochs(&b).unwrap_or_else(|| {
             tracing::warn!(dir = %dir.display(), "unreadable leader-epoch checkpoint; rebuilt from the first batch");
@@ -88,10 +91,8 @@ pub(super) fn load(dir: &Path, start: u64, next: u64, first_epoch: Option<u32>) 
         Err(_) => Vec::new(),
     };
     epochs.retain(|&(_, o)| o <= next);
-    if epochs.is_empty() {
-        if let Some(e) = first_epoch {
-            epochs.push((e, start));
-        }
+    if epochs.is_empty() && next > start {
+        epochs.push((0, start));
     }
     let hw = std::fs::read_to_string(dir.join(HW_FILE))
         .ok()
@@ -278,15 +279,6 @@ impl PartitionLog {
         durable::write_durably(&self.inner.dir, EPOCHS_FILE, bytes).await?;
         Ok(())
     }
-}
-
-/// The first batch header of the log in `dir` at `start` (for seeding the
-/// epoch file of a log that predates it).
-pub(super) fn first_header(files: &segment::SegmentFiles, len: u64) -> Option<BatchHeader> {
-    if len < BATCH_HEADER_BYTES as u64 {
-        return None;
-    }
-    BatchHeader::decode(files.bytes(0, BATCH_HEADER_BYTES as u64)).ok()
 }
 
 /// Cuts the files of the closed log in `dir` at `offset` (see
