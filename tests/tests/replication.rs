@@ -13,7 +13,7 @@
 //! long run in `scripts/failover-rounds.sh` uses 50).
 
 use shoal_tests::meta::{create_topic, metadata, try_metadata};
-use shoal_tests::{eventually, raw, three_brokers, Broker, ZooKeeper};
+use shoal_tests::{eventually, raw, shoal_bin, three_brokers, Broker, ZooKeeper};
 use shoal_wire::batch::Batches;
 use shoal_wire::fb;
 use std::collections::{BTreeMap, HashMap};
@@ -502,4 +502,168 @@ fn too_few_in_sync_replicas_refuse_acks_all_and_hide_unreplicated_data() {
 
 fn port_of(brokers: &[Broker], id: u32) -> u16 {
     brokers[id as usize - 1].port
+}
+
+/// `shoal produce --acks all` through a kill -9 of the leader: it retries,
+/// exits 0 with every line acknowledged, each stored once; `shoal consume`
+/// reads them all back from the new leader.
+#[test]
+fn the_cli_produces_through_a_failover() {
+    use std::process::{Command, Stdio};
+    let topic = "cli";
+    let (_zk, mut brokers) = replicated_cluster(topic, "");
+    let p = ports(&brokers);
+    let (leader, ..) = leader_of(&p, topic).expect("a leader");
+    let entry = brokers
+        .iter()
+        .find(|b| b.port != port_of(&brokers, leader))
+        .expect("a follower")
+        .addr();
+    let mut child = Command::new(shoal_bin())
+        .args(["--broker", &entry, "produce", topic, "--acks", "all"])
+        .env("SHOAL_DISCOVERY_CACHE", "off")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("shoal produce");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let n = 300;
+    for i in 0..n {
+        writeln!(stdin, "line-{i:05}").expect("write a line");
+        if i == n / 2 {
+            brokers[leader as usize - 1].kill9();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(stdin);
+    let out = child.wait_with_output().expect("produce exits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(shoal_bin())
+        .args([
+            "--broker",
+            &entry,
+            "consume",
+            topic,
+            "--from-beginning",
+            "--count",
+            &n.to_string(),
+        ])
+        .env("SHOAL_DISCOVERY_CACHE", "off")
+        .output()
+        .expect("shoal consume");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let expect: Vec<String> = (0..n).map(|i| format!("line-{i:05}")).collect();
+    assert_eq!(lines, expect, "every line once, in order");
+}
+
+/// A fetching consumer and a push subscription read on through a kill -9
+/// of the leader: no error reaches the application, and each sees every
+/// record exactly once, in order.
+#[test]
+fn consumers_and_subscriptions_resume_on_the_new_leader() {
+    use shoal_client::{Client, ClientConfig, Consumer, ConsumerConfig, DiscoveryCache, StartAt};
+    let topic = "readers";
+    let (_zk, mut brokers) = replicated_cluster(topic, "");
+    let p = ports(&brokers);
+    let (_, port, ..) = leader_of(&p, topic).expect("a leader");
+    let n = 400u64;
+    for seq in 0..n / 2 {
+        let b = raw::batch(3, seq as i32, 1, 64);
+        produce(port, topic, &b, fb::Acks::All, Duration::from_secs(5)).expect("acked");
+    }
+    let addrs = brokers
+        .iter()
+        .map(Broker::addr)
+        .collect::<Vec<_>>()
+        .join(",");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let config = ClientConfig {
+            discovery_cache: DiscoveryCache::Off,
+            ..ClientConfig::default()
+        };
+        let client = Client::connect_with_config(&addrs, config).await.unwrap();
+        let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+        consumer.assign(topic, 0, StartAt::Beginning).await.unwrap();
+        let reader = Consumer::new(client, ConsumerConfig::default());
+        let mut sub = reader
+            .subscribe(topic, 0, StartAt::Beginning, 1 << 20)
+            .await
+            .unwrap();
+        let seq_of = |v: &[u8]| -> u64 { std::str::from_utf8(&v[..10]).unwrap().parse().unwrap() };
+        let (mut fetched, mut pushed) = (Vec::new(), Vec::new());
+        let mut killed = false;
+        let mut produced = n / 2;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (fetched.len() as u64) < n || (pushed.len() as u64) < n {
+            assert!(
+                Instant::now() < deadline,
+                "fetched {} pushed {}",
+                fetched.len(),
+                pushed.len()
+            );
+            if !killed && fetched.len() >= 100 && pushed.len() >= 100 {
+                let (leader, ..) = leader_of(&p, topic).expect("a leader");
+                brokers[leader as usize - 1].kill9();
+                killed = true;
+            }
+            if killed && produced < n {
+                let ps: Vec<u16> = brokers
+                    .iter()
+                    .filter(|b| b.pid().is_some())
+                    .map(|b| b.port)
+                    .collect();
+                if let Some((_, port, ..)) = leader_of(&ps, topic) {
+                    let b = raw::batch(3, produced as i32, 1, 64);
+                    if produce(port, topic, &b, fb::Acks::All, Duration::from_secs(5)).is_ok() {
+                        produced += 1;
+                    }
+                }
+            }
+            if (fetched.len() as u64) < n {
+                let got = tokio::time::timeout(Duration::from_millis(200), consumer.poll()).await;
+                if let Ok(r) = got {
+                    for rec in r.expect("poll never fails through a failover") {
+                        fetched.push(seq_of(rec.value.as_deref().unwrap()));
+                    }
+                }
+            }
+            if (pushed.len() as u64) < n {
+                let got = tokio::time::timeout(Duration::from_millis(200), sub.next()).await;
+                if let Ok(r) = got {
+                    for rec in r
+                        .expect("a subscription never fails through a failover")
+                        .records
+                    {
+                        pushed.push(seq_of(rec.value.as_deref().unwrap()));
+                    }
+                }
+            }
+        }
+        let expect: Vec<u64> = (0..n).collect();
+        assert_eq!(
+            fetched, expect,
+            "the consumer saw each record once, in order"
+        );
+        assert_eq!(
+            pushed, expect,
+            "the subscription saw each record once, in order"
+        );
+    });
 }
