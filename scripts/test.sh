@@ -10,6 +10,8 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 # not zookeeperd, which would start a system daemon).
 [ -f /usr/share/java/zookeeper.jar ] || need_apt+=(zookeeper)
 command -v java >/dev/null || need_apt+=(default-jre-headless)
+# The partition test puts brokers in network namespaces (`ip netns`).
+command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"

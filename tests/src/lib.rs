@@ -46,6 +46,8 @@ fn free_ports(shards: usize) -> u16 {
 /// second, a low tickTime so short session timeouts are allowed.
 pub struct ZooKeeper {
     pub port: u16,
+    /// The address it listens on (127.0.0.1 unless started elsewhere).
+    pub host: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -55,6 +57,11 @@ const ZOOKEEPER_JAR: &str = "/usr/share/java/zookeeper.jar";
 
 impl ZooKeeper {
     pub fn start() -> ZooKeeper {
+        ZooKeeper::start_on("127.0.0.1")
+    }
+
+    /// A ZooKeeper listening on `host` (an address of a test network).
+    pub fn start_on(host: &str) -> ZooKeeper {
         assert!(
             std::path::Path::new(ZOOKEEPER_JAR).exists(),
             "{ZOOKEEPER_JAR} not found: install Debian's zookeeper package (scripts/test.sh does)"
@@ -62,15 +69,17 @@ impl ZooKeeper {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut zk = ZooKeeper {
             port: free_ports(0),
+            host: host.to_string(),
             dir,
             child: None,
         };
         let cfg = format!(
-            "tickTime=100\ndataDir={}\nclientPort={}\nclientPortAddress=127.0.0.1\n\
+            "tickTime=100\ndataDir={}\nclientPort={}\nclientPortAddress={}\n\
              admin.enableServer=false\n4lw.commands.whitelist=ruok,srvr\n\
              minSessionTimeout=200\nmaxSessionTimeout=20000\n",
             zk.dir.path().join("data").display(),
-            zk.port
+            zk.port,
+            host
         );
         std::fs::write(zk.dir.path().join("zoo.cfg"), cfg).expect("zoo.cfg");
         zk.spawn();
@@ -79,7 +88,7 @@ impl ZooKeeper {
 
     /// The connect string brokers take (`--zookeeper`).
     pub fn connect(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     fn spawn(&mut self) {
@@ -111,7 +120,7 @@ impl ZooKeeper {
     /// before the server takes sessions).
     fn ruok(&self) -> bool {
         use std::io::{Read, Write};
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+        let Ok(mut s) = TcpStream::connect((self.host.as_str(), self.port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
@@ -187,9 +196,50 @@ pub struct Broker {
     /// affinity mask), for [`Broker::start_custom`].
     extra_args: Vec<String>,
     affinity: Option<Vec<usize>>,
+    /// The address it listens on, and the network namespace it runs in
+    /// (see [`netns::Net`]).
+    pub host: String,
+    netns: Option<String>,
 }
 
 impl Broker {
+    /// [`Broker::start_member`] inside network namespace `ns`, listening on
+    /// `host` (an address of that namespace).
+    pub fn start_member_in(
+        ns: &str,
+        host: &str,
+        cores: &str,
+        zk: &str,
+        id: u32,
+        toml: &str,
+    ) -> Broker {
+        let data = tempfile::tempdir().expect("temp dir");
+        let config = data.path().join("shoal.toml");
+        std::fs::write(&config, toml).expect("config file");
+        let mut b = Broker {
+            port: free_ports(cores.split(',').count()),
+            shards: cores.split(',').count(),
+            log: data.path().join("broker.log"),
+            data,
+            cores: cores.into(),
+            child: None,
+            relative: false,
+            config: Some(config),
+            data_dir: None,
+            extra_args: vec![
+                "--zookeeper".into(),
+                zk.into(),
+                "--broker-id".into(),
+                id.to_string(),
+            ],
+            affinity: None,
+            host: host.into(),
+            netns: Some(ns.into()),
+        };
+        b.spawn();
+        b
+    }
+
     /// Starts a cluster member: `--zookeeper zk --broker-id id`, plus
     /// `toml` as its config file and `extra` flags.
     pub fn start_member(cores: &str, zk: &str, id: u32, toml: &str, extra: &[&str]) -> Broker {
@@ -216,6 +266,8 @@ impl Broker {
             data_dir: None,
             extra_args: args,
             affinity: None,
+            host: "127.0.0.1".into(),
+            netns: None,
         };
         b.spawn();
         b
@@ -298,6 +350,8 @@ impl Broker {
             config,
             extra_args: Vec::new(),
             affinity: None,
+            host: "127.0.0.1".into(),
+            netns: None,
         };
         b.spawn();
         b
@@ -322,6 +376,8 @@ impl Broker {
             data_dir: Some(data_dir),
             extra_args: Vec::new(),
             affinity: None,
+            host: "127.0.0.1".into(),
+            netns: None,
         };
         b.spawn();
         b
@@ -349,6 +405,8 @@ impl Broker {
             data_dir: None,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             affinity: affinity.map(<[usize]>::to_vec),
+            host: "127.0.0.1".into(),
+            netns: None,
         };
         b.spawn();
         b
@@ -362,7 +420,7 @@ impl Broker {
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     fn spawn(&mut self) {
@@ -371,7 +429,16 @@ impl Broker {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut cmd = Command::new(shoal_bin());
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs the broker: the child's pid is the
+            // broker's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(shoal_bin());
+                c
+            }
+            None => Command::new(shoal_bin()),
+        };
         cmd.args(["serve", "--listen", &self.addr()]);
         if !self.cores.is_empty() {
             cmd.args(["--cores", &self.cores]);
@@ -403,7 +470,7 @@ impl Broker {
             let ready = self.log_text().matches("shoal is ready").count() > ready_before;
             let up = ready
                 && ports.iter().all(|p| {
-                    let a: SocketAddr = format!("127.0.0.1:{p}").parse().expect("addr");
+                    let a: SocketAddr = format!("{}:{p}", self.host).parse().expect("addr");
                     TcpStream::connect_timeout(&a, Duration::from_millis(100)).is_ok()
                 });
             if up {
@@ -715,7 +782,13 @@ pub mod meta {
 
     /// [`call`], `None` if the broker is down or does not answer.
     pub fn try_call(port: u16, frame: Vec<u8>) -> Option<Vec<u8>> {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        try_call_at("127.0.0.1", port, frame)
+    }
+
+    /// [`try_call`] to a broker listening on `host`.
+    pub fn try_call_at(host: &str, port: u16, frame: Vec<u8>) -> Option<Vec<u8>> {
+        let a: std::net::SocketAddr = format!("{host}:{port}").parse().ok()?;
+        let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
         s.write_all(&frame).ok()?;
         let mut buf = Vec::new();
@@ -728,7 +801,13 @@ pub mod meta {
 
     /// [`metadata`], `None` if the broker is down or answers an error.
     pub fn try_metadata(port: u16) -> Option<Meta> {
-        let h = try_call(
+        try_metadata_at("127.0.0.1", port)
+    }
+
+    /// [`try_metadata`] of a broker listening on `host`.
+    pub fn try_metadata_at(host: &str, port: u16) -> Option<Meta> {
+        let h = try_call_at(
+            host,
             port,
             raw::request(1, fb::RequestBody::MetadataRequest, |fbb| {
                 fb::MetadataRequest::create(fbb, &fb::MetadataRequestArgs { topics: None })
@@ -816,5 +895,134 @@ pub mod meta {
             r.error_code(),
             r.error_message().unwrap_or_default().to_string(),
         )
+    }
+}
+
+/// Network namespaces on a private bridge, for partition tests: the test
+/// process (root namespace) is `10.S.0.1`, a ZooKeeper there can listen
+/// on `10.S.0.2`, member `i` is `10.S.0.(10+i)` in namespace `ns(i)`.
+/// [`Net::cut`] makes a member unable to reach some addresses (blackhole
+/// routes inside its namespace: its packets to them are dropped, so both
+/// directions of those connections die) while the test process still
+/// reaches it. Everything is deleted on drop (only what this made).
+pub mod netns {
+    use std::process::Command;
+
+    pub struct Net {
+        id: String,
+        subnet: u32,
+        members: usize,
+    }
+
+    fn ip(args: &[&str]) {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    impl Net {
+        pub fn new(members: usize) -> Net {
+            let pid = std::process::id() % 100_000;
+            let net = Net {
+                id: pid.to_string(),
+                subnet: 100 + pid % 100,
+                members,
+            };
+            let br = net.bridge();
+            ip(&["link", "add", &br, "type", "bridge"]);
+            ip(&["addr", "add", &format!("{}/24", net.host()), "dev", &br]);
+            ip(&["addr", "add", &format!("{}/24", net.zk_host()), "dev", &br]);
+            ip(&["link", "set", &br, "up"]);
+            for i in 1..=members {
+                let (ns, v, p) = (
+                    net.ns(i),
+                    format!("shv{}x{i}", net.id),
+                    format!("shp{}x{i}", net.id),
+                );
+                ip(&["netns", "add", &ns]);
+                ip(&["link", "add", &v, "type", "veth", "peer", "name", &p]);
+                ip(&["link", "set", &p, "netns", &ns]);
+                ip(&["link", "set", &v, "master", &br, "up"]);
+                let addr = format!("{}/24", net.ip(i));
+                ip(&["netns", "exec", &ns, "ip", "addr", "add", &addr, "dev", &p]);
+                ip(&["netns", "exec", &ns, "ip", "link", "set", &p, "up"]);
+                ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
+            }
+            net
+        }
+
+        fn bridge(&self) -> String {
+            format!("shb{}", self.id)
+        }
+
+        /// The test process's address.
+        pub fn host(&self) -> String {
+            format!("10.{}.0.1", self.subnet)
+        }
+
+        /// An address in the root namespace for ZooKeeper.
+        pub fn zk_host(&self) -> String {
+            format!("10.{}.0.2", self.subnet)
+        }
+
+        /// Member `i`'s address (1-based).
+        pub fn ip(&self, i: usize) -> String {
+            format!("10.{}.0.{}", self.subnet, 10 + i)
+        }
+
+        pub fn ns(&self, i: usize) -> String {
+            format!("shn{}x{i}", self.id)
+        }
+
+        /// Member `i` can no longer reach `hosts`.
+        pub fn cut(&self, i: usize, hosts: &[String]) {
+            for h in hosts {
+                let to = format!("{h}/32");
+                ip(&[
+                    "netns",
+                    "exec",
+                    &self.ns(i),
+                    "ip",
+                    "route",
+                    "add",
+                    "blackhole",
+                    &to,
+                ]);
+            }
+        }
+
+        /// Undoes [`Net::cut`].
+        pub fn heal(&self, i: usize, hosts: &[String]) {
+            for h in hosts {
+                let to = format!("{h}/32");
+                ip(&[
+                    "netns",
+                    "exec",
+                    &self.ns(i),
+                    "ip",
+                    "route",
+                    "del",
+                    "blackhole",
+                    &to,
+                ]);
+            }
+        }
+    }
+
+    impl Drop for Net {
+        fn drop(&mut self) {
+            for i in 1..=self.members {
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &self.ns(i)])
+                    .output();
+            }
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.bridge()])
+                .output();
+        }
     }
 }

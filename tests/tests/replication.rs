@@ -12,7 +12,8 @@
 //! `SHOAL_KILL_ROUNDS` sets the number of kill rounds (10 by default; the
 //! long run in `scripts/failover-rounds.sh` uses 50).
 
-use shoal_tests::meta::{create_topic, metadata, try_metadata};
+use shoal_tests::meta::{create_topic, metadata, try_metadata, try_metadata_at};
+use shoal_tests::netns::Net;
 use shoal_tests::{eventually, raw, shoal_bin, three_brokers, Broker, ZooKeeper};
 use shoal_wire::batch::Batches;
 use shoal_wire::fb;
@@ -57,6 +58,17 @@ fn produce(
     acks: fb::Acks,
     timeout: Duration,
 ) -> Result<u64, (u16, String)> {
+    produce_at("127.0.0.1", port, topic, batch, acks, timeout)
+}
+
+fn produce_at(
+    host: &str,
+    port: u16,
+    topic: &str,
+    batch: &[u8],
+    acks: fb::Acks,
+    timeout: Duration,
+) -> Result<u64, (u16, String)> {
     let frame = raw::request_with(
         1,
         fb::RequestBody::ProduceRequest,
@@ -77,7 +89,8 @@ fn produce(
         batch,
     );
     let io = |e: std::io::Error| (u16::MAX, e.to_string());
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(io)?;
+    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().expect("an address");
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io)?;
     s.set_read_timeout(Some(timeout + Duration::from_secs(5)))
         .map_err(io)?;
     s.write_all(&frame).map_err(io)?;
@@ -97,7 +110,11 @@ fn produce(
 /// (offset, the sequence number its value starts with), and the high
 /// watermark.
 fn read_all(port: u16, topic: &str) -> (Vec<(u64, u64)>, u64) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    read_all_at("127.0.0.1", port, topic)
+}
+
+fn read_all_at(host: &str, port: u16, topic: &str) -> (Vec<(u64, u64)>, u64) {
+    let mut s = TcpStream::connect((host, port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut out = Vec::new();
     let mut offset = 0u64;
@@ -666,4 +683,147 @@ fn consumers_and_subscriptions_resume_on_the_new_leader() {
             "the subscription saw each record once, in order"
         );
     });
+}
+
+/// The leader of partition 0 as seen by members `ids` of a namespaced
+/// cluster: (leader id, the port of its owning shard, isr).
+fn leader_in(
+    net: &Net,
+    brokers: &[Broker],
+    ids: &[usize],
+    topic: &str,
+) -> Option<(u32, u16, Vec<u32>)> {
+    for &i in ids {
+        let Some(m) = try_metadata_at(&net.ip(i), brokers[i - 1].port) else {
+            continue;
+        };
+        let part = m.topics.iter().find(|t| t.0 == topic)?.1.first()?.clone();
+        if part.offline || !m.brokers.iter().any(|b| b.0 == part.leader) {
+            return None;
+        }
+        return Some((part.leader, m.shard_port(part.leader, part.shard), part.isr));
+    }
+    None
+}
+
+/// The leader cut off from ZooKeeper and from its followers (network
+/// namespaces: its packets to them are dropped) while clients still reach
+/// it: it acknowledges no acks=all write from then on, a new leader takes
+/// over, and once healed the old leader truncates and follows; every
+/// acknowledged write is there once and the replicas agree.
+#[test]
+fn a_leader_cut_off_from_zookeeper_and_its_followers_acknowledges_nothing() {
+    let net = Net::new(3);
+    let zk = ZooKeeper::start_on(&net.zk_host());
+    let mut brokers: Vec<Broker> = (1..=3usize)
+        .map(|i| {
+            let cores = if i % 2 == 0 { "1" } else { "0" };
+            let toml = "zk_session_timeout_ms = 1500\n";
+            Broker::start_member_in(&net.ns(i), &net.ip(i), cores, &zk.connect(), i as u32, toml)
+        })
+        .collect();
+    let all = [1usize, 2, 3];
+    eventually(Duration::from_secs(15), "three brokers", || {
+        try_metadata_at(&net.ip(1), brokers[0].port).is_some_and(|m| m.ids() == vec![1, 2, 3])
+    });
+    let topic = "cut";
+    let frame = raw::request(1, fb::RequestBody::CreateTopicRequest, |fbb| {
+        let n = fbb.create_string(topic);
+        fb::CreateTopicRequest::create(
+            fbb,
+            &fb::CreateTopicRequestArgs {
+                name: Some(n),
+                partitions: 1,
+                replication_factor: 3,
+                ..Default::default()
+            },
+        )
+        .as_union_value()
+    });
+    let h = shoal_tests::meta::try_call_at(&net.ip(1), brokers[0].port, frame).expect("an answer");
+    let r = flatbuffers::root::<fb::Response>(&h).expect("response");
+    assert_eq!(r.error_code(), 0, "{:?}", r.error_message());
+    eventually(TOPIC_WAIT, "all in sync", || {
+        leader_in(&net, &brokers, &all, topic).is_some_and(|l| l.2.len() == 3)
+    });
+    let (old, old_port, _) = leader_in(&net, &brokers, &all, topic).expect("a leader");
+    let old_host = net.ip(old as usize);
+    let pid = 11;
+    for seq in 0..5 {
+        produce_at(
+            &old_host,
+            old_port,
+            topic,
+            &raw::batch(pid, seq, 1, 64),
+            fb::Acks::All,
+            Duration::from_secs(5),
+        )
+        .expect("acked before the cut");
+    }
+    // Cut: no ZooKeeper, no followers; clients still reach it.
+    let others: Vec<usize> = all.iter().copied().filter(|&i| i as u32 != old).collect();
+    let mut away: Vec<String> = others.iter().map(|&i| net.ip(i)).collect();
+    away.push(net.zk_host());
+    net.cut(old as usize, &away);
+    let during = produce_at(
+        &old_host,
+        old_port,
+        topic,
+        &raw::batch(pid + 1, 0, 1, 64),
+        fb::Acks::All,
+        Duration::from_secs(3),
+    );
+    assert!(
+        during.is_err(),
+        "the cut-off leader acknowledged: {during:?}"
+    );
+    eventually(Duration::from_secs(20), "a new leader", || {
+        leader_in(&net, &brokers, &others, topic).is_some_and(|l| l.0 != old)
+    });
+    let (new, new_port, _) = leader_in(&net, &brokers, &others, topic).expect("the new leader");
+    for seq in 5..10 {
+        produce_at(
+            &net.ip(new as usize),
+            new_port,
+            topic,
+            &raw::batch(pid, seq, 1, 64),
+            fb::Acks::All,
+            Duration::from_secs(5),
+        )
+        .expect("the new leader acknowledges");
+    }
+    let after = produce_at(
+        &old_host,
+        old_port,
+        topic,
+        &raw::batch(pid + 2, 0, 1, 64),
+        fb::Acks::All,
+        Duration::from_secs(3),
+    );
+    assert!(after.is_err(), "the deposed leader acknowledged: {after:?}");
+    // Heal: it follows, truncates and catches up.
+    net.heal(old as usize, &away);
+    eventually(
+        Duration::from_secs(30),
+        "the old leader back in sync",
+        || leader_in(&net, &brokers, &others, topic).is_some_and(|l| l.2.len() == 3),
+    );
+    let (leader, port, _) = leader_in(&net, &brokers, &all, topic).expect("a leader");
+    let (records, hw) = read_all_at(&net.ip(leader as usize), port, topic);
+    let seqs: Vec<u64> = records.iter().map(|r| r.1).collect();
+    assert_eq!(seqs, (0..10).collect::<Vec<u64>>(), "{records:?}");
+    eventually(
+        Duration::from_secs(20),
+        "replicas identical up to the high watermark",
+        || {
+            let a = stored_batches(&brokers[0], topic, hw);
+            !a.is_empty()
+                && a == stored_batches(&brokers[1], topic, hw)
+                && a == stored_batches(&brokers[2], topic, hw)
+        },
+    );
+    for b in &mut brokers {
+        b.kill9();
+    }
+    drop(zk);
 }
