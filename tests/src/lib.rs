@@ -787,9 +787,15 @@ pub mod meta {
 
     /// [`try_call`] to a broker listening on `host`.
     pub fn try_call_at(host: &str, port: u16, frame: Vec<u8>) -> Option<Vec<u8>> {
+        call_within(host, port, frame, Duration::from_secs(30))
+    }
+
+    /// One request and its answer within `wait` (a stopped broker's kernel
+    /// still accepts the connection: only the answer tells).
+    fn call_within(host: &str, port: u16, frame: Vec<u8>, wait: Duration) -> Option<Vec<u8>> {
         let a: std::net::SocketAddr = format!("{host}:{port}").parse().ok()?;
         let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+        s.set_read_timeout(Some(wait)).ok()?;
         s.write_all(&frame).ok()?;
         let mut buf = Vec::new();
         raw::read_header(&mut s, &mut buf)
@@ -806,13 +812,14 @@ pub mod meta {
 
     /// [`try_metadata`] of a broker listening on `host`.
     pub fn try_metadata_at(host: &str, port: u16) -> Option<Meta> {
-        let h = try_call_at(
+        let h = call_within(
             host,
             port,
             raw::request(1, fb::RequestBody::MetadataRequest, |fbb| {
                 fb::MetadataRequest::create(fbb, &fb::MetadataRequestArgs { topics: None })
                     .as_union_value()
             }),
+            Duration::from_secs(3),
         )?;
         let r = flatbuffers::root::<fb::Response>(&h).ok()?;
         if r.error_code() != 0 {

@@ -827,3 +827,53 @@ fn a_leader_cut_off_from_zookeeper_and_its_followers_acknowledges_nothing() {
     }
     drop(zk);
 }
+
+/// A follower that stops keeping up leaves the in-sync set after
+/// `replica_lag_max_ms` (a conditional ZooKeeper write by the leader), so
+/// acks=all goes on with the others; once it runs again it catches up and
+/// rejoins.
+#[test]
+fn a_lagging_follower_leaves_the_isr_and_rejoins_when_caught_up() {
+    let topic = "lag";
+    let (_zk, brokers) = replicated_cluster(topic, "replica_lag_max_ms = 1000");
+    let p = ports(&brokers);
+    let (leader, port, ..) = leader_of(&p, topic).expect("a leader");
+    let follower = (1..=3u32).find(|&b| b != leader).expect("a follower");
+    let fpid = brokers[follower as usize - 1].pid().expect("running") as i32;
+    // SAFETY: signals our own child process by pid.
+    unsafe { libc::kill(fpid, libc::SIGSTOP) };
+    let mut seq = 0;
+    let mut send = |seq: &mut i32| {
+        let b = raw::batch(21, *seq, 1, 64);
+        let r = produce(port, topic, &b, fb::Acks::All, Duration::from_secs(10));
+        if r.is_ok() {
+            *seq += 1;
+        }
+        r
+    };
+    let took = eventually(
+        Duration::from_secs(15),
+        "the frozen follower leaves the set",
+        || {
+            let _ = send(&mut seq);
+            leader_of(&p, topic).is_some_and(|l| !l.3.contains(&follower) && l.3.len() == 2)
+        },
+    );
+    eprintln!("the in-sync set shrank {took:?} after the follower froze (replica_lag_max_ms 1000)");
+    for _ in 0..20 {
+        send(&mut seq).expect("acks=all goes on with two in sync");
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(fpid, libc::SIGCONT) };
+    eventually(
+        Duration::from_secs(20),
+        "the follower rejoins the set",
+        || {
+            let _ = send(&mut seq);
+            leader_of(&p, topic).is_some_and(|l| l.3.len() == 3)
+        },
+    );
+    let (records, _) = read_all(port, topic);
+    let seqs: Vec<u64> = records.iter().map(|r| r.1).collect();
+    assert_eq!(seqs, (0..seq as u64).collect::<Vec<u64>>());
+}
