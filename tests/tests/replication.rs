@@ -843,7 +843,7 @@ fn a_lagging_follower_leaves_the_isr_and_rejoins_when_caught_up() {
     // SAFETY: signals our own child process by pid.
     unsafe { libc::kill(fpid, libc::SIGSTOP) };
     let mut seq = 0;
-    let mut send = |seq: &mut i32| {
+    let send = |seq: &mut i32| {
         let b = raw::batch(21, *seq, 1, 64);
         let r = produce(port, topic, &b, fb::Acks::All, Duration::from_secs(10));
         if r.is_ok() {
