@@ -250,18 +250,28 @@ fn a_killed_broker_leaves_and_comes_back() {
         || metadata(port).ids() == vec![1, 2],
     );
     eprintln!("broker 3 left after {took:?}");
-    assert!(metadata(port).topic("t")[p3].offline);
+    // Its only replica is gone: offline (the controller may still be
+    // writing that down a moment after the membership changed).
+    eventually(Duration::from_secs(5), "the partition offline", || {
+        metadata(port).topic("t")[p3].offline
+    });
     let (code, _, _) = produce(port + 1, "t", p3 as u32);
     assert_eq!(code, 37, "LeaderNotAvailable while its leader is down");
     brokers[2].restart();
     eventually(Duration::from_secs(10), "broker 3 back", || {
         metadata(port).ids() == vec![1, 2, 3]
     });
-    let m = metadata(brokers[1].port);
-    let part = &m.topic("t")[p3];
-    assert!(!part.offline);
-    let (code, msg, _) = produce(m.shard_port(3, part.shard), "t", p3 as u32);
-    assert_eq!(code, 0, "{msg}");
+    // Back as its leader: writes are taken once it has heard from
+    // ZooKeeper what it leads (NotLeader, retriable, until then).
+    eventually(
+        Duration::from_secs(10),
+        "the partition writable again",
+        || {
+            let m = metadata(brokers[1].port);
+            let part = &m.topic("t")[p3];
+            !part.offline && produce(m.shard_port(3, part.shard), "t", p3 as u32).0 == 0
+        },
+    );
     // Broker 1 dials broker 3: a new link to the new incarnation.
     eventually(Duration::from_secs(5), "link re-opened", || {
         brokers[0]

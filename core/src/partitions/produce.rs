@@ -175,7 +175,7 @@ impl Reactor {
         acks: Acks,
     ) -> Result<(Rc<PartitionLog>, ProduceOk)> {
         self.partitions.check_id(topic, topic_id)?;
-        self.replication.check_started(topic, partition)?;
+        self.replication.check_writable(topic, partition)?;
         if matches!(acks, Acks::All { .. }) {
             self.replication.check_insync(topic, partition)?;
         }

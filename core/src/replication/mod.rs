@@ -145,10 +145,25 @@ impl Replicas {
         }
     }
 
-    /// Refuses writes before this broker knows from ZooKeeper what it
-    /// leads.
-    pub fn check_started(&self, topic: &str, partition: u32) -> Result<()> {
+    /// Refuses a write unless this replica leads the partition now: not
+    /// before this broker knows from ZooKeeper what it leads, not while a
+    /// role change is under way (a follower's fetch task may still be
+    /// appending, and the new epoch is not taken yet), not once deposed.
+    /// A partition without a slot yet (a topic created a moment ago, its
+    /// role not set) takes writes as a single node would.
+    pub fn check_writable(&self, topic: &str, partition: u32) -> Result<()> {
         if self.waiting_for_zookeeper.get() {
+            return Err(not_leader_now(topic, partition));
+        }
+        let Some(slot) = self.slot(topic, partition) else {
+            return Ok(());
+        };
+        let ok = match &*slot.role.borrow() {
+            Role::Leader(l) => !l.deposed.get(),
+            Role::Alone => true,
+            Role::Follower(_) => false,
+        };
+        if !ok || slot.changing.try_lock().is_none() {
             return Err(not_leader_now(topic, partition));
         }
         Ok(())
