@@ -8,31 +8,6 @@ use shoal_shard::{Error, LogConfig, PartitionLog, SyncMode};
 use std::path::PathBuf;
 use std::time::Duration;
 
-fn small(sync: SyncMode) -> LogConfig {
-    LogConfig {
-        sync,
-        segment_bytes: 64 * 1024,
-        // Many rolls of little data, below the product's 1 MiB floor.
-        test_segments: true,
-        batch_bytes_max: 16 * 1024,
-        write_buffer_bytes: 1024 * 1024,
-        ..LogConfig::default()
-    }
-}
-
-fn read_all(log: &PartitionLog) -> Vec<(u64, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut at = log.start_offset();
-    loop {
-        let s = log.read(at, 1 << 20).unwrap();
-        if s.is_empty() {
-            return out;
-        }
-        out.extend(records(s.bytes()).into_iter().filter(|(o, _)| *o >= at));
-        at = s.next_offset;
-    }
-}
-
 /// Appended batches read back in order with their offsets, across rolls and
 /// a clean reopen that scans nothing.
 #[test]

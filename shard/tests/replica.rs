@@ -4,34 +4,10 @@
 
 mod common;
 use common::*;
-use shoal_shard::{LogConfig, PartitionLog, SyncMode};
+use shoal_shard::{PartitionLog, SyncMode};
 use shoal_wire::batch::{BatchBuilder, BatchHeader, NewRecord};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-fn small() -> LogConfig {
-    LogConfig {
-        sync: SyncMode::Always,
-        segment_bytes: 64 * 1024,
-        test_segments: true,
-        batch_bytes_max: 16 * 1024,
-        write_buffer_bytes: 1024 * 1024,
-        ..LogConfig::default()
-    }
-}
-
-fn read_all(log: &PartitionLog) -> Vec<(u64, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut at = log.start_offset();
-    loop {
-        let s = log.read_replica(at, 1 << 20).unwrap();
-        if s.is_empty() {
-            return out;
-        }
-        out.extend(records(s.bytes()).into_iter().filter(|(o, _)| *o >= at));
-        at = s.next_offset;
-    }
-}
 
 /// The stored batches' (base offset, leader epoch).
 fn epochs_of(log: &PartitionLog) -> Vec<(u64, u32)> {
@@ -81,7 +57,9 @@ fn epochs_are_stamped_recorded_and_answered() {
     let dir = tempfile::tempdir().unwrap();
     let path: PathBuf = dir.path().into();
     run(move || async move {
-        let log = PartitionLog::open(&path, small()).await.unwrap();
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
         assert_eq!(log.last_epoch(), None);
         log.set_leader_epoch(0).await.unwrap();
         log.append_acked(&batch(0, 2, 10, 1)).await.unwrap();
@@ -98,7 +76,9 @@ fn epochs_are_stamped_recorded_and_answered() {
             "epochs never go back"
         );
         log.crash_stop().await;
-        let log = PartitionLog::open(&path, small()).await.unwrap();
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
         assert_eq!(log.last_epoch(), Some(3));
         assert_eq!(log.epoch_end(0), Some((0, 2)));
         log.close().await.unwrap();
@@ -115,13 +95,17 @@ fn replica_appends_keep_epochs_and_producer_state() {
     let leader_dir = tempfile::tempdir().unwrap();
     let (path, lpath): (PathBuf, PathBuf) = (dir.path().into(), leader_dir.path().into());
     run(move || async move {
-        let leader = PartitionLog::open(&lpath, small()).await.unwrap();
+        let leader = PartitionLog::open(&lpath, small(SyncMode::Always))
+            .await
+            .unwrap();
         leader.set_leader_epoch(1).await.unwrap();
         leader.append_acked(&idem(9, 0)).await.unwrap();
         leader.append_acked(&idem(9, 1)).await.unwrap();
         leader.set_leader_epoch(4).await.unwrap();
         leader.append_acked(&idem(9, 2)).await.unwrap();
-        let f = PartitionLog::open(&path, small()).await.unwrap();
+        let f = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
         let s = leader.read_replica(0, 1 << 20).unwrap();
         for b in shoal_wire::batch::Batches::new(s.bytes(), usize::MAX) {
             let (_, bytes) = b.unwrap();
@@ -155,7 +139,9 @@ fn the_high_watermark_bounds_consumers() {
     let dir = tempfile::tempdir().unwrap();
     let path: PathBuf = dir.path().into();
     run(move || async move {
-        let log = PartitionLog::open(&path, small()).await.unwrap();
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
         for t in 0..4 {
             log.append_acked(&batch(t, 1, 10, 1)).await.unwrap();
         }
@@ -184,7 +170,9 @@ fn the_high_watermark_bounds_consumers() {
         log.checkpoint_high_watermark().await.unwrap();
         let log = std::rc::Rc::try_unwrap(log).ok().unwrap();
         log.close().await.unwrap();
-        let log = PartitionLog::open(&path, small()).await.unwrap();
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
         assert_eq!(log.high_watermark(), 3, "the checkpoint survives a reopen");
         log.close().await.unwrap();
     });
@@ -198,7 +186,9 @@ fn truncate_to_is_exact() {
     let dir = tempfile::tempdir().unwrap();
     let path: PathBuf = dir.path().into();
     run(move || async move {
-        let log = PartitionLog::open(&path, small()).await.unwrap();
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
         log.set_leader_epoch(1).await.unwrap();
         for t in 0..60u64 {
             log.append_acked(&batch(t, 2, 1500, 1)).await.unwrap();
@@ -235,7 +225,9 @@ fn truncate_to_is_exact() {
         assert_eq!(a.base_offset, n);
         let expect = read_all(&log);
         log.close().await.unwrap();
-        let log = PartitionLog::open(&path, small()).await.unwrap();
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
         assert_eq!(read_all(&log), expect);
         assert_eq!(log.last_epoch(), Some(3));
         log.close().await.unwrap();
@@ -250,7 +242,9 @@ fn an_interrupted_truncation_is_finished_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let path: PathBuf = dir.path().into();
     run(move || async move {
-        let log = PartitionLog::open(&path, small()).await.unwrap();
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
         for t in 0..60u64 {
             log.append_acked(&batch(t, 2, 1500, 1)).await.unwrap();
         }
@@ -258,14 +252,18 @@ fn an_interrupted_truncation_is_finished_on_open() {
         log.crash_stop().await;
         // The intent is durable; the crash came before any file changed.
         std::fs::write(path.join("truncate.intent"), "30\n").unwrap();
-        let log = PartitionLog::open(&path, small()).await.unwrap();
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
         assert_eq!(log.next_offset(), 30);
         assert_eq!(read_all(&log), before[..30].to_vec());
         assert!(!path.join("truncate.intent").exists());
         log.crash_stop().await;
         // Halfway: later segments already gone, the intent still there.
         std::fs::write(path.join("truncate.intent"), "10\n").unwrap();
-        let log = PartitionLog::open(&path, small()).await.unwrap();
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
         assert_eq!(log.next_offset(), 10);
         assert_eq!(read_all(&log), before[..10].to_vec());
         log.close().await.unwrap();

@@ -987,35 +987,19 @@ pub mod netns {
 
         /// Member `i` can no longer reach `hosts`.
         pub fn cut(&self, i: usize, hosts: &[String]) {
-            for h in hosts {
-                let to = format!("{h}/32");
-                ip(&[
-                    "netns",
-                    "exec",
-                    &self.ns(i),
-                    "ip",
-                    "route",
-                    "add",
-                    "blackhole",
-                    &to,
-                ]);
-            }
+            self.blackhole(i, hosts, "add");
         }
 
         /// Undoes [`Net::cut`].
         pub fn heal(&self, i: usize, hosts: &[String]) {
+            self.blackhole(i, hosts, "del");
+        }
+
+        fn blackhole(&self, i: usize, hosts: &[String], op: &str) {
+            let ns = self.ns(i);
             for h in hosts {
                 let to = format!("{h}/32");
-                ip(&[
-                    "netns",
-                    "exec",
-                    &self.ns(i),
-                    "ip",
-                    "route",
-                    "del",
-                    "blackhole",
-                    &to,
-                ]);
+                ip(&["netns", "exec", &ns, "ip", "route", op, "blackhole", &to]);
             }
         }
     }

@@ -436,15 +436,7 @@ impl Replicas {
             if l.deposed.get() || self.is_fenced() {
                 return Err(not_leader_now(topic, partition));
             }
-            let (isr, min) = (l.isr.borrow().len(), l.min_insync);
-            if isr < min {
-                return Err(Error::NotEnoughReplicas {
-                    topic: topic.into(),
-                    partition,
-                    isr,
-                    min,
-                });
-            }
+            enough_insync(&l, topic, partition)?;
             if log.high_watermark() >= next {
                 return Ok(());
             }
@@ -471,17 +463,21 @@ impl Replicas {
         if l.deposed.get() || self.is_fenced() {
             return Err(not_leader_now(topic, partition));
         }
-        let (isr, min) = (l.isr.borrow().len(), l.min_insync);
-        if isr < min {
-            return Err(Error::NotEnoughReplicas {
-                topic: topic.into(),
-                partition,
-                isr,
-                min,
-            });
-        }
-        Ok(())
+        enough_insync(&l, topic, partition)
     }
+}
+
+fn enough_insync(l: &LeaderState, topic: &str, partition: u32) -> Result<()> {
+    let (isr, min) = (l.isr.borrow().len(), l.min_insync);
+    if isr < min {
+        return Err(Error::NotEnoughReplicas {
+            topic: topic.into(),
+            partition,
+            isr,
+            min,
+        });
+    }
+    Ok(())
 }
 
 /// `NotLeader` without a hint: the client asks for metadata again.

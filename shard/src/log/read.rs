@@ -145,10 +145,7 @@ impl PartitionLog {
         max_bytes: u64,
         wait_max: Duration,
     ) -> Result<ReadSlice> {
-        if let Some(plan) = self.plan_read(from, max_bytes) {
-            let (files, start, end, advised_from) = plan;
-            wait_resident(&files, start, end, advised_from, wait_max).await;
-        }
+        self.make_ready(from, max_bytes, wait_max).await;
         self.read(from, max_bytes)
     }
 
@@ -160,11 +157,17 @@ impl PartitionLog {
         max_bytes: u64,
         wait_max: Duration,
     ) -> Result<ReadSlice> {
+        self.make_ready(from, max_bytes, wait_max).await;
+        self.read_replica(from, max_bytes)
+    }
+
+    /// Brings the pages a read of `from` touches into memory (bounded by
+    /// `wait_max`) and keeps the read-ahead going.
+    async fn make_ready(&self, from: u64, max_bytes: u64, wait_max: Duration) {
         if let Some(plan) = self.plan_read(from, max_bytes) {
             let (files, start, end, advised_from) = plan;
             wait_resident(&files, start, end, advised_from, wait_max).await;
         }
-        self.read_replica(from, max_bytes)
     }
 
     /// The segment bytes a read of `from` would touch, if it reads a

@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+use shoal_shard::{LogConfig, PartitionLog, SyncMode};
 use shoal_wire::batch::{BatchBuilder, NewRecord, NO_PRODUCER_ID, NO_SEQUENCE};
 use std::future::Future;
 
@@ -54,4 +55,30 @@ pub fn records(bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
         }
     }
     out
+}
+
+/// Small segments (many rolls of little data).
+pub fn small(sync: SyncMode) -> LogConfig {
+    LogConfig {
+        sync,
+        segment_bytes: 64 * 1024,
+        // Many rolls of little data, below the product's 1 MiB floor.
+        test_segments: true,
+        batch_bytes_max: 16 * 1024,
+        write_buffer_bytes: 1024 * 1024,
+        ..LogConfig::default()
+    }
+}
+
+pub fn read_all(log: &PartitionLog) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = log.start_offset();
+    loop {
+        let s = log.read(at, 1 << 20).unwrap();
+        if s.is_empty() {
+            return out;
+        }
+        out.extend(records(s.bytes()).into_iter().filter(|(o, _)| *o >= at));
+        at = s.next_offset;
+    }
 }
