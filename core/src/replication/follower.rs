@@ -192,13 +192,15 @@ impl Follow {
         let mut out = Vec::with_capacity(256);
         let mut buf: Vec<u8> = Vec::with_capacity(FETCH_BYTES as usize + 4096);
         let mut corr: u32 = 0;
+        // A role is one incarnation of the topic: a topic deleted and
+        // created again under the name gets new roles.
+        let Some(topic_id) = self.reactor.partitions.topic(&self.topic).map(|m| m.id) else {
+            return Ended::Stopped;
+        };
         loop {
             if self.stop.flag.get() {
                 return Ended::Stopped;
             }
-            let Some(topic_id) = self.reactor.partitions.topic(&self.topic).map(|m| m.id) else {
-                return Ended::Stopped;
-            };
             corr = corr.wrapping_add(1);
             let offset = self.log.next_offset();
             let last_epoch = self.log.last_epoch().map_or(-1, |e| e as i32);

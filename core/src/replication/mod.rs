@@ -227,14 +227,20 @@ impl Reactor {
             Some(t) => self.partitions.local_logs_of(Some(&[t.to_string()])),
             None => self.partitions.local_logs_of(None),
         };
-        let mut live: Vec<(String, u32)> = Vec::new();
+        let mut live: std::collections::HashSet<(String, u32)> = Default::default();
+        let mut meta: Option<TopicMeta> = None;
         for ((name, p), _) in logs {
-            let Some(meta) = self.partitions.topic(&name) else {
+            // The logs come topic by topic: one copy of each topic's
+            // metadata.
+            if meta.as_ref().is_none_or(|m| m.name != name) {
+                meta = self.partitions.topic(&name);
+            }
+            let Some(meta) = meta.as_ref() else {
                 continue;
             };
-            let want = Want::of(&meta, p, Some(me));
+            let want = Want::of(meta, p, Some(me));
             let key = (name.clone(), p);
-            live.push(key.clone());
+            live.insert(key.clone());
             let slot = self
                 .replication
                 .slots
