@@ -61,6 +61,7 @@ RETRIABLE_CODES = frozenset(
         ErrorCode.LEADER_NOT_AVAILABLE,
         ErrorCode.NOT_ENOUGH_REPLICAS,
         ErrorCode.CLUSTER_UNAVAILABLE,
+        ErrorCode.FENCED_LEADER_EPOCH,
         ErrorCode.TIMEOUT,
         ErrorCode.STORAGE_ERROR,
     }
