@@ -12,4 +12,4 @@ export SHOAL_BIN="$PWD/target/release/shoal" SHOAL_DISCOVERY_CACHE=off SHOAL_KIL
 ulimit -l unlimited 2>/dev/null || true
 cargo test --release --locked -p shoal-tests --test replication \
   acknowledged_messages_survive_leader_kills -- --nocapture 2>&1 |
-  grep -E '^round|failover gap|test result|panicked|assert'
+  grep -E '^round|failover gap|truncations|test result|panicked|assert'

@@ -357,6 +357,18 @@ fn acknowledged_messages_survive_leader_kills() {
             !a.is_empty() && a == b && b == c
         },
     );
+    let truncations: usize = brokers
+        .iter()
+        .map(|b| {
+            b.log_text()
+                .matches("log diverges from the leader's: truncating")
+                .count()
+        })
+        .sum();
+    eprintln!(
+        "{} acknowledged messages; {truncations} follower truncations by leader epoch",
+        acked.len()
+    );
     // Leadership went back to the preferred replica.
     eventually(
         Duration::from_secs(30),
