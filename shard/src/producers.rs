@@ -29,8 +29,14 @@ pub struct ProducerTable {
     pub entries: HashMap<i64, ProducerEntry>,
 }
 
+/// `seq + n` in sequence space: sequences run 0..=i32::MAX and wrap to
+/// 0, as Kafka's do (a negative sequence means "not idempotent").
+fn seq_add(seq: i32, n: i64) -> i32 {
+    (i64::from(seq) + n).rem_euclid(1 << 31) as i32
+}
+
 fn last_seq(h: &BatchHeader) -> i32 {
-    h.base_sequence.wrapping_add(h.record_count as i32 - 1)
+    seq_add(h.base_sequence, i64::from(h.record_count) - 1)
 }
 
 impl ProducerTable {
@@ -56,7 +62,7 @@ impl ProducerTable {
         {
             return Ok(Some(*b));
         }
-        let expected = e.batches.back().map_or(0, |b| b.last_seq.wrapping_add(1));
+        let expected = e.batches.back().map_or(0, |b| seq_add(b.last_seq, 1));
         if h.base_sequence != expected {
             return Err(Error::OutOfOrderSequence {
                 producer_id: h.producer_id,
@@ -145,5 +151,48 @@ impl ProducerTable {
             t.entries.insert(id, ProducerEntry { epoch, batches });
         }
         Some(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(seq: i32, records: u32) -> BatchHeader {
+        BatchHeader {
+            base_offset: 0,
+            batch_len: 0,
+            leader_epoch: 0,
+            crc: 0,
+            magic: 1,
+            attributes: 0,
+            record_count: records,
+            base_sequence: seq,
+            first_timestamp_ms: 0,
+            max_timestamp_ms: 0,
+            producer_id: 7,
+            producer_epoch: 0,
+        }
+    }
+
+    /// A batch spanning i32::MAX wraps to 0, and the next batch is expected
+    /// where the wrapped one ended.
+    #[test]
+    fn sequences_wrap_to_zero() {
+        let mut t = ProducerTable::default();
+        let h = header(i32::MAX - 1, 3);
+        assert_eq!(last_seq(&h), 0);
+        assert_eq!(t.check(&h).unwrap(), None);
+        t.record(&h, 10);
+        assert!(t.check(&h).unwrap().is_some(), "a retry is a duplicate");
+        assert_eq!(t.check(&header(1, 1)).unwrap(), None);
+        assert!(matches!(
+            t.check(&header(0, 1)),
+            Err(Error::OutOfOrderSequence {
+                expected: 1,
+                got: 0,
+                ..
+            })
+        ));
     }
 }
