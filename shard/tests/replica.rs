@@ -269,3 +269,40 @@ fn an_interrupted_truncation_is_finished_on_open() {
         log.close().await.unwrap();
     });
 }
+
+/// A follower whose leader no longer holds what it lacks starts over: the
+/// log empties and continues at the leader's start, takes the leader's
+/// batches from there, and an interrupted start-over is finished on open.
+#[test]
+fn a_log_can_start_over_further_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().into();
+    run(move || async move {
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
+        log.set_leader_epoch(2).await.unwrap();
+        for t in 0..40u64 {
+            log.append_acked(&batch(t, 2, 1500, 1)).await.unwrap();
+        }
+        log.start_over_at(500).await.unwrap();
+        assert_eq!((log.start_offset(), log.next_offset()), (500, 500));
+        assert!(read_all(&log).is_empty());
+        assert_eq!(log.last_epoch(), None, "no epoch of the old data is left");
+        let mut b = batch(99, 3, 10, 1);
+        let mut h = BatchHeader::decode(&b).unwrap();
+        h.base_offset = 500;
+        h.leader_epoch = 7;
+        h.encode(&mut b);
+        log.append_replica(&b).await.unwrap();
+        log.flush().await.unwrap();
+        assert_eq!(log.epoch_end(7), Some((7, 503)));
+        log.crash_stop().await;
+        std::fs::write(path.join("truncate.intent"), "start 900\n").unwrap();
+        let log = PartitionLog::open(&path, small(SyncMode::Always))
+            .await
+            .unwrap();
+        assert_eq!((log.start_offset(), log.next_offset()), (900, 900));
+        log.close().await.unwrap();
+    });
+}

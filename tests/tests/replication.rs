@@ -889,3 +889,64 @@ fn a_lagging_follower_leaves_the_isr_and_rejoins_when_caught_up() {
     let seqs: Vec<u64> = records.iter().map(|r| r.1).collect();
     assert_eq!(seqs, (0..seq as u64).collect::<Vec<u64>>());
 }
+
+/// A follower that was down while retention deleted what it lacks on the
+/// leader starts over at the leader's log start and rejoins the in-sync
+/// set (instead of asking for gone offsets for ever).
+#[test]
+fn a_follower_behind_the_leaders_retention_starts_over() {
+    let topic = "retained";
+    let toml = "segment_bytes = 1048576\nretention_bytes = 1048576\nretention_check_ms = 200";
+    let (_zk, mut brokers) = replicated_cluster(topic, toml);
+    let p = ports(&brokers);
+    let (leader, port, ..) = leader_of(&p, topic).expect("a leader");
+    let follower = (1..=3u32).find(|&b| b != leader).expect("a follower");
+    brokers[follower as usize - 1].kill9();
+    eventually(
+        Duration::from_secs(20),
+        "the dead follower out of the set",
+        || leader_of(&p, topic).is_some_and(|l| l.3.len() == 2),
+    );
+    // About 4 MiB in 64 KiB batches: old segments go.
+    for seq in 0..64 {
+        let b = raw::batch(-1, seq * 64, 64, 1000);
+        produce(port, topic, &b, fb::Acks::All, Duration::from_secs(10)).expect("acked");
+    }
+    let log_start = || {
+        let frame = raw::request(1, fb::RequestBody::FetchRequest, |fbb| {
+            let t = fbb.create_string(topic);
+            fb::FetchRequest::create(
+                fbb,
+                &fb::FetchRequestArgs {
+                    topic: Some(t),
+                    offset: 0,
+                    by_timestamp: true,
+                    timestamp_ms: i64::MAX,
+                    ..Default::default()
+                },
+            )
+            .as_union_value()
+        });
+        let h = shoal_tests::meta::call(port, frame);
+        let r = flatbuffers::root::<fb::Response>(&h).expect("response");
+        r.body_as_fetch_response()
+            .map_or(0, |f| f.log_start_offset())
+    };
+    eventually(
+        Duration::from_secs(20),
+        "retention deletes the oldest segments",
+        || log_start() > 0,
+    );
+    brokers[follower as usize - 1].restart();
+    eventually(
+        Duration::from_secs(30),
+        "the follower back in the set",
+        || leader_of(&p, topic).is_some_and(|l| l.3.len() == 3),
+    );
+    assert!(
+        brokers[follower as usize - 1]
+            .log_text()
+            .contains("starting over at its log start"),
+        "the follower started over"
+    );
+}

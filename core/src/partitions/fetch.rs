@@ -265,6 +265,10 @@ fn divergence(
     r: &ReplicaFetch,
     offset: u64,
 ) -> Option<(i32, u64)> {
+    if offset < log.start_offset() {
+        // What the follower lacks is gone here: it starts over at our start.
+        return Some((-3, log.start_offset()));
+    }
     if r.last_fetched_epoch < 0 {
         // An empty follower (or one from before epochs): only a position
         // past this log's end needs cutting back.

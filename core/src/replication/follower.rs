@@ -286,8 +286,17 @@ impl Follow {
     }
 
     /// The leader's log and ours part after `epoch` ends at `end` there
-    /// (`epoch` -2: no epoch in common; truncate to `end`).
+    /// (`epoch` -2: no epoch in common; truncate to `end`; -3: the leader no
+    /// longer holds what we lack: start over at `end`, its log start).
     async fn truncate(&self, epoch: i32, end: u64) {
+        if epoch == -3 {
+            tracing::warn!(topic = %self.topic, partition = self.partition, leader = self.leader, log_end = self.log.next_offset(), leader_start = end, "the leader no longer holds what this replica lacks: starting over at its log start");
+            if let Err(e) = self.log.start_over_at(end).await {
+                tracing::error!(topic = %self.topic, partition = self.partition, error = %e, "cannot start over");
+                let _ = self.stop.sleep(BACKOFF_MAX).await;
+            }
+            return;
+        }
         let ours = if epoch >= 0 {
             match self.log.epoch_end(epoch as u32) {
                 Some((_, our_end)) => our_end,

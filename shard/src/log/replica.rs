@@ -238,19 +238,30 @@ impl PartitionLog {
                 )));
             }
         }
+        self.cut(offset, false).await
+    }
+
+    /// Empties the log, which then continues at `offset` (a follower whose
+    /// leader no longer holds what it lacks: retention deleted it). Crash-
+    /// safe like [`Self::truncate_to`].
+    pub async fn start_over_at(&self, offset: u64) -> Result<()> {
+        self.cut(offset, true).await
+    }
+
+    async fn cut(&self, offset: u64, start_over: bool) -> Result<()> {
         let inner = self.inner.clone();
         let dir = inner.dir.clone();
-        durable::write_durably(
-            &dir,
-            TRUNCATE_INTENT_FILE,
-            format!("{offset}\n").into_bytes(),
-        )
-        .await?;
+        let intent = if start_over {
+            format!("start {offset}\n")
+        } else {
+            format!("{offset}\n")
+        };
+        durable::write_durably(&dir, TRUNCATE_INTENT_FILE, intent.into_bytes()).await?;
         self.shutdown().await?;
         let bmax = inner.config.batch_bytes_max;
         let applied = {
             let dir = dir.clone();
-            rt::spawn_blocking(move || apply_truncation(&dir, offset, bmax)).await
+            rt::spawn_blocking(move || apply_truncation(&dir, offset, bmax, start_over)).await
         };
         // Reopened whatever happened: a cut that failed halfway is finished
         // by the open (the intent is still there) or fails it again.
@@ -265,7 +276,7 @@ impl PartitionLog {
         inner.progress.notify_all();
         inner.space.notify_all();
         applied?;
-        tracing::info!(dir = %dir.display(), offset, "log truncated");
+        tracing::info!(dir = %dir.display(), offset, start_over, "log truncated");
         Ok(())
     }
 
@@ -284,7 +295,12 @@ impl PartitionLog {
 /// Cuts the files of the closed log in `dir` at `offset` (see
 /// [`PartitionLog::truncate_to`]); idempotent, so an open that finds the
 /// intent can run it again after a crash at any point.
-pub(super) fn apply_truncation(dir: &Path, offset: u64, bmax: usize) -> Result<()> {
+pub(super) fn apply_truncation(
+    dir: &Path,
+    offset: u64,
+    bmax: usize,
+    start_over: bool,
+) -> Result<()> {
     let bases = super::recover::list_segments(dir)?;
     let remove_segment = |base: u64| -> std::io::Result<()> {
         for p in [
@@ -301,9 +317,15 @@ pub(super) fn apply_truncation(dir: &Path, offset: u64, bmax: usize) -> Result<(
     };
     let ckpt = Checkpoint::load(dir);
     let mut producers = ckpt.map(|c| c.producers).unwrap_or_default();
-    let target = match bases.iter().rposition(|&b| b <= offset) {
+    let keep = if start_over {
+        None
+    } else {
+        bases.iter().rposition(|&b| b <= offset)
+    };
+    let target = match keep {
         None => {
-            // Below the log's start: empty, continuing at `offset`.
+            // Below the log's start (or starting over): empty, continuing
+            // at `offset`.
             for &b in &bases {
                 remove_segment(b)?;
             }
@@ -372,7 +394,7 @@ pub(super) fn apply_truncation(dir: &Path, offset: u64, bmax: usize) -> Result<(
     durable::write_durably_blocking(dir, checkpoint::FILE_NAME, &ck.encode())?;
     if let Ok(b) = std::fs::read(dir.join(EPOCHS_FILE)) {
         if let Some(mut epochs) = decode_epochs(&b) {
-            epochs.retain(|&(_, o)| o < offset);
+            epochs.retain(|&(_, o)| o < offset && !start_over);
             durable::write_durably_blocking(dir, EPOCHS_FILE, &encode_epochs(&epochs))?;
         }
     }
@@ -380,7 +402,7 @@ pub(super) fn apply_truncation(dir: &Path, offset: u64, bmax: usize) -> Result<(
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
     {
-        if hw > offset {
+        if hw > offset || start_over {
             durable::write_durably_blocking(dir, HW_FILE, format!("{offset}\n").as_bytes())?;
         }
     }
@@ -394,10 +416,14 @@ pub(super) fn finish_interrupted(dir: &Path, bmax: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(dir.join(TRUNCATE_INTENT_FILE)) else {
         return Ok(());
     };
-    match text.trim().parse::<u64>() {
+    let (start_over, number) = match text.trim().strip_prefix("start ") {
+        Some(n) => (true, n),
+        None => (false, text.trim()),
+    };
+    match number.parse::<u64>() {
         Ok(offset) => {
-            tracing::warn!(dir = %dir.display(), offset, "finishing a truncation a crash interrupted");
-            apply_truncation(dir, offset, bmax)
+            tracing::warn!(dir = %dir.display(), offset, start_over, "finishing a truncation a crash interrupted");
+            apply_truncation(dir, offset, bmax, start_over)
         }
         Err(_) => {
             // Written whole or not at all (write-then-rename): unreadable
