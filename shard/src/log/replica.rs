@@ -126,7 +126,14 @@ impl PartitionLog {
                 last.unwrap_or(0)
             )));
         }
-        if last != Some(epoch) {
+        if last.is_none() && epoch == 0 {
+            // A log without epochs that starts at epoch 0 needs no file:
+            // opening a log with batches and no epoch file seeds exactly
+            // this entry. A new topic's leader so takes its role without
+            // waiting for the disk, and takes writes at once.
+            let start = self.next_offset();
+            self.inner.replica.borrow_mut().epochs.push((0, start));
+        } else if last != Some(epoch) {
             self.record_epoch(epoch, self.next_offset()).await?;
         }
         self.inner.replica.borrow_mut().stamp = epoch;
