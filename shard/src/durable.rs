@@ -82,16 +82,23 @@ pub async fn remove_dir_all(path: impl AsRef<Path>) -> io::Result<()> {
 pub async fn remove_files(dir: &Path, paths: Vec<PathBuf>) -> io::Result<()> {
     let dir = dir.to_path_buf();
     rt::spawn_blocking(move || {
-        for p in &paths {
-            match std::fs::remove_file(p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
+        remove_files_blocking(&paths)?;
         sync_dir_blocking(&dir)
     })
     .await
+}
+
+/// Removes `paths` on the calling thread; one already gone is no error.
+/// The caller syncs the directory.
+pub fn remove_files_blocking(paths: &[PathBuf]) -> io::Result<()> {
+    for p in paths {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Bytes an unprivileged writer can still use on the file system that

@@ -49,6 +49,14 @@ pub fn offset_index_path(dir: &Path, base: u64) -> PathBuf {
 pub fn time_index_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(time_index_name(base))
 }
+/// Every file of the segment at `base`: its log and its two indexes.
+pub fn segment_paths(dir: &Path, base: u64) -> [PathBuf; 3] {
+    [
+        log_path(dir, base),
+        offset_index_path(dir, base),
+        time_index_path(dir, base),
+    ]
+}
 
 /// How many closed segments of one shard may hold their files open (one
 /// descriptor and three mappings each), least recently read closed first.

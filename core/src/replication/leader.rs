@@ -297,12 +297,6 @@ impl Replicas {
     pub fn leading(&self, topic: &str, partition: u32) -> Result<Rc<LeaderState>> {
         self.leader(topic, partition)
             .filter(|l| !l.deposed.get())
-            .ok_or_else(|| Error::NotLeader {
-                topic: topic.into(),
-                partition,
-                leader: None,
-                leader_epoch: 0,
-                hint: None,
-            })
+            .ok_or_else(|| super::not_leader_now(topic, partition))
     }
 }

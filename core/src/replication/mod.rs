@@ -113,6 +113,14 @@ impl Slot {
             _ => None,
         }
     }
+
+    /// Ends the role (its partition is gone or the shard stops), after any
+    /// change under way.
+    async fn retire(self: Rc<Self>) {
+        let _one = self.changing.lock().await;
+        let old = self.role.replace(Role::Alone);
+        stop_role(old).await;
+    }
 }
 
 /// A shard's replication state: a slot per local partition of a cluster
@@ -277,11 +285,7 @@ impl Reactor {
             keys.into_iter().filter_map(|k| slots.remove(&k)).collect()
         };
         for slot in gone {
-            rt::spawn_detached(async move {
-                let _one = slot.changing.lock().await;
-                let old = slot.role.replace(Role::Alone);
-                stop_role(old).await;
-            });
+            rt::spawn_detached(slot.retire());
         }
     }
 
@@ -338,9 +342,7 @@ impl Reactor {
             keys.into_iter().filter_map(|k| all.remove(&k)).collect()
         };
         for slot in slots {
-            let _one = slot.changing.lock().await;
-            let old = slot.role.replace(Role::Alone);
-            stop_role(old).await;
+            slot.retire().await;
         }
     }
 
@@ -348,9 +350,7 @@ impl Reactor {
     /// logs close.
     pub async fn replication_stop(&self) {
         for slot in self.replication.all() {
-            let _one = slot.changing.lock().await;
-            let old = slot.role.replace(Role::Alone);
-            stop_role(old).await;
+            slot.retire().await;
         }
     }
 
@@ -431,18 +431,9 @@ impl Replicas {
         };
         let deadline = rt::now() + timeout;
         loop {
-            let Some(l) = slot.leader() else {
-                return Err(not_leader_now(topic, partition));
-            };
+            let l = self.leading_insync(&slot)?;
             let changed = l.progress.changed();
             let fenced = self.fence_changed.changed();
-            // A leader that may have been deposed acknowledges nothing
-            // more: the client asks for metadata and retries where it
-            // points (idempotence keeps the retry exactly once).
-            if l.deposed.get() || self.is_fenced() {
-                return Err(not_leader_now(topic, partition));
-            }
-            enough_insync(&l, topic, partition)?;
             if log.high_watermark() >= next {
                 return Ok(());
             }
@@ -460,34 +451,39 @@ impl Replicas {
     /// Refuses an acks=all produce before it is appended when the in-sync
     /// set is too small (or this broker cannot know it is the leader).
     pub fn check_insync(&self, topic: &str, partition: u32) -> Result<()> {
-        let Some(slot) = self.slot(topic, partition) else {
-            return Ok(());
-        };
-        let Some(l) = slot.leader() else {
-            return Err(not_leader_now(topic, partition));
-        };
-        if l.deposed.get() || self.is_fenced() {
-            return Err(not_leader_now(topic, partition));
+        match self.slot(topic, partition) {
+            Some(slot) => self.leading_insync(&slot).map(drop),
+            None => Ok(()),
         }
-        enough_insync(&l, topic, partition)
     }
-}
 
-fn enough_insync(l: &LeaderState, topic: &str, partition: u32) -> Result<()> {
-    let (isr, min) = (l.isr.borrow().len(), l.min_insync);
-    if isr < min {
-        return Err(Error::NotEnoughReplicas {
-            topic: topic.into(),
-            partition,
-            isr,
-            min,
-        });
+    /// The leader's state of `slot`, if this replica may acknowledge acks=all
+    /// writes now. A leader that may have been deposed (a newer epoch seen,
+    /// or ZooKeeper lost) acknowledges nothing more: `NotLeader`, and the
+    /// client asks for metadata and retries where it points (idempotence
+    /// keeps the retry exactly once). Too small an in-sync set is
+    /// `NotEnoughReplicas`.
+    fn leading_insync(&self, slot: &Slot) -> Result<Rc<LeaderState>> {
+        let (topic, partition) = (&slot.topic, slot.partition);
+        let l = match slot.leader() {
+            Some(l) if !l.deposed.get() && !self.is_fenced() => l,
+            _ => return Err(not_leader_now(topic, partition)),
+        };
+        let (isr, min) = (l.isr.borrow().len(), l.min_insync);
+        if isr < min {
+            return Err(Error::NotEnoughReplicas {
+                topic: topic.clone(),
+                partition,
+                isr,
+                min,
+            });
+        }
+        Ok(l)
     }
-    Ok(())
 }
 
 /// `NotLeader` without a hint: the client asks for metadata again.
-fn not_leader_now(topic: &str, partition: u32) -> Error {
+pub(super) fn not_leader_now(topic: &str, partition: u32) -> Error {
     Error::NotLeader {
         topic: topic.into(),
         partition,

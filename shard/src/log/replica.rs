@@ -94,16 +94,20 @@ pub(super) fn load(dir: &Path, start: u64, next: u64) -> ReplicaState {
     if epochs.is_empty() && next > start {
         epochs.push((0, start));
     }
-    let hw = std::fs::read_to_string(dir.join(HW_FILE))
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(|h| h.min(next));
+    let hw = read_hw(dir).map(|h| h.min(next));
     ReplicaState {
         stamp: epochs.last().map_or(0, |e| e.0),
         epochs,
         hw,
         hw_saved: hw,
     }
+}
+
+/// The high watermark file's value, if it is there and readable.
+fn read_hw(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join(HW_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
 }
 
 /// The largest epoch `<= epoch` in `epochs` and where it ends (the next
@@ -309,19 +313,8 @@ pub(super) fn apply_truncation(
     start_over: bool,
 ) -> Result<()> {
     let bases = super::recover::list_segments(dir)?;
-    let remove_segment = |base: u64| -> std::io::Result<()> {
-        for p in [
-            segment::log_path(dir, base),
-            segment::offset_index_path(dir, base),
-            segment::time_index_path(dir, base),
-        ] {
-            match std::fs::remove_file(&p) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-        }
-        Ok(())
-    };
+    let remove_segment =
+        |base: u64| durable::remove_files_blocking(&segment::segment_paths(dir, base));
     let ckpt = Checkpoint::load(dir);
     let mut producers = ckpt.map(|c| c.producers).unwrap_or_default();
     let keep = if start_over {
@@ -405,10 +398,7 @@ pub(super) fn apply_truncation(
             durable::write_durably_blocking(dir, EPOCHS_FILE, &encode_epochs(&epochs))?;
         }
     }
-    if let Some(hw) = std::fs::read_to_string(dir.join(HW_FILE))
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-    {
+    if let Some(hw) = read_hw(dir) {
         if hw > offset || start_over {
             durable::write_durably_blocking(dir, HW_FILE, format!("{offset}\n").as_bytes())?;
         }

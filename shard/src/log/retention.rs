@@ -31,13 +31,7 @@ impl PartitionLog {
             let dir = &self.inner.dir;
             let paths = deleted
                 .iter()
-                .flat_map(|seg| {
-                    [
-                        seg.path.clone(),
-                        segment::offset_index_path(dir, seg.base_offset),
-                        segment::time_index_path(dir, seg.base_offset),
-                    ]
-                })
+                .flat_map(|seg| segment::segment_paths(dir, seg.base_offset))
                 .collect();
             durable::remove_files(dir, paths).await?;
             let start = self.start_offset();
