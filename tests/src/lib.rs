@@ -29,16 +29,43 @@ pub fn shoal_bin() -> PathBuf {
 /// A base port with `shards` free ports after it, below the kernel's
 /// ephemeral range (32768+): a connect to a port in that range can pick
 /// the same port as its source and connect to itself.
+///
+/// Each port is leased for the rest of this process: a lock file per port
+/// under the temp directory (`flock`, released by the kernel when the
+/// process exits), so no other test thread or test process picks a port
+/// between the check and the broker's bind, nor while a killed broker is
+/// down before its restart on the same port.
 fn free_ports(shards: usize) -> u16 {
-    for _ in 0..200 {
+    static LEASES: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("shoal-test-ports");
+    std::fs::create_dir_all(&dir).expect("port lease directory");
+    let mut leases = LEASES.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..500 {
         let base = 10000 + rand::random::<u16>() % 20000;
-        let all_free =
-            (0..=shards as u16).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if all_free {
+        let mut taken = Vec::new();
+        for port in base..=base + shards as u16 {
+            let lease = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(port.to_string()))
+                .expect("port lease file");
+            if lease.try_lock().is_err() || TcpListener::bind(("127.0.0.1", port)).is_err() {
+                break;
+            }
+            taken.push(lease);
+        }
+        if taken.len() == shards + 1 {
+            leases.extend(taken);
             return base;
         }
     }
     panic!("no free port range found");
+}
+
+/// One free 127.0.0.1 port, leased like a broker's (see [`free_ports`]).
+pub fn free_port() -> u16 {
+    free_ports(0)
 }
 
 /// A private ZooKeeper server (Debian's `zookeeper` package, run from its

@@ -4,19 +4,11 @@
 //! installed (Debian's `prometheus` package).
 
 use shoal_client::{Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig};
-use shoal_tests::{two_shards, Broker};
+use shoal_tests::{free_port, two_shards, Broker};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
-
-/// A free 127.0.0.1 port (free a moment ago).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// One HTTP/1.1 request; (status line, body).
 fn http_get(port: u16, request: &str) -> (String, String) {
