@@ -64,6 +64,20 @@ pub enum ErrorCode {
     /// A request (or a replica) names a leader epoch older than the
     /// partition's current one.
     FencedLeaderEpoch = 40,
+    /// The group does not know this member (never joined, left, or its
+    /// session expired): the member gives up its partitions and joins again.
+    UnknownMemberId = 41,
+    /// The member's epoch is not its current one, or the partition is not
+    /// assigned to it: the member gives up its partitions and joins again.
+    FencedMemberEpoch = 42,
+    /// The group coordinator is still replaying its metadata log.
+    CoordinatorLoading = 43,
+    /// The change needs a group without members (e.g. an offset reset).
+    GroupNotEmpty = 44,
+    /// No such group.
+    UnknownGroup = 45,
+    /// An empty or over-long group name.
+    InvalidGroupId = 46,
 }
 
 impl ErrorCode {
@@ -97,6 +111,12 @@ impl ErrorCode {
             38 => NotEnoughReplicas,
             39 => ClusterUnavailable,
             40 => FencedLeaderEpoch,
+            41 => UnknownMemberId,
+            42 => FencedMemberEpoch,
+            43 => CoordinatorLoading,
+            44 => GroupNotEmpty,
+            45 => UnknownGroup,
+            46 => InvalidGroupId,
             _ => Unknown,
         }
     }
@@ -112,6 +132,7 @@ impl ErrorCode {
                 | ErrorCode::NotEnoughReplicas
                 | ErrorCode::ClusterUnavailable
                 | ErrorCode::FencedLeaderEpoch
+                | ErrorCode::CoordinatorLoading
                 | ErrorCode::Timeout
                 | ErrorCode::StorageError
         )

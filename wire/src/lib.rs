@@ -16,6 +16,7 @@
 pub mod batch;
 pub mod error;
 pub mod frame;
+pub mod group;
 
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic, unsafe_op_in_unsafe_fn, deprecated, unused_imports, dead_code, mismatched_lifetime_syntaxes)]
