@@ -92,7 +92,7 @@ impl Histogram {
 
 /// Slots of the per-API counters, indexed by the flatbuffers union tag of
 /// the request (or response) body.
-pub const API_SLOTS: usize = 16;
+pub const API_SLOTS: usize = 24;
 /// Slots of the error counters, indexed by wire error code (a larger code
 /// counts in the last).
 pub const ERROR_CODE_SLOTS: usize = 64;
