@@ -108,6 +108,18 @@ pub enum Error {
         asked: i64,
         current: u32,
     },
+    #[error("group {group:?} has no member {member:?} (it left, its session expired, or the coordinator moved without it); join again")]
+    UnknownMember { group: String, member: String },
+    #[error("{0}; join again")]
+    FencedMemberEpoch(String),
+    #[error("the coordinator of group {0:?} is loading its state; retry")]
+    CoordinatorLoading(String),
+    #[error("group {0:?} has members; stop them first")]
+    GroupNotEmpty(String),
+    #[error("unknown group {0:?}")]
+    UnknownGroup(String),
+    #[error("{0}")]
+    InvalidGroupId(String),
 }
 
 /// Where a partition's leader can be reached (sent with `NotLeader`).
@@ -147,6 +159,12 @@ impl Error {
             Error::Remote { code, .. } => *code,
             Error::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
             Error::FencedLeaderEpoch { .. } => ErrorCode::FencedLeaderEpoch,
+            Error::UnknownMember { .. } => ErrorCode::UnknownMemberId,
+            Error::FencedMemberEpoch(_) => ErrorCode::FencedMemberEpoch,
+            Error::CoordinatorLoading(_) => ErrorCode::CoordinatorLoading,
+            Error::GroupNotEmpty(_) => ErrorCode::GroupNotEmpty,
+            Error::UnknownGroup(_) => ErrorCode::UnknownGroup,
+            Error::InvalidGroupId(_) => ErrorCode::InvalidGroupId,
         }
     }
 

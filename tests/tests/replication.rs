@@ -793,16 +793,25 @@ fn a_leader_cut_off_from_zookeeper_and_its_followers_acknowledges_nothing() {
         leader_in(&net, &brokers, &others, topic).is_some_and(|l| l.0 != old)
     });
     let (new, new_port, _) = leader_in(&net, &brokers, &others, topic).expect("the new leader");
+    // ZooKeeper names the new leader a moment before the broker has taken
+    // the role (NotLeader without a hint until then): retried, as a client
+    // would.
     for seq in 5..10 {
-        produce_at(
-            &net.ip(new as usize),
-            new_port,
-            topic,
-            &raw::batch(pid, seq, 1, 64),
-            fb::Acks::All,
-            Duration::from_secs(5),
-        )
-        .expect("the new leader acknowledges");
+        let mut last = None;
+        eventually(Duration::from_secs(10), "the new leader acknowledges", || {
+            let r = produce_at(
+                &net.ip(new as usize),
+                new_port,
+                topic,
+                &raw::batch(pid, seq, 1, 64),
+                fb::Acks::All,
+                Duration::from_secs(5),
+            );
+            let done = r.is_ok();
+            last = Some(r);
+            done
+        });
+        assert!(last.is_some_and(|r| r.is_ok()));
     }
     let after = produce_at(
         &old_host,
