@@ -53,6 +53,9 @@ pub struct FileConfig {
     pub zk_session_timeout_ms: Option<u64>,
     pub replica_lag_max_ms: Option<u64>,
     pub auto_leader_rebalance: Option<bool>,
+    pub group_partitions: Option<u32>,
+    pub group_replication_factor: Option<u16>,
+    pub group_checkpoint_records: Option<u64>,
 }
 
 /// The resolved configuration a broker runs with.
@@ -95,6 +98,12 @@ pub struct Config {
     pub partial_frames_bytes_max: usize,
     /// Cluster membership; `None`: a single node (no ZooKeeper).
     pub cluster: Option<ClusterConfig>,
+    /// Consumer groups: partitions and replication factor of
+    /// `__shoal_groups` when the broker creates it, and how many records
+    /// of it are applied between two checkpoints.
+    pub group_partitions: u32,
+    pub group_replication_factor: u16,
+    pub group_checkpoint_records: u64,
 }
 
 /// Parses a core list: `all`, `0,2,3`, `0-3` or a mix (`0-1,4`). `all`
@@ -163,6 +172,16 @@ pub struct ClusterConfig {
 /// Default `replica_lag_max_ms` (Kafka's `replica.lag.time.max.ms` is 30 s
 /// since 2.5; 10 s keeps acks=all stalls short when a follower hangs).
 pub const REPLICA_LAG_MAX_MS_DEFAULT: u64 = 10_000;
+
+/// Default partitions of `__shoal_groups` (each leader coordinates the
+/// groups that hash to it).
+pub const GROUP_PARTITIONS_DEFAULT: u32 = 8;
+/// Default replication factor of `__shoal_groups` (fewer when fewer
+/// brokers are live when it is created).
+pub const GROUP_REPLICATION_FACTOR_DEFAULT: u16 = 3;
+/// Default records of a `__shoal_groups` partition applied between two
+/// checkpoints: a restart replays at most about this many.
+pub const GROUP_CHECKPOINT_RECORDS_DEFAULT: u64 = 100_000;
 
 /// Default ZooKeeper session timeout: a dead broker leaves the cluster
 /// (and its partitions are seen offline) this long after its last contact.
@@ -332,7 +351,31 @@ impl Config {
             partial_frames_bytes_max: file
                 .partial_frames_bytes_max
                 .unwrap_or(limits::PARTIAL_FRAMES_BYTES_MAX_DEFAULT),
+            group_partitions: file.group_partitions.unwrap_or(GROUP_PARTITIONS_DEFAULT),
+            group_replication_factor: file
+                .group_replication_factor
+                .unwrap_or(GROUP_REPLICATION_FACTOR_DEFAULT),
+            group_checkpoint_records: file
+                .group_checkpoint_records
+                .unwrap_or(GROUP_CHECKPOINT_RECORDS_DEFAULT),
         };
+        if !(1..=1000).contains(&config.group_partitions) {
+            return Err(Error::Config(format!(
+                "group_partitions {} must be 1 to 1000",
+                config.group_partitions
+            )));
+        }
+        if config.group_replication_factor == 0 {
+            return Err(Error::Config(
+                "group_replication_factor must be at least 1".into(),
+            ));
+        }
+        if config.group_checkpoint_records < 100 {
+            return Err(Error::Config(format!(
+                "group_checkpoint_records {} must be at least 100",
+                config.group_checkpoint_records
+            )));
+        }
         limits::check_config(&config)?;
         Ok(config)
     }

@@ -31,6 +31,7 @@ pub mod conn;
 pub mod controller;
 pub mod coreplan;
 pub mod error;
+pub mod group;
 pub mod limits;
 pub mod logging;
 pub mod mesh;

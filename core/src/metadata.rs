@@ -137,6 +137,17 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a client's create, delete or produce on a broker-internal
+/// topic (`__shoal_*`, e.g. `__shoal_groups`); fetches are allowed.
+pub fn check_not_internal(name: &str) -> Result<()> {
+    if name.starts_with("__shoal") {
+        return Err(Error::InvalidTopicName(format!(
+            "topic {name:?} is internal to the broker (names starting with __shoal are reserved)"
+        )));
+    }
+    Ok(())
+}
+
 /// A cluster name is a ZooKeeper path element: the topic-name rule.
 pub fn validate_cluster_name(name: &str) -> Result<()> {
     validate_topic_name(name).map_err(|_| {

@@ -46,6 +46,8 @@ pub struct Reactor {
     pub replication: Rc<crate::replication::Replicas>,
     /// Cluster mode: the way to the ZooKeeper thread (topic changes).
     pub control: Option<crate::cluster::ControlSender>,
+    /// The group coordinators this shard runs.
+    pub groups: crate::group::Coordinators,
     next_subscription: Cell<u64>,
 }
 
@@ -72,6 +74,7 @@ impl Reactor {
             cluster: Default::default(),
             replication: Rc::new(crate::replication::Replicas::new(control.is_some())),
             control,
+            groups: Default::default(),
             next_subscription: Cell::new(1),
         }
     }

@@ -218,6 +218,15 @@ async fn shard_main(
     }
     {
         let reactor = reactor.clone();
+        tasks.push(rt::spawn(async move {
+            loop {
+                rt::sleep(crate::group::TICK).await;
+                reactor.groups_tick().await;
+            }
+        }));
+    }
+    {
+        let reactor = reactor.clone();
         let timeout = config.slow_consumer_timeout;
         tasks.push(rt::spawn(async move {
             let log = LogLimiter::new(Duration::from_secs(10));
@@ -236,6 +245,7 @@ async fn shard_main(
     for t in tasks {
         t.cancel().await;
     }
+    reactor.groups.stop_all();
     reactor.replication_stop().await;
     reactor.close_all().await;
     tracing::info!(shard = id, "shard stopped; partitions flushed");

@@ -798,19 +798,23 @@ fn a_leader_cut_off_from_zookeeper_and_its_followers_acknowledges_nothing() {
     // would.
     for seq in 5..10 {
         let mut last = None;
-        eventually(Duration::from_secs(10), "the new leader acknowledges", || {
-            let r = produce_at(
-                &net.ip(new as usize),
-                new_port,
-                topic,
-                &raw::batch(pid, seq, 1, 64),
-                fb::Acks::All,
-                Duration::from_secs(5),
-            );
-            let done = r.is_ok();
-            last = Some(r);
-            done
-        });
+        eventually(
+            Duration::from_secs(10),
+            "the new leader acknowledges",
+            || {
+                let r = produce_at(
+                    &net.ip(new as usize),
+                    new_port,
+                    topic,
+                    &raw::batch(pid, seq, 1, 64),
+                    fb::Acks::All,
+                    Duration::from_secs(5),
+                );
+                let done = r.is_ok();
+                last = Some(r);
+                done
+            },
+        );
         assert!(last.is_some_and(|r| r.is_ok()));
     }
     let after = produce_at(

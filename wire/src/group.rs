@@ -32,7 +32,10 @@ mod tests {
         // FNV-1a 32 of "" is the offset basis; of "a" is 0xe40c292c.
         assert_eq!(coordinator_partition("", u32::MAX), 0x811c_9dc5 % u32::MAX);
         assert_eq!(coordinator_partition("a", u32::MAX), 0xe40c_292c % u32::MAX);
-        assert_eq!(coordinator_partition("foobar", u32::MAX), 0xbf9c_f968 % u32::MAX);
+        assert_eq!(
+            coordinator_partition("foobar", u32::MAX),
+            0xbf9c_f968 % u32::MAX
+        );
         assert!(coordinator_partition("anything", 8) < 8);
         assert_eq!(coordinator_partition("g", 0), 0);
     }

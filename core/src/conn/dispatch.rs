@@ -45,6 +45,12 @@ impl Conn {
             B::GrantCreditRequest => self.grant_credit(corr, req).await,
             B::UnsubscribeRequest => self.unsubscribe(corr, req).await,
             B::MetricsRequest => self.metrics(corr).await,
+            B::GroupHeartbeatRequest => self.group_heartbeat(corr, req).await,
+            B::OffsetCommitRequest => self.offset_commit(corr, req).await,
+            B::OffsetFetchRequest => self.offset_fetch(corr, req).await,
+            B::ListGroupsRequest => self.list_groups(corr, req).await,
+            B::DescribeGroupRequest => self.describe_group(corr, req).await,
+            B::GroupCheckpointRequest => self.group_checkpoint(corr, req, payload).await,
             other => self.fail(corr, Error::UnsupportedApi(other.0)).await,
         }
     }

@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod dispatch;
 pub mod fetch;
+pub mod groups;
 pub mod produce;
 pub mod push;
 pub mod respond;

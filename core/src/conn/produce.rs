@@ -34,6 +34,9 @@ impl Conn {
                 return self.fail(corr, e).await;
             }
         };
+        if let Err(e) = crate::metadata::check_not_internal(s(p.topic())) {
+            return self.fail(corr, e).await;
+        }
         let started = rt::now();
         let pending = match self
             .reactor

@@ -34,6 +34,9 @@ impl Conn {
             min_insync_replicas: u16::try_from(c.min_insync_replicas()).ok(),
             unclean_leader_election: c.unclean_leader_election(),
         };
+        if let Err(e) = crate::metadata::check_not_internal(&spec.name) {
+            return self.fail(corr, e).await;
+        }
         match self.reactor.create_topic(spec).await {
             Ok(()) => {
                 self.respond(corr, fb::ResponseBody::CreateTopicResponse, |fbb| {
@@ -50,6 +53,9 @@ impl Conn {
         let Some(d) = req.body_as_delete_topic_request() else {
             return self.fail(corr, body_mismatch()).await;
         };
+        if let Err(e) = crate::metadata::check_not_internal(s(d.name())) {
+            return self.fail(corr, e).await;
+        }
         match self.reactor.delete_topic(s(d.name()).to_string()).await {
             Ok(()) => {
                 self.respond(corr, fb::ResponseBody::DeleteTopicResponse, |fbb| {

@@ -81,6 +81,17 @@ pub fn settings(spec: &TopicSpec, config: &crate::config::Config) -> Result<Sett
             .unwrap_or(spec.replication_factor.min(2)),
         unclean_leader_election: spec.unclean_leader_election,
     };
+    // The group log is never cut by retention: checkpoints delete what
+    // they cover, nothing else may go.
+    let s = if spec.name == shoal_wire::group::GROUPS_TOPIC {
+        Settings {
+            retention_ms: None,
+            retention_bytes: None,
+            ..s
+        }
+    } else {
+        s
+    };
     if s.min_insync_replicas == 0 || s.min_insync_replicas > spec.replication_factor {
         return Err(Error::InvalidConfig(format!(
             "min_insync_replicas must be 1 to the replication factor ({})",

@@ -483,7 +483,7 @@ impl Replicas {
 }
 
 /// `NotLeader` without a hint: the client asks for metadata again.
-pub(super) fn not_leader_now(topic: &str, partition: u32) -> Error {
+pub(crate) fn not_leader_now(topic: &str, partition: u32) -> Error {
     Error::NotLeader {
         topic: topic.into(),
         partition,

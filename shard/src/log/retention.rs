@@ -27,6 +27,38 @@ impl PartitionLog {
                 deleted.push(st.closed.remove(0));
             }
         }
+        self.delete_segments(deleted, "retention deleted segment")
+            .await
+    }
+
+    /// Deletes the closed segments that hold only offsets below `offset`
+    /// (a checkpoint of what they held was kept elsewhere); the log start
+    /// moves to the first remaining segment. Returns how many.
+    pub async fn delete_before(&self, offset: u64) -> Result<usize> {
+        let mut deleted = Vec::new();
+        {
+            let mut st = self.inner.st.borrow_mut();
+            loop {
+                let next_base = match st.closed.get(1) {
+                    Some(s) => s.base_offset,
+                    None if !st.closed.is_empty() => st.active.base_offset,
+                    None => break,
+                };
+                if next_base > offset {
+                    break;
+                }
+                deleted.push(st.closed.remove(0));
+            }
+        }
+        self.delete_segments(deleted, "deleted segment below a checkpoint")
+            .await
+    }
+
+    async fn delete_segments(
+        &self,
+        deleted: Vec<std::rc::Rc<segment::Segment>>,
+        why: &str,
+    ) -> Result<usize> {
         if !deleted.is_empty() {
             let dir = &self.inner.dir;
             let paths = deleted
@@ -38,7 +70,7 @@ impl PartitionLog {
             self.inner.read_ahead.borrow_mut().forget_before(start);
             for seg in &deleted {
                 seg.retire();
-                tracing::info!(segment = %seg.path.display(), "retention deleted segment");
+                tracing::info!(segment = %seg.path.display(), "{why}");
             }
         }
         Ok(deleted.len())

@@ -1,0 +1,628 @@
+//! One `__shoal_groups` partition's coordinator on the shard that leads
+//! it.
+//!
+//! Load: the newest checkpoint (`groups.ckpt` in the partition's
+//! directory), then the log from the checkpoint's offset to its end.
+//! Requests then change the groups in memory and queue their records;
+//! the flusher appends whatever is queued as one batch, and the
+//! acknowledger answers each write, in log order, once the high watermark
+//! passes its batch (applying offset commits only then, so an offset
+//! fetch never returns a commit that could still be lost).
+
+use super::assign::Tp;
+use super::records::{self, Change};
+use super::state::{Committed, Group, Heartbeat, HeartbeatOk};
+use crate::error::{Error, Result};
+use crate::reactor::Reactor;
+use crate::rt;
+use futures::channel::{mpsc, oneshot};
+use futures::{SinkExt, StreamExt};
+use shoal_shard::PartitionLog;
+use shoal_wire::batch::{Batches, Records};
+use shoal_wire::group::GROUPS_TOPIC;
+use shoal_wire::{BatchBuilder, NewRecord};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// The checkpoint's file name in the partition directory.
+pub const CHECKPOINT_FILE: &str = "groups.ckpt";
+/// Writes queued for the flusher at most; more wait to queue.
+const QUEUED_WRITES_MAX: usize = 4096;
+/// Bytes of records in one flushed batch at most.
+const FLUSH_BYTES_MAX: usize = 256 * 1024;
+/// Appended batches waiting for their acknowledgement at most.
+const UNACKED_BATCHES_MAX: usize = 64;
+/// Longest a write waits for the in-sync replicas.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Resolves once a queued write is acknowledged.
+pub struct Acked(oneshot::Receiver<Result<()>>, u32);
+
+impl Acked {
+    pub async fn wait(self) -> Result<()> {
+        self.0.await.map_err(|_| moved(self.1))?
+    }
+}
+
+/// A change waiting to be in the log: its records, the offset commits to
+/// apply once acknowledged, and who waits.
+struct Write {
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+    apply: Vec<Change>,
+    done: oneshot::Sender<Result<()>>,
+}
+
+pub struct Coordinator {
+    pub partition: u32,
+    log: Rc<PartitionLog>,
+    epoch: u32,
+    loaded: Cell<bool>,
+    stopped: Cell<bool>,
+    groups: RefCell<BTreeMap<String, Group>>,
+    /// When each member (ids are unique across groups) was last heard.
+    last_seen: RefCell<HashMap<String, Instant>>,
+    queue: RefCell<Option<mpsc::Sender<Write>>>,
+    /// Everything below this offset is applied.
+    applied: Cell<u64>,
+    /// Records applied since the last checkpoint.
+    since_checkpoint: Cell<u64>,
+    checkpointing: Cell<bool>,
+}
+
+impl Coordinator {
+    /// Starts loading partition `p`'s groups from `log`; requests are
+    /// answered `CoordinatorLoading` until it is done.
+    pub fn start(reactor: Rc<Reactor>, p: u32, log: Rc<PartitionLog>, epoch: u32) -> Rc<Self> {
+        let c = Rc::new(Coordinator {
+            partition: p,
+            log,
+            epoch,
+            loaded: Cell::new(false),
+            stopped: Cell::new(false),
+            groups: RefCell::new(BTreeMap::new()),
+            last_seen: RefCell::new(HashMap::new()),
+            queue: RefCell::new(None),
+            applied: Cell::new(0),
+            since_checkpoint: Cell::new(0),
+            checkpointing: Cell::new(false),
+        });
+        let me = c.clone();
+        rt::spawn_detached(async move { me.load(reactor).await });
+        c
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.get() && !self.stopped.get()
+    }
+
+    /// Whether this coordinator serves `log` at leader epoch `epoch` (a
+    /// new epoch means the lead moved away and back: load again).
+    pub fn is_current(&self, log: &Rc<PartitionLog>, epoch: u32) -> bool {
+        !self.stopped.get() && Rc::ptr_eq(&self.log, log) && self.epoch == epoch
+    }
+
+    pub fn stop(&self) {
+        self.stopped.set(true);
+        self.queue.borrow_mut().take();
+    }
+
+    async fn load(self: Rc<Self>, reactor: Rc<Reactor>) {
+        let t0 = rt::now();
+        match self.replay().await {
+            Ok(replayed) => {
+                if self.stopped.get() {
+                    return;
+                }
+                let now = rt::now();
+                {
+                    let mut seen = self.last_seen.borrow_mut();
+                    for g in self.groups.borrow().values() {
+                        for id in g.members.keys() {
+                            seen.insert(id.clone(), now);
+                        }
+                    }
+                }
+                let (tx, rx) = mpsc::channel(QUEUED_WRITES_MAX);
+                *self.queue.borrow_mut() = Some(tx);
+                let me = self.clone();
+                rt::spawn_detached(async move { me.flush_loop(reactor, rx).await });
+                self.loaded.set(true);
+                tracing::info!(
+                    partition = self.partition,
+                    groups = self.groups.borrow().len(),
+                    records_replayed = replayed,
+                    ms = t0.elapsed().as_millis() as u64,
+                    "group coordinator loaded"
+                );
+            }
+            Err(e) => {
+                tracing::error!(partition = self.partition, error = %e, "group coordinator could not load");
+                reactor.groups.remove(&self);
+            }
+        }
+    }
+
+    /// Reads the checkpoint, then applies the log from its offset to the
+    /// end. Returns how many records it applied.
+    async fn replay(&self) -> Result<u64> {
+        let dir = self.log.dir().to_path_buf();
+        let (mut from, groups) = match shoal_shard::durable::read(dir.join(CHECKPOINT_FILE)).await {
+            Ok(bytes) => match records::decode_checkpoint(&bytes) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "ignoring a damaged group checkpoint; replaying the whole log");
+                    (0, BTreeMap::new())
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, BTreeMap::new()),
+            Err(e) => return Err(Error::io("read the group checkpoint", e)),
+        };
+        *self.groups.borrow_mut() = groups;
+        let start = self.log.start_offset();
+        if from < start {
+            tracing::warn!(
+                partition = self.partition,
+                checkpoint = from,
+                log_start = start,
+                "the group log starts after the checkpoint; what lay between is lost"
+            );
+            from = start;
+        }
+        let end = self.log.next_offset();
+        let mut applied = 0u64;
+        while from < end && !self.stopped.get() {
+            let slice = self
+                .log
+                .read_replica_ready(from, 1 << 20, Duration::from_millis(100))
+                .await?;
+            if slice.is_empty() {
+                break;
+            }
+            applied += self.apply_slice(slice.bytes(), from)?;
+            from = slice.next_offset;
+            rt::yield_if_needed().await;
+        }
+        self.applied.set(end);
+        self.since_checkpoint.set(applied);
+        Ok(applied)
+    }
+
+    /// Applies the records at or after `from` of whole batches `bytes`;
+    /// returns how many.
+    fn apply_slice(&self, bytes: &[u8], from: u64) -> Result<u64> {
+        let bmax = self.log.config().batch_bytes_max;
+        let mut groups = self.groups.borrow_mut();
+        let mut applied = 0u64;
+        for b in Batches::new(bytes, bmax) {
+            let (h, bytes) =
+                b.map_err(|e| Error::Malformed(format!("{GROUPS_TOPIC}-{}: {e}", self.partition)))?;
+            for r in Records::new(bytes) {
+                let r = r.map_err(|e| {
+                    Error::Malformed(format!("{GROUPS_TOPIC}-{}: {e}", self.partition))
+                })?;
+                if h.base_offset + u64::from(r.offset_delta) < from {
+                    continue;
+                }
+                match records::decode(r.key.unwrap_or(&[]), r.value.unwrap_or(&[])) {
+                    Ok(change) => records::apply(&mut groups, change),
+                    Err(e) => {
+                        tracing::warn!(partition = self.partition, offset = h.base_offset + u64::from(r.offset_delta), error = %e, "skipping an unreadable group record")
+                    }
+                }
+                applied += 1;
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Queues `records` for the log; the receiver answers once they are
+    /// acknowledged (and `apply` applied). Queued in call order.
+    async fn enqueue(&self, records: Vec<(Vec<u8>, Vec<u8>)>, apply: Vec<Change>) -> Result<Acked> {
+        let (done, rx) = oneshot::channel();
+        let tx = self.queue.borrow().clone();
+        let Some(mut tx) = tx else {
+            return Err(moved(self.partition));
+        };
+        tx.send(Write {
+            records,
+            apply,
+            done,
+        })
+        .await
+        .map_err(|_| moved(self.partition))?;
+        Ok(Acked(rx, self.partition))
+    }
+
+    async fn write(&self, records: Vec<(Vec<u8>, Vec<u8>)>, apply: Vec<Change>) -> Result<()> {
+        self.enqueue(records, apply).await?.wait().await
+    }
+
+    /// Appends what is queued, a batch at a time, and hands each batch to
+    /// the acknowledger.
+    async fn flush_loop(self: Rc<Self>, reactor: Rc<Reactor>, mut rx: mpsc::Receiver<Write>) {
+        let (mut acks, ack_rx) = mpsc::channel::<(u64, Vec<Write>)>(UNACKED_BATCHES_MAX);
+        let me = self.clone();
+        let r = reactor.clone();
+        rt::spawn_detached(async move { me.ack_loop(r, ack_rx).await });
+        let bmax = self.log.config().batch_bytes_max;
+        while let Some(first) = rx.next().await {
+            let mut bytes: usize = first.records.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let mut writes = vec![first];
+            while bytes < FLUSH_BYTES_MAX {
+                match rx.try_recv() {
+                    Ok(w) => {
+                        bytes += w
+                            .records
+                            .iter()
+                            .map(|(k, v)| k.len() + v.len())
+                            .sum::<usize>();
+                        writes.push(w);
+                    }
+                    _ => break,
+                }
+            }
+            if self.stopped.get() {
+                fail(writes, &moved(self.partition));
+                continue;
+            }
+            let now = crate::partitions::now_ms();
+            let mut b = BatchBuilder::with_capacity(bytes + 1024);
+            let mut too_big = None;
+            'build: for w in &writes {
+                for (k, v) in &w.records {
+                    let rec = NewRecord {
+                        key: Some(k),
+                        value: Some(v),
+                        timestamp_ms: now,
+                        headers: &[],
+                    };
+                    if let Err(e) = b.push(&rec) {
+                        too_big = Some(e);
+                        break 'build;
+                    }
+                }
+            }
+            if let Some(e) = too_big {
+                fail(writes, &Error::ResourceLimit(format!("group records: {e}")));
+                continue;
+            }
+            let batch = b.finish(-1, 0, -1);
+            if batch.len() > bmax {
+                fail(
+                    writes,
+                    &Error::ResourceLimit(format!(
+                        "group records of {} bytes exceed the batch limit of {bmax}",
+                        batch.len()
+                    )),
+                );
+                continue;
+            }
+            let appended = match reactor
+                .replication
+                .check_writable(GROUPS_TOPIC, self.partition)
+            {
+                Ok(()) => self.log.append(&batch).await.map_err(Error::from),
+                Err(e) => Err(e),
+            };
+            match appended {
+                Ok(a) => {
+                    if acks.send((a.last_offset + 1, writes)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    fail(writes, &e);
+                    self.abandon(&reactor);
+                }
+            }
+        }
+    }
+
+    /// Answers appended writes in log order once replicated, applying their
+    /// offset commits.
+    async fn ack_loop(
+        self: Rc<Self>,
+        reactor: Rc<Reactor>,
+        mut rx: mpsc::Receiver<(u64, Vec<Write>)>,
+    ) {
+        while let Some((next, writes)) = rx.next().await {
+            let r = reactor
+                .replication
+                .wait_all(GROUPS_TOPIC, self.partition, &self.log, next, ACK_TIMEOUT)
+                .await;
+            match r {
+                Ok(()) if !self.stopped.get() => {
+                    let mut n = 0u64;
+                    {
+                        let mut groups = self.groups.borrow_mut();
+                        for w in &writes {
+                            n += w.records.len() as u64;
+                            for c in &w.apply {
+                                records::apply(&mut groups, c.clone());
+                            }
+                        }
+                    }
+                    self.applied.set(next);
+                    self.since_checkpoint.set(self.since_checkpoint.get() + n);
+                    for w in writes {
+                        let _ = w.done.send(Ok(()));
+                    }
+                }
+                Ok(()) => fail(writes, &moved(self.partition)),
+                Err(e) => {
+                    fail(writes, &e);
+                    self.abandon(&reactor);
+                }
+            }
+        }
+    }
+
+    /// A write failed: what is in memory may differ from the log, so this
+    /// coordinator stops; the next request loads the log again (here, or
+    /// wherever the lead went).
+    fn abandon(self: &Rc<Self>, reactor: &Reactor) {
+        if !self.stopped.get() {
+            tracing::warn!(
+                partition = self.partition,
+                "a group write failed; the coordinator reloads from its log"
+            );
+        }
+        reactor.groups.remove(self);
+    }
+
+    fn counts<'a>(reactor: &'a Reactor) -> impl Fn(&str) -> Option<u32> + 'a {
+        move |t: &str| reactor.partitions.topic(t).map(|m| m.partitions())
+    }
+
+    /// Join, heartbeat or leave. The answer may be sent once the returned
+    /// write (the change it made, if any) is acknowledged.
+    pub async fn heartbeat(
+        &self,
+        reactor: &Reactor,
+        group: &str,
+        hb: Heartbeat<'_>,
+    ) -> Result<(HeartbeatOk, Option<Acked>)> {
+        let counts = Self::counts(reactor);
+        let joining = hb.member_epoch == 0;
+        let client_id = hb.client_id.to_string();
+        let (ok, record) = {
+            let mut groups = self.groups.borrow_mut();
+            if !joining && !groups.contains_key(group) {
+                return Err(Error::UnknownMember {
+                    group: group.to_string(),
+                    member: hb.member_id.to_string(),
+                });
+            }
+            let g = groups
+                .entry(group.to_string())
+                .or_insert_with(|| Group::new(group));
+            let r = g.heartbeat(hb, &counts, || reactor.groups.new_member_id(&client_id));
+            let drop_group = g.members.is_empty() && g.offsets.is_empty();
+            let (ok, changed) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    if drop_group {
+                        groups.remove(group);
+                    }
+                    return Err(e);
+                }
+            };
+            let record = changed.then(|| records::group_record(g));
+            if drop_group {
+                groups.remove(group);
+            }
+            (ok, record)
+        };
+        {
+            let mut seen = self.last_seen.borrow_mut();
+            if ok.member_epoch == -1 {
+                seen.remove(&ok.member_id);
+            } else {
+                seen.insert(ok.member_id.clone(), rt::now());
+            }
+        }
+        let acked = match record {
+            Some(r) => Some(self.enqueue(vec![r], Vec::new()).await?),
+            None => None,
+        };
+        Ok((ok, acked))
+    }
+
+    /// Commits offsets (all or none), queued in call order; acknowledged
+    /// once in the log.
+    pub async fn commit(
+        &self,
+        reactor: &Reactor,
+        group: &str,
+        member_id: &str,
+        member_epoch: i32,
+        offsets: Vec<(Tp, i64, String)>,
+    ) -> Result<Acked> {
+        for ((t, p), offset, _) in &offsets {
+            let n = reactor
+                .partitions
+                .topic(t)
+                .ok_or_else(|| Error::UnknownTopic(t.clone()))?
+                .partitions();
+            if *p >= n {
+                return Err(Error::UnknownPartition {
+                    topic: t.clone(),
+                    partition: *p,
+                    count: n,
+                });
+            }
+            if *offset < 0 {
+                return Err(Error::Malformed(format!(
+                    "offset {offset} for {t}-{p}: a committed offset is 0 or more"
+                )));
+            }
+        }
+        {
+            let groups = self.groups.borrow();
+            let tps = offsets.iter().map(|((t, p), _, _)| (t.as_str(), *p));
+            match groups.get(group) {
+                Some(g) => g.check_commit(member_id, member_epoch, tps)?,
+                None if member_id.is_empty() && member_epoch == -1 => {}
+                None => {
+                    return Err(Error::UnknownMember {
+                        group: group.to_string(),
+                        member: member_id.to_string(),
+                    })
+                }
+            }
+        }
+        let at_ms = crate::partitions::now_ms();
+        let mut recs = Vec::with_capacity(offsets.len());
+        let mut apply = Vec::with_capacity(offsets.len());
+        for (tp, offset, metadata) in offsets {
+            let committed = Committed {
+                offset,
+                metadata,
+                at_ms,
+            };
+            recs.push(records::offset_record(group, &tp, &committed));
+            apply.push(Change::Offset {
+                group: group.to_string(),
+                tp,
+                committed,
+            });
+        }
+        self.enqueue(recs, apply).await
+    }
+
+    /// Committed offsets of `group` for `topics` (all if empty).
+    pub fn offsets(&self, group: &str, topics: &[String]) -> Vec<(Tp, Committed)> {
+        let groups = self.groups.borrow();
+        let Some(g) = groups.get(group) else {
+            return Vec::new();
+        };
+        g.offsets
+            .iter()
+            .filter(|((t, _), _)| topics.is_empty() || topics.contains(t))
+            .map(|(tp, c)| (tp.clone(), c.clone()))
+            .collect()
+    }
+
+    /// (name, state, members) of every group here.
+    pub fn list(&self) -> Vec<(String, &'static str, usize)> {
+        self.groups
+            .borrow()
+            .values()
+            .map(|g| (g.name.clone(), g.state(), g.members.len()))
+            .collect()
+    }
+
+    pub fn describe(&self, group: &str) -> Option<Group> {
+        self.groups.borrow().get(group).cloned()
+    }
+
+    /// Expires members whose session ran out (recording the change), and
+    /// checkpoints when enough records were applied since the last one.
+    pub async fn tick(self: &Rc<Self>, reactor: &Rc<Reactor>) {
+        let now = rt::now();
+        let counts = Self::counts(reactor);
+        let mut recs = Vec::new();
+        {
+            let mut groups = self.groups.borrow_mut();
+            let mut seen = self.last_seen.borrow_mut();
+            for g in groups.values_mut() {
+                let dead = g.expire(&|id| seen.get(id).copied(), now, &counts);
+                if dead.is_empty() {
+                    continue;
+                }
+                for id in &dead {
+                    seen.remove(id);
+                }
+                tracing::info!(group = %g.name, members = ?dead, "members' sessions expired; their partitions are reassigned");
+                recs.push(records::group_record(g));
+            }
+            groups.retain(|_, g| !g.members.is_empty() || !g.offsets.is_empty());
+        }
+        if !recs.is_empty() {
+            let me = self.clone();
+            rt::spawn_detached(async move {
+                if let Err(e) = me.write(recs, Vec::new()).await {
+                    tracing::warn!(partition = me.partition, error = %e, "could not record expired members");
+                }
+            });
+        }
+        // With followers, they checkpoint (the leader never stops to);
+        // alone, or when no follower has for four times as long, the
+        // leader does.
+        let every = reactor.config.group_checkpoint_records;
+        let followers = reactor
+            .partitions
+            .topic(GROUPS_TOPIC)
+            .and_then(|m| {
+                m.placement
+                    .get(self.partition as usize)
+                    .map(|p| p.replicas.len() > 1)
+            })
+            .unwrap_or(false);
+        let due = if followers {
+            every.saturating_mul(4)
+        } else {
+            every
+        };
+        if self.since_checkpoint.get() >= due && !self.checkpointing.replace(true) {
+            let me = self.clone();
+            rt::spawn_detached(async move {
+                if let Err(e) = me.checkpoint().await {
+                    tracing::warn!(partition = me.partition, error = %e, "group checkpoint failed");
+                }
+                me.checkpointing.set(false);
+            });
+        }
+    }
+
+    /// A follower shipped a checkpoint: the count starts again.
+    pub fn checkpointed_by_follower(&self) {
+        self.since_checkpoint.set(0);
+    }
+
+    /// Writes a checkpoint of the applied state (write-then-rename), then
+    /// deletes the log's segments wholly below it.
+    async fn checkpoint(&self) -> Result<()> {
+        let offset = self.applied.get();
+        let n = self.since_checkpoint.get();
+        let bytes = records::encode_checkpoint(offset, &self.groups.borrow());
+        self.install_checkpoint(offset, bytes).await?;
+        self.since_checkpoint
+            .set(self.since_checkpoint.get().saturating_sub(n));
+        Ok(())
+    }
+
+    /// Keeps `bytes` (a checkpoint as of `offset`) as this partition's
+    /// checkpoint and deletes the log's segments wholly below it.
+    pub async fn install_checkpoint(&self, offset: u64, bytes: Vec<u8>) -> Result<()> {
+        install_checkpoint(&self.log, offset, bytes).await
+    }
+}
+
+/// Keeps `bytes` as `log`'s group checkpoint and deletes the segments
+/// wholly below `offset`.
+pub async fn install_checkpoint(log: &PartitionLog, offset: u64, bytes: Vec<u8>) -> Result<()> {
+    let len = bytes.len();
+    shoal_shard::durable::write_durably(log.dir(), CHECKPOINT_FILE, bytes)
+        .await
+        .map_err(|e| Error::io("write the group checkpoint", e))?;
+    let deleted = log.delete_before(offset).await?;
+    tracing::info!(dir = %log.dir().display(), offset, bytes = len, segments_deleted = deleted, "group checkpoint written");
+    Ok(())
+}
+
+fn moved(p: u32) -> Error {
+    crate::replication::not_leader_now(GROUPS_TOPIC, p)
+}
+
+/// Fails every write of `writes` with (a copy of) `e`.
+fn fail(writes: Vec<Write>, e: &Error) {
+    for w in writes {
+        let _ = w.done.send(Err(Error::Remote {
+            code: e.code(),
+            message: e.to_string(),
+        }));
+    }
+}

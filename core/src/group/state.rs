@@ -1,0 +1,538 @@
+//! One group's membership, assignment and committed offsets, and the rules
+//! that change them. Pure: time comes in as an argument and nothing here
+//! touches the log, so the coordinator and a replaying standby apply the
+//! same changes the same way.
+//!
+//! The assignment is the broker's (KIP-848 style). Each member has a
+//! target (what the strategy wants it to consume), `given` (what it was
+//! told it may consume now) and `held` (given, plus partitions taken away
+//! that it still reported owning at its last heartbeat). A partition joins
+//! a member's `given` only once no other member holds it, so no two
+//! members consume a partition at once; a member's epoch moves whenever
+//! its `given` changes. A commit names the member's epoch: it is accepted
+//! for a partition the member holds since that epoch or earlier.
+
+use super::assign::{assign, MemberInput, Strategy, Tp};
+use crate::error::{Error, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// Shortest and longest session a member may ask for.
+pub const SESSION_TIMEOUT_MIN: Duration = Duration::from_millis(500);
+pub const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(300);
+/// Longest heartbeat interval handed out (a third of the session at most).
+pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(3);
+/// The interval while a member's assignment is still moving: it learns
+/// of freed partitions (and reports released ones) quickly.
+pub const HEARTBEAT_INTERVAL_RECONCILING: Duration = Duration::from_millis(100);
+/// Most topics one member may subscribe to.
+pub const SUBSCRIPTION_TOPICS_MAX: usize = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: String,
+    pub client_id: String,
+    pub epoch: i32,
+    /// The epoch before the last change: a heartbeat whose answer was lost
+    /// still names it.
+    pub prev_epoch: i32,
+    pub topics: Vec<String>,
+    pub session_timeout_ms: u32,
+    pub metadata: Vec<u8>,
+    pub target: BTreeSet<Tp>,
+    pub given: BTreeSet<Tp>,
+    /// Each held partition with the member epoch it was given at.
+    pub held: BTreeMap<Tp, i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub offset: i64,
+    pub metadata: String,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    /// Moves whenever the target assignment does.
+    pub epoch: i32,
+    pub strategy: Strategy,
+    pub members: BTreeMap<String, Member>,
+    pub offsets: BTreeMap<Tp, Committed>,
+}
+
+/// A heartbeat (join, heartbeat, leave) as the coordinator sees it.
+pub struct Heartbeat<'a> {
+    pub member_id: &'a str,
+    pub member_epoch: i32,
+    pub client_id: &'a str,
+    pub topics: Option<Vec<String>>,
+    pub owned: Option<BTreeSet<Tp>>,
+    pub session_timeout_ms: u32,
+    pub strategy: Strategy,
+    pub metadata: Option<&'a [u8]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatOk {
+    pub member_id: String,
+    pub member_epoch: i32,
+    pub heartbeat_interval_ms: u32,
+    pub assignment: BTreeSet<Tp>,
+}
+
+impl Group {
+    pub fn new(name: &str) -> Group {
+        Group {
+            name: name.to_string(),
+            epoch: 0,
+            strategy: Strategy::Sticky,
+            members: BTreeMap::new(),
+            offsets: BTreeMap::new(),
+        }
+    }
+
+    pub fn state(&self) -> &'static str {
+        if self.members.is_empty() {
+            "empty"
+        } else if self
+            .members
+            .values()
+            .all(|m| m.target == m.given && m.held.len() == m.given.len())
+        {
+            "stable"
+        } else {
+            "reconciling"
+        }
+    }
+
+    /// Joins, heartbeats or leaves. `partitions` gives a topic's partition
+    /// count (None: no such topic). `new_id` names a joining member.
+    /// Returns the answer and whether the group's membership or
+    /// assignment changed (to be recorded in the log). A leave answers
+    /// with epoch -1.
+    pub fn heartbeat(
+        &mut self,
+        hb: Heartbeat<'_>,
+        partitions: &dyn Fn(&str) -> Option<u32>,
+        new_id: impl FnOnce() -> String,
+    ) -> Result<(HeartbeatOk, bool)> {
+        let session = Duration::from_millis(u64::from(hb.session_timeout_ms));
+        if hb.member_epoch == -1 {
+            let changed = self.members.remove(hb.member_id).is_some();
+            if changed {
+                self.reconcile(partitions);
+            }
+            return Ok((
+                HeartbeatOk {
+                    member_id: hb.member_id.to_string(),
+                    member_epoch: -1,
+                    heartbeat_interval_ms: 0,
+                    assignment: BTreeSet::new(),
+                },
+                changed,
+            ));
+        }
+        let mut changed = false;
+        let id = if hb.member_epoch == 0 {
+            if !(SESSION_TIMEOUT_MIN..=SESSION_TIMEOUT_MAX).contains(&session) {
+                return Err(Error::InvalidConfig(format!(
+                    "session timeout {} ms is outside {}-{} ms",
+                    hb.session_timeout_ms,
+                    SESSION_TIMEOUT_MIN.as_millis(),
+                    SESSION_TIMEOUT_MAX.as_millis()
+                )));
+            }
+            let topics = hb.topics.clone().unwrap_or_default();
+            if topics.is_empty() {
+                return Err(Error::InvalidConfig(
+                    "a joining member must subscribe to at least one topic".into(),
+                ));
+            }
+            if self.members.is_empty() {
+                self.strategy = hb.strategy;
+            }
+            let id = new_id();
+            self.members.insert(
+                id.clone(),
+                Member {
+                    id: id.clone(),
+                    client_id: hb.client_id.to_string(),
+                    // 0 means "join" on the wire: members start at 1.
+                    epoch: 1,
+                    prev_epoch: 1,
+                    topics,
+                    session_timeout_ms: hb.session_timeout_ms,
+                    metadata: hb.metadata.map(<[u8]>::to_vec).unwrap_or_default(),
+                    target: BTreeSet::new(),
+                    given: BTreeSet::new(),
+                    held: BTreeMap::new(),
+                },
+            );
+            changed = true;
+            id
+        } else {
+            let m = self
+                .members
+                .get_mut(hb.member_id)
+                .ok_or_else(|| Error::UnknownMember {
+                    group: self.name.clone(),
+                    member: hb.member_id.to_string(),
+                })?;
+            if hb.member_epoch != m.epoch && hb.member_epoch != m.prev_epoch {
+                return Err(Error::FencedMemberEpoch(format!(
+                    "member {:?} of group {:?} is at epoch {}, not {}",
+                    m.id, self.name, m.epoch, hb.member_epoch
+                )));
+            }
+            if let Some(topics) = hb.topics {
+                if !topics.is_empty() && topics != m.topics {
+                    m.topics = topics;
+                    changed = true;
+                }
+            }
+            if let Some(meta) = hb.metadata {
+                if meta != m.metadata.as_slice() {
+                    m.metadata = meta.to_vec();
+                    changed = true;
+                }
+            }
+            if let Some(owned) = hb.owned {
+                let before = m.held.len();
+                let given = &m.given;
+                m.held
+                    .retain(|tp, _| given.contains(tp) || owned.contains(tp));
+                changed |= m.held.len() != before;
+            }
+            hb.member_id.to_string()
+        };
+        changed |= self.reconcile(partitions);
+        let m = &self.members[&id];
+        let interval = if m.target != m.given || m.held.len() != m.given.len() {
+            HEARTBEAT_INTERVAL_RECONCILING
+        } else {
+            (Duration::from_millis(u64::from(m.session_timeout_ms)) / 3).min(HEARTBEAT_INTERVAL_MAX)
+        };
+        Ok((
+            HeartbeatOk {
+                member_id: id,
+                member_epoch: m.epoch,
+                heartbeat_interval_ms: interval.as_millis() as u32,
+                assignment: m.given.clone(),
+            },
+            changed,
+        ))
+    }
+
+    /// Removes the members whose session ran out (no heartbeat for their
+    /// session timeout since `last_seen`); returns their ids.
+    pub fn expire(
+        &mut self,
+        last_seen: &dyn Fn(&str) -> Option<Instant>,
+        now: Instant,
+        partitions: &dyn Fn(&str) -> Option<u32>,
+    ) -> Vec<String> {
+        let dead: Vec<String> = self
+            .members
+            .values()
+            .filter(|m| {
+                let timeout = Duration::from_millis(u64::from(m.session_timeout_ms));
+                last_seen(&m.id).is_none_or(|t| now.saturating_duration_since(t) > timeout)
+            })
+            .map(|m| m.id.clone())
+            .collect();
+        if !dead.is_empty() {
+            for id in &dead {
+                self.members.remove(id);
+            }
+            self.reconcile(partitions);
+        }
+        dead
+    }
+
+    /// Recomputes the target assignment and moves each member's `given`
+    /// toward it as far as no partition is held by two members. Returns
+    /// whether anything changed.
+    pub fn reconcile(&mut self, partitions: &dyn Fn(&str) -> Option<u32>) -> bool {
+        let mut counts = BTreeMap::new();
+        for m in self.members.values() {
+            for t in &m.topics {
+                if let Some(n) = partitions(t) {
+                    counts.insert(t.clone(), n);
+                }
+            }
+        }
+        let inputs: Vec<MemberInput<'_>> = self
+            .members
+            .values()
+            .map(|m| MemberInput {
+                id: &m.id,
+                topics: &m.topics,
+                current: &m.target,
+            })
+            .collect();
+        let target = assign(self.strategy, &inputs, &counts);
+        let mut changed = false;
+        if self
+            .members
+            .values()
+            .any(|m| target.get(&m.id) != Some(&m.target))
+        {
+            self.epoch += 1;
+            changed = true;
+            for m in self.members.values_mut() {
+                m.target = target.get(&m.id).cloned().unwrap_or_default();
+            }
+        }
+        // Revoke first: what leaves a member's target leaves its `given`
+        // at once (it stays held until the member stops reporting it).
+        let mut moved: BTreeSet<String> = BTreeSet::new();
+        for m in self.members.values_mut() {
+            let before = m.given.len();
+            let target = &m.target;
+            m.given.retain(|tp| target.contains(tp));
+            if m.given.len() != before {
+                moved.insert(m.id.clone());
+            }
+        }
+        // Then grant what no other member holds.
+        let holders: BTreeMap<Tp, String> = self
+            .members
+            .values()
+            .flat_map(|m| m.held.keys().map(|tp| (tp.clone(), m.id.clone())))
+            .collect();
+        let mut granted: BTreeMap<String, Vec<Tp>> = BTreeMap::new();
+        for m in self.members.values() {
+            for tp in m.target.difference(&m.given) {
+                match holders.get(tp) {
+                    Some(h) if h != &m.id => {}
+                    _ => granted.entry(m.id.clone()).or_default().push(tp.clone()),
+                }
+            }
+        }
+        for (id, tps) in &granted {
+            moved.insert(id.clone());
+            if let Some(m) = self.members.get_mut(id) {
+                m.given.extend(tps.iter().cloned());
+            }
+        }
+        for id in &moved {
+            if let Some(m) = self.members.get_mut(id) {
+                m.prev_epoch = m.epoch;
+                m.epoch += 1;
+                let epoch = m.epoch;
+                for tp in &m.given {
+                    m.held.entry(tp.clone()).or_insert(epoch);
+                }
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Checks a commit: from a member, each partition must be held by it
+    /// since `epoch` or earlier; from outside (empty member id, epoch -1),
+    /// the group must have no members.
+    pub fn check_commit<'a>(
+        &self,
+        member_id: &str,
+        epoch: i32,
+        mut tps: impl Iterator<Item = (&'a str, u32)>,
+    ) -> Result<()> {
+        if member_id.is_empty() && epoch == -1 {
+            if !self.members.is_empty() {
+                return Err(Error::GroupNotEmpty(self.name.clone()));
+            }
+            return Ok(());
+        }
+        let m = self
+            .members
+            .get(member_id)
+            .ok_or_else(|| Error::UnknownMember {
+                group: self.name.clone(),
+                member: member_id.to_string(),
+            })?;
+        if epoch > m.epoch || epoch < 1 {
+            return Err(Error::FencedMemberEpoch(format!(
+                "member {member_id:?} of group {:?} is at epoch {}, not {epoch}",
+                self.name, m.epoch
+            )));
+        }
+        tps.try_for_each(|(t, p)| match m.held.get(&(t.to_string(), p)) {
+            Some(&since) if since <= epoch => Ok(()),
+            _ => Err(Error::FencedMemberEpoch(format!(
+                "{t}-{p} is not assigned to member {member_id:?} of group {:?} at epoch {epoch}",
+                self.name
+            ))),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn six(t: &str) -> Option<u32> {
+        (t == "t").then_some(6)
+    }
+
+    fn join(g: &mut Group, id: &str) -> HeartbeatOk {
+        g.heartbeat(
+            Heartbeat {
+                member_id: "",
+                member_epoch: 0,
+                client_id: "c",
+                topics: Some(vec!["t".into()]),
+                owned: None,
+                session_timeout_ms: 3000,
+                strategy: Strategy::Sticky,
+                metadata: None,
+            },
+            &six,
+            || id.to_string(),
+        )
+        .expect("join")
+        .0
+    }
+
+    fn beat(g: &mut Group, id: &str, epoch: i32, owned: &BTreeSet<Tp>) -> Result<HeartbeatOk> {
+        g.heartbeat(
+            Heartbeat {
+                member_id: id,
+                member_epoch: epoch,
+                client_id: "c",
+                topics: None,
+                owned: Some(owned.clone()),
+                session_timeout_ms: 3000,
+                strategy: Strategy::Sticky,
+                metadata: None,
+            },
+            &six,
+            || unreachable!(),
+        )
+        .map(|(ok, _)| ok)
+    }
+
+    fn no_overlap(g: &Group) {
+        let mut seen = BTreeSet::new();
+        for m in g.members.values() {
+            for tp in m.held.keys() {
+                assert!(seen.insert(tp.clone()), "{tp:?} held twice: {g:#?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_partition_moves_only_once_its_owner_released_it() {
+        let mut g = Group::new("g");
+        let a = join(&mut g, "a");
+        assert_eq!(a.assignment.len(), 6);
+        let b = join(&mut g, "b");
+        // b waits: a still holds everything.
+        assert!(b.assignment.is_empty());
+        no_overlap(&g);
+        // a's next heartbeat takes three away; a still reports all six.
+        let a2 = beat(&mut g, "a", a.member_epoch, &a.assignment).unwrap();
+        assert_eq!(a2.assignment.len(), 3);
+        assert!(a2.member_epoch > a.member_epoch);
+        // a may still commit what it gives up, at its new epoch.
+        let given_up: Vec<Tp> = a.assignment.difference(&a2.assignment).cloned().collect();
+        g.check_commit(
+            "a",
+            a2.member_epoch,
+            given_up.iter().map(|(t, p)| (t.as_str(), *p)),
+        )
+        .expect("commit of partitions being given up");
+        let b2 = beat(&mut g, "b", b.member_epoch, &BTreeSet::new()).unwrap();
+        assert!(b2.assignment.is_empty(), "a has not released yet");
+        // a reports it released them: b gets them.
+        beat(&mut g, "a", a2.member_epoch, &a2.assignment).unwrap();
+        let b3 = beat(&mut g, "b", b2.member_epoch, &BTreeSet::new()).unwrap();
+        assert_eq!(b3.assignment.len(), 3);
+        no_overlap(&g);
+        assert_eq!(g.state(), "stable");
+        // a can no longer commit them; b can.
+        let gone = given_up.iter().map(|(t, p)| (t.as_str(), *p));
+        assert!(matches!(
+            g.check_commit("a", a2.member_epoch, gone),
+            Err(Error::FencedMemberEpoch(_))
+        ));
+        let tps = given_up.iter().map(|(t, p)| (t.as_str(), *p));
+        g.check_commit("b", b3.member_epoch, tps)
+            .expect("b commits");
+        // ... but not with the epoch before it got them.
+        let tps = given_up.iter().map(|(t, p)| (t.as_str(), *p));
+        assert!(g.check_commit("b", b2.member_epoch, tps).is_err());
+    }
+
+    #[test]
+    fn an_expired_member_frees_its_partitions() {
+        let mut g = Group::new("g");
+        let a = join(&mut g, "a");
+        let b = join(&mut g, "b");
+        let a2 = beat(&mut g, "a", a.member_epoch, &a.assignment).unwrap();
+        beat(&mut g, "a", a2.member_epoch, &a2.assignment).unwrap();
+        beat(&mut g, "b", b.member_epoch, &BTreeSet::new()).unwrap();
+        let t0 = Instant::now();
+        let seen = |id: &str| (id == "b").then_some(t0 + Duration::from_secs(10));
+        let dead = g.expire(&seen, t0 + Duration::from_secs(5), &six);
+        assert_eq!(dead, vec!["a".to_string()]);
+        let b_now = &g.members["b"];
+        assert_eq!(b_now.given.len(), 6, "b takes everything at once");
+        no_overlap(&g);
+        assert!(matches!(
+            beat(&mut g, "a", a2.member_epoch, &BTreeSet::new()),
+            Err(Error::UnknownMember { .. })
+        ));
+    }
+
+    #[test]
+    fn stale_epochs_and_strangers_are_refused() {
+        let mut g = Group::new("g");
+        let a = join(&mut g, "a");
+        assert!(matches!(
+            beat(&mut g, "a", a.member_epoch + 5, &a.assignment),
+            Err(Error::FencedMemberEpoch(_))
+        ));
+        let tps = [("t", 0u32)];
+        assert!(matches!(
+            g.check_commit("nobody", 1, tps.iter().copied()),
+            Err(Error::UnknownMember { .. })
+        ));
+        assert!(matches!(
+            g.check_commit("", -1, tps.iter().copied()),
+            Err(Error::GroupNotEmpty(_))
+        ));
+        assert!(matches!(
+            g.check_commit("a", a.member_epoch + 1, tps.iter().copied()),
+            Err(Error::FencedMemberEpoch(_))
+        ));
+        // A leave empties the group; outside commits are then allowed.
+        beat(&mut g, "a", -1, &BTreeSet::new()).unwrap();
+        assert_eq!(g.state(), "empty");
+        g.check_commit("", -1, tps.iter().copied())
+            .expect("empty group");
+    }
+
+    #[test]
+    fn session_timeouts_outside_the_bounds_are_refused() {
+        let mut g = Group::new("g");
+        let r = g.heartbeat(
+            Heartbeat {
+                member_id: "",
+                member_epoch: 0,
+                client_id: "c",
+                topics: Some(vec!["t".into()]),
+                owned: None,
+                session_timeout_ms: 10,
+                strategy: Strategy::Sticky,
+                metadata: None,
+            },
+            &six,
+            || "x".into(),
+        );
+        assert!(matches!(r, Err(Error::InvalidConfig(_))));
+        assert!(g.members.is_empty());
+    }
+}
