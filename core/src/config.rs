@@ -56,6 +56,7 @@ pub struct FileConfig {
     pub group_partitions: Option<u32>,
     pub group_replication_factor: Option<u16>,
     pub group_checkpoint_records: Option<u64>,
+    pub group_segment_bytes: Option<u64>,
 }
 
 /// The resolved configuration a broker runs with.
@@ -104,6 +105,7 @@ pub struct Config {
     pub group_partitions: u32,
     pub group_replication_factor: u16,
     pub group_checkpoint_records: u64,
+    pub group_segment_bytes: u64,
 }
 
 /// Parses a core list: `all`, `0,2,3`, `0-3` or a mix (`0-1,4`). `all`
@@ -182,6 +184,10 @@ pub const GROUP_REPLICATION_FACTOR_DEFAULT: u16 = 3;
 /// Default records of a `__shoal_groups` partition applied between two
 /// checkpoints: a restart replays at most about this many.
 pub const GROUP_CHECKPOINT_RECORDS_DEFAULT: u64 = 100_000;
+
+/// Default segment size of `__shoal_groups`: small, so a checkpoint lets
+/// the log before it go soon.
+pub const GROUP_SEGMENT_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
 
 /// Default ZooKeeper session timeout: a dead broker leaves the cluster
 /// (and its partitions are seen offline) this long after its last contact.
@@ -358,6 +364,9 @@ impl Config {
             group_checkpoint_records: file
                 .group_checkpoint_records
                 .unwrap_or(GROUP_CHECKPOINT_RECORDS_DEFAULT),
+            group_segment_bytes: file
+                .group_segment_bytes
+                .unwrap_or(GROUP_SEGMENT_BYTES_DEFAULT),
         };
         if !(1..=1000).contains(&config.group_partitions) {
             return Err(Error::Config(format!(

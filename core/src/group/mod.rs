@@ -190,7 +190,7 @@ impl Reactor {
             sync: Some("always".into()),
             retention_ms: None,
             retention_bytes: None,
-            segment_bytes: Some(GROUPS_SEGMENT_BYTES),
+            segment_bytes: Some(self.config.group_segment_bytes),
             min_insync_replicas: None,
             unclean_leader_election: false,
         };
@@ -234,10 +234,6 @@ impl Reactor {
 
 /// How often coordinators expire members and consider a checkpoint.
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Segment size of `__shoal_groups`: small, so a checkpoint lets the log
-/// before it go soon.
-pub const GROUPS_SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 
 impl Reactor {
     /// A follower's checkpoint of partition `p` as of `offset`: kept if

@@ -1,0 +1,574 @@
+//! The group coordinator over the raw protocol, against the real broker:
+//! membership and assignment (no partition held by two members), commits
+//! fenced by member epochs, session expiry, bad input, and the metadata
+//! log: acknowledged commits survive kill -9, and checkpoints let the log
+//! before them go.
+
+use shoal_tests::meta::{self, try_call};
+use shoal_tests::{eventually, raw, Broker};
+use shoal_wire::fb;
+use shoal_wire::group::{coordinator_partition, GROUPS_TOPIC};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+type Tps = BTreeSet<(String, u32)>;
+
+const COORDINATOR_LOADING: u16 = 43;
+const NOT_LEADER: u16 = 36;
+const LEADER_NOT_AVAILABLE: u16 = 37;
+
+/// The shard port that coordinates `group` on the broker at `port`.
+fn coordinator_port(port: u16, group: &str) -> Option<u16> {
+    let m = meta::try_metadata(port)?;
+    let parts = m.topics.iter().find(|t| t.0 == GROUPS_TOPIC)?.1.clone();
+    let p = coordinator_partition(group, parts.len() as u32);
+    let part = &parts[p as usize];
+    let leader = if m.cluster.is_empty() {
+        m.brokers[0].0
+    } else {
+        part.leader
+    };
+    Some(m.shard_port(leader, part.shard))
+}
+
+/// Sends a group request to `group`'s coordinator, retrying while it loads
+/// or moves; returns (error code, message, response header).
+fn group_call(port: u16, group: &str, frame: impl Fn() -> Vec<u8>) -> (u16, String, Vec<u8>) {
+    let mut last = (0, String::new(), Vec::new());
+    for _ in 0..200 {
+        let to = coordinator_port(port, group).unwrap_or(port);
+        let Some(h) = try_call(to, frame()) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let r = flatbuffers::root::<fb::Response>(&h).expect("response");
+        last = (
+            r.error_code(),
+            r.error_message().unwrap_or_default().to_string(),
+            h.clone(),
+        );
+        if ![COORDINATOR_LOADING, NOT_LEADER, LEADER_NOT_AVAILABLE].contains(&r.error_code()) {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no coordinator for {group}: {} {}", last.0, last.1);
+}
+
+struct Beat {
+    member_id: String,
+    epoch: i32,
+    assignment: Tps,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn heartbeat_frame(
+    group: &str,
+    member_id: &str,
+    epoch: i32,
+    topics: Option<&[&str]>,
+    owned: Option<&Tps>,
+    session_ms: u32,
+    metadata: Option<&[u8]>,
+) -> Vec<u8> {
+    raw::request(1, fb::RequestBody::GroupHeartbeatRequest, |fbb| {
+        let g = fbb.create_string(group);
+        let m = fbb.create_string(member_id);
+        let topics = topics.map(|ts| {
+            let v: Vec<_> = ts.iter().map(|t| fbb.create_string(t)).collect();
+            fbb.create_vector(&v)
+        });
+        let owned = owned.map(|o| {
+            let mut by: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+            for (t, p) in o {
+                by.entry(t).or_default().push(*p);
+            }
+            let v: Vec<_> = by
+                .into_iter()
+                .map(|(t, ps)| {
+                    let t = fbb.create_string(t);
+                    let ps = fbb.create_vector(&ps);
+                    fb::TopicPartitions::create(
+                        fbb,
+                        &fb::TopicPartitionsArgs {
+                            topic: Some(t),
+                            partitions: Some(ps),
+                        },
+                    )
+                })
+                .collect();
+            fbb.create_vector(&v)
+        });
+        let metadata = metadata.map(|m| fbb.create_vector(m));
+        fb::GroupHeartbeatRequest::create(
+            fbb,
+            &fb::GroupHeartbeatRequestArgs {
+                group: Some(g),
+                member_id: Some(m),
+                member_epoch: epoch,
+                topics,
+                owned,
+                session_timeout_ms: session_ms,
+                strategy: None,
+                metadata,
+            },
+        )
+        .as_union_value()
+    })
+}
+
+fn beat(port: u16, group: &str, frame: impl Fn() -> Vec<u8>) -> Result<Beat, (u16, String)> {
+    let (code, msg, h) = group_call(port, group, frame);
+    if code != 0 {
+        return Err((code, msg));
+    }
+    let r = flatbuffers::root::<fb::Response>(&h).expect("response");
+    let b = r
+        .body_as_group_heartbeat_response()
+        .expect("heartbeat body");
+    let mut assignment = Tps::new();
+    for t in b.assignment().into_iter().flatten() {
+        for p in t.partitions().into_iter().flatten() {
+            assignment.insert((t.topic().unwrap_or_default().to_string(), p));
+        }
+    }
+    Ok(Beat {
+        member_id: b.member_id().unwrap_or_default().to_string(),
+        epoch: b.member_epoch(),
+        assignment,
+    })
+}
+
+fn join(port: u16, group: &str, topic: &str, session_ms: u32) -> Beat {
+    beat(port, group, || {
+        heartbeat_frame(group, "", 0, Some(&[topic]), None, session_ms, None)
+    })
+    .expect("join")
+}
+
+fn again(port: u16, group: &str, b: &Beat, owned: &Tps) -> Result<Beat, (u16, String)> {
+    beat(port, group, || {
+        heartbeat_frame(group, &b.member_id, b.epoch, None, Some(owned), 0, None)
+    })
+}
+
+fn commit_frame(
+    group: &str,
+    member: &str,
+    epoch: i32,
+    offsets: &[(&str, u32, i64)],
+    meta: &str,
+) -> Vec<u8> {
+    raw::request(1, fb::RequestBody::OffsetCommitRequest, |fbb| {
+        let g = fbb.create_string(group);
+        let m = fbb.create_string(member);
+        let mut by: BTreeMap<&str, Vec<(u32, i64)>> = BTreeMap::new();
+        for (t, p, o) in offsets {
+            by.entry(t).or_default().push((*p, *o));
+        }
+        let topics: Vec<_> = by
+            .into_iter()
+            .map(|(t, ps)| {
+                let parts: Vec<_> = ps
+                    .into_iter()
+                    .map(|(p, o)| {
+                        let md = fbb.create_string(meta);
+                        fb::PartitionOffset::create(
+                            fbb,
+                            &fb::PartitionOffsetArgs {
+                                partition: p,
+                                offset: o,
+                                metadata: Some(md),
+                            },
+                        )
+                    })
+                    .collect();
+                let t = fbb.create_string(t);
+                let parts = fbb.create_vector(&parts);
+                fb::TopicOffsets::create(
+                    fbb,
+                    &fb::TopicOffsetsArgs {
+                        topic: Some(t),
+                        partitions: Some(parts),
+                    },
+                )
+            })
+            .collect();
+        let topics = fbb.create_vector(&topics);
+        fb::OffsetCommitRequest::create(
+            fbb,
+            &fb::OffsetCommitRequestArgs {
+                group: Some(g),
+                member_id: Some(m),
+                member_epoch: epoch,
+                topics: Some(topics),
+            },
+        )
+        .as_union_value()
+    })
+}
+
+fn commit(
+    port: u16,
+    group: &str,
+    member: &str,
+    epoch: i32,
+    offsets: &[(&str, u32, i64)],
+) -> (u16, String) {
+    let (c, m, _) = group_call(port, group, || {
+        commit_frame(group, member, epoch, offsets, "")
+    });
+    (c, m)
+}
+
+fn fetch_offsets(port: u16, group: &str) -> BTreeMap<(String, u32), i64> {
+    let (code, msg, h) = group_call(port, group, || {
+        raw::request(1, fb::RequestBody::OffsetFetchRequest, |fbb| {
+            let g = fbb.create_string(group);
+            fb::OffsetFetchRequest::create(
+                fbb,
+                &fb::OffsetFetchRequestArgs {
+                    group: Some(g),
+                    topics: None,
+                },
+            )
+            .as_union_value()
+        })
+    });
+    assert_eq!(code, 0, "offset fetch: {msg}");
+    let r = flatbuffers::root::<fb::Response>(&h).expect("response");
+    let b = r
+        .body_as_offset_fetch_response()
+        .expect("offset fetch body");
+    let mut out = BTreeMap::new();
+    for t in b.topics().into_iter().flatten() {
+        for p in t.partitions().into_iter().flatten() {
+            out.insert(
+                (t.topic().unwrap_or_default().to_string(), p.partition()),
+                p.offset(),
+            );
+        }
+    }
+    out
+}
+
+fn describe(port: u16, group: &str) -> (u16, String, Option<(String, usize)>) {
+    let (code, msg, h) = group_call(port, group, || {
+        raw::request(1, fb::RequestBody::DescribeGroupRequest, |fbb| {
+            let g = fbb.create_string(group);
+            fb::DescribeGroupRequest::create(fbb, &fb::DescribeGroupRequestArgs { group: Some(g) })
+                .as_union_value()
+        })
+    });
+    if code != 0 {
+        return (code, msg, None);
+    }
+    let r = flatbuffers::root::<fb::Response>(&h).expect("response");
+    let d = r.body_as_describe_group_response().expect("describe body");
+    let members = d.members().map_or(0, |m| m.len());
+    (
+        code,
+        msg,
+        Some((d.state().unwrap_or_default().to_string(), members)),
+    )
+}
+
+fn create(port: u16, name: &str, partitions: u32) {
+    let (code, msg) = meta::create_topic(port, name, partitions, 1);
+    assert_eq!(code, 0, "create {name}: {msg}");
+}
+
+#[test]
+fn members_share_partitions_and_commits_are_fenced() {
+    let b = Broker::start("0,1");
+    let port = b.port;
+    create(port, "t", 6);
+    let g = "orders";
+    let a = join(port, g, "t", 2000);
+    assert_eq!(a.assignment.len(), 6, "a lone member gets every partition");
+    let all: Vec<(&str, u32, i64)> = (0..6).map(|p| ("t", p, 10 + i64::from(p))).collect();
+    assert_eq!(commit(port, g, &a.member_id, a.epoch, &all).0, 0);
+    let got = fetch_offsets(port, g);
+    assert_eq!(got.len(), 6);
+    assert_eq!(got[&("t".to_string(), 5)], 15);
+
+    // b joins: it gets nothing until a lets go of half.
+    let bm = join(port, g, "t", 2000);
+    assert!(bm.assignment.is_empty(), "b waits while a holds everything");
+    let a2 = again(port, g, &a, &a.assignment).expect("a heartbeats");
+    assert_eq!(a2.assignment.len(), 3);
+    let given_up: Vec<(String, u32)> = a.assignment.difference(&a2.assignment).cloned().collect();
+    // a commits what it gives up, then reports it released it.
+    let offs: Vec<(&str, u32, i64)> = given_up
+        .iter()
+        .map(|(t, p)| (t.as_str(), *p, 100))
+        .collect();
+    assert_eq!(commit(port, g, &a.member_id, a2.epoch, &offs).0, 0);
+    let b2 = again(port, g, &bm, &Tps::new()).expect("b heartbeats");
+    assert!(b2.assignment.is_empty(), "a has not released them yet");
+    let a3 = again(port, g, &a2, &a2.assignment).expect("a releases");
+    let b3 = again(port, g, &b2, &Tps::new()).expect("b heartbeats");
+    assert_eq!(b3.assignment, given_up.iter().cloned().collect::<Tps>());
+    assert!(a3.assignment.is_disjoint(&b3.assignment));
+    // a can no longer commit them: the partition is b's (42).
+    let (code, msg) = commit(port, g, &a.member_id, a3.epoch, &offs);
+    assert_eq!(code, 42, "a fenced: {msg}");
+    assert_eq!(commit(port, g, &bm.member_id, b3.epoch, &offs).0, 0);
+    // Nor with a stale epoch for one it still has... with b's old epoch b
+    // cannot commit what it got later.
+    assert_eq!(commit(port, g, &bm.member_id, b2.epoch, &offs).0, 42);
+    // A stranger, a commit from outside while members exist.
+    assert_eq!(commit(port, g, "nobody", 1, &offs).0, 41);
+    assert_eq!(commit(port, g, "", -1, &offs).0, 44);
+    let (state, members) = describe(port, g).2.expect("described");
+    assert_eq!((state.as_str(), members), ("stable", 2));
+
+    // b stops heartbeating: after its 2 s session a gets everything back.
+    let t0 = std::time::Instant::now();
+    let mut cur = a3;
+    eventually(Duration::from_secs(10), "a takes b's partitions", || {
+        let held = cur.assignment.clone();
+        cur = again(port, g, &cur, &held).expect("a heartbeats");
+        cur.assignment.len() == 6
+    });
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "not before b's session ran out"
+    );
+    // b is gone.
+    let (code, _) = again(port, g, &b3, &b3.assignment)
+        .err()
+        .expect("b is unknown");
+    assert_eq!(code, 41);
+    // a leaves cleanly: the group is empty, offsets stay, resets allowed.
+    let left = beat(port, g, || {
+        heartbeat_frame(g, &cur.member_id, -1, None, None, 0, None)
+    })
+    .expect("leave");
+    assert_eq!(left.epoch, -1);
+    assert_eq!(
+        describe(port, g).2.expect("described"),
+        ("empty".to_string(), 0)
+    );
+    assert_eq!(commit(port, g, "", -1, &[("t", 0, 0)]).0, 0);
+    assert_eq!(fetch_offsets(port, g)[&("t".to_string(), 0)], 0);
+    assert!(b.log_text().contains("group coordinator loaded"));
+}
+
+#[test]
+fn bad_group_requests_get_clear_errors_and_the_broker_keeps_serving() {
+    let b = Broker::start("0");
+    let port = b.port;
+    create(port, "t", 2);
+    let g = "g";
+    // An unknown group: describe says so; its offsets are empty; a
+    // heartbeat from a member it never had is UnknownMemberId.
+    let (code, msg, _) = describe(port, "never-seen");
+    assert_eq!(code, 45, "{msg}");
+    assert!(fetch_offsets(port, "never-seen").is_empty());
+    let r = beat(port, g, || {
+        heartbeat_frame(g, "ghost", 3, None, None, 0, None)
+    });
+    assert_eq!(r.err().map(|e| e.0), Some(41));
+    // Oversized member metadata, empty and over-long names, a session
+    // timeout out of bounds, no topics, an unknown strategy's cousin: a
+    // negative offset.
+    let big = vec![7u8; 5000];
+    let r = beat(port, g, || {
+        heartbeat_frame(g, "", 0, Some(&["t"]), None, 3000, Some(&big))
+    });
+    let (code, msg) = r.err().expect("oversized metadata refused");
+    assert_eq!(code, 2, "{msg}");
+    assert!(msg.contains("metadata"), "{msg}");
+    let h = try_call(
+        port,
+        heartbeat_frame("", "", 0, Some(&["t"]), None, 3000, None),
+    )
+    .expect("answer");
+    assert_eq!(
+        flatbuffers::root::<fb::Response>(&h)
+            .expect("response")
+            .error_code(),
+        46
+    );
+    let long = "x".repeat(300);
+    let h = try_call(
+        port,
+        heartbeat_frame(&long, "", 0, Some(&["t"]), None, 3000, None),
+    )
+    .expect("answer");
+    assert_eq!(
+        flatbuffers::root::<fb::Response>(&h)
+            .expect("response")
+            .error_code(),
+        46
+    );
+    let r = beat(port, g, || {
+        heartbeat_frame(g, "", 0, Some(&["t"]), None, 1, None)
+    });
+    assert_eq!(
+        r.err().map(|e| e.0),
+        Some(14),
+        "session timeout out of bounds"
+    );
+    let r = beat(port, g, || {
+        heartbeat_frame(g, "", 0, Some(&[]), None, 3000, None)
+    });
+    assert_eq!(r.err().map(|e| e.0), Some(14), "no topics");
+    let r = beat(port, g, || {
+        heartbeat_frame(g, "", 0, Some(&["no/such"]), None, 3000, None)
+    });
+    assert_eq!(r.err().map(|e| e.0), Some(10), "not a topic name");
+    assert_eq!(commit(port, g, "", -1, &[("t", 0, -5)]).0, 2);
+    assert_eq!(commit(port, g, "", -1, &[("t", 9, 1)]).0, 12);
+    assert_eq!(commit(port, g, "", -1, &[("nope", 0, 1)]).0, 11);
+    // The internal topic takes no produce and no delete from clients.
+    let h = meta::call(
+        port,
+        raw::request_with(
+            1,
+            fb::RequestBody::ProduceRequest,
+            |fbb| {
+                let t = fbb.create_string(GROUPS_TOPIC);
+                fb::ProduceRequest::create(
+                    fbb,
+                    &fb::ProduceRequestArgs {
+                        topic: Some(t),
+                        ..Default::default()
+                    },
+                )
+                .as_union_value()
+            },
+            &raw::batch(-1, -1, 1, 10),
+        ),
+    );
+    assert_eq!(
+        flatbuffers::root::<fb::Response>(&h)
+            .expect("response")
+            .error_code(),
+        10
+    );
+    assert_eq!(meta::create_topic(port, "__shoal_x", 1, 1).0, 10);
+    // Still serving: a good join works, nothing was recorded for the bad.
+    let a = join(port, g, "t", 3000);
+    assert_eq!(a.assignment.len(), 2);
+    assert!(fetch_offsets(port, g).is_empty());
+}
+
+/// Partitions of `__shoal_groups` with their log start offsets.
+fn groups_log_starts(port: u16) -> Vec<u64> {
+    let h = meta::call(
+        port,
+        raw::request(1, fb::RequestBody::DescribeTopicRequest, |fbb| {
+            let n = fbb.create_string(GROUPS_TOPIC);
+            fb::DescribeTopicRequest::create(fbb, &fb::DescribeTopicRequestArgs { name: Some(n) })
+                .as_union_value()
+        }),
+    );
+    let r = flatbuffers::root::<fb::Response>(&h).expect("response");
+    // Not there before the first group request.
+    let Some(t) = r.body_as_describe_topic_response().and_then(|d| d.topic()) else {
+        return vec![0];
+    };
+    t.partitions()
+        .expect("partitions")
+        .iter()
+        .map(|p| p.log_start_offset())
+        .collect()
+}
+
+#[test]
+fn acknowledged_commits_survive_kill9_and_checkpoints_cut_the_log() {
+    let toml =
+        "group_partitions = 1\ngroup_checkpoint_records = 500\ngroup_segment_bytes = 1048576\n";
+    let mut b = Broker::start_with_config("0", toml);
+    let port = b.port;
+    create(port, "t", 4);
+    let g = "stream";
+    // A stream of commits with 1 KiB of metadata each (to fill segments),
+    // from outside the group; each acknowledged one is remembered.
+    let meta_str = "m".repeat(1000);
+    let mut acked: BTreeMap<u32, i64> = BTreeMap::new();
+    let mut n = 0i64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while groups_log_starts(port)[0] == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint cut the log"
+        );
+        n += 1;
+        let p = (n % 4) as u32;
+        let (code, msg, _) = group_call(port, g, || {
+            commit_frame(g, "", -1, &[("t", p, n)], &meta_str)
+        });
+        assert_eq!(code, 0, "commit {n}: {msg}");
+        acked.insert(p, n);
+    }
+    let dir = b
+        .data_dir()
+        .join("topics")
+        .join(format!("{GROUPS_TOPIC}-0"));
+    assert!(
+        dir.join("groups.ckpt").exists(),
+        "checkpoint in {}",
+        dir.display()
+    );
+    assert!(b.log_text().contains("group checkpoint written"));
+    // Kill -9 in the middle of a stream of pipelined commits.
+    let to = coordinator_port(port, g).expect("coordinator");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", to)).expect("connect");
+    let mut buf = Vec::new();
+    let stop_after = 300;
+    for i in 0..stop_after {
+        n += 1;
+        let p = (n % 4) as u32;
+        use std::io::Write;
+        s.write_all(&commit_frame(g, "", -1, &[("t", p, n)], ""))
+            .expect("send");
+        if i % 10 == 9 {
+            // Read what is answered so far (in order: one per request).
+            for _ in 0..10 {
+                let h = raw::read_header(&mut s, &mut buf).expect("answer");
+                assert_eq!(
+                    flatbuffers::root::<fb::Response>(&h)
+                        .expect("response")
+                        .error_code(),
+                    0
+                );
+            }
+            let base = n - 9;
+            for k in base..=n {
+                acked.insert((k % 4) as u32, k);
+            }
+        }
+        if i == stop_after / 2 {
+            b.kill9();
+            break;
+        }
+    }
+    b.restart();
+    let got = fetch_offsets(port, g);
+    for (p, want) in &acked {
+        let have = got.get(&("t".to_string(), *p)).copied().unwrap_or(-1);
+        assert!(
+            have >= *want,
+            "partition {p}: acknowledged commit {want} lost (have {have})"
+        );
+    }
+    let text = b.log_text();
+    let loaded = text
+        .lines()
+        .filter(|l| l.contains("group coordinator loaded"))
+        .last()
+        .expect("loaded line");
+    let replayed: i64 = loaded
+        .split("records_replayed=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {loaded}"));
+    assert!(
+        replayed < n,
+        "a restart replays only the tail after the checkpoint: {replayed} of {n}"
+    );
+}
