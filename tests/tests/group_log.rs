@@ -558,8 +558,8 @@ fn acknowledged_commits_survive_kill9_and_checkpoints_cut_the_log() {
     let text = b.log_text();
     let loaded = text
         .lines()
-        .filter(|l| l.contains("group coordinator loaded"))
-        .last()
+        .rev()
+        .find(|l| l.contains("group coordinator loaded"))
         .expect("loaded line");
     let replayed: i64 = loaded
         .split("records_replayed=")
