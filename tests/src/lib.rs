@@ -644,6 +644,8 @@ pub fn two_shards() -> &'static str {
 
 /// Raw protocol helpers for tests that speak bytes to the broker (as a
 /// hostile or careless client would), bypassing the Rust client.
+pub mod groupraw;
+
 pub mod raw {
     use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
     use shoal_wire::frame::{self, Check};

@@ -147,73 +147,12 @@ impl Coordinator {
     /// Reads the checkpoint, then applies the log from its offset to the
     /// end. Returns how many records it applied.
     async fn replay(&self) -> Result<u64> {
-        let dir = self.log.dir().to_path_buf();
-        let (mut from, groups) = match shoal_shard::durable::read(dir.join(CHECKPOINT_FILE)).await {
-            Ok(bytes) => match records::decode_checkpoint(&bytes) {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "ignoring a damaged group checkpoint; replaying the whole log");
-                    (0, BTreeMap::new())
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, BTreeMap::new()),
-            Err(e) => return Err(Error::io("read the group checkpoint", e)),
-        };
+        let (from, groups) = read_checkpoint(&self.log).await?;
         *self.groups.borrow_mut() = groups;
-        let start = self.log.start_offset();
-        if from < start {
-            tracing::warn!(
-                partition = self.partition,
-                checkpoint = from,
-                log_start = start,
-                "the group log starts after the checkpoint; what lay between is lost"
-            );
-            from = start;
-        }
         let end = self.log.next_offset();
-        let mut applied = 0u64;
-        while from < end && !self.stopped.get() {
-            let slice = self
-                .log
-                .read_replica_ready(from, 1 << 20, Duration::from_millis(100))
-                .await?;
-            if slice.is_empty() {
-                break;
-            }
-            applied += self.apply_slice(slice.bytes(), from)?;
-            from = slice.next_offset;
-            rt::yield_if_needed().await;
-        }
+        let applied = replay(&self.log, from, end, &self.groups, &self.stopped).await?;
         self.applied.set(end);
         self.since_checkpoint.set(applied);
-        Ok(applied)
-    }
-
-    /// Applies the records at or after `from` of whole batches `bytes`;
-    /// returns how many.
-    fn apply_slice(&self, bytes: &[u8], from: u64) -> Result<u64> {
-        let bmax = self.log.config().batch_bytes_max;
-        let mut groups = self.groups.borrow_mut();
-        let mut applied = 0u64;
-        for b in Batches::new(bytes, bmax) {
-            let (h, bytes) =
-                b.map_err(|e| Error::Malformed(format!("{GROUPS_TOPIC}-{}: {e}", self.partition)))?;
-            for r in Records::new(bytes) {
-                let r = r.map_err(|e| {
-                    Error::Malformed(format!("{GROUPS_TOPIC}-{}: {e}", self.partition))
-                })?;
-                if h.base_offset + u64::from(r.offset_delta) < from {
-                    continue;
-                }
-                match records::decode(r.key.unwrap_or(&[]), r.value.unwrap_or(&[])) {
-                    Ok(change) => records::apply(&mut groups, change),
-                    Err(e) => {
-                        tracing::warn!(partition = self.partition, offset = h.base_offset + u64::from(r.offset_delta), error = %e, "skipping an unreadable group record")
-                    }
-                }
-                applied += 1;
-            }
-        }
         Ok(applied)
     }
 
@@ -588,6 +527,11 @@ impl Coordinator {
         let offset = self.applied.get();
         let n = self.since_checkpoint.get();
         let bytes = records::encode_checkpoint(offset, &self.groups.borrow());
+        tracing::info!(
+            partition = self.partition,
+            offset,
+            "group checkpoint taken by the leader itself"
+        );
         self.install_checkpoint(offset, bytes).await?;
         self.since_checkpoint
             .set(self.since_checkpoint.get().saturating_sub(n));
@@ -611,6 +555,85 @@ pub async fn install_checkpoint(log: &PartitionLog, offset: u64, bytes: Vec<u8>)
     let deleted = log.delete_before(offset).await?;
     tracing::info!(dir = %log.dir().display(), offset, bytes = len, segments_deleted = deleted, "group checkpoint written");
     Ok(())
+}
+
+/// The partition's checkpoint: the offset it is as of (where replay
+/// starts, at least the log start) and its groups. None or a damaged one:
+/// the log from its start.
+pub async fn read_checkpoint(log: &PartitionLog) -> Result<(u64, BTreeMap<String, Group>)> {
+    let dir = log.dir().to_path_buf();
+    let (mut from, groups) = match shoal_shard::durable::read(dir.join(CHECKPOINT_FILE)).await {
+        Ok(bytes) => match records::decode_checkpoint(&bytes) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "ignoring a damaged group checkpoint; replaying the whole log");
+                (0, BTreeMap::new())
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, BTreeMap::new()),
+        Err(e) => return Err(Error::io("read the group checkpoint", e)),
+    };
+    let start = log.start_offset();
+    if from < start {
+        tracing::warn!(dir = %dir.display(), checkpoint = from, log_start = start, "the group log starts after the checkpoint; what lay between is lost");
+        from = start;
+    }
+    Ok((from, groups))
+}
+
+/// Applies the records of `log` in `[from, upto)` to `groups`, reading
+/// a slice at a time and yielding between slices; returns how many.
+pub async fn replay(
+    log: &PartitionLog,
+    mut from: u64,
+    upto: u64,
+    groups: &RefCell<BTreeMap<String, Group>>,
+    stopped: &Cell<bool>,
+) -> Result<u64> {
+    let mut applied = 0u64;
+    while from < upto && !stopped.get() {
+        let slice = log
+            .read_replica_ready(from, 1 << 20, Duration::from_millis(100))
+            .await?;
+        if slice.is_empty() {
+            break;
+        }
+        applied += apply_batches(log, slice.bytes(), from, upto, &mut groups.borrow_mut())?;
+        from = slice.next_offset;
+        rt::yield_if_needed().await;
+    }
+    Ok(applied)
+}
+
+/// Applies the records in `[from, upto)` of whole batches `bytes`;
+/// returns how many.
+fn apply_batches(
+    log: &PartitionLog,
+    bytes: &[u8],
+    from: u64,
+    upto: u64,
+    groups: &mut BTreeMap<String, Group>,
+) -> Result<u64> {
+    let bad = |e: shoal_wire::BatchError| Error::Malformed(format!("{}: {e}", log.dir().display()));
+    let mut applied = 0u64;
+    for b in Batches::new(bytes, log.config().batch_bytes_max) {
+        let (h, bytes) = b.map_err(bad)?;
+        for r in Records::new(bytes) {
+            let r = r.map_err(bad)?;
+            let offset = h.base_offset + u64::from(r.offset_delta);
+            if offset < from || offset >= upto {
+                continue;
+            }
+            match records::decode(r.key.unwrap_or(&[]), r.value.unwrap_or(&[])) {
+                Ok(change) => records::apply(groups, change),
+                Err(e) => {
+                    tracing::warn!(dir = %log.dir().display(), offset, error = %e, "skipping an unreadable group record")
+                }
+            }
+            applied += 1;
+        }
+    }
+    Ok(applied)
 }
 
 fn moved(p: u32) -> Error {

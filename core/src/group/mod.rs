@@ -26,6 +26,7 @@
 pub mod assign;
 pub mod coordinator;
 pub mod records;
+pub mod standby;
 pub mod state;
 
 use crate::error::{Error, Result};

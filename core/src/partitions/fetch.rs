@@ -170,7 +170,15 @@ impl Reactor {
                         .appended_at(&p.topic, p.partition, slice.next_offset)
                 };
                 let ok = FetchOk {
-                    high_watermark: slice.high_watermark,
+                    // A replica read goes to the log's end, which is not the
+                    // high watermark: a follower must learn the real one (it
+                    // is where a promoted follower starts exposing records,
+                    // and how far its group standby may apply).
+                    high_watermark: if replica {
+                        log.high_watermark()
+                    } else {
+                        slice.high_watermark
+                    },
                     log_start_offset: log.start_offset(),
                     next_offset: slice.next_offset,
                     data: (!slice.is_empty()).then_some(FetchData::Local(slice)),

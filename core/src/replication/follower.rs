@@ -25,8 +25,9 @@ use glommio::net::TcpStream;
 use shoal_shard::{Notify, PartitionLog};
 use shoal_wire::batch::Batches;
 use shoal_wire::frame::{self, FRAME_PREFIX_BYTES};
+use shoal_wire::group::GROUPS_TOPIC;
 use shoal_wire::{fb, ErrorCode};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -93,6 +94,9 @@ impl Fetcher {
                 leader: l,
                 epoch,
                 stop: stop.clone(),
+                standby: RefCell::new(
+                    (slot.topic == GROUPS_TOPIC).then(crate::group::standby::Standby::default),
+                ),
             };
             rt::spawn(f.run())
         });
@@ -123,6 +127,9 @@ struct Follow {
     leader: u32,
     epoch: u32,
     stop: Rc<Stop>,
+    /// `__shoal_groups` only: the group state built from this copy, for
+    /// checkpoints.
+    standby: RefCell<Option<crate::group::standby::Standby>>,
 }
 
 /// Why a connection's fetch loop ended.
@@ -282,13 +289,90 @@ impl Follow {
             }
             self.log.set_high_watermark(hw.min(self.log.next_offset()));
             *backoff = BACKOFF_MIN;
+            if let Some(ended) = self.standby_step(&mut stream, &mut buf, &mut corr).await {
+                return ended;
+            }
         }
+    }
+
+    /// `__shoal_groups`: applies what is committed to the standby state and,
+    /// when due, checkpoints: kept here (cutting this log), then shipped to
+    /// the leader on the fetch connection.
+    async fn standby_step(
+        &self,
+        stream: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        corr: &mut u32,
+    ) -> Option<Ended> {
+        let mut standby = self.standby.borrow_mut().take()?;
+        let due = match standby.catch_up(&self.log).await {
+            Ok(()) => standby.due(self.reactor.config.group_checkpoint_records),
+            Err(e) => {
+                tracing::warn!(partition = self.partition, error = %e, "the groups standby could not apply its log");
+                standby.reset(false);
+                None
+            }
+        };
+        *self.standby.borrow_mut() = Some(standby);
+        let (offset, bytes) = due?;
+        if let Err(e) =
+            crate::group::coordinator::install_checkpoint(&self.log, offset, bytes.clone()).await
+        {
+            tracing::warn!(partition = self.partition, error = %e, "could not keep a group checkpoint");
+            return None;
+        }
+        if bytes.len() + 4096 > self.reactor.config.frame_bytes_max {
+            tracing::warn!(partition = self.partition, bytes = bytes.len(), frame_bytes_max = self.reactor.config.frame_bytes_max, "a group checkpoint is larger than a frame: kept here only (the leader checkpoints itself)");
+            return None;
+        }
+        *corr = corr.wrapping_add(1);
+        let me = self.reactor.broker_id().unwrap_or(0) as i32;
+        let frame = encode_checkpoint(*corr, self.partition, offset, self.epoch, me, &bytes);
+        let exchange = async {
+            stream.write_all(&frame).await?;
+            read_frame(stream, buf).await
+        };
+        let parts = match self.stop.or_stop(rt::timeout(ANSWER_GRACE, exchange)).await {
+            None => return Some(Ended::Stopped),
+            Some(None) => {
+                return Some(Ended::Retry(
+                    "the leader did not take the checkpoint in time".into(),
+                ))
+            }
+            Some(Some(Err(e))) => return Some(Ended::Retry(format!("connection lost: {e}"))),
+            Some(Some(Ok(parts))) => parts,
+        };
+        match frame::decode_response(&buf[parts.header.clone()]) {
+            Ok(r) if r.error_code() == 0 => {
+                tracing::info!(
+                    partition = self.partition,
+                    offset,
+                    bytes = bytes.len(),
+                    leader = self.leader,
+                    "group checkpoint shipped to the leader"
+                );
+            }
+            Ok(r) => {
+                tracing::warn!(
+                    partition = self.partition,
+                    offset,
+                    code = r.error_code(),
+                    error = r.error_message().unwrap_or_default(),
+                    "the leader refused a group checkpoint"
+                );
+            }
+            Err(e) => return Some(Ended::Retry(format!("unreadable answer: {e}"))),
+        }
+        None
     }
 
     /// The leader's log and ours part after `epoch` ends at `end` there
     /// (`epoch` -2: no epoch in common; truncate to `end`; -3: the leader no
     /// longer holds what we lack: start over at `end`, its log start).
     async fn truncate(&self, epoch: i32, end: u64) {
+        if let Some(s) = self.standby.borrow_mut().as_mut() {
+            s.reset(epoch == -3);
+        }
         if epoch == -3 {
             tracing::warn!(topic = %self.topic, partition = self.partition, leader = self.leader, log_end = self.log.next_offset(), leader_start = end, "the leader no longer holds what this replica lacks: starting over at its log start");
             if let Err(e) = self.log.start_over_at(end).await {
@@ -360,6 +444,42 @@ fn encode_fetch(
     fbb.finish(req, None);
     out.clear();
     frame::write_frame(out, fbb.finished_data(), &[]);
+}
+
+/// A checkpoint of `__shoal_groups` partition `partition` for its leader.
+fn encode_checkpoint(
+    corr: u32,
+    partition: u32,
+    offset: u64,
+    leader_epoch: u32,
+    me: i32,
+    bytes: &[u8],
+) -> Vec<u8> {
+    let mut fbb = FlatBufferBuilder::with_capacity(256);
+    let body = fb::GroupCheckpointRequest::create(
+        &mut fbb,
+        &fb::GroupCheckpointRequestArgs {
+            partition,
+            offset,
+            leader_epoch,
+            replica_id: me,
+        },
+    );
+    let client = fbb.create_string("shoal-replica");
+    let req = fb::Request::create(
+        &mut fbb,
+        &fb::RequestArgs {
+            version: 1,
+            correlation_id: corr,
+            client_id: Some(client),
+            body_type: fb::RequestBody::GroupCheckpointRequest,
+            body: Some(body.as_union_value()),
+        },
+    );
+    fbb.finish(req, None);
+    let mut out = Vec::with_capacity(bytes.len() + 256);
+    frame::write_frame(&mut out, fbb.finished_data(), bytes);
+    out
 }
 
 /// Reads one response frame into `buf` (reused: no allocation once it has

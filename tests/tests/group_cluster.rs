@@ -1,0 +1,188 @@
+//! Groups in a cluster (real ZooKeeper, three real brokers): the
+//! coordinator is the leader of the group's `__shoal_groups` partition, so
+//! kill -9 of its broker moves coordination with leadership, and the new
+//! coordinator has every acknowledged commit and the members with their
+//! assignment. A follower builds the checkpoints and ships them to the
+//! leader, which cuts its log below them.
+
+use shoal_tests::groupraw::*;
+use shoal_tests::meta::{create_topic, try_metadata};
+use shoal_tests::{eventually, Broker, ZooKeeper};
+use shoal_wire::group::{coordinator_partition, GROUPS_TOPIC};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const TOML: &str = "zk_session_timeout_ms = 1500\ngroup_partitions = 2\n\
+                    group_checkpoint_records = 300\ngroup_segment_bytes = 1048576\n";
+
+fn cluster(zk: &ZooKeeper) -> Vec<Broker> {
+    (1..=3u32)
+        .map(|id| {
+            let cores = if id % 2 == 0 { "1" } else { "0" };
+            Broker::start_member(cores, &zk.connect(), id, TOML, &[])
+        })
+        .collect()
+}
+
+/// The broker leading `group`'s coordinator partition, per any live
+/// broker's metadata.
+fn coordinator_broker(ports: &[u16], group: &str) -> Option<u32> {
+    ports.iter().find_map(|&p| {
+        let m = try_metadata(p)?;
+        let parts = &m.topics.iter().find(|t| t.0 == GROUPS_TOPIC)?.1;
+        let part = &parts[coordinator_partition(group, parts.len() as u32) as usize];
+        (!part.offline).then_some(part.leader)
+    })
+}
+
+#[test]
+fn the_coordinator_fails_over_with_its_offsets_and_members() {
+    let zk = ZooKeeper::start();
+    let mut brokers = cluster(&zk);
+    let ports: Vec<u16> = brokers.iter().map(|b| b.port).collect();
+    eventually(Duration::from_secs(15), "three brokers", || {
+        try_metadata(ports[0]).is_some_and(|m| m.brokers.len() == 3)
+    });
+    let (code, msg) = create_topic(ports[0], "t", 6, 3);
+    assert_eq!(code, 0, "{msg}");
+    let g = "billing";
+    let a = join(ports[0], g, "t", 20_000);
+    assert_eq!(a.assignment.len(), 6);
+    // Commits acknowledged by the coordinator (acks=all on the groups log).
+    let mut acked = BTreeMap::new();
+    for round in 1..=20i64 {
+        let offs: Vec<(&str, u32, i64)> = (0..6)
+            .map(|p| ("t", p, round * 10 + i64::from(p)))
+            .collect();
+        let (code, msg) = commit(ports[0], g, &a.member_id, a.epoch, &offs);
+        assert_eq!(code, 0, "{msg}");
+        for (_, p, o) in offs {
+            acked.insert(("t".to_string(), p), o);
+        }
+    }
+    // Replicated groups log: RF 3 on three live brokers.
+    let m = try_metadata(ports[0]).expect("metadata");
+    let gl = m.topic(GROUPS_TOPIC);
+    assert!(gl.iter().all(|p| p.replicas.len() == 3), "{gl:?}");
+    let old = coordinator_broker(&ports, g).expect("a coordinator");
+    brokers[old as usize - 1].kill9();
+    let live: Vec<u16> = brokers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i as u32 + 1 != old)
+        .map(|(_, b)| b.port)
+        .collect();
+    eventually(Duration::from_secs(20), "a new coordinator", || {
+        coordinator_broker(&live, g).is_some_and(|b| b != old)
+    });
+    // Every acknowledged commit is there.
+    let got = fetch_offsets(live[0], g);
+    assert_eq!(got, acked, "offsets after the coordinator's broker died");
+    // The member is known to the new coordinator, with its partitions.
+    let a2 = again(live[0], g, &a, &a.assignment).expect("the member carries on");
+    assert_eq!(a2.assignment, a.assignment);
+    let offs: Vec<(&str, u32, i64)> = (0..6).map(|p| ("t", p, 1000)).collect();
+    assert_eq!(commit(live[0], g, &a.member_id, a2.epoch, &offs).0, 0);
+    assert!(fetch_offsets(live[0], g).values().all(|&o| o == 1000));
+}
+
+#[test]
+fn a_follower_checkpoints_and_the_leader_cuts_its_log() {
+    let zk = ZooKeeper::start();
+    let brokers = cluster(&zk);
+    let ports: Vec<u16> = brokers.iter().map(|b| b.port).collect();
+    eventually(Duration::from_secs(15), "three brokers", || {
+        try_metadata(ports[0]).is_some_and(|m| m.brokers.len() == 3)
+    });
+    let (code, msg) = create_topic(ports[0], "t", 4, 3);
+    assert_eq!(code, 0, "{msg}");
+    let g = "audit";
+    // 1 KiB of metadata per commit fills the 1 MiB segments quickly.
+    let meta = "m".repeat(1000);
+    let mut n = 0i64;
+    let mut last = BTreeMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let p = loop {
+        n += 1;
+        let part = (n % 4) as u32;
+        let (code, msg, _) = group_call(ports[0], g, || {
+            commit_frame(g, "", -1, &[("t", part, n)], &meta)
+        });
+        assert_eq!(code, 0, "commit {n}: {msg}");
+        last.insert(("t".to_string(), part), n);
+        if n % 50 == 0 {
+            let m = try_metadata(ports[0]).expect("metadata");
+            let parts = m.topic(GROUPS_TOPIC);
+            let p = coordinator_partition(g, parts.len() as u32);
+            // The leader's own view of its log start.
+            let leader = coordinator_broker(&ports, g).expect("leader") as usize;
+            if groups_log_starts(brokers[leader - 1].port)[p as usize] > 0 {
+                break p;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            let lines: Vec<String> = brokers
+                .iter()
+                .flat_map(|b| {
+                    b.log_text()
+                        .lines()
+                        .filter(|l| {
+                            l.contains("checkpoint") || l.contains("WARN") || l.contains("segment")
+                        })
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let files: Vec<Vec<String>> = brokers
+                .iter()
+                .map(|b| {
+                    let d = b
+                        .data_dir()
+                        .join("topics")
+                        .join(format!("{GROUPS_TOPIC}-0"));
+                    let mut v: Vec<String> = std::fs::read_dir(&d)
+                        .map(|r| {
+                            r.flatten()
+                                .map(|e| {
+                                    format!(
+                                        "{:?} {}",
+                                        e.file_name(),
+                                        e.metadata().map_or(0, |m| m.len())
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    v.sort();
+                    v
+                })
+                .collect();
+            panic!("no checkpoint cut the leader's log after {n} commits: {files:#?} {lines:#?}");
+        }
+    };
+    let leader = coordinator_broker(&ports, g).expect("leader") as usize;
+    let shipped = brokers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i + 1 != leader)
+        .any(|(_, b)| {
+            b.log_text()
+                .contains("group checkpoint shipped to the leader")
+        });
+    assert!(shipped, "a follower shipped the checkpoint");
+    assert!(
+        !brokers[leader - 1]
+            .log_text()
+            .contains("group checkpoint taken by the leader itself"),
+        "the leader never stopped to snapshot"
+    );
+    let dir = brokers[leader - 1]
+        .data_dir()
+        .join("topics")
+        .join(format!("{GROUPS_TOPIC}-{p}"));
+    assert!(
+        dir.join("groups.ckpt").exists(),
+        "the leader keeps the follower's checkpoint"
+    );
+    assert_eq!(fetch_offsets(ports[0], g), last);
+}
