@@ -209,6 +209,16 @@ pub struct Metrics {
     /// Bytes of receive buffers beyond their base size, now (a gauge).
     pub recv_buffer_bytes: Cell<u64>,
     pub errors: Cell<u64>,
+    /// Offset commits acknowledged by this shard's group coordinators
+    /// (partitions committed).
+    pub group_offset_commits: Cell<u64>,
+    /// Members that joined, left, or were removed when their session ran
+    /// out.
+    pub group_joins: Cell<u64>,
+    pub group_leaves: Cell<u64>,
+    pub group_sessions_expired: Cell<u64>,
+    /// Group checkpoints this shard kept (its own, or a follower's).
+    pub group_checkpoints: Cell<u64>,
     /// Produce requests, from the decoded request to its response written
     /// (acknowledgement wait included).
     pub produce_latency: LatencyBuckets,
@@ -259,6 +269,11 @@ impl Metrics {
             ("recv_budget_waits", self.recv_budget_waits.get()),
             ("recv_buffer_bytes", self.recv_buffer_bytes.get()),
             ("errors", self.errors.get()),
+            ("group_offset_commits", self.group_offset_commits.get()),
+            ("group_joins", self.group_joins.get()),
+            ("group_leaves", self.group_leaves.get()),
+            ("group_sessions_expired", self.group_sessions_expired.get()),
+            ("group_checkpoints", self.group_checkpoints.get()),
         ];
         self.produce_latency
             .snapshot_into(&PRODUCE_LATENCY_NAMES, &mut v);

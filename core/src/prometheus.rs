@@ -36,6 +36,36 @@ use std::rc::Rc;
 /// name it gives them: Prometheus name, type, help.
 const SCALARS: &[(&str, &str, &str, &str)] = &[
     (
+        "group_offset_commits",
+        "shoal_group_offset_commits_total",
+        "counter",
+        "Partition offsets committed and acknowledged by this broker's group coordinators.",
+    ),
+    (
+        "group_joins",
+        "shoal_group_joins_total",
+        "counter",
+        "Consumer-group members that joined.",
+    ),
+    (
+        "group_leaves",
+        "shoal_group_leaves_total",
+        "counter",
+        "Consumer-group members that left cleanly.",
+    ),
+    (
+        "group_sessions_expired",
+        "shoal_group_sessions_expired_total",
+        "counter",
+        "Consumer-group members removed because their session timed out.",
+    ),
+    (
+        "group_checkpoints",
+        "shoal_group_checkpoints_total",
+        "counter",
+        "Group-state checkpoints kept (the leader's own or a follower's).",
+    ),
+    (
         "produce_requests",
         "shoal_produce_requests_total",
         "counter",

@@ -87,6 +87,29 @@ fn members_share_partitions_and_commits_are_fenced() {
     assert_eq!(commit(port, g, "", -1, &[("t", 0, 0)]).0, 0);
     assert_eq!(fetch_offsets(port, g)[&("t".to_string(), 0)], 0);
     assert!(b.log_text().contains("group coordinator loaded"));
+    // The counters moved with it (summed over shards).
+    let m = metrics(port);
+    assert!(m["group_joins"] >= 2, "{m:?}");
+    assert!(m["group_leaves"] >= 1, "{m:?}");
+    assert!(m["group_sessions_expired"] >= 1, "{m:?}");
+    assert!(m["group_offset_commits"] >= 6 + 3 + 3 + 1, "{m:?}");
+}
+
+/// `shoal metrics` counters over the raw protocol.
+fn metrics(port: u16) -> BTreeMap<String, u64> {
+    let h = meta::call(
+        port,
+        raw::request(1, fb::RequestBody::MetricsRequest, |fbb| {
+            fb::MetricsRequest::create(fbb, &fb::MetricsRequestArgs {}).as_union_value()
+        }),
+    );
+    let r = flatbuffers::root::<fb::Response>(&h).expect("response");
+    let m = r.body_as_metrics_response().expect("metrics body");
+    m.metrics()
+        .into_iter()
+        .flatten()
+        .map(|x| (x.name().unwrap_or_default().to_string(), x.value()))
+        .collect()
 }
 
 #[test]

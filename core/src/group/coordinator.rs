@@ -284,6 +284,12 @@ impl Coordinator {
                         }
                     }
                     self.applied.set(next);
+                    let commits = writes
+                        .iter()
+                        .flat_map(|w| &w.apply)
+                        .filter(|c| matches!(c, Change::Offset { .. }))
+                        .count();
+                    crate::metrics::add(&reactor.metrics.group_offset_commits, commits as u64);
                     self.since_checkpoint.set(self.since_checkpoint.get() + n);
                     for w in writes {
                         let _ = w.done.send(Ok(()));
@@ -354,6 +360,12 @@ impl Coordinator {
             }
             (ok, record)
         };
+        let m = &reactor.metrics;
+        if joining {
+            crate::metrics::add(&m.group_joins, 1);
+        } else if ok.member_epoch == -1 {
+            crate::metrics::add(&m.group_leaves, 1);
+        }
         {
             let mut seen = self.last_seen.borrow_mut();
             if ok.member_epoch == -1 {
@@ -474,6 +486,7 @@ impl Coordinator {
                 for id in &dead {
                     seen.remove(id);
                 }
+                crate::metrics::add(&reactor.metrics.group_sessions_expired, dead.len() as u64);
                 tracing::info!(group = %g.name, members = ?dead, "members' sessions expired; their partitions are reassigned");
                 recs.push(records::group_record(g));
             }
@@ -507,8 +520,9 @@ impl Coordinator {
         };
         if self.since_checkpoint.get() >= due && !self.checkpointing.replace(true) {
             let me = self.clone();
+            let r = reactor.clone();
             rt::spawn_detached(async move {
-                if let Err(e) = me.checkpoint().await {
+                if let Err(e) = me.checkpoint(&r).await {
                     tracing::warn!(partition = me.partition, error = %e, "group checkpoint failed");
                 }
                 me.checkpointing.set(false);
@@ -523,7 +537,7 @@ impl Coordinator {
 
     /// Writes a checkpoint of the applied state (write-then-rename), then
     /// deletes the log's segments wholly below it.
-    async fn checkpoint(&self) -> Result<()> {
+    async fn checkpoint(&self, reactor: &Reactor) -> Result<()> {
         let offset = self.applied.get();
         let n = self.since_checkpoint.get();
         let bytes = records::encode_checkpoint(offset, &self.groups.borrow());
@@ -533,6 +547,7 @@ impl Coordinator {
             "group checkpoint taken by the leader itself"
         );
         self.install_checkpoint(offset, bytes).await?;
+        crate::metrics::add(&reactor.metrics.group_checkpoints, 1);
         self.since_checkpoint
             .set(self.since_checkpoint.get().saturating_sub(n));
         Ok(())

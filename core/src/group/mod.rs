@@ -294,6 +294,7 @@ impl Reactor {
             Err(e) => return Err(Error::Malformed(format!("bad checkpoint: {e}"))),
         }
         coordinator::install_checkpoint(&log, offset, bytes.to_vec()).await?;
+        crate::metrics::add(&self.metrics.group_checkpoints, 1);
         if let Some(c) = self.groups.parts.borrow().get(&p) {
             c.checkpointed_by_follower();
         }

@@ -321,6 +321,7 @@ impl Follow {
             tracing::warn!(partition = self.partition, error = %e, "could not keep a group checkpoint");
             return None;
         }
+        crate::metrics::add(&self.reactor.metrics.group_checkpoints, 1);
         if bytes.len() + 4096 > self.reactor.config.frame_bytes_max {
             tracing::warn!(partition = self.partition, bytes = bytes.len(), frame_bytes_max = self.reactor.config.frame_bytes_max, "a group checkpoint is larger than a frame: kept here only (the leader checkpoints itself)");
             return None;
