@@ -92,7 +92,7 @@ fn members_share_partitions_and_commits_are_fenced() {
     assert!(m["group_joins"] >= 2, "{m:?}");
     assert!(m["group_leaves"] >= 1, "{m:?}");
     assert!(m["group_sessions_expired"] >= 1, "{m:?}");
-    assert!(m["group_offset_commits"] >= 6 + 3 + 3 + 1, "{m:?}");
+    assert!(m["group_offset_commits"] >= 13, "{m:?}");
 }
 
 /// `shoal metrics` counters over the raw protocol.
