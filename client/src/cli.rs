@@ -1,5 +1,6 @@
 //! The client commands of the `shoal` binary (L4): `shoal topic ...`,
-//! `produce`, `consume`, `metrics`, `cluster status`. They live with the
+//! `produce`, `consume` (alone or as a member of a group), `group list |
+//! describe | reset-offsets`, `metrics`, `cluster status`. They live with the
 //! client they are built on; the binary in `shoal-core` only parses flags
 //! and calls them, each on a small current-thread tokio runtime of its own.
 //!
@@ -7,8 +8,9 @@
 //! (`host:port`, `host:port,host:port,...` or
 //! `zk://host:port[,host:port][/chroot][?cluster=NAME]`) and
 //! `--discovery-cache PATH|off` (else `$SHOAL_DISCOVERY_CACHE`, else the
-//! user's cache directory). With `--json`, `cluster status` and `topic
-//! describe` print exactly one JSON object on stdout.
+//! user's cache directory). With `--json`, `cluster status`, `topic
+//! describe`, `group list` and `group describe` print exactly one JSON
+//! object on stdout.
 //!
 //! Output goes through `Out`, never `println!`: a reader that goes away
 //! early (`shoal topic list | head -1`) closes the pipe, and the command
@@ -16,12 +18,15 @@
 //! panicking on the failed write.
 
 use crate::{
-    Acks, Client, ClientConfig, ClusterInfo, Consumer, ConsumerConfig, DiscoveryCache,
-    DiscoverySource, NewTopic, Producer, ProducerConfig, StartAt, TopicInfo,
+    Acks, Client, ClientConfig, ClusterInfo, ConsumedRecord, Consumer, ConsumerConfig,
+    DiscoveryCache, DiscoverySource, GroupConfig, GroupConsumer, GroupDescription, NewTopic,
+    OffsetReset, Producer, ProducerConfig, StartAt, TopicInfo, TopicPartition,
 };
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where the commands find the cluster.
@@ -693,6 +698,389 @@ pub(crate) async fn consume_to<W: Write>(
         }
         out.flush()?;
     }
+}
+
+/// How `shoal consume --group` takes part in its group.
+#[derive(Debug, Clone)]
+pub struct GroupConsume {
+    pub group: String,
+    /// Partitions the group has no committed offset for start at the
+    /// oldest record (else at the end).
+    pub from_beginning: bool,
+    /// Stop after this many messages.
+    pub count: Option<u64>,
+    /// The member's session timeout (default: [`GroupConfig`]'s).
+    pub session_timeout: Option<Duration>,
+}
+
+/// `shoal consume TOPIC --group G`: one message value per stdout line,
+/// from the partitions the group assigns this member, until `--count`,
+/// SIGINT or SIGTERM (a second one ends the process at once). Commits
+/// what it printed as it goes; at the end commits it once more and leaves
+/// the group, so the next member resumes right after the last line
+/// printed.
+pub fn consume_group(to: &Endpoint, topic: &str, g: &GroupConsume) -> Result<(), String> {
+    finish(rt()?.block_on(async {
+        let stop = stop_on_signals()?;
+        let c = connect(to).await?;
+        c.topic(topic).await.map_err(|e| e.to_string())?;
+        let defaults = GroupConfig::default();
+        let config = GroupConfig {
+            offset_reset: if g.from_beginning {
+                OffsetReset::Earliest
+            } else {
+                OffsetReset::Latest
+            },
+            session_timeout: g.session_timeout.unwrap_or(defaults.session_timeout),
+            fetch: ConsumerConfig {
+                max_wait: Duration::from_millis(500),
+                ..ConsumerConfig::default()
+            },
+            ..defaults
+        };
+        let mut consumer = GroupConsumer::subscribe(c, &g.group, &[topic], config)
+            .await
+            .map_err(|e| format!("cannot join group {:?}: {e}", g.group))?;
+        let r = consume_group_to(&mut consumer, g.count, &stop, &mut stdout()).await;
+        let closed = consumer.close().await;
+        r?;
+        closed.map_err(|e| Stop::Failed(format!("could not commit the last positions: {e}")))
+    }))
+}
+
+/// A flag set by the first SIGINT or SIGTERM; a second one exits at once.
+fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let flag = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                if flag.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+            }
+        });
+    }
+    Ok(stop)
+}
+
+/// The first offset per partition of `records`.
+fn first_offsets(records: &[ConsumedRecord]) -> BTreeMap<TopicPartition, u64> {
+    let mut out: BTreeMap<TopicPartition, u64> = BTreeMap::new();
+    for r in records {
+        let o = out
+            .entry((r.topic.clone(), r.partition))
+            .or_insert(r.offset);
+        *o = (*o).min(r.offset);
+    }
+    out
+}
+
+async fn consume_group_to<W: Write>(
+    g: &mut GroupConsumer,
+    count: Option<u64>,
+    stop: &AtomicBool,
+    out: &mut Out<W>,
+) -> Result<(), Stop> {
+    let mut printed = 0u64;
+    while !stop.load(Ordering::SeqCst) && count.is_none_or(|n| printed < n) {
+        let records = g.poll().await.map_err(|e| e.to_string())?;
+        let mut done = records.len();
+        let mut failed = None;
+        for (i, r) in records.iter().enumerate() {
+            if count.is_some_and(|n| printed >= n) {
+                done = i;
+                break;
+            }
+            let line = out
+                .bytes(r.value.as_deref().unwrap_or_default())
+                .and_then(|()| out.bytes(b"\n"));
+            if let Err(e) = line {
+                done = i;
+                failed = Some(e);
+                break;
+            }
+            printed += 1;
+        }
+        // Returned but not printed: read again (here or by the next
+        // member), so not committed.
+        for ((t, p), o) in first_offsets(&records[done..]) {
+            g.seek(&t, p, o).map_err(|e| e.to_string())?;
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        out.flush()?;
+        if let Err(e) = g.commit_async() {
+            tracing::warn!(group = g.group(), error = %e, "commit failed; retrying with the next");
+        }
+    }
+    Ok(())
+}
+
+fn tp_list(v: &[TopicPartition]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.iter()
+        .map(|(t, p)| format!("{t}-{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn tp_json(v: &[TopicPartition]) -> Vec<Value> {
+    v.iter()
+        .map(|(t, p)| json!({"topic": t, "partition": p}))
+        .collect()
+}
+
+/// `shoal group list [--json]`: every group, its state and member count.
+pub fn group_list(to: &Endpoint, json: bool) -> Result<(), String> {
+    finish(rt()?.block_on(async {
+        let c = connect(to).await?;
+        let groups = c.list_groups().await.map_err(|e| e.to_string())?;
+        let mut out = stdout();
+        if json {
+            let groups: Vec<Value> = groups
+                .iter()
+                .map(|g| json!({"group": g.group, "state": g.state, "members": g.members}))
+                .collect();
+            return print_json(&mut out, &json!({ "groups": groups }));
+        }
+        for g in &groups {
+            out.line(format_args!(
+                "{}\tstate={}\tmembers={}",
+                g.group, g.state, g.members
+            ))?;
+        }
+        out.flush()
+    }))
+}
+
+/// One partition's line in `group describe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LagRow {
+    topic: String,
+    partition: u32,
+    committed: Option<u64>,
+    /// The partition's high watermark; `None` if the topic is gone.
+    end: Option<u64>,
+    member: Option<String>,
+}
+
+impl LagRow {
+    fn lag(&self) -> Option<u64> {
+        Some(self.end?.saturating_sub(self.committed?))
+    }
+}
+
+/// Every partition of the group's topics (`topics`: as described now)
+/// with its committed offset, end, lag and the member assigned it; then
+/// committed partitions of topics no longer described.
+fn lag_rows(d: &GroupDescription, topics: &[TopicInfo]) -> Vec<LagRow> {
+    let committed: BTreeMap<TopicPartition, u64> = d
+        .offsets
+        .iter()
+        .map(|o| ((o.topic.clone(), o.partition), o.offset))
+        .collect();
+    let owner: BTreeMap<&TopicPartition, &str> = d
+        .members
+        .iter()
+        .flat_map(|m| m.assignment.iter().map(|tp| (tp, m.member_id.as_str())))
+        .collect();
+    let mut rows: BTreeMap<TopicPartition, LagRow> = BTreeMap::new();
+    for t in topics {
+        for p in &t.partitions {
+            let tp = (t.name.clone(), p.partition);
+            rows.insert(
+                tp.clone(),
+                LagRow {
+                    topic: t.name.clone(),
+                    partition: p.partition,
+                    committed: committed.get(&tp).copied(),
+                    end: Some(p.high_watermark),
+                    member: owner.get(&tp).map(|m| m.to_string()),
+                },
+            );
+        }
+    }
+    for (tp, c) in &committed {
+        rows.entry(tp.clone()).or_insert_with(|| LagRow {
+            topic: tp.0.clone(),
+            partition: tp.1,
+            committed: Some(*c),
+            end: None,
+            member: owner.get(tp).map(|m| m.to_string()),
+        });
+    }
+    rows.into_values().collect()
+}
+
+/// `shoal group describe G [--json]`: state, members and their
+/// assignments, and per partition of the group's topics its committed
+/// offset, log end (high watermark) and lag.
+pub fn group_describe(to: &Endpoint, group: &str, json: bool) -> Result<(), String> {
+    finish(rt()?.block_on(async {
+        let c = connect(to).await?;
+        let d = c.describe_group(group).await.map_err(|e| {
+            if e.code() == Some(crate::ErrorCode::UnknownGroup) {
+                format!("no group {group:?}")
+            } else {
+                e.to_string()
+            }
+        })?;
+        let mut names: BTreeSet<&str> = d.offsets.iter().map(|o| o.topic.as_str()).collect();
+        for m in &d.members {
+            names.extend(m.topics.iter().map(String::as_str));
+            names.extend(m.assignment.iter().map(|(t, _)| t.as_str()));
+        }
+        let mut topics = Vec::new();
+        for name in names {
+            match c.describe_topic(name).await {
+                Ok(t) => topics.push(t),
+                Err(e) => {
+                    tracing::warn!(topic = name, error = %e, "cannot describe a topic of the group")
+                }
+            }
+        }
+        let rows = lag_rows(&d, &topics);
+        let mut out = stdout();
+        if json {
+            print_json(&mut out, &group_json(&d, &rows))
+        } else {
+            print_group(&mut out, &d, &rows)
+        }
+    }))
+}
+
+fn group_json(d: &GroupDescription, rows: &[LagRow]) -> Value {
+    json!({
+        "group": d.group,
+        "state": d.state,
+        "group_epoch": d.group_epoch,
+        "strategy": d.strategy,
+        "members": d.members.iter().map(|m| json!({
+            "member_id": m.member_id,
+            "client_id": m.client_id,
+            "member_epoch": m.member_epoch,
+            "topics": m.topics,
+            "assignment": tp_json(&m.assignment),
+            "owned": tp_json(&m.owned),
+            "session_timeout_ms": m.session_timeout_ms,
+        })).collect::<Vec<_>>(),
+        "partitions": rows.iter().map(|r| json!({
+            "topic": r.topic,
+            "partition": r.partition,
+            "committed": r.committed,
+            "log_end_offset": r.end,
+            "lag": r.lag(),
+            "member": r.member,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_group<W: Write>(
+    out: &mut Out<W>,
+    d: &GroupDescription,
+    rows: &[LagRow],
+) -> Result<(), Stop> {
+    out.line(format_args!(
+        "group {}  state={}  epoch={}  strategy={}  members={}",
+        d.group,
+        d.state,
+        d.group_epoch,
+        d.strategy,
+        d.members.len()
+    ))?;
+    for m in &d.members {
+        out.line(format_args!(
+            "  member {}\tclient={}\tepoch={}\ttopics={}\tassignment={}",
+            m.member_id,
+            m.client_id,
+            m.member_epoch,
+            m.topics.join(","),
+            tp_list(&m.assignment)
+        ))?;
+    }
+    for r in rows {
+        out.line(format_args!(
+            "  {}-{}\tcommitted={}\tend={}\tlag={}\tmember={}",
+            r.topic,
+            r.partition,
+            fmt_opt(r.committed),
+            fmt_opt(r.end),
+            fmt_opt(r.lag()),
+            r.member.as_deref().unwrap_or("-")
+        ))?;
+    }
+    out.flush()
+}
+
+/// Where `shoal group reset-offsets` moves a topic's committed offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// Each partition's log start.
+    Earliest,
+    /// Each partition's high watermark.
+    Latest,
+    /// This offset, within each partition's log start and high watermark.
+    Offset(u64),
+}
+
+/// The offset `to` means for each partition of `t`.
+fn reset_targets(t: &TopicInfo, to: ResetTo) -> BTreeMap<TopicPartition, u64> {
+    t.partitions
+        .iter()
+        .map(|p| {
+            let o = match to {
+                ResetTo::Earliest => p.log_start_offset,
+                ResetTo::Latest => p.high_watermark,
+                ResetTo::Offset(o) => o.clamp(p.log_start_offset, p.high_watermark),
+            };
+            ((t.name.clone(), p.partition), o)
+        })
+        .collect()
+}
+
+/// `shoal group reset-offsets G --topic T (--to-earliest|--to-latest|--to-offset N)`:
+/// commits the new offsets of every partition of `topic` for `group`,
+/// which must have no members (the coordinator refuses otherwise).
+pub fn group_reset_offsets(
+    to: &Endpoint,
+    group: &str,
+    topic: &str,
+    reset: ResetTo,
+) -> Result<(), String> {
+    finish(rt()?.block_on(async {
+        let c = connect(to).await?;
+        let t = c.describe_topic(topic).await.map_err(|e| e.to_string())?;
+        let offsets = reset_targets(&t, reset);
+        c.commit_offsets_standalone(group, &offsets)
+            .await
+            .map_err(|e| {
+                if e.code() == Some(crate::ErrorCode::GroupNotEmpty) {
+                    format!(
+                        "group {group:?} has active members; stop them first (see `shoal group \
+                         describe {group}`): nothing was reset"
+                    )
+                } else {
+                    e.to_string()
+                }
+            })?;
+        let mut out = stdout();
+        for ((t, p), o) in &offsets {
+            out.line(format_args!("{group}\t{t}-{p}\t-> {o}"))?;
+        }
+        out.flush()
+    }))
 }
 
 pub fn metrics(to: &Endpoint) -> Result<(), String> {

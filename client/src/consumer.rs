@@ -378,6 +378,43 @@ impl Consumer {
             .collect()
     }
 
+    /// Stops reading `partition` of `topic`; returns its next offset if it
+    /// was assigned.
+    pub(crate) fn unassign(&mut self, topic: &str, partition: u32) -> Option<u64> {
+        let i = self
+            .assigned
+            .iter()
+            .position(|a| a.topic == topic && a.partition == partition)?;
+        Some(self.assigned.remove(i).next)
+    }
+
+    /// Moves an assigned partition's next offset to `offset`; false if the
+    /// partition is not assigned.
+    pub(crate) fn seek(&mut self, topic: &str, partition: u32, offset: u64) -> bool {
+        match self
+            .assigned
+            .iter_mut()
+            .find(|a| a.topic == topic && a.partition == partition)
+        {
+            Some(a) => {
+                a.next = offset;
+                a.unavailable = None;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether any partition is assigned.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.assigned.is_empty()
+    }
+
+    /// The settings it reads with.
+    pub(crate) fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
     /// One fetch from one partition, retried through a failover.
     pub async fn fetch_once(
         &self,

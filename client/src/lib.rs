@@ -13,8 +13,12 @@
 //!   round-robin), acks, idempotence (producer id + sequence) and retries.
 //! - [`Consumer`]: assigned partitions read by long-poll fetch, by offset or
 //!   timestamp; [`consumer::Subscription`] for push with credit.
+//! - [`GroupConsumer`] ([`group`]): a member of a consumer group, reading
+//!   what the group's coordinator assigns it and committing its positions;
+//!   the group admin calls ([`Client::list_groups`],
+//!   [`Client::describe_group`], ...).
 //! - [`cli`]: the client commands of the `shoal` binary (topic, produce,
-//!   consume, metrics, cluster status).
+//!   consume, group, metrics, cluster status).
 //! - [`connection`]: one TCP connection, requests multiplexed by
 //!   correlation id.
 //! - `retry`: the retry policy every partition request follows through a
@@ -68,6 +72,7 @@ pub mod error;
 mod failover_tests;
 #[cfg(test)]
 mod fake_broker;
+pub mod group;
 pub mod producer;
 pub(crate) mod retry;
 
@@ -81,6 +86,10 @@ pub use consumer::{
 };
 pub use discovery::DiscoveryCache;
 pub use error::{Error, LeaderHint, Result};
+pub use group::{
+    AssignmentStrategy, CommittedOffset, GroupConfig, GroupConsumer, GroupDescription,
+    GroupListing, GroupMember, OffsetReset, RebalanceEvent, TopicPartition,
+};
 pub use producer::{
     produce_batches, Acks, Delivery, Partitioner, Produced, Producer, ProducerConfig,
     RecordMetadata,

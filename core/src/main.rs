@@ -102,8 +102,22 @@ enum Command {
         #[arg(long)]
         follow: bool,
         /// Read only this partition.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "group")]
         partition: Option<u32>,
+        /// Consume as a member of this group: read the partitions the group
+        /// assigns, commit what was printed, follow until Ctrl-C or SIGTERM
+        /// (then commit and leave the group). --from-beginning: partitions
+        /// without a committed offset start at the oldest message.
+        #[arg(long)]
+        group: Option<String>,
+        /// With --group: the member's session timeout.
+        #[arg(long, requires = "group", value_name = "MS")]
+        session_timeout_ms: Option<u64>,
+    },
+    /// List, describe consumer groups; reset their offsets.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
     },
     /// Print the broker's counters.
     Metrics,
@@ -122,6 +136,41 @@ enum ClusterCommand {
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Every group, its state and member count.
+    List {
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Members and their assignments; per partition the committed offset,
+    /// log end offset and lag.
+    Describe {
+        group: String,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move the group's committed offsets of a topic (only while the group
+    /// has no members).
+    #[command(group(clap::ArgGroup::new("to").required(true).args(["to_earliest", "to_latest", "to_offset"])))]
+    ResetOffsets {
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// Each partition's oldest retained offset.
+        #[arg(long)]
+        to_earliest: bool,
+        /// Each partition's end (high watermark).
+        #[arg(long)]
+        to_latest: bool,
+        /// This offset (kept within each partition's log).
+        #[arg(long, value_name = "N")]
+        to_offset: Option<u64>,
     },
 }
 
@@ -256,9 +305,45 @@ fn main() {
             topic,
             from_beginning,
             count,
+            group: Some(group),
+            session_timeout_ms,
+            ..
+        } => cli::consume_group(
+            b,
+            &topic,
+            &cli::GroupConsume {
+                group,
+                from_beginning,
+                count,
+                session_timeout: session_timeout_ms.map(std::time::Duration::from_millis),
+            },
+        ),
+        Command::Consume {
+            topic,
+            from_beginning,
+            count,
             follow,
             partition,
+            group: None,
+            ..
         } => cli::consume(b, &topic, from_beginning, count, follow, partition),
+        Command::Group { command } => match command {
+            GroupCommand::List { json } => cli::group_list(b, json),
+            GroupCommand::Describe { group, json } => cli::group_describe(b, &group, json),
+            GroupCommand::ResetOffsets {
+                group,
+                topic,
+                to_earliest,
+                to_latest,
+                to_offset,
+            } => match (to_earliest, to_latest, to_offset) {
+                (true, _, _) => Ok(cli::ResetTo::Earliest),
+                (_, true, _) => Ok(cli::ResetTo::Latest),
+                (_, _, Some(n)) => Ok(cli::ResetTo::Offset(n)),
+                _ => Err("give --to-earliest, --to-latest or --to-offset N".to_string()),
+            }
+            .and_then(|to| cli::group_reset_offsets(b, &group, &topic, to)),
+        },
         Command::Metrics => cli::metrics(b),
         Command::Cluster {
             command: ClusterCommand::Status { json },
