@@ -1314,4 +1314,108 @@ mod tests {
         assert_eq!(v["partitions"][3]["offline"], true);
         assert_eq!(v["partitions"][0]["leader"], 1);
     }
+
+    fn group_of(offsets: &[(&str, u32, u64)]) -> GroupDescription {
+        GroupDescription {
+            group: "g".into(),
+            state: "stable".into(),
+            group_epoch: 3,
+            strategy: "sticky".into(),
+            members: vec![crate::GroupMember {
+                member_id: "m1".into(),
+                client_id: "c".into(),
+                member_epoch: 2,
+                topics: vec!["orders".into()],
+                assignment: vec![("orders".into(), 0), ("orders".into(), 1)],
+                owned: vec![("orders".into(), 0), ("orders".into(), 1)],
+                session_timeout_ms: 10_000,
+                metadata: Vec::new(),
+            }],
+            offsets: offsets
+                .iter()
+                .map(|(t, p, o)| crate::CommittedOffset {
+                    topic: t.to_string(),
+                    partition: *p,
+                    offset: *o,
+                    metadata: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Every partition of the group's topics gets a row: lag = end −
+    /// committed where both are known; a committed topic that is gone
+    /// still shows, without an end.
+    #[test]
+    fn group_describe_shows_lag_per_partition() {
+        let d = group_of(&[("orders", 0, 4), ("gone", 0, 7)]);
+        let rows = lag_rows(&d, &[topic(3)]);
+        assert_eq!(rows.len(), 4);
+        let row = |t: &str, p: u32| {
+            rows.iter()
+                .find(|r| r.topic == t && r.partition == p)
+                .expect("a row")
+                .clone()
+        };
+        assert_eq!(row("orders", 0).lag(), Some(6));
+        assert_eq!(row("orders", 0).member.as_deref(), Some("m1"));
+        assert_eq!(row("orders", 1).committed, None);
+        assert_eq!(row("orders", 1).lag(), None);
+        assert_eq!(row("orders", 2).member, None);
+        assert_eq!(row("gone", 0).end, None);
+        let mut o = out(usize::MAX, ErrorKind::BrokenPipe);
+        print_group(&mut o, &d, &rows).expect("written");
+        let text = String::from_utf8(o.0.taken).expect("utf-8");
+        assert!(text.starts_with("group g  state=stable  epoch=3  strategy=sticky  members=1\n"));
+        assert!(text.contains("assignment=orders-0,orders-1"), "{text}");
+        assert!(
+            text.contains("  orders-0\tcommitted=4\tend=10\tlag=6\tmember=m1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  orders-2\tcommitted=-\tend=10\tlag=-\tmember=-\n"),
+            "{text}"
+        );
+        let v = group_json(&d, &rows);
+        assert_eq!(v["members"][0]["assignment"][1]["partition"], 1);
+        assert_eq!(v["partitions"][1]["lag"], 6);
+        assert_eq!(v["partitions"][0]["log_end_offset"], Value::Null);
+    }
+
+    /// Earliest and latest are each partition's log bounds; a given
+    /// offset is kept within them.
+    #[test]
+    fn reset_targets_follow_each_partition_s_log() {
+        let mut t = topic(2);
+        t.partitions[1].log_start_offset = 5;
+        let tp = |p: u32| ("orders".to_string(), p);
+        let e = reset_targets(&t, ResetTo::Earliest);
+        assert_eq!((e[&tp(0)], e[&tp(1)]), (0, 5));
+        let l = reset_targets(&t, ResetTo::Latest);
+        assert_eq!((l[&tp(0)], l[&tp(1)]), (10, 10));
+        let o = reset_targets(&t, ResetTo::Offset(3));
+        assert_eq!((o[&tp(0)], o[&tp(1)]), (3, 5));
+        let o = reset_targets(&t, ResetTo::Offset(99));
+        assert_eq!(o[&tp(0)], 10);
+    }
+
+    /// What `consume --group` did not print is sought back to: the first
+    /// such offset per partition.
+    #[test]
+    fn first_offsets_are_per_partition_minimums() {
+        let r = |p: u32, offset: u64| ConsumedRecord {
+            topic: "t".into(),
+            partition: p,
+            offset,
+            timestamp_ms: 0,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+        };
+        let f = first_offsets(&[r(0, 7), r(1, 3), r(0, 5), r(1, 4)]);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[&("t".to_string(), 0)], 5);
+        assert_eq!(f[&("t".to_string(), 1)], 3);
+        assert!(first_offsets(&[]).is_empty());
+    }
 }
