@@ -918,8 +918,10 @@ type InFlight = tokio::task::JoinHandle<Result<Vec<(TopicPartition, u64)>>>;
 /// subscribes one partition to pushes and has nothing to do with groups.
 ///
 /// Heartbeats run in a background tokio task, so the time an application
-/// spends between polls does not cost it its membership; assignment
-/// changes are applied within [`poll`](Self::poll). Delivery is at least
+/// spends between polls does not cost it its membership (on a
+/// current-thread runtime the task runs only while the application
+/// awaits: do not block it for longer than the session timeout);
+/// assignment changes are applied within [`poll`](Self::poll). Delivery is at least
 /// once: records returned after the last commit are read again by
 /// whoever reads the partition next.
 ///
@@ -1382,6 +1384,20 @@ mod tests {
 
     fn tps(v: &[(&str, u32)]) -> BTreeSet<TopicPartition> {
         v.iter().map(|(t, p)| (t.to_string(), *p)).collect()
+    }
+
+    /// Applications move consumers and their polls between tasks.
+    #[test]
+    fn a_group_consumer_and_its_futures_are_send() {
+        fn is_send<T: Send>(_: &T) {}
+        #[allow(dead_code)]
+        async fn check(mut c: GroupConsumer) {
+            is_send(&c);
+            is_send(&c.poll());
+            is_send(&c.commit());
+            is_send(&c.commit_offsets(&BTreeMap::new()));
+            is_send(&c.close());
+        }
     }
 
     #[test]
