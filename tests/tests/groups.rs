@@ -124,6 +124,17 @@ fn describe(b: &Broker, group: &str) -> Value {
     serde_json::from_str(&out).expect("one JSON object")
 }
 
+/// [`describe`], `Null` while the group does not exist yet (its members
+/// are still joining).
+fn describe_soon(b: &Broker, group: &str) -> Value {
+    let (ok, out, err) = shoal(b, &["group", "describe", group, "--json"], None);
+    if !ok {
+        assert!(err.contains("no group"), "describe: {err}");
+        return Value::Null;
+    }
+    serde_json::from_str(&out).expect("one JSON object")
+}
+
 /// (member id, its assignment) of each member.
 fn assignments(d: &Value) -> BTreeMap<String, BTreeSet<u64>> {
     d["members"]
@@ -170,7 +181,7 @@ fn members_share_partitions_and_replace_a_killed_one() {
         Duration::from_secs(30),
         "three members, two partitions each",
         || {
-            let a = assignments(&describe(&b, "workers"));
+            let a = assignments(&describe_soon(&b, "workers"));
             a.len() == 3 && a.values().all(|p| p.len() == 2)
         },
     );
@@ -266,7 +277,10 @@ fn commits_cover_exactly_what_was_printed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut follower = Member::start(&b, dir.path(), "f", "orders", "billing");
     eventually(Duration::from_secs(20), "the member joined", || {
-        describe(&b, "billing")["members"].as_array().map(Vec::len) == Some(1)
+        describe_soon(&b, "billing")["members"]
+            .as_array()
+            .map(Vec::len)
+            == Some(1)
     });
     produce(&b, "orders", 100..110);
     eventually(Duration::from_secs(20), "new lines printed", || {
@@ -316,7 +330,7 @@ fn reset_offsets_moves_an_empty_group_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut member = Member::start(&b, dir.path(), "m", "audit", "ops");
     eventually(Duration::from_secs(20), "the member joined", || {
-        describe(&b, "ops")["members"].as_array().map(Vec::len) == Some(1)
+        describe_soon(&b, "ops")["members"].as_array().map(Vec::len) == Some(1)
     });
     let (ok, _, err) = shoal(
         &b,
@@ -428,4 +442,194 @@ fn reset_offsets_moves_an_empty_group_only() {
     assert_eq!(v["groups"][0]["group"], "ops");
     let (ok, _, err) = shoal(&b, &["group", "describe", "nobody"], None);
     assert!(!ok && err.contains("no group"), "{err}");
+}
+
+/// Removes `member` from `group` as if it had left (a leave sent on its
+/// behalf at the coordinator): its next heartbeat meets UnknownMemberId.
+fn evict(port: u16, group: &str, member: &str) {
+    use shoal_tests::{meta, raw};
+    use shoal_wire::fb;
+    use shoal_wire::group::{coordinator_partition, GROUPS_TOPIC};
+    let frame = || {
+        raw::request(1, fb::RequestBody::GroupHeartbeatRequest, |fbb| {
+            let g = fbb.create_string(group);
+            let m = fbb.create_string(member);
+            fb::GroupHeartbeatRequest::create(
+                fbb,
+                &fb::GroupHeartbeatRequestArgs {
+                    group: Some(g),
+                    member_id: Some(m),
+                    member_epoch: -1,
+                    ..Default::default()
+                },
+            )
+            .as_union_value()
+        })
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the coordinator takes the leave",
+        || {
+            let Some(m) = meta::try_metadata(port) else {
+                return false;
+            };
+            let parts = m.topic(GROUPS_TOPIC);
+            let part = &parts[coordinator_partition(group, parts.len() as u32) as usize];
+            let leader = if m.cluster.is_empty() {
+                m.brokers[0].0
+            } else {
+                part.leader
+            };
+            meta::try_call(m.shard_port(leader, part.shard), frame()).is_some_and(|h| {
+                flatbuffers::root::<fb::Response>(&h).is_ok_and(|r| r.error_code() == 0)
+            })
+        },
+    );
+}
+
+/// The library: a second member takes half the partitions only after the
+/// first reported them revoked (never both reading one), events reach the
+/// listeners in that order, commits are visible to `fetch_committed`, a
+/// member removed behind its back reports its partitions lost and joins
+/// again by itself, and `close` hands its partitions back to the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_rebalances_without_overlap_and_rejoins_after_a_loss() {
+    use shoal_client::{
+        Client, ClientConfig, DiscoveryCache, GroupConfig, GroupConsumer, OffsetReset,
+        RebalanceEvent,
+    };
+    use std::sync::{Arc, Mutex};
+
+    let b = Broker::start(two_shards());
+    create_topic(&b, "jobs", 4);
+    produce(&b, "jobs", 0..40);
+    let addr = b.addr();
+    let connect = || {
+        Client::connect_with_config(
+            &addr,
+            ClientConfig {
+                discovery_cache: DiscoveryCache::from_setting("off"),
+                ..ClientConfig::default()
+            },
+        )
+    };
+    let config = GroupConfig {
+        offset_reset: OffsetReset::Earliest,
+        session_timeout: Duration::from_secs(2),
+        ..GroupConfig::default()
+    };
+    let events: Arc<Mutex<Vec<(&str, RebalanceEvent)>>> = Arc::default();
+    let listener = |name: &'static str| {
+        let events = events.clone();
+        move |e| events.lock().expect("events").push((name, e))
+    };
+    let mut a = GroupConsumer::subscribe(
+        connect().await.expect("connect"),
+        "lib",
+        &["jobs"],
+        config.clone(),
+    )
+    .await
+    .expect("a joins");
+    a.set_rebalance_listener(listener("a"));
+    let mut got = BTreeSet::new();
+    for _ in 0..100 {
+        for r in a.poll().await.expect("poll a") {
+            got.insert(String::from_utf8(r.value.unwrap_or_default()).expect("utf-8"));
+        }
+        if got.len() == 40 {
+            break;
+        }
+    }
+    assert_eq!(got, expected(0..40));
+    assert_eq!(a.assignment().len(), 4);
+    a.commit().await.expect("commit");
+    let committed = connect()
+        .await
+        .expect("connect")
+        .fetch_committed("lib", &["jobs"])
+        .await
+        .expect("fetch committed");
+    assert_eq!(committed.values().sum::<u64>(), 40, "{committed:?}");
+
+    let mut c = GroupConsumer::subscribe(
+        connect().await.expect("connect"),
+        "lib",
+        &["jobs"],
+        config.clone(),
+    )
+    .await
+    .expect("c joins");
+    c.set_rebalance_listener(listener("c"));
+    for _ in 0..100 {
+        a.poll().await.expect("poll a");
+        c.poll().await.expect("poll c");
+        let (sa, sc): (BTreeSet<_>, BTreeSet<_>) = (
+            a.assignment().into_iter().collect(),
+            c.assignment().into_iter().collect(),
+        );
+        assert!(sa.is_disjoint(&sc), "{sa:?} and {sc:?}");
+        if sa.len() == 2 && sc.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!((a.assignment().len(), c.assignment().len()), (2, 2));
+    {
+        let ev = events.lock().expect("events");
+        let kinds: Vec<(&str, &str, usize)> = ev
+            .iter()
+            .map(|(who, e)| match e {
+                RebalanceEvent::Assigned(v) => (*who, "assigned", v.len()),
+                RebalanceEvent::Revoked(v) => (*who, "revoked", v.len()),
+                RebalanceEvent::Lost(v) => (*who, "lost", v.len()),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("a", "assigned", 4),
+                ("a", "revoked", 2),
+                ("c", "assigned", 2)
+            ]
+        );
+    }
+
+    let (member, _) = c.member().expect("a member");
+    evict(b.port, "lib", &member);
+    let mut lost = false;
+    for _ in 0..100 {
+        a.poll().await.expect("poll a");
+        c.poll().await.expect("poll c");
+        lost |=
+            events.lock().expect("events").iter().any(|(who, e)| {
+                *who == "c" && matches!(e, RebalanceEvent::Lost(v) if v.len() == 2)
+            });
+        if lost && c.member().is_some_and(|(id, _)| id != member) && c.assignment().len() == 2 {
+            break;
+        }
+    }
+    assert!(lost, "c reported its partitions lost");
+    assert!(
+        c.member().is_some_and(|(id, _)| id != member),
+        "c joined again"
+    );
+    assert_eq!((a.assignment().len(), c.assignment().len()), (2, 2));
+
+    c.close().await.expect("c leaves");
+    for _ in 0..100 {
+        a.poll().await.expect("poll a");
+        if a.assignment().len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(a.assignment().len(), 4, "a took c's partitions back");
+    a.close().await.expect("a leaves");
+    let groups = connect()
+        .await
+        .expect("connect")
+        .list_groups()
+        .await
+        .expect("list");
+    assert_eq!(groups.len(), 1);
+    assert_eq!((groups[0].group.as_str(), groups[0].members), ("lib", 0));
 }
