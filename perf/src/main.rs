@@ -13,6 +13,9 @@
 //! - `ping`: open-loop round trips that touch no data (an empty fetch): the
 //!   floor the protocol, network stack, client and request loop put under
 //!   `e2e`.
+//! - `groups`: consumer groups: offset-commit throughput and latency, the
+//!   restart of a coordinator after kill -9 with many commits, and the
+//!   time a joining member takes to its first data.
 //! - `compare`: two `--json` runs side by side, optionally plotted.
 //!
 //! Every latency goes through HdrHistogram; `--json`, `--hist` and `--plot`
@@ -22,6 +25,7 @@
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 
+mod groups;
 mod hiccup;
 mod net;
 mod report;
@@ -55,6 +59,9 @@ enum Mode {
     Hiccup(hiccup::HiccupArgs),
     /// Open-loop round trips that touch no data: the transport floor under e2e.
     Ping(net::PingArgs),
+    /// Consumer groups: offset-commit throughput and latency, restart
+    /// after kill -9 with many commits, rebalance time.
+    Groups(groups::GroupsArgs),
     /// Compare two --json results.
     Compare(net::CompareArgs),
     /// (internal) append until killed; used by `storage --reopen`.
@@ -70,6 +77,7 @@ fn main() {
         Mode::Consume(a) => net::consume(a),
         Mode::E2e(a) => net::e2e(a),
         Mode::Compare(a) => net::compare(a),
+        Mode::Groups(a) => groups::run(a),
         Mode::Ping(a) => net::ping(a),
         Mode::Hiccup(a) => hiccup::run(a),
         Mode::StorageWriter(a) => storage::writer(a),

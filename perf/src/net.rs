@@ -212,7 +212,12 @@ pub fn decode_stamp(v: &[u8]) -> Option<(u64, u64)> {
 pub struct SpawnedBroker {
     child: Child,
     pub addr: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    /// How it was started, for [`SpawnedBroker::kill9_and_restart`].
+    cores: String,
+    config: Option<PathBuf>,
+    extra: Vec<String>,
+    shards: u16,
 }
 
 fn shoal_bin() -> Result<PathBuf, String> {
@@ -270,35 +275,94 @@ impl SpawnedBroker {
             .ok_or("no free port")?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let addr = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(shoal_bin()?);
-        cmd.args(["serve", "--listen", &addr, "--cores", cores])
-            .arg("--data-dir")
-            .arg(dir.path());
-        if let Some(c) = config {
-            cmd.arg("--config").arg(c);
-        }
-        cmd.args(extra);
-        let child = cmd
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start shoal: {e}"))?;
+        let child = spawn_shoal(&addr, cores, dir.path(), config, extra)?;
         let b = SpawnedBroker {
             child,
             addr,
-            _dir: dir,
+            dir,
+            cores: cores.to_string(),
+            config: config.map(Path::to_path_buf),
+            extra: extra.to_vec(),
+            shards,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        b.wait_up()?;
+        Ok(b)
+    }
+
+    fn wait_up(&self) -> Result<(), String> {
+        let port: u16 = self
+            .addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or("bad address")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            let up =
-                (0..=shards).all(|i| std::net::TcpStream::connect(("127.0.0.1", port + i)).is_ok());
+            let up = (0..=self.shards)
+                .all(|i| std::net::TcpStream::connect(("127.0.0.1", port + i)).is_ok());
             if up {
-                return Ok(b);
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         Err("the spawned broker did not start".into())
     }
+
+    /// SIGKILL, then the same broker again on its data: returns when it
+    /// listens.
+    pub fn kill9_and_restart(&mut self) -> Result<(), String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_shoal(
+            &self.addr,
+            &self.cores,
+            self.dir.path(),
+            self.config.as_deref(),
+            &self.extra,
+        )?;
+        self.wait_up()
+    }
+}
+
+fn spawn_shoal(
+    addr: &str,
+    cores: &str,
+    dir: &Path,
+    config: Option<&Path>,
+    extra: &[String],
+) -> Result<Child, String> {
+    let mut cmd = Command::new(shoal_bin()?);
+    cmd.args(["serve", "--listen", addr, "--cores", cores])
+        .arg("--data-dir")
+        .arg(dir);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.args(extra);
+    // The harness may have pinned itself (and so the children it starts
+    // from now on) to one core: the broker gets every core back.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: runs in the forked child before exec and only calls
+    // sched_setaffinity on itself with a zero-initialised, then filled,
+    // cpu_set_t (async-signal-safe; no allocation).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for c in 0..cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        });
+    }
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("SHOAL_PERF_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .map_err(|e| format!("cannot start shoal: {e}"))
 }
 
 fn rand_u16() -> u16 {

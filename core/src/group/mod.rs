@@ -154,16 +154,23 @@ impl Reactor {
                 self.config.shard_port(shard),
             ),
         };
+        // The partition's current epoch: a client ignores hints older than
+        // the epoch it knows.
+        let leader_epoch = self
+            .partitions
+            .topic(GROUPS_TOPIC)
+            .and_then(|m| m.placement.get(p as usize).map(|pl| pl.leader_epoch))
+            .unwrap_or(0);
         Error::NotLeader {
             topic: GROUPS_TOPIC.into(),
             partition: p,
             leader: Some(broker_id),
-            leader_epoch: 0,
+            leader_epoch,
             hint: Some(crate::error::LeaderHint {
                 broker_id,
                 host,
                 port,
-                leader_epoch: 0,
+                leader_epoch,
             }),
         }
     }

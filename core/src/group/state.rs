@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 pub const SESSION_TIMEOUT_MIN: Duration = Duration::from_millis(500);
 pub const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(300);
 /// Longest heartbeat interval handed out (a third of the session at most).
-pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(3);
+/// A member learns that partitions move away from it at its next heartbeat,
+/// so this bounds how long a joining member waits for them; a heartbeat a
+/// second per member costs the coordinator little.
+pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(1);
 /// The interval while a member's assignment is still moving: it learns
 /// of freed partitions (and reports released ones) quickly.
 pub const HEARTBEAT_INTERVAL_RECONCILING: Duration = Duration::from_millis(100);
