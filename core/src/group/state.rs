@@ -211,6 +211,7 @@ impl Group {
             hb.member_id.to_string()
         };
         changed |= self.reconcile(partitions);
+        changed |= self.advance(&id);
         let m = &self.members[&id];
         let interval = if m.target != m.given || m.held.len() != m.given.len() {
             HEARTBEAT_INTERVAL_RECONCILING
@@ -254,9 +255,8 @@ impl Group {
         dead
     }
 
-    /// Recomputes the target assignment and moves each member's `given`
-    /// toward it as far as no partition is held by two members. Returns
-    /// whether anything changed.
+    /// Recomputes the target assignment (each member's `given` follows in
+    /// its own heartbeat: [`Group::advance`]). Returns whether it changed.
     pub fn reconcile(&mut self, partitions: &dyn Fn(&str) -> Option<u32>) -> bool {
         let mut counts = BTreeMap::new();
         for m in self.members.values() {
@@ -288,50 +288,45 @@ impl Group {
                 m.target = target.get(&m.id).cloned().unwrap_or_default();
             }
         }
-        // Revoke first: what leaves a member's target leaves its `given`
-        // at once (it stays held until the member stops reporting it).
-        let mut moved: BTreeSet<String> = BTreeSet::new();
-        for m in self.members.values_mut() {
-            let before = m.given.len();
-            let target = &m.target;
-            m.given.retain(|tp| target.contains(tp));
-            if m.given.len() != before {
-                moved.insert(m.id.clone());
-            }
-        }
-        // Then grant what no other member holds.
-        let holders: BTreeMap<Tp, String> = self
+        changed
+    }
+
+    /// Moves member `id`'s `given` toward its target, in its own heartbeat
+    /// (so its epoch only moves when it is told): what left its target
+    /// leaves `given` (it stays held until the member stops reporting it),
+    /// then what no other member holds joins it. Returns whether it moved.
+    pub fn advance(&mut self, id: &str) -> bool {
+        let holders: BTreeMap<&Tp, &str> = self
             .members
             .values()
-            .flat_map(|m| m.held.keys().map(|tp| (tp.clone(), m.id.clone())))
+            .filter(|m| m.id != id)
+            .flat_map(|m| m.held.keys().map(|tp| (tp, m.id.as_str())))
             .collect();
-        let mut granted: BTreeMap<String, Vec<Tp>> = BTreeMap::new();
-        for m in self.members.values() {
-            for tp in m.target.difference(&m.given) {
-                match holders.get(tp) {
-                    Some(h) if h != &m.id => {}
-                    _ => granted.entry(m.id.clone()).or_default().push(tp.clone()),
-                }
-            }
+        let Some(m) = self.members.get(id) else {
+            return false;
+        };
+        let keep: BTreeSet<Tp> = m.given.intersection(&m.target).cloned().collect();
+        let grant: Vec<Tp> = m
+            .target
+            .difference(&m.given)
+            .filter(|tp| !holders.contains_key(tp))
+            .cloned()
+            .collect();
+        if keep.len() == m.given.len() && grant.is_empty() {
+            return false;
         }
-        for (id, tps) in &granted {
-            moved.insert(id.clone());
-            if let Some(m) = self.members.get_mut(id) {
-                m.given.extend(tps.iter().cloned());
-            }
+        let Some(m) = self.members.get_mut(id) else {
+            return false;
+        };
+        m.given = keep;
+        m.given.extend(grant);
+        m.prev_epoch = m.epoch;
+        m.epoch += 1;
+        let epoch = m.epoch;
+        for tp in &m.given {
+            m.held.entry(tp.clone()).or_insert(epoch);
         }
-        for id in &moved {
-            if let Some(m) = self.members.get_mut(id) {
-                m.prev_epoch = m.epoch;
-                m.epoch += 1;
-                let epoch = m.epoch;
-                for tp in &m.given {
-                    m.held.entry(tp.clone()).or_insert(epoch);
-                }
-                changed = true;
-            }
-        }
-        changed
+        true
     }
 
     /// Checks a commit: from a member, each partition must be held by it
@@ -470,6 +465,20 @@ mod tests {
     }
 
     #[test]
+    fn other_members_changes_never_fence_a_member() {
+        // Two joins change a's target twice before a heartbeats: its epoch
+        // only moves in its own heartbeat, so a is not fenced.
+        let mut g = Group::new("g");
+        let a = join(&mut g, "a");
+        join(&mut g, "b");
+        join(&mut g, "c");
+        assert_eq!(g.members["a"].epoch, a.member_epoch);
+        let a2 = beat(&mut g, "a", a.member_epoch, &a.assignment).expect("not fenced");
+        assert_eq!(a2.assignment.len(), 2);
+        no_overlap(&g);
+    }
+
+    #[test]
     fn an_expired_member_frees_its_partitions() {
         let mut g = Group::new("g");
         let a = join(&mut g, "a");
@@ -481,8 +490,13 @@ mod tests {
         let seen = |id: &str| (id == "b").then_some(t0 + Duration::from_secs(10));
         let dead = g.expire(&seen, t0 + Duration::from_secs(5), &six);
         assert_eq!(dead, vec!["a".to_string()]);
-        let b_now = &g.members["b"];
-        assert_eq!(b_now.given.len(), 6, "b takes everything at once");
+        let (epoch, given) = (g.members["b"].epoch, g.members["b"].given.clone());
+        let b_now = beat(&mut g, "b", epoch, &given).unwrap();
+        assert_eq!(
+            b_now.assignment.len(),
+            6,
+            "b takes everything at its next heartbeat"
+        );
         no_overlap(&g);
         assert!(matches!(
             beat(&mut g, "a", a2.member_epoch, &BTreeSet::new()),
