@@ -186,3 +186,89 @@ fn a_follower_checkpoints_and_the_leader_cuts_its_log() {
     );
     assert_eq!(fetch_offsets(ports[0], g), last);
 }
+
+#[test]
+fn a_replica_back_after_the_log_was_cut_takes_the_leaders_checkpoint() {
+    let zk = ZooKeeper::start();
+    let mut brokers = cluster(&zk);
+    let ports: Vec<u16> = brokers.iter().map(|b| b.port).collect();
+    eventually(Duration::from_secs(15), "three brokers", || {
+        try_metadata(ports[0]).is_some_and(|m| m.brokers.len() == 3)
+    });
+    for t in ["t", "u"] {
+        let (code, msg) = create_topic(ports[0], t, 4, 3);
+        assert_eq!(code, 0, "{msg}");
+    }
+    let g = "ledger";
+    let mut last = BTreeMap::new();
+    let mut commit_one = |port: u16, topic: &str, n: i64, meta: &str| {
+        let part = (n % 4) as u32;
+        let (code, msg, _) = group_call(port, g, || {
+            commit_frame(g, "", -1, &[(topic, part, n)], meta)
+        });
+        assert_eq!(code, 0, "commit {n}: {msg}");
+        last.insert((topic.to_string(), part), n);
+    };
+    // Commits of "t" only before the cut: after it, only a checkpoint
+    // holds them.
+    for n in 1..=20 {
+        commit_one(ports[0], "t", n, "");
+    }
+    let leader = coordinator_broker(&ports, g).expect("leader");
+    let m = try_metadata(ports[0]).expect("metadata");
+    let parts = m.topic(GROUPS_TOPIC);
+    let p = coordinator_partition(g, parts.len() as u32);
+    let away = *parts[p as usize]
+        .replicas
+        .iter()
+        .find(|&&r| r != leader)
+        .expect("a follower");
+    brokers[away as usize - 1].kill9();
+    let live: Vec<u16> = (1..=3u32)
+        .filter(|&i| i != away)
+        .map(|i| brokers[i as usize - 1].port)
+        .collect();
+    // While it is down, a checkpoint cuts the leader's log.
+    let meta = "m".repeat(1000);
+    let mut n = 20;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        n += 1;
+        commit_one(live[0], "u", n, &meta);
+        if n % 50 == 0 && groups_log_starts(brokers[leader as usize - 1].port)[p as usize] > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint cut the log"
+        );
+    }
+    // Back: it starts over at the leader's log start with the leader's
+    // checkpoint, and rejoins the in-sync set.
+    brokers[away as usize - 1].restart();
+    eventually(
+        Duration::from_secs(60),
+        "the returned replica in sync",
+        || {
+            try_metadata(live[0])
+                .is_some_and(|m| m.topic(GROUPS_TOPIC)[p as usize].isr.contains(&away))
+        },
+    );
+    assert!(
+        brokers[away as usize - 1]
+            .log_text()
+            .contains("kept the leader's group checkpoint before starting over"),
+        "the replica took the leader's checkpoint"
+    );
+    // The only replica left: it coordinates, with every acknowledged commit.
+    for i in (1..=3u32).filter(|&i| i != away) {
+        brokers[i as usize - 1].kill9();
+    }
+    let back = brokers[away as usize - 1].port;
+    eventually(
+        Duration::from_secs(30),
+        "the returned replica leads",
+        || coordinator_broker(&[back], g) == Some(away),
+    );
+    assert_eq!(fetch_offsets(back, g), last);
+}

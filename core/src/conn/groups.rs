@@ -391,25 +391,71 @@ impl Conn {
         let Some(c) = req.body_as_group_checkpoint_request() else {
             return self.fail(corr, body_mismatch()).await;
         };
-        let r = self
-            .reactor
-            .accept_group_checkpoint(
-                c.partition(),
-                c.offset(),
-                c.leader_epoch(),
-                c.replica_id(),
-                payload,
-            )
-            .await;
+        let r = match self.peer_is_broker(c.replica_id()) {
+            Err(e) => Err(e),
+            Ok(()) if payload.is_empty() => {
+                self.reactor
+                    .group_checkpoint_of(c.partition(), c.replica_id())
+                    .await
+            }
+            Ok(()) => self
+                .reactor
+                .accept_group_checkpoint(
+                    c.partition(),
+                    c.offset(),
+                    c.leader_epoch(),
+                    c.replica_id(),
+                    payload,
+                )
+                .await
+                .map(|()| Vec::new()),
+        };
         match r {
-            Ok(()) => {
+            Ok(bytes) => {
                 self.respond(corr, fb::ResponseBody::GroupCheckpointResponse, |fbb| {
-                    fb::GroupCheckpointResponse::create(fbb, &fb::GroupCheckpointResponseArgs {})
-                        .as_union_value()
+                    let checkpoint = fbb.create_vector(&bytes);
+                    fb::GroupCheckpointResponse::create(
+                        fbb,
+                        &fb::GroupCheckpointResponseArgs {
+                            checkpoint: Some(checkpoint),
+                        },
+                    )
+                    .as_union_value()
                 })
                 .await
             }
             Err(e) => self.fail(corr, e).await,
+        }
+    }
+
+    /// Checkpoints come only from brokers of this cluster: the connection
+    /// must come from the address broker `replica_id` registered. (Not a
+    /// substitute for authenticating brokers; see the security work.)
+    fn peer_is_broker(&self, replica_id: i32) -> Result<()> {
+        let refuse = || {
+            Error::Malformed(format!(
+                "group checkpoints are taken only from brokers of this cluster (not from broker {replica_id} at this address)"
+            ))
+        };
+        let view = self.reactor.cluster.borrow().clone();
+        let Some(view) = view else {
+            return Err(refuse());
+        };
+        let broker = u32::try_from(replica_id)
+            .ok()
+            .and_then(|r| view.brokers.get(&r))
+            .ok_or_else(refuse)?;
+        let Some(peer) = self.peer else {
+            return Err(refuse());
+        };
+        let registered: Vec<std::net::IpAddr> =
+            std::net::ToSocketAddrs::to_socket_addrs(&(broker.host.as_str(), 0))
+                .map(|a| a.map(|a| a.ip()).collect())
+                .unwrap_or_default();
+        if registered.contains(&peer.ip()) {
+            Ok(())
+        } else {
+            Err(refuse())
         }
     }
 }

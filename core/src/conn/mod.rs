@@ -186,6 +186,8 @@ pub struct Conn {
     pub closed: Cell<bool>,
     pub fetches_in_flight: Cell<usize>,
     pub produces_in_flight: Cell<usize>,
+    /// The other end's address.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 /// Serves a connection until the peer closes it, a framing error, a
@@ -202,6 +204,7 @@ pub async fn serve(reactor: Rc<Reactor>, stream: TcpStream) {
         closed: Cell::new(false),
         fetches_in_flight: Cell::new(0),
         produces_in_flight: Cell::new(0),
+        peer,
     });
     add(&reactor.metrics.connections_accepted, 1);
     add(&reactor.metrics.connections_open, 1);

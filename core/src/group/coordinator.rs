@@ -30,10 +30,16 @@ use std::time::{Duration, Instant};
 pub const CHECKPOINT_FILE: &str = "groups.ckpt";
 /// Writes queued for the flusher at most; more wait to queue.
 const QUEUED_WRITES_MAX: usize = 4096;
-/// Bytes of records in one flushed batch at most.
+/// Bytes of records in one flushed batch, about (see the flusher).
 const FLUSH_BYTES_MAX: usize = 256 * 1024;
+/// Bytes of records one change may write: a larger group state or commit
+/// is refused before anything changes.
+pub const WRITE_BYTES_MAX: usize = 256 * 1024;
 /// Appended batches waiting for their acknowledgement at most.
 const UNACKED_BATCHES_MAX: usize = 64;
+/// Longest metadata string a committed offset may carry (Kafka's
+/// `offset.metadata.max.bytes` default).
+pub const OFFSET_METADATA_MAX: usize = 4096;
 /// Longest a write waits for the in-sync replicas.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -52,6 +58,22 @@ struct Write {
     records: Vec<(Vec<u8>, Vec<u8>)>,
     apply: Vec<Change>,
     done: oneshot::Sender<Result<()>>,
+}
+
+impl Write {
+    fn bytes(&self) -> usize {
+        records_bytes(&self.records)
+    }
+}
+
+fn records_bytes(records: &[(Vec<u8>, Vec<u8>)]) -> usize {
+    records.iter().map(|(k, v)| k.len() + v.len() + 32).sum()
+}
+
+fn too_large(what: &str, bytes: usize) -> Error {
+    Error::ResourceLimit(format!(
+        "{what} would write {bytes} bytes to the group log, more than {WRITE_BYTES_MAX}"
+    ))
 }
 
 pub struct Coordinator {
@@ -150,8 +172,8 @@ impl Coordinator {
         let (from, groups) = read_checkpoint(&self.log).await?;
         *self.groups.borrow_mut() = groups;
         let end = self.log.next_offset();
-        let applied = replay(&self.log, from, end, &self.groups, &self.stopped).await?;
-        self.applied.set(end);
+        let (applied, reached) = replay(&self.log, from, end, &self.groups, &self.stopped).await?;
+        self.applied.set(reached);
         self.since_checkpoint.set(applied);
         Ok(applied)
     }
@@ -174,10 +196,6 @@ impl Coordinator {
         Ok(Acked(rx, self.partition))
     }
 
-    async fn write(&self, records: Vec<(Vec<u8>, Vec<u8>)>, apply: Vec<Change>) -> Result<()> {
-        self.enqueue(records, apply).await?.wait().await
-    }
-
     /// Appends what is queued, a batch at a time, and hands each batch to
     /// the acknowledger.
     async fn flush_loop(self: Rc<Self>, reactor: Rc<Reactor>, mut rx: mpsc::Receiver<Write>) {
@@ -186,18 +204,29 @@ impl Coordinator {
         let r = reactor.clone();
         rt::spawn_detached(async move { me.ack_loop(r, ack_rx).await });
         let bmax = self.log.config().batch_bytes_max;
-        while let Some(first) = rx.next().await {
-            let mut bytes: usize = first.records.iter().map(|(k, v)| k.len() + v.len()).sum();
+        // A write taken from the queue that did not fit the last batch.
+        let mut carry: Option<Write> = None;
+        loop {
+            let first = match carry.take() {
+                Some(w) => w,
+                None => match rx.next().await {
+                    Some(w) => w,
+                    None => return,
+                },
+            };
+            // Every write is at most WRITE_BYTES_MAX (checked when queued),
+            // so a batch stays under FLUSH_BYTES_MAX + WRITE_BYTES_MAX.
+            let mut bytes = first.bytes();
             let mut writes = vec![first];
             while bytes < FLUSH_BYTES_MAX {
                 match rx.try_recv() {
-                    Ok(w) => {
-                        bytes += w
-                            .records
-                            .iter()
-                            .map(|(k, v)| k.len() + v.len())
-                            .sum::<usize>();
+                    Ok(w) if bytes + w.bytes() <= FLUSH_BYTES_MAX + WRITE_BYTES_MAX => {
+                        bytes += w.bytes();
                         writes.push(w);
+                    }
+                    Ok(w) => {
+                        carry = Some(w);
+                        break;
                     }
                     _ => break,
                 }
@@ -223,8 +252,11 @@ impl Coordinator {
                     }
                 }
             }
+            // Cannot happen with writes bounded when queued; should it,
+            // memory may hold changes the log does not: reload.
             if let Some(e) = too_big {
                 fail(writes, &Error::ResourceLimit(format!("group records: {e}")));
+                self.abandon(&reactor);
                 continue;
             }
             let batch = b.finish(-1, 0, -1);
@@ -236,6 +268,7 @@ impl Coordinator {
                         batch.len()
                     )),
                 );
+                self.abandon(&reactor);
                 continue;
             }
             let appended = match reactor
@@ -343,6 +376,7 @@ impl Coordinator {
             let g = groups
                 .entry(group.to_string())
                 .or_insert_with(|| Group::new(group));
+            let before = g.clone();
             let r = g.heartbeat(hb, &counts, || reactor.groups.new_member_id(&client_id));
             let drop_group = g.members.is_empty() && g.offsets.is_empty();
             let (ok, changed) = match r {
@@ -355,6 +389,22 @@ impl Coordinator {
                 }
             };
             let record = changed.then(|| records::group_record(g));
+            if let Some(r) = &record {
+                let bytes = records_bytes(std::slice::from_ref(r));
+                if bytes > WRITE_BYTES_MAX || g.members.len() > super::state::MEMBERS_MAX {
+                    *g = before;
+                    if g.members.is_empty() && g.offsets.is_empty() {
+                        groups.remove(group);
+                    }
+                    if bytes > WRITE_BYTES_MAX {
+                        return Err(too_large("this group's state", bytes));
+                    }
+                    return Err(Error::ResourceLimit(format!(
+                        "group {group:?} has {} members, the most a group may have",
+                        super::state::MEMBERS_MAX
+                    )));
+                }
+            }
             if drop_group {
                 groups.remove(group);
             }
@@ -410,6 +460,17 @@ impl Coordinator {
                 )));
             }
         }
+        if let Some((tp, _, m)) = offsets
+            .iter()
+            .find(|(_, _, m)| m.len() > OFFSET_METADATA_MAX)
+        {
+            return Err(Error::Malformed(format!(
+                "commit metadata of {} bytes for {}-{} exceeds {OFFSET_METADATA_MAX}",
+                m.len(),
+                tp.0,
+                tp.1
+            )));
+        }
         {
             let groups = self.groups.borrow();
             let tps = offsets.iter().map(|((t, p), _, _)| (t.as_str(), *p));
@@ -439,6 +500,10 @@ impl Coordinator {
                 tp,
                 committed,
             });
+        }
+        let bytes = records_bytes(&recs);
+        if bytes > WRITE_BYTES_MAX {
+            return Err(too_large("this commit", bytes));
         }
         self.enqueue(recs, apply).await
     }
@@ -493,12 +558,21 @@ impl Coordinator {
             groups.retain(|_, g| !g.members.is_empty() || !g.offsets.is_empty());
         }
         if !recs.is_empty() {
-            let me = self.clone();
-            rt::spawn_detached(async move {
-                if let Err(e) = me.write(recs, Vec::new()).await {
-                    tracing::warn!(partition = me.partition, error = %e, "could not record expired members");
+            // Queued now, before any later change of these groups, so the
+            // log holds their states in the order they happened.
+            match self.enqueue(recs, Vec::new()).await {
+                Ok(acked) => {
+                    let p = self.partition;
+                    rt::spawn_detached(async move {
+                        if let Err(e) = acked.wait().await {
+                            tracing::warn!(partition = p, error = %e, "could not record expired members");
+                        }
+                    });
                 }
-            });
+                Err(e) => {
+                    tracing::warn!(partition = self.partition, error = %e, "could not record expired members")
+                }
+            }
         }
         // With followers, they checkpoint (the leader never stops to);
         // alone, or when no follower has for four times as long, the
@@ -546,30 +620,51 @@ impl Coordinator {
             offset,
             "group checkpoint taken by the leader itself"
         );
-        self.install_checkpoint(offset, bytes).await?;
-        crate::metrics::add(&reactor.metrics.group_checkpoints, 1);
+        install_checkpoint(reactor, &self.log, offset, bytes).await?;
         self.since_checkpoint
             .set(self.since_checkpoint.get().saturating_sub(n));
         Ok(())
     }
-
-    /// Keeps `bytes` (a checkpoint as of `offset`) as this partition's
-    /// checkpoint and deletes the log's segments wholly below it.
-    pub async fn install_checkpoint(&self, offset: u64, bytes: Vec<u8>) -> Result<()> {
-        install_checkpoint(&self.log, offset, bytes).await
-    }
 }
 
 /// Keeps `bytes` as `log`'s group checkpoint and deletes the segments
-/// wholly below `offset`.
-pub async fn install_checkpoint(log: &PartitionLog, offset: u64, bytes: Vec<u8>) -> Result<()> {
+/// wholly below `offset`, unless the log already starts past `offset` or
+/// the checkpoint there is as new (installs of one partition run one at a
+/// time, so an older checkpoint never replaces a newer one whose install
+/// already cut the log). Returns whether it was kept.
+pub async fn install_checkpoint(
+    reactor: &Reactor,
+    log: &PartitionLog,
+    offset: u64,
+    bytes: Vec<u8>,
+) -> Result<bool> {
+    let lock = reactor.groups.install_lock(log.dir());
+    let _one_at_a_time = lock.lock().await;
+    if offset < log.start_offset() {
+        return Ok(false);
+    }
+    if checkpoint_offset(log.dir())
+        .await
+        .is_some_and(|cur| offset <= cur)
+    {
+        return Ok(false);
+    }
     let len = bytes.len();
     shoal_shard::durable::write_durably(log.dir(), CHECKPOINT_FILE, bytes)
         .await
         .map_err(|e| Error::io("write the group checkpoint", e))?;
     let deleted = log.delete_before(offset).await?;
+    crate::metrics::add(&reactor.metrics.group_checkpoints, 1);
     tracing::info!(dir = %log.dir().display(), offset, bytes = len, segments_deleted = deleted, "group checkpoint written");
-    Ok(())
+    Ok(true)
+}
+
+/// The offset of the checkpoint kept in `dir`, if one reads back whole.
+pub async fn checkpoint_offset(dir: &std::path::Path) -> Option<u64> {
+    let bytes = shoal_shard::durable::read(dir.join(CHECKPOINT_FILE))
+        .await
+        .ok()?;
+    records::decode_checkpoint(&bytes).ok().map(|(o, _)| o)
 }
 
 /// The partition's checkpoint: the offset it is as of (where replay
@@ -577,7 +672,7 @@ pub async fn install_checkpoint(log: &PartitionLog, offset: u64, bytes: Vec<u8>)
 /// the log from its start.
 pub async fn read_checkpoint(log: &PartitionLog) -> Result<(u64, BTreeMap<String, Group>)> {
     let dir = log.dir().to_path_buf();
-    let (mut from, groups) = match shoal_shard::durable::read(dir.join(CHECKPOINT_FILE)).await {
+    let (from, groups) = match shoal_shard::durable::read(dir.join(CHECKPOINT_FILE)).await {
         Ok(bytes) => match records::decode_checkpoint(&bytes) {
             Ok(x) => x,
             Err(e) => {
@@ -588,23 +683,28 @@ pub async fn read_checkpoint(log: &PartitionLog) -> Result<(u64, BTreeMap<String
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, BTreeMap::new()),
         Err(e) => return Err(Error::io("read the group checkpoint", e)),
     };
+    // The log before its start is gone: the state is whole only if the
+    // checkpoint covers it. Never serve (nor checkpoint) a partial one.
     let start = log.start_offset();
     if from < start {
-        tracing::warn!(dir = %dir.display(), checkpoint = from, log_start = start, "the group log starts after the checkpoint; what lay between is lost");
-        from = start;
+        return Err(Error::Storage(shoal_shard::Error::Corrupt(format!(
+            "{}: the group log starts at {start} but the checkpoint covers only what is below {from}: the group state is incomplete",
+            dir.display()
+        ))));
     }
     Ok((from, groups))
 }
 
 /// Applies the records of `log` in `[from, upto)` to `groups`, reading
-/// a slice at a time and yielding between slices; returns how many.
+/// a slice at a time and yielding between slices; returns how many, and
+/// the offset it reached (below `upto` if the log ends first).
 pub async fn replay(
     log: &PartitionLog,
     mut from: u64,
     upto: u64,
     groups: &RefCell<BTreeMap<String, Group>>,
     stopped: &Cell<bool>,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let mut applied = 0u64;
     while from < upto && !stopped.get() {
         let slice = log
@@ -614,10 +714,10 @@ pub async fn replay(
             break;
         }
         applied += apply_batches(log, slice.bytes(), from, upto, &mut groups.borrow_mut())?;
-        from = slice.next_offset;
+        from = slice.next_offset.min(upto);
         rt::yield_if_needed().await;
     }
-    Ok(applied)
+    Ok((applied, from))
 }
 
 /// Applies the records in `[from, upto)` of whole batches `bytes`;

@@ -44,6 +44,8 @@ pub struct Coordinators {
     parts: RefCell<HashMap<u32, Rc<Coordinator>>>,
     /// Whether this shard has asked for `__shoal_groups` to be created.
     creating: Cell<bool>,
+    /// Per partition directory: checkpoint installs run one at a time.
+    installs: RefCell<HashMap<std::path::PathBuf, Rc<futures::lock::Mutex<()>>>>,
     next_member: Cell<u64>,
 }
 
@@ -62,6 +64,14 @@ impl Coordinators {
             .collect();
         let client = if client.is_empty() { "member" } else { &client };
         format!("{client}-{nanos:x}-{n}")
+    }
+
+    pub fn install_lock(&self, dir: &std::path::Path) -> Rc<futures::lock::Mutex<()>> {
+        self.installs
+            .borrow_mut()
+            .entry(dir.to_path_buf())
+            .or_default()
+            .clone()
     }
 
     pub fn loaded(&self) -> Vec<Rc<Coordinator>> {
@@ -244,6 +254,43 @@ impl Reactor {
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Reactor {
+    /// This leader's checkpoint of partition `p` (empty if none), for
+    /// follower `replica_id` about to start over at its log start.
+    pub async fn group_checkpoint_of(self: &Rc<Self>, p: u32, replica_id: i32) -> Result<Vec<u8>> {
+        let shard = self.owner(GROUPS_TOPIC, p)?;
+        if shard != self.id {
+            return Err(self.not_this_shard(p, shard));
+        }
+        self.check_replica(p, replica_id)?;
+        let log = self.partitions.local_log(GROUPS_TOPIC, p)?;
+        let lock = self.groups.install_lock(log.dir());
+        let _no_install_meanwhile = lock.lock().await;
+        match shoal_shard::durable::read(log.dir().join(coordinator::CHECKPOINT_FILE)).await {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(Error::io("read the group checkpoint", e)),
+        }
+    }
+
+    /// Refuses a broker that holds no replica of `p`.
+    fn check_replica(&self, p: u32, replica_id: i32) -> Result<()> {
+        let meta = self
+            .partitions
+            .topic(GROUPS_TOPIC)
+            .ok_or_else(|| Error::UnknownTopic(GROUPS_TOPIC.into()))?;
+        let holds = u32::try_from(replica_id).ok().is_some_and(|r| {
+            meta.placement
+                .get(p as usize)
+                .is_some_and(|pl| pl.replica_on(r).is_some())
+        });
+        if !holds {
+            return Err(Error::Malformed(format!(
+                "broker {replica_id} holds no replica of {GROUPS_TOPIC}-{p}"
+            )));
+        }
+        Ok(())
+    }
+
     /// A follower's checkpoint of partition `p` as of `offset`: kept if
     /// this shard leads `p` at `leader_epoch`, the sender holds a replica,
     /// the offset is committed here (at most the high watermark, at least
@@ -261,20 +308,7 @@ impl Reactor {
         if shard != self.id {
             return Err(self.not_this_shard(p, shard));
         }
-        let meta = self
-            .partitions
-            .topic(GROUPS_TOPIC)
-            .ok_or_else(|| Error::UnknownTopic(GROUPS_TOPIC.into()))?;
-        let holds = u32::try_from(replica_id).ok().is_some_and(|r| {
-            meta.placement
-                .get(p as usize)
-                .is_some_and(|pl| pl.replica_on(r).is_some())
-        });
-        if !holds {
-            return Err(Error::Malformed(format!(
-                "broker {replica_id} holds no replica of {GROUPS_TOPIC}-{p}"
-            )));
-        }
+        self.check_replica(p, replica_id)?;
         let log = self.partitions.local_log(GROUPS_TOPIC, p)?;
         if log.leader_epoch() != leader_epoch {
             return Err(Error::FencedLeaderEpoch {
@@ -300,10 +334,10 @@ impl Reactor {
             }
             Err(e) => return Err(Error::Malformed(format!("bad checkpoint: {e}"))),
         }
-        coordinator::install_checkpoint(&log, offset, bytes.to_vec()).await?;
-        crate::metrics::add(&self.metrics.group_checkpoints, 1);
-        if let Some(c) = self.groups.parts.borrow().get(&p) {
-            c.checkpointed_by_follower();
+        if coordinator::install_checkpoint(self, &log, offset, bytes.to_vec()).await? {
+            if let Some(c) = self.groups.parts.borrow().get(&p) {
+                c.checkpointed_by_follower();
+            }
         }
         Ok(())
     }

@@ -52,24 +52,25 @@ impl Standby {
             }
         };
         let upto = log.high_watermark();
+        let mut reached = from;
         if upto > from {
-            self.since += replay(log, from, upto, &self.groups, &self.never).await?;
+            let (n, r) = replay(log, from, upto, &self.groups, &self.never).await?;
+            self.since += n;
+            reached = r;
         }
-        self.applied = Some(upto.max(from));
+        self.applied = Some(reached);
         Ok(())
     }
 
     /// The log was truncated or started over: load again from the
-    /// checkpoint (a start over past it leaves this standby unable to
-    /// checkpoint).
-    pub fn reset(&mut self, started_over: bool) {
+    /// checkpoint. `broken`: the state cannot be built (the checkpoint does
+    /// not cover the log's start): never checkpoint from this replica
+    /// again (until its role changes).
+    pub fn reset(&mut self, broken: bool) {
         self.applied = None;
         self.groups.borrow_mut().clear();
         self.since = 0;
-        if started_over {
-            tracing::warn!("this groups replica started over from its leader's log start; it no longer builds checkpoints");
-            self.broken = true;
-        }
+        self.broken |= broken;
     }
 
     /// A checkpoint when `every` records were applied since the last one:

@@ -29,7 +29,9 @@ pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(1);
 /// of freed partitions (and reports released ones) quickly.
 pub const HEARTBEAT_INTERVAL_RECONCILING: Duration = Duration::from_millis(100);
 /// Most topics one member may subscribe to.
-pub const SUBSCRIPTION_TOPICS_MAX: usize = 10_000;
+pub const SUBSCRIPTION_TOPICS_MAX: usize = 1000;
+/// Most members one group may have.
+pub const MEMBERS_MAX: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {

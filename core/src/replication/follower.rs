@@ -263,7 +263,24 @@ impl Follow {
                 f.diverging_end_offset(),
             );
             if div_epoch != -1 {
+                // A groups replica starting over keeps the leader's
+                // checkpoint first: without it, the state below the
+                // leader's log start would be gone from this replica.
+                let checkpoint = if div_epoch == -3 && self.standby.borrow().is_some() {
+                    match self
+                        .leader_checkpoint(&mut stream, &mut buf, &mut corr)
+                        .await
+                    {
+                        Ok(c) => Some(c),
+                        Err(ended) => return ended,
+                    }
+                } else {
+                    None
+                };
                 self.truncate(div_epoch, div_end).await;
+                if let Some(bytes) = checkpoint {
+                    self.keep_leader_checkpoint(bytes).await;
+                }
                 continue;
             }
             let payload = &buf[parts.payload.clone()];
@@ -295,6 +312,72 @@ impl Follow {
         }
     }
 
+    /// The leader's group checkpoint (empty if it has none).
+    async fn leader_checkpoint(
+        &self,
+        stream: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        corr: &mut u32,
+    ) -> Result<Vec<u8>, Ended> {
+        *corr = corr.wrapping_add(1);
+        let me = self.reactor.broker_id().unwrap_or(0) as i32;
+        let frame = encode_checkpoint(*corr, self.partition, 0, self.epoch, me, &[]);
+        let exchange = async {
+            stream.write_all(&frame).await?;
+            read_frame(stream, buf).await
+        };
+        let parts = match self.stop.or_stop(rt::timeout(ANSWER_GRACE, exchange)).await {
+            None => return Err(Ended::Stopped),
+            Some(None) => return Err(Ended::Retry("the leader sent no checkpoint in time".into())),
+            Some(Some(Err(e))) => return Err(Ended::Retry(format!("connection lost: {e}"))),
+            Some(Some(Ok(parts))) => parts,
+        };
+        let resp = frame::decode_response(&buf[parts.header.clone()])
+            .map_err(|e| Ended::Retry(format!("unreadable answer: {e}")))?;
+        if resp.error_code() != 0 {
+            return Err(Ended::Retry(format!(
+                "the leader sent no checkpoint: {}",
+                resp.error_message().unwrap_or_default()
+            )));
+        }
+        Ok(resp
+            .body_as_group_checkpoint_response()
+            .and_then(|r| r.checkpoint())
+            .map(|c| c.bytes().to_vec())
+            .unwrap_or_default())
+    }
+
+    /// Keeps the leader's checkpoint after starting over at its log start,
+    /// and builds the standby state from it.
+    async fn keep_leader_checkpoint(&self, bytes: Vec<u8>) {
+        let offset = match crate::group::records::decode_checkpoint(&bytes) {
+            Ok((o, _)) => o,
+            Err(e) if bytes.is_empty() => {
+                tracing::warn!(partition = self.partition, "the leader has no group checkpoint: this replica's group state is incomplete ({e})");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(partition = self.partition, error = %e, "the leader's group checkpoint is unreadable");
+                return;
+            }
+        };
+        match crate::group::coordinator::install_checkpoint(&self.reactor, &self.log, offset, bytes)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    partition = self.partition,
+                    offset,
+                    "kept the leader's group checkpoint before starting over"
+                );
+                *self.standby.borrow_mut() = Some(crate::group::standby::Standby::default());
+            }
+            Err(e) => {
+                tracing::warn!(partition = self.partition, error = %e, "could not keep the leader's group checkpoint")
+            }
+        }
+    }
+
     /// `__shoal_groups`: applies what is committed to the standby state and,
     /// when due, checkpoints: kept here (cutting this log), then shipped to
     /// the leader on the fetch connection.
@@ -308,20 +391,28 @@ impl Follow {
         let due = match standby.catch_up(&self.log).await {
             Ok(()) => standby.due(self.reactor.config.group_checkpoint_records),
             Err(e) => {
-                tracing::warn!(partition = self.partition, error = %e, "the groups standby could not apply its log");
-                standby.reset(false);
+                tracing::warn!(partition = self.partition, error = %e, "the groups standby stops checkpointing: it could not build the group state");
+                standby.reset(true);
                 None
             }
         };
         *self.standby.borrow_mut() = Some(standby);
         let (offset, bytes) = due?;
-        if let Err(e) =
-            crate::group::coordinator::install_checkpoint(&self.log, offset, bytes.clone()).await
+        match crate::group::coordinator::install_checkpoint(
+            &self.reactor,
+            &self.log,
+            offset,
+            bytes.clone(),
+        )
+        .await
         {
-            tracing::warn!(partition = self.partition, error = %e, "could not keep a group checkpoint");
-            return None;
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                tracing::warn!(partition = self.partition, error = %e, "could not keep a group checkpoint");
+                return None;
+            }
         }
-        crate::metrics::add(&self.reactor.metrics.group_checkpoints, 1);
         if bytes.len() + 4096 > self.reactor.config.frame_bytes_max {
             tracing::warn!(partition = self.partition, bytes = bytes.len(), frame_bytes_max = self.reactor.config.frame_bytes_max, "a group checkpoint is larger than a frame: kept here only (the leader checkpoints itself)");
             return None;
@@ -372,7 +463,7 @@ impl Follow {
     /// longer holds what we lack: start over at `end`, its log start).
     async fn truncate(&self, epoch: i32, end: u64) {
         if let Some(s) = self.standby.borrow_mut().as_mut() {
-            s.reset(epoch == -3);
+            s.reset(false);
         }
         if epoch == -3 {
             tracing::warn!(topic = %self.topic, partition = self.partition, leader = self.leader, log_end = self.log.next_offset(), leader_start = end, "the leader no longer holds what this replica lacks: starting over at its log start");

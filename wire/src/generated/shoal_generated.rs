@@ -5816,6 +5816,7 @@ impl<'a> ::flatbuffers::Follow<'a> for GroupCheckpointResponse<'a> {
 }
 
 impl<'a> GroupCheckpointResponse<'a> {
+  pub const VT_CHECKPOINT: ::flatbuffers::VOffsetT = 4;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5824,12 +5825,21 @@ impl<'a> GroupCheckpointResponse<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    _args: &'args GroupCheckpointResponseArgs
+    args: &'args GroupCheckpointResponseArgs<'args>
   ) -> ::flatbuffers::WIPOffset<GroupCheckpointResponse<'bldr>> {
     let mut builder = GroupCheckpointResponseBuilder::new(_fbb);
+    if let Some(x) = args.checkpoint { builder.add_checkpoint(x); }
     builder.finish()
   }
 
+
+  #[inline]
+  pub fn checkpoint(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(GroupCheckpointResponse::VT_CHECKPOINT, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for GroupCheckpointResponse<'_> {
@@ -5838,16 +5848,19 @@ impl ::flatbuffers::Verifiable for GroupCheckpointResponse<'_> {
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("checkpoint", Self::VT_CHECKPOINT, false)?
      .finish();
     Ok(())
   }
 }
-pub struct GroupCheckpointResponseArgs {
+pub struct GroupCheckpointResponseArgs<'a> {
+    pub checkpoint: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
 }
-impl<'a> Default for GroupCheckpointResponseArgs {
+impl<'a> Default for GroupCheckpointResponseArgs<'a> {
   #[inline]
   fn default() -> Self {
     GroupCheckpointResponseArgs {
+      checkpoint: None,
     }
   }
 }
@@ -5857,6 +5870,10 @@ pub struct GroupCheckpointResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocato
   start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
 }
 impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GroupCheckpointResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_checkpoint(&mut self, checkpoint: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupCheckpointResponse::VT_CHECKPOINT, checkpoint);
+  }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GroupCheckpointResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
@@ -5875,6 +5892,7 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GroupCheckpointResponseBuilde
 impl ::core::fmt::Debug for GroupCheckpointResponse<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("GroupCheckpointResponse");
+      ds.field("checkpoint", &self.checkpoint());
       ds.finish()
   }
 }
