@@ -758,6 +758,13 @@ impl Member {
         u32::try_from(self.session_timeout.as_millis()).unwrap_or(u32::MAX)
     }
 
+    /// How long without an answered heartbeat (counted from its send)
+    /// before this member counts its partitions as lost: nine tenths of
+    /// the session, so it stops before the coordinator moves them.
+    fn lost_after(&self) -> Duration {
+        self.session_timeout * 9 / 10
+    }
+
     /// Heartbeats are retried within the session timeout; past it the
     /// membership is presumed gone anyway.
     fn policy(&self) -> RetryPolicy {
@@ -769,10 +776,20 @@ impl Member {
         }
     }
 
+    /// Joins under a member id of our own, the same for every retry of
+    /// this join, so a retry whose first attempt reached the coordinator
+    /// (its answer lost) finds that member instead of adding a second one
+    /// that would hold partitions until its session ran out.
     async fn join(&self, policy: RetryPolicy) -> Result<BeatAnswer> {
+        let member_id = format!(
+            "{}-{:016x}{:016x}",
+            self.group.chars().take(64).collect::<String>(),
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
         let beat = Beat {
             group: &self.group,
-            member_id: "",
+            member_id: &member_id,
             member_epoch: 0,
             topics: Some(&self.topics),
             owned: None,
@@ -871,8 +888,20 @@ impl Member {
                     self.beat(&member_id, epoch, &owned).await
                 }
             };
-            // Bounded as a whole: an answer later than the session is moot.
-            let r = match tokio::time::timeout(self.session_timeout, attempt).await {
+            // The coordinator counts the session from when it handled the
+            // last heartbeat, which is after it was sent: counting here
+            // from the send, and giving up a little early, this member
+            // stops reading before the coordinator hands its partitions
+            // on.
+            let sent = Instant::now();
+            let budget = if joining {
+                self.session_timeout
+            } else {
+                self.lost_after()
+                    .saturating_sub(last_ok.elapsed())
+                    .max(Duration::from_millis(50))
+            };
+            let r = match tokio::time::timeout(budget, attempt).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -881,7 +910,7 @@ impl Member {
             };
             match r {
                 Ok(a) => {
-                    last_ok = Instant::now();
+                    last_ok = sent;
                     if joining {
                         tracing::info!(group = %self.group, member = %a.member_id, "joined the group");
                     }
@@ -899,7 +928,7 @@ impl Member {
                 }
                 Err(e) => {
                     tracing::warn!(group = %self.group, error = %e, "heartbeat failed");
-                    if !joining && last_ok.elapsed() >= self.session_timeout {
+                    if !joining && last_ok.elapsed() >= self.lost_after() {
                         tracing::warn!(group = %self.group, "no heartbeat answered for the session timeout; partitions count as lost");
                         m.lose();
                     }
@@ -1130,6 +1159,9 @@ impl GroupConsumer {
         }
         let diff = diff_assignment(&self.owned, &assignment);
         if !diff.revoked.is_empty() {
+            // A background commit still retrying must not land after the
+            // commit of what is given up (it would move offsets back).
+            self.settle_commit().await;
             if self.config.auto_commit {
                 let positions = self.positions();
                 let offsets: Vec<(TopicPartition, u64)> = diff

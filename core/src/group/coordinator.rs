@@ -7,7 +7,8 @@
 //! the flusher appends whatever is queued as one batch, and the
 //! acknowledger answers each write, in log order, once the high watermark
 //! passes its batch (applying offset commits only then, so an offset
-//! fetch never returns a commit that could still be lost).
+//! fetch returns acknowledged commits; after a load, everything the log
+//! holds, which may include commits whose answers were never sent).
 
 use super::assign::Tp;
 use super::records::{self, Change};

@@ -30,6 +30,8 @@ pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(1);
 pub const HEARTBEAT_INTERVAL_RECONCILING: Duration = Duration::from_millis(100);
 /// Most topics one member may subscribe to.
 pub const SUBSCRIPTION_TOPICS_MAX: usize = 1000;
+/// Longest member id a client may choose.
+pub const MEMBER_ID_MAX: usize = 255;
 /// Most members one group may have.
 pub const MEMBERS_MAX: usize = 1000;
 
@@ -140,7 +142,17 @@ impl Group {
             ));
         }
         let mut changed = false;
-        let id = if hb.member_epoch == 0 {
+        // A join that names a member the group has is a retried join (its
+        // answer was lost): answered as a heartbeat, not a second member.
+        let retried_join = hb.member_epoch == 0
+            && !hb.member_id.is_empty()
+            && self.members.contains_key(hb.member_id);
+        let id = if hb.member_epoch == 0 && !retried_join {
+            if hb.member_id.len() > MEMBER_ID_MAX {
+                return Err(Error::InvalidConfig(format!(
+                    "a member id is at most {MEMBER_ID_MAX} bytes"
+                )));
+            }
             if !(SESSION_TIMEOUT_MIN..=SESSION_TIMEOUT_MAX).contains(&session) {
                 return Err(Error::InvalidConfig(format!(
                     "session timeout {} ms is outside {}-{} ms",
@@ -158,7 +170,11 @@ impl Group {
             if self.members.is_empty() {
                 self.strategy = hb.strategy;
             }
-            let id = new_id();
+            let id = if hb.member_id.is_empty() {
+                new_id()
+            } else {
+                hb.member_id.to_string()
+            };
             self.members.insert(
                 id.clone(),
                 Member {
@@ -185,7 +201,7 @@ impl Group {
                     group: self.name.clone(),
                     member: hb.member_id.to_string(),
                 })?;
-            if hb.member_epoch != m.epoch && hb.member_epoch != m.prev_epoch {
+            if !retried_join && hb.member_epoch != m.epoch && hb.member_epoch != m.prev_epoch {
                 return Err(Error::FencedMemberEpoch(format!(
                     "member {:?} of group {:?} is at epoch {}, not {}",
                     m.id, self.name, m.epoch, hb.member_epoch
@@ -478,6 +494,26 @@ mod tests {
         let a2 = beat(&mut g, "a", a.member_epoch, &a.assignment).expect("not fenced");
         assert_eq!(a2.assignment.len(), 2);
         no_overlap(&g);
+    }
+
+    #[test]
+    fn a_retried_join_finds_its_member() {
+        let mut g = Group::new("g");
+        let hb = |id: &'static str| Heartbeat {
+            member_id: id,
+            member_epoch: 0,
+            client_id: "c",
+            topics: Some(vec!["t".into()]),
+            owned: None,
+            session_timeout_ms: 3000,
+            strategy: Strategy::Sticky,
+            metadata: None,
+        };
+        let (first, _) = g.heartbeat(hb("m-1"), &six, || unreachable!()).unwrap();
+        assert_eq!(first.member_id, "m-1");
+        let (again, _) = g.heartbeat(hb("m-1"), &six, || unreachable!()).unwrap();
+        assert_eq!(g.members.len(), 1, "no second member");
+        assert_eq!(again.assignment, first.assignment);
     }
 
     #[test]
