@@ -272,3 +272,119 @@ fn a_replica_back_after_the_log_was_cut_takes_the_leaders_checkpoint() {
     );
     assert_eq!(fetch_offsets(back, g), last);
 }
+
+/// A `shoal consume --group` process against a bootstrap list, printing
+/// into a file.
+struct CliMember {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl CliMember {
+    fn start(bootstrap: &str, dir: &std::path::Path, name: &str) -> CliMember {
+        let out = dir.join(format!("{name}.out"));
+        let child = std::process::Command::new(shoal_tests::shoal_bin())
+            .args(["--broker", bootstrap, "--discovery-cache", "off"])
+            .args([
+                "consume",
+                "orders",
+                "--group",
+                "billing",
+                "--from-beginning",
+            ])
+            .args(["--session-timeout-ms", "3000"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("out file"))
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).expect("err file"))
+            .spawn()
+            .expect("spawn a member");
+        CliMember { child, out }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// SIGTERM: commit what was printed, leave, exit 0.
+    fn stop(mut self) -> bool {
+        // SAFETY: signals our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for CliMember {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn produce_cli(bootstrap: &str, range: std::ops::Range<u32>) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(["--broker", bootstrap, "--discovery-cache", "off"])
+        .args(["produce", "orders", "--acks", "all"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn produce");
+    let lines: String = range.map(|i| format!("m{i}\n")).collect();
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("produce ran");
+    assert!(
+        out.status.success(),
+        "produce: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn member_processes_ride_out_the_coordinators_death() {
+    let zk = ZooKeeper::start();
+    let mut brokers = cluster(&zk);
+    let ports: Vec<u16> = brokers.iter().map(|b| b.port).collect();
+    eventually(Duration::from_secs(15), "three brokers", || {
+        try_metadata(ports[0]).is_some_and(|m| m.brokers.len() == 3)
+    });
+    let (code, msg) = create_topic(ports[0], "orders", 6, 3);
+    assert_eq!(code, 0, "{msg}");
+    let all: Vec<String> = brokers.iter().map(|b| b.addr()).collect();
+    produce_cli(&all.join(","), 0..300);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let members = [
+        CliMember::start(&all.join(","), dir.path(), "a"),
+        CliMember::start(&all.join(","), dir.path(), "b"),
+    ];
+    let seen = |members: &[CliMember]| -> std::collections::BTreeSet<String> {
+        members.iter().flat_map(CliMember::lines).collect()
+    };
+    eventually(Duration::from_secs(60), "the first 300 consumed", || {
+        seen(&members).len() == 300
+    });
+    let dead = coordinator_broker(&ports, "billing").expect("a coordinator");
+    brokers[dead as usize - 1].kill9();
+    let live: Vec<String> = (1..=3u32)
+        .filter(|&i| i != dead)
+        .map(|i| brokers[i as usize - 1].addr())
+        .collect();
+    produce_cli(&live.join(","), 300..600);
+    eventually(Duration::from_secs(90), "every message consumed", || {
+        seen(&members).len() == 600
+    });
+    let want: std::collections::BTreeSet<String> = (0..600).map(|i| format!("m{i}")).collect();
+    assert_eq!(seen(&members), want);
+    for m in members {
+        assert!(m.stop(), "a member exits cleanly on SIGTERM");
+    }
+}
