@@ -50,6 +50,12 @@ class ErrorCode(enum.IntEnum):
     NOT_ENOUGH_REPLICAS = 38
     CLUSTER_UNAVAILABLE = 39
     FENCED_LEADER_EPOCH = 40
+    UNKNOWN_MEMBER_ID = 41
+    FENCED_MEMBER_EPOCH = 42
+    COORDINATOR_LOADING = 43
+    GROUP_NOT_EMPTY = 44
+    UNKNOWN_GROUP = 45
+    INVALID_GROUP_ID = 46
 
 
 # The same set as `ErrorCode::is_retriable` in wire/src/error.rs.
@@ -62,6 +68,7 @@ RETRIABLE_CODES = frozenset(
         ErrorCode.NOT_ENOUGH_REPLICAS,
         ErrorCode.CLUSTER_UNAVAILABLE,
         ErrorCode.FENCED_LEADER_EPOCH,
+        ErrorCode.COORDINATOR_LOADING,
         ErrorCode.TIMEOUT,
         ErrorCode.STORAGE_ERROR,
     }
@@ -288,6 +295,36 @@ FencedLeaderEpochError = _code_class(
     ErrorCode.FENCED_LEADER_EPOCH,
     "The request named an older leader epoch than the partition's.",
 )
+UnknownMemberIdError = _code_class(
+    "UnknownMemberIdError",
+    ErrorCode.UNKNOWN_MEMBER_ID,
+    "The group has no such member: give up its partitions and join again.",
+)
+FencedMemberEpochError = _code_class(
+    "FencedMemberEpochError",
+    ErrorCode.FENCED_MEMBER_EPOCH,
+    "A stale member epoch, or a partition not assigned to the member: join again.",
+)
+CoordinatorLoadingError = _code_class(
+    "CoordinatorLoadingError",
+    ErrorCode.COORDINATOR_LOADING,
+    "The group coordinator is loading its state; retriable.",
+)
+GroupNotEmptyError = _code_class(
+    "GroupNotEmptyError",
+    ErrorCode.GROUP_NOT_EMPTY,
+    "The change needs a group without members.",
+)
+UnknownGroupError = _code_class(
+    "UnknownGroupError",
+    ErrorCode.UNKNOWN_GROUP,
+    "No such group.",
+)
+InvalidGroupIdError = _code_class(
+    "InvalidGroupIdError",
+    ErrorCode.INVALID_GROUP_ID,
+    "An empty or over-long group name.",
+)
 
 ERROR_CLASSES: Dict[int, Type[BrokerError]] = {
     cls.code: cls  # type: ignore[misc]
@@ -319,6 +356,12 @@ ERROR_CLASSES: Dict[int, Type[BrokerError]] = {
         NotEnoughReplicasError,
         ClusterUnavailableError,
         FencedLeaderEpochError,
+        UnknownMemberIdError,
+        FencedMemberEpochError,
+        CoordinatorLoadingError,
+        GroupNotEmptyError,
+        UnknownGroupError,
+        InvalidGroupIdError,
     )
 }
 

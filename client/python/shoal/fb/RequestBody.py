@@ -15,3 +15,9 @@ class RequestBody(object):
     GrantCreditRequest = 9
     UnsubscribeRequest = 10
     MetricsRequest = 11
+    GroupHeartbeatRequest = 12
+    OffsetCommitRequest = 13
+    OffsetFetchRequest = 14
+    ListGroupsRequest = 15
+    DescribeGroupRequest = 16
+    GroupCheckpointRequest = 17

@@ -16,3 +16,9 @@ class ResponseBody(object):
     UnsubscribeResponse = 10
     Push = 11
     MetricsResponse = 12
+    GroupHeartbeatResponse = 13
+    OffsetCommitResponse = 14
+    OffsetFetchResponse = 15
+    ListGroupsResponse = 16
+    DescribeGroupResponse = 17
+    GroupCheckpointResponse = 18
