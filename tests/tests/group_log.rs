@@ -206,6 +206,31 @@ fn bad_group_requests_get_clear_errors_and_the_broker_keeps_serving() {
         10
     );
     assert_eq!(meta::create_topic(port, "__shoal_x", 1, 1).0, 10);
+    // A group whose state would not fit one record of the group log
+    // (256 KiB): the join that would make it so is refused, the group
+    // stays as it was. Each member subscribes to 300 topics of ~195 bytes
+    // (a request header holds at most 64 KiB).
+    let big: Vec<String> = (0..300)
+        .map(|i| format!("{}{i:04}", "x".repeat(190)))
+        .collect();
+    let big: Vec<&str> = big.iter().map(String::as_str).collect();
+    let huge = "huge";
+    let join_big = || {
+        beat(port, huge, || {
+            heartbeat_frame(huge, "", 0, Some(&big), None, 3000, None)
+        })
+    };
+    for k in 0..4 {
+        let r = join_big();
+        assert!(r.is_ok(), "member {k} fits: {:?}", r.err());
+    }
+    let (code, msg) = join_big().err().expect("a fifth such member is refused");
+    assert_eq!(code, 34, "{msg}");
+    assert_eq!(
+        describe(port, huge).2.map(|d| d.1),
+        Some(4),
+        "the group kept its four members"
+    );
     // Still serving: a good join works, nothing was recorded for the bad.
     let a = join(port, g, "t", 3000);
     assert_eq!(a.assignment.len(), 2);

@@ -377,7 +377,9 @@ impl Coordinator {
             let g = groups
                 .entry(group.to_string())
                 .or_insert_with(|| Group::new(group));
-            let before = g.clone();
+            // To undo a change too large to record (offsets are not
+            // touched by a heartbeat: not copied).
+            let before = (g.epoch, g.strategy, g.members.clone());
             let r = g.heartbeat(hb, &counts, || reactor.groups.new_member_id(&client_id));
             let drop_group = g.members.is_empty() && g.offsets.is_empty();
             let (ok, changed) = match r {
@@ -393,7 +395,7 @@ impl Coordinator {
             if let Some(r) = &record {
                 let bytes = records_bytes(std::slice::from_ref(r));
                 if bytes > WRITE_BYTES_MAX || g.members.len() > super::state::MEMBERS_MAX {
-                    *g = before;
+                    (g.epoch, g.strategy, g.members) = before;
                     if g.members.is_empty() && g.offsets.is_empty() {
                         groups.remove(group);
                     }
