@@ -84,8 +84,9 @@ pub struct Coordinator {
     loaded: Cell<bool>,
     stopped: Cell<bool>,
     groups: RefCell<BTreeMap<String, Group>>,
-    /// When each member (ids are unique across groups) was last heard.
-    last_seen: RefCell<HashMap<String, Instant>>,
+    /// When each member was last heard, by (group, member id): ids are
+    /// chosen by clients, so only unique within a group.
+    last_seen: RefCell<HashMap<String, HashMap<String, Instant>>>,
     queue: RefCell<Option<mpsc::Sender<Write>>>,
     /// Everything below this offset is applied.
     applied: Cell<u64>,
@@ -142,8 +143,9 @@ impl Coordinator {
                 {
                     let mut seen = self.last_seen.borrow_mut();
                     for g in self.groups.borrow().values() {
+                        let of_group = seen.entry(g.name.clone()).or_default();
                         for id in g.members.keys() {
-                            seen.insert(id.clone(), now);
+                            of_group.insert(id.clone(), now);
                         }
                     }
                 }
@@ -422,9 +424,13 @@ impl Coordinator {
         {
             let mut seen = self.last_seen.borrow_mut();
             if ok.member_epoch == -1 {
-                seen.remove(&ok.member_id);
+                if let Some(of_group) = seen.get_mut(group) {
+                    of_group.remove(&ok.member_id);
+                }
             } else {
-                seen.insert(ok.member_id.clone(), rt::now());
+                seen.entry(group.to_string())
+                    .or_default()
+                    .insert(ok.member_id.clone(), rt::now());
             }
         }
         let acked = match record {
@@ -547,18 +553,20 @@ impl Coordinator {
             let mut groups = self.groups.borrow_mut();
             let mut seen = self.last_seen.borrow_mut();
             for g in groups.values_mut() {
-                let dead = g.expire(&|id| seen.get(id).copied(), now, &counts);
+                let of_group = seen.entry(g.name.clone()).or_default();
+                let dead = g.expire(&|id| of_group.get(id).copied(), now, &counts);
                 if dead.is_empty() {
                     continue;
                 }
                 for id in &dead {
-                    seen.remove(id);
+                    of_group.remove(id);
                 }
                 crate::metrics::add(&reactor.metrics.group_sessions_expired, dead.len() as u64);
                 tracing::info!(group = %g.name, members = ?dead, "members' sessions expired; their partitions are reassigned");
                 recs.push(records::group_record(g));
             }
             groups.retain(|_, g| !g.members.is_empty() || !g.offsets.is_empty());
+            seen.retain(|name, of_group| !of_group.is_empty() && groups.contains_key(name));
         }
         if !recs.is_empty() {
             // Queued now, before any later change of these groups, so the
