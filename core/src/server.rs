@@ -180,7 +180,7 @@ async fn shard_main(
         .await
         .map_err(|e| Error::Config(format!("shard {id}: {e}")))?;
     let listen = |addr| {
-        TcpListener::bind(addr)
+        bind_listener(addr)
             .map_err(|e| Error::Config(format!("shard {id}: cannot listen on {addr}: {e}")))
     };
     let listeners = [listen(public)?, listen(shard_addr)?];
@@ -359,4 +359,22 @@ fn raise_fd_limit() {
         }
     }
     tracing::info!(open_files_max = lim.rlim_cur, "file descriptor limit");
+}
+
+/// A listener on `addr` shared by every shard (SO_REUSEPORT) that binds
+/// even while connections of an earlier process on the port linger in
+/// TIME_WAIT (SO_REUSEADDR; glommio's own bind sets only the first, so a
+/// broker restarted on its port, or started on a port another program
+/// just used, could fail with "address in use").
+fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sk.set_reuse_address(true)?;
+    sk.set_reuse_port(true)?;
+    sk.bind(&addr.into())?;
+    sk.listen(1024)?;
+    // SAFETY: the descriptor is a TCP socket this function created, bound
+    // and set listening; ownership passes to the glommio listener (the
+    // Socket gives it up with into_raw_fd, so it is closed once).
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sk)) })
 }
