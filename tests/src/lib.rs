@@ -68,6 +68,12 @@ pub fn free_port() -> u16 {
     free_ports(0)
 }
 
+/// A leased base port with `n` more after it (a broker's public port and
+/// its `n` shard ports).
+pub fn free_port_range(n: usize) -> u16 {
+    free_ports(n)
+}
+
 /// A private ZooKeeper server (Debian's `zookeeper` package, run from its
 /// jars) on a free port with its own data directory: up in about a
 /// second, a low tickTime so short session timeouts are allowed.

@@ -688,3 +688,65 @@ async fn kill_9_never_takes_back_what_a_tail_consumer_saw() {
         );
     }
 }
+
+/// A port another program used a moment ago still holds its connections
+/// in TIME_WAIT: the broker binds it all the same (SO_REUSEADDR beside
+/// SO_REUSEPORT), as it must when it restarts where, say, a killed
+/// ZooKeeper listened.
+#[test]
+fn a_broker_binds_ports_with_lingering_connections() {
+    use std::io::Read;
+    let base = shoal_tests::free_port_range(1);
+    // A server-side close first leaves the server's socket, on the
+    // broker's shard port, in TIME_WAIT.
+    {
+        let l = std::net::TcpListener::bind(("127.0.0.1", base + 1)).expect("listen");
+        let c = std::net::TcpStream::connect(("127.0.0.1", base + 1)).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        drop(s);
+        std::thread::sleep(Duration::from_millis(50));
+        drop(c);
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = std::process::Command::new(shoal_tests::shoal_bin())
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{base}"),
+            "--cores",
+            "0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start shoal");
+    let mut err = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if text.contains("shoal is ready") {
+                break;
+            }
+        }
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !reader.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = reader.join().expect("reader");
+    assert!(
+        text.contains("shoal is ready"),
+        "the broker did not serve: {text}"
+    );
+}
