@@ -121,12 +121,7 @@ impl Reactor {
     /// The coordinator of partition `p` of `__shoal_groups` here (`group`
     /// names the group asked about, for errors).
     pub fn coordinator_of(self: &Rc<Self>, p: u32, group: &str) -> Result<Rc<Coordinator>> {
-        let shard = self.owner(GROUPS_TOPIC, p)?;
-        if shard != self.id {
-            return Err(self.not_this_shard(p, shard));
-        }
-        self.replication.check_writable(GROUPS_TOPIC, p)?;
-        let log = self.partitions.local_log(GROUPS_TOPIC, p)?;
+        let log = self.leading_groups_log(p)?;
         let epoch = log.leader_epoch();
         let existing = self.groups.parts.borrow().get(&p).cloned();
         if let Some(c) = existing {
@@ -141,6 +136,17 @@ impl Reactor {
         let c = Coordinator::start(self.clone(), p, log, epoch);
         self.groups.parts.borrow_mut().insert(p, c);
         Err(Error::CoordinatorLoading(group.to_string()))
+    }
+
+    /// The log of partition `p` of `__shoal_groups` if this shard leads it
+    /// and may write it now.
+    fn leading_groups_log(&self, p: u32) -> Result<Rc<shoal_shard::PartitionLog>> {
+        let shard = self.owner(GROUPS_TOPIC, p)?;
+        if shard != self.id {
+            return Err(self.not_this_shard(p, shard));
+        }
+        self.replication.check_writable(GROUPS_TOPIC, p)?;
+        self.partitions.local_log(GROUPS_TOPIC, p)
     }
 
     /// `NotLeader` pointing at the shard of this broker that owns `p`.
@@ -226,15 +232,9 @@ impl Reactor {
     /// its partition (drops it otherwise), checkpoints.
     pub async fn groups_tick(self: &Rc<Self>) {
         for c in self.groups.loaded() {
-            let still = self.owner(GROUPS_TOPIC, c.partition).ok() == Some(self.id)
-                && self
-                    .replication
-                    .check_writable(GROUPS_TOPIC, c.partition)
-                    .is_ok()
-                && self
-                    .partitions
-                    .local_log(GROUPS_TOPIC, c.partition)
-                    .is_ok_and(|log| c.is_current(&log, log.leader_epoch()));
+            let still = self
+                .leading_groups_log(c.partition)
+                .is_ok_and(|log| c.is_current(&log, log.leader_epoch()));
             if !still {
                 tracing::info!(
                     partition = c.partition,
