@@ -35,6 +35,8 @@ pub struct Endpoint {
     /// The bootstrap string ([`Client::connect`]).
     pub broker: String,
     pub discovery_cache: DiscoveryCache,
+    /// Who to authenticate as (none: no authentication).
+    pub credentials: Option<crate::Credentials>,
 }
 
 impl Endpoint {
@@ -45,7 +47,25 @@ impl Endpoint {
             broker: broker.to_string(),
             discovery_cache: discovery_cache
                 .map_or(DiscoveryCache::Default, DiscoveryCache::from_setting),
+            credentials: None,
         }
+    }
+
+    /// Sets the credentials from `--credentials-file FILE`, else `--user
+    /// NAME` with `SHOAL_PASSWORD`, else `SHOAL_USER` + `SHOAL_PASSWORD`,
+    /// else none.
+    pub fn with_credentials(
+        mut self,
+        user: Option<&str>,
+        file: Option<&std::path::Path>,
+    ) -> Result<Endpoint, String> {
+        let c = match (file, user) {
+            (Some(f), _) => Some(crate::Credentials::from_file(f)),
+            (None, Some(u)) => Some(crate::Credentials::for_user_from_env(u)),
+            (None, None) => crate::Credentials::from_env().transpose(),
+        };
+        self.credentials = c.transpose().map_err(|e| e.to_string())?;
+        Ok(self)
     }
 }
 
@@ -115,6 +135,7 @@ fn rt() -> Result<tokio::runtime::Runtime, String> {
 async fn connect(to: &Endpoint) -> Result<Client, String> {
     let config = ClientConfig {
         discovery_cache: to.discovery_cache.clone(),
+        credentials: to.credentials.clone(),
         ..ClientConfig::default()
     };
     let c = Client::connect_with_config(&to.broker, config)
@@ -1090,6 +1111,83 @@ pub fn metrics(to: &Endpoint) -> Result<(), String> {
         let mut out = stdout();
         for (k, v) in metrics {
             out.line(format_args!("{k} {v}"))?;
+        }
+        out.flush()
+    }))
+}
+
+/// `shoal user create NAME`: the password from `SHOAL_NEW_PASSWORD`, else
+/// the first line of stdin (never a flag).
+pub fn user_create(to: &Endpoint, name: &str, replace: bool) -> Result<(), String> {
+    let password = match std::env::var(NEW_PASSWORD_ENV) {
+        Ok(p) if !p.is_empty() => p,
+        _ => {
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    if password.is_empty() {
+        return Err(format!(
+            "no password: give it on stdin or in {NEW_PASSWORD_ENV}"
+        ));
+    }
+    rt()?.block_on(async {
+        let c = connect(to).await?;
+        c.create_user(name, &password, replace)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Where `shoal user create` reads the new password (else stdin).
+pub const NEW_PASSWORD_ENV: &str = "SHOAL_NEW_PASSWORD";
+
+pub fn user_delete(to: &Endpoint, name: &str) -> Result<(), String> {
+    rt()?.block_on(async {
+        let c = connect(to).await?;
+        c.delete_user(name).await.map_err(|e| e.to_string())
+    })
+}
+
+pub fn user_list(to: &Endpoint) -> Result<(), String> {
+    finish(rt()?.block_on(async {
+        let c = connect(to).await?;
+        let users = c.list_users().await.map_err(|e| e.to_string())?;
+        let mut out = stdout();
+        for u in users {
+            out.line(format_args!(
+                "{}\t{}\t{}",
+                u.name, u.mechanism, u.iterations
+            ))?;
+        }
+        out.flush()
+    }))
+}
+
+/// `shoal acl add|remove`.
+pub fn acl_change(to: &Endpoint, acl: &crate::Acl, add: bool) -> Result<(), String> {
+    rt()?.block_on(async {
+        let c = connect(to).await?;
+        if add {
+            c.add_acl(acl).await
+        } else {
+            c.remove_acl(acl).await
+        }
+        .map_err(|e| e.to_string())
+    })
+}
+
+pub fn acl_list(to: &Endpoint, principal: Option<&str>) -> Result<(), String> {
+    finish(rt()?.block_on(async {
+        let c = connect(to).await?;
+        let acls = c.list_acls(principal).await.map_err(|e| e.to_string())?;
+        let mut out = stdout();
+        for a in acls {
+            out.line(format_args!("{a}"))?;
         }
         out.flush()
     }))

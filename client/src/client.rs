@@ -174,6 +174,11 @@ pub struct ClientConfig {
     /// metadata refresh (a leader that hangs rather than dies). Default
     /// 30 s.
     pub request_timeout: Duration,
+    /// Who to authenticate as (SCRAM-SHA-256) on every connection this
+    /// client opens, shard ports and reconnects included; `None`: no
+    /// authentication (a broker with auth on then refuses every request).
+    /// See [`crate::Credentials`] for the environment and file forms.
+    pub credentials: Option<crate::Credentials>,
 }
 
 impl Default for ClientConfig {
@@ -184,6 +189,7 @@ impl Default for ClientConfig {
             discovery_cache: DiscoveryCache::Default,
             admin_retry_max: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            credentials: None,
         }
     }
 }
@@ -548,19 +554,23 @@ impl Client {
             return Ok(c);
         }
         let timeout = self.inner.config.connect_timeout;
-        let r =
-            match tokio::time::timeout(timeout, Connection::connect(addr, &self.inner.client_id))
-                .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(Error::Connect {
-                    addr: addr.to_string(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no connection within {timeout:?}"),
-                    ),
-                }),
-            };
+        let open = async {
+            let c = Connection::connect(addr, &self.inner.client_id).await?;
+            if let Some(creds) = &self.inner.config.credentials {
+                c.authenticate(creds).await?;
+            }
+            Ok::<_, Error>(c)
+        };
+        let r = match tokio::time::timeout(timeout, open).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Connect {
+                addr: addr.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {timeout:?}"),
+                ),
+            }),
+        };
         let mut conns = lock(&self.inner.conns);
         match r {
             Ok(c) => {
@@ -647,7 +657,7 @@ impl Client {
     /// broker when one cannot be reached (or, for an `idempotent` request,
     /// drops the connection mid-request), and waits out a cluster that
     /// cannot answer now, both within `admin_retry_max`.
-    async fn admin<T, F, Fut>(&self, idempotent: bool, mut f: F) -> Result<T>
+    pub(crate) async fn admin<T, F, Fut>(&self, idempotent: bool, mut f: F) -> Result<T>
     where
         F: FnMut(Arc<Connection>) -> Fut,
         Fut: Future<Output = Result<T>>,

@@ -19,6 +19,9 @@
 //!   [`Client::describe_group`], ...).
 //! - [`cli`]: the client commands of the `shoal` binary (topic, produce,
 //!   consume, group, metrics, cluster status).
+//! - [`security`]: credentials (program, environment or file), the
+//!   SCRAM-SHA-256 exchange each connection makes first, and the user and
+//!   ACL administration calls.
 //! - [`connection`]: one TCP connection, requests multiplexed by
 //!   correlation id.
 //! - `retry`: the retry policy every partition request follows through a
@@ -75,6 +78,7 @@ mod fake_broker;
 pub mod group;
 pub mod producer;
 pub(crate) mod retry;
+pub mod security;
 
 pub use client::{
     BrokerInfo, Client, ClientConfig, ClusterInfo, DiscoverySource, NewTopic, PartitionInfo,
@@ -94,4 +98,5 @@ pub use producer::{
     produce_batches, Acks, Delivery, Partitioner, Produced, Producer, ProducerConfig,
     RecordMetadata,
 };
+pub use security::{Acl, AclOperation, AclResource, Credentials, UserInfo};
 pub use shoal_wire::ErrorCode;

@@ -57,6 +57,10 @@ pub struct FileConfig {
     pub group_replication_factor: Option<u16>,
     pub group_checkpoint_records: Option<u64>,
     pub group_segment_bytes: Option<u64>,
+    pub auth: Option<bool>,
+    pub superuser: Option<String>,
+    pub superusers: Option<Vec<String>>,
+    pub inter_broker_user: Option<String>,
 }
 
 /// The resolved configuration a broker runs with.
@@ -106,6 +110,52 @@ pub struct Config {
     pub group_replication_factor: u16,
     pub group_checkpoint_records: u64,
     pub group_segment_bytes: u64,
+    /// Authentication and ACLs (C10); off (`enabled: false`) by default.
+    pub auth: AuthConfig,
+}
+
+/// A password read from the environment: never printed.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Environment variable with the bootstrap superuser's password.
+pub const ADMIN_PASSWORD_ENV: &str = "SHOAL_ADMIN_PASSWORD";
+/// Environment variable with the inter-broker user's password.
+pub const INTER_BROKER_PASSWORD_ENV: &str = "SHOAL_INTER_BROKER_PASSWORD";
+
+/// Authentication (SCRAM-SHA-256) and authorisation (ACLs).
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Every connection must authenticate first, and ACLs apply.
+    pub enabled: bool,
+    /// Allowed everything, without ACLs: `superusers` plus the bootstrap
+    /// superuser.
+    pub superusers: Vec<String>,
+    /// Created on first start (no users yet) with the password in
+    /// `SHOAL_ADMIN_PASSWORD` (`--superuser NAME`).
+    pub bootstrap: Option<(String, Option<Secret>)>,
+    /// Cluster: the user brokers authenticate as to each other (replica
+    /// fetches, group checkpoints), with its password from
+    /// `SHOAL_INTER_BROKER_PASSWORD`; created if missing. Allowed the
+    /// broker-only requests and everything else, like a superuser.
+    pub inter_broker: Option<(String, Secret)>,
+    /// Key for the made-up salts answered for unknown users (so a client
+    /// cannot tell which names exist); random per process.
+    pub unknown_user_key: [u8; 32],
+}
+
+impl AuthConfig {
+    /// Whether `name` is allowed everything without ACLs.
+    pub fn is_privileged(&self, name: &str) -> bool {
+        self.superusers.iter().any(|s| s == name)
+            || self.inter_broker.as_ref().is_some_and(|(u, _)| u == name)
+    }
 }
 
 /// Parses a core list: `all`, `0,2,3`, `0-3` or a mix (`0-1,4`). `all`
@@ -207,6 +257,8 @@ pub struct Overrides {
     pub broker_id: Option<u32>,
     pub cluster: Option<String>,
     pub rack: Option<String>,
+    pub auth: bool,
+    pub superuser: Option<String>,
 }
 
 impl Config {
@@ -215,6 +267,7 @@ impl Config {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
+        let auth = auth_config(o, &file, o.zookeeper.is_some() || file.zookeeper.is_some())?;
         let listen = o
             .listen
             .clone()
@@ -301,6 +354,7 @@ impl Config {
             }
         };
         let config = Config {
+            auth,
             cluster,
             listen,
             // Absolute, so logs name it unambiguously and glommio (which
@@ -392,6 +446,54 @@ impl Config {
     pub fn shard_port(&self, shard: usize) -> u16 {
         self.listen.port() + 1 + shard as u16
     }
+}
+
+fn auth_config(o: &Overrides, file: &FileConfig, clustered: bool) -> Result<AuthConfig> {
+    let enabled = o.auth || file.auth.unwrap_or(false);
+    let user = |what: &str, n: &str| {
+        shoal_wire::scram::validate_username(n)
+            .map_err(|e| Error::Config(format!("{what} {n:?}: {e}")))
+    };
+    let bootstrap = o.superuser.clone().or(file.superuser.clone());
+    let mut superusers = file.superusers.clone().unwrap_or_default();
+    for s in &superusers {
+        user("superuser", s)?;
+    }
+    if let Some(b) = &bootstrap {
+        user("superuser", b)?;
+        if !superusers.contains(b) {
+            superusers.push(b.clone());
+        }
+    }
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty()).map(Secret);
+    let inter_broker = match &file.inter_broker_user {
+        None => None,
+        Some(u) => {
+            user("inter_broker_user", u)?;
+            let pw = env(INTER_BROKER_PASSWORD_ENV).ok_or_else(|| {
+                Error::Config(format!(
+                    "inter_broker_user {u:?} needs its password in {INTER_BROKER_PASSWORD_ENV}"
+                ))
+            })?;
+            Some((u.clone(), pw))
+        }
+    };
+    if enabled && clustered && inter_broker.is_none() {
+        return Err(Error::Config(format!(
+            "auth in a cluster needs inter_broker_user (TOML) with its password in {INTER_BROKER_PASSWORD_ENV}: brokers authenticate to each other"
+        )));
+    }
+    let mut unknown_user_key = [0u8; 32];
+    let random = shoal_wire::scram::random_bytes(32)
+        .map_err(|e| Error::Config(format!("cannot start authentication: {e}")))?;
+    unknown_user_key.copy_from_slice(&random);
+    Ok(AuthConfig {
+        enabled,
+        superusers,
+        bootstrap: bootstrap.map(|b| (b, env(ADMIN_PASSWORD_ENV))),
+        inter_broker,
+        unknown_user_key,
+    })
 }
 
 fn read_file(p: &Path) -> Result<FileConfig> {

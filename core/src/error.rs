@@ -120,6 +120,16 @@ pub enum Error {
     UnknownGroup(String),
     #[error("{0}")]
     InvalidGroupId(String),
+    #[error("this broker requires authentication (SCRAM-SHA-256) first; closing the connection")]
+    AuthenticationRequired,
+    #[error("authentication failed: {0}; closing the connection")]
+    AuthenticationFailed(String),
+    #[error("not authorised: {0}")]
+    AuthorizationFailed(String),
+    #[error("unknown user {0:?}")]
+    UnknownUser(String),
+    #[error("user {0:?} already exists")]
+    UserExists(String),
 }
 
 /// Where a partition's leader can be reached (sent with `NotLeader`).
@@ -165,6 +175,11 @@ impl Error {
             Error::GroupNotEmpty(_) => ErrorCode::GroupNotEmpty,
             Error::UnknownGroup(_) => ErrorCode::UnknownGroup,
             Error::InvalidGroupId(_) => ErrorCode::InvalidGroupId,
+            Error::AuthenticationRequired => ErrorCode::AuthenticationRequired,
+            Error::AuthenticationFailed(_) => ErrorCode::AuthenticationFailed,
+            Error::AuthorizationFailed(_) => ErrorCode::AuthorizationFailed,
+            Error::UnknownUser(_) => ErrorCode::UnknownUser,
+            Error::UserExists(_) => ErrorCode::UserExists,
         }
     }
 

@@ -14,6 +14,8 @@
 //! - [`controller`]: topic create/delete and placement of partitions.
 //! - [`conn`]: one client connection: bounded receive, a dispatcher, one
 //!   file per API family, the protocol-neutral writer with sendfile.
+//! - [`auth`]: security (C10): SCRAM-SHA-256 users, ACLs and their
+//!   per-shard cache, the store (`security.json` or ZooKeeper).
 //! - [`metadata`]: topics, their settings and `topics.json`.
 //! - [`config`]: `shoal serve` flags and the TOML file; [`limits`]: every
 //!   bound and how they relate; [`error`]: the broker's errors and their
@@ -25,6 +27,7 @@
 //! The client commands of the `shoal` binary live with the client
 //! (`shoal_client::cli`).
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod conn;

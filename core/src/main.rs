@@ -24,6 +24,13 @@ struct Cli {
     /// disables it [default: $SHOAL_DISCOVERY_CACHE, else ~/.cache/shoal/].
     #[arg(long, global = true)]
     discovery_cache: Option<String>,
+    /// Authenticate as this user (SCRAM-SHA-256), with the password in
+    /// $SHOAL_PASSWORD [default: $SHOAL_USER]. There is no password flag.
+    #[arg(long, global = true, value_name = "NAME")]
+    user: Option<String>,
+    /// Read `user = NAME` and `password = SECRET` from this file instead.
+    #[arg(long, global = true, value_name = "FILE")]
+    credentials_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -68,6 +75,25 @@ enum Command {
         /// Rack (or zone) of this broker: replicas of a partition go to different racks.
         #[arg(long)]
         rack: Option<String>,
+        /// Require authentication (SCRAM-SHA-256) and apply ACLs (TOML auth = true).
+        #[arg(long)]
+        auth: bool,
+        /// With --auth, when no user exists yet: create this superuser with
+        /// the password in $SHOAL_ADMIN_PASSWORD (TOML superuser).
+        #[arg(long, value_name = "NAME")]
+        superuser: Option<String>,
+    },
+    /// Create, delete or list users (brokers started with --auth; needs a
+    /// superuser or admin on the cluster).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Add, remove or list ACLs: which user may produce, consume, describe
+    /// or administer which topics and groups.
+    Acl {
+        #[command(subcommand)]
+        command: AclCommand,
     },
     /// Create, list, describe or delete topics.
     Topic {
@@ -125,6 +151,85 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user: the password is read from $SHOAL_NEW_PASSWORD, else
+    /// from the first line of stdin.
+    Create {
+        name: String,
+        /// Set the password of an existing user instead.
+        #[arg(long)]
+        replace: bool,
+    },
+    Delete {
+        name: String,
+    },
+    List,
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("resource").required(true).args(["topic", "topic_prefix", "group", "group_prefix", "cluster"])))]
+struct AclArgs {
+    /// The user the rule is for.
+    #[arg(long)]
+    principal: String,
+    /// A topic by exact name.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Every topic whose name starts with this.
+    #[arg(long)]
+    topic_prefix: Option<String>,
+    /// A consumer group by exact name.
+    #[arg(long)]
+    group: Option<String>,
+    /// Every group whose name starts with this.
+    #[arg(long)]
+    group_prefix: Option<String>,
+    /// The cluster (metrics: describe; users and ACLs: admin).
+    #[arg(long)]
+    cluster: bool,
+    /// produce | consume | describe | admin
+    #[arg(long)]
+    operation: String,
+}
+
+impl AclArgs {
+    fn acl(self) -> Result<shoal_client::Acl, String> {
+        use shoal_client::AclResource as R;
+        let resource = match (self.topic, self.topic_prefix, self.group, self.group_prefix) {
+            (Some(t), ..) => R::Topic(t),
+            (_, Some(p), ..) => R::TopicPrefix(p),
+            (_, _, Some(g), _) => R::Group(g),
+            (_, _, _, Some(p)) => R::GroupPrefix(p),
+            _ => R::Cluster,
+        };
+        let operation = shoal_client::AclOperation::parse(&self.operation).ok_or_else(|| {
+            format!(
+                "unknown operation {:?}: produce, consume, describe or admin",
+                self.operation
+            )
+        })?;
+        Ok(shoal_client::Acl {
+            principal: self.principal,
+            resource,
+            operation,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum AclCommand {
+    /// Allow a user an operation on a resource.
+    Add(AclArgs),
+    /// Take a rule away (open connections are checked against the new rules at once).
+    Remove(AclArgs),
+    List {
+        /// Only this user's rules.
+        #[arg(long)]
+        principal: Option<String>,
     },
 }
 
@@ -227,7 +332,17 @@ fn main() {
     if !serving {
         logging::init("warn", logging::LogFormat::Text);
     }
-    let b = &cli::Endpoint::new(&cli.broker, cli.discovery_cache.as_deref());
+    let b = &match cli::Endpoint::new(&cli.broker, cli.discovery_cache.as_deref())
+        .with_credentials(cli.user.as_deref(), cli.credentials_file.as_deref())
+    {
+        Ok(b) => b,
+        Err(e) if !serving => {
+            eprintln!("shoal: {e}");
+            std::process::exit(1);
+        }
+        // `serve` takes no client credentials.
+        Err(_) => cli::Endpoint::new(&cli.broker, cli.discovery_cache.as_deref()),
+    };
     let r = match cli.command {
         Command::Serve {
             listen,
@@ -241,6 +356,8 @@ fn main() {
             broker_id,
             cluster,
             rack,
+            auth,
+            superuser,
         } => config::Config::load(&config::Overrides {
             listen,
             data_dir,
@@ -253,6 +370,8 @@ fn main() {
             broker_id,
             cluster,
             rack,
+            auth,
+            superuser,
         })
         .and_then(|c| {
             logging::init("info", c.log_format);
@@ -345,6 +464,16 @@ fn main() {
             .and_then(|to| cli::group_reset_offsets(b, &group, &topic, to)),
         },
         Command::Metrics => cli::metrics(b),
+        Command::User { command } => match command {
+            UserCommand::Create { name, replace } => cli::user_create(b, &name, replace),
+            UserCommand::Delete { name } => cli::user_delete(b, &name),
+            UserCommand::List => cli::user_list(b),
+        },
+        Command::Acl { command } => match command {
+            AclCommand::Add(a) => a.acl().and_then(|acl| cli::acl_change(b, &acl, true)),
+            AclCommand::Remove(a) => a.acl().and_then(|acl| cli::acl_change(b, &acl, false)),
+            AclCommand::List { principal } => cli::acl_list(b, principal.as_deref()),
+        },
         Command::Cluster {
             command: ClusterCommand::Status { json },
         } => cli::cluster_status(b, json),

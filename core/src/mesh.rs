@@ -76,6 +76,16 @@ pub struct FetchReply {
 
 /// Everything that crosses between cores.
 pub enum MeshMsg {
+    /// From shard 0: the users and ACLs now (decisions are made again).
+    Security {
+        state: std::sync::Arc<crate::auth::store::SecurityState>,
+        reply: Reply<()>,
+    },
+    /// To shard 0 (single node): change the security store.
+    SecurityChange {
+        change: crate::auth::store::SecurityChange,
+        reply: Reply<()>,
+    },
     /// Ordered per partition: appended in arrival order.
     Produce {
         topic: String,

@@ -92,7 +92,7 @@ impl Histogram {
 
 /// Slots of the per-API counters, indexed by the flatbuffers union tag of
 /// the request (or response) body.
-pub const API_SLOTS: usize = 24;
+pub const API_SLOTS: usize = 32;
 /// Slots of the error counters, indexed by wire error code (a larger code
 /// counts in the last).
 pub const ERROR_CODE_SLOTS: usize = 64;
@@ -219,6 +219,13 @@ pub struct Metrics {
     pub group_sessions_expired: Cell<u64>,
     /// Group checkpoints this shard kept (its own, or a follower's).
     pub group_checkpoints: Cell<u64>,
+    /// SCRAM exchanges that succeeded, and that failed (wrong password,
+    /// unknown user, malformed or replayed message).
+    pub auth_successes: Cell<u64>,
+    pub auth_failures: Cell<u64>,
+    /// Requests refused because no ACL allowed them (or sent before
+    /// authenticating).
+    pub authorization_denials: Cell<u64>,
     /// Produce requests, from the decoded request to its response written
     /// (acknowledgement wait included).
     pub produce_latency: LatencyBuckets,
@@ -274,6 +281,9 @@ impl Metrics {
             ("group_leaves", self.group_leaves.get()),
             ("group_sessions_expired", self.group_sessions_expired.get()),
             ("group_checkpoints", self.group_checkpoints.get()),
+            ("auth_successes", self.auth_successes.get()),
+            ("auth_failures", self.auth_failures.get()),
+            ("authorization_denials", self.authorization_denials.get()),
         ];
         self.produce_latency
             .snapshot_into(&PRODUCE_LATENCY_NAMES, &mut v);

@@ -66,6 +66,24 @@ const SCALARS: &[(&str, &str, &str, &str)] = &[
         "Group-state checkpoints kept (the leader's own or a follower's).",
     ),
     (
+        "auth_successes",
+        "shoal_auth_successes_total",
+        "counter",
+        "SCRAM authentications that succeeded.",
+    ),
+    (
+        "auth_failures",
+        "shoal_auth_failures_total",
+        "counter",
+        "SCRAM authentications that failed (wrong password, unknown user, bad or replayed message).",
+    ),
+    (
+        "authorization_denials",
+        "shoal_authorization_denials_total",
+        "counter",
+        "Requests refused for want of authentication or of an ACL.",
+    ),
+    (
         "produce_requests",
         "shoal_produce_requests_total",
         "counter",

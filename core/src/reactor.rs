@@ -48,6 +48,8 @@ pub struct Reactor {
     pub control: Option<crate::cluster::ControlSender>,
     /// The group coordinators this shard runs.
     pub groups: crate::group::Coordinators,
+    /// Users and ACLs as this shard last heard (and its decision cache).
+    pub security: crate::auth::Security,
     next_subscription: Cell<u64>,
 }
 
@@ -63,6 +65,7 @@ impl Reactor {
             id,
             nshards: config.cores.len(),
             recv_budget: RecvBudget::new(config.partial_frames_bytes_max),
+            security: crate::auth::Security::new(config.auth.clone(), Default::default()),
             writers: Default::default(),
             config,
             partitions: Partitions::new(topics),
@@ -156,6 +159,13 @@ impl Reactor {
             MeshMsg::Fence { fenced } => self.replication.set_fenced(fenced),
             MeshMsg::ClusterView { view } => {
                 *self.cluster.borrow_mut() = Some(view);
+            }
+            MeshMsg::Security { state, reply } => {
+                self.security.install(state);
+                let _ = reply.send(Ok(()));
+            }
+            MeshMsg::SecurityChange { change, reply } => {
+                let _ = reply.send(self.security_change(change).await);
             }
             MeshMsg::Metrics { reply } => {
                 let _ = reply.send(self.metrics.snapshot());

@@ -31,6 +31,12 @@ pub fn run(config: Config) -> Result<()> {
     let mut topics = Topics::load(&config.data_dir)?;
     topics.fit_to(config.cores.len());
     remove_orphans(&config.data_dir, &topics);
+    // A cluster's users and ACLs come from ZooKeeper (the control thread).
+    let security = if config.cluster.is_none() {
+        Arc::new(crate::auth::store::bootstrap_single_node(&config)?)
+    } else {
+        Arc::default()
+    };
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -68,6 +74,7 @@ pub fn run(config: Config) -> Result<()> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
     let mut handles = Vec::with_capacity(n);
     for (i, &core) in config.cores.iter().enumerate() {
+        let security = security.clone();
         let (config, topics, mesh, stop, ready) = (
             config.clone(),
             topics.clone(),
@@ -84,6 +91,7 @@ pub fn run(config: Config) -> Result<()> {
                 let links = ShardLinks {
                     control,
                     from_control,
+                    security,
                 };
                 match shard_main(i, config, topics, mesh, links, stop, ready.clone()).await {
                     Ok(()) => Ok(()),
@@ -147,6 +155,7 @@ pub fn run(config: Config) -> Result<()> {
 
 /// A shard's ends of the channels to the control thread (cluster mode).
 struct ShardLinks {
+    security: Arc<crate::auth::store::SecurityState>,
     control: Option<cluster::ControlSender>,
     /// Shard 0 only: what the control thread says.
     from_control: Option<futures::channel::mpsc::Receiver<cluster::ToShards>>,
@@ -175,6 +184,7 @@ async fn shard_main(
         mesh,
         links.control,
     ));
+    reactor.security.install(links.security);
     reactor
         .open_local_partitions()
         .await

@@ -90,7 +90,7 @@ pub fn run(a: GroupsArgs) -> Result<(), String> {
     let run_id = std::process::id();
     let topic = format!("perf-groups-{run_id}");
     rt.block_on(async {
-        let client = Client::connect(&addr).await.map_err(|e| e.to_string())?;
+        let client = crate::net::connect(&addr).await?;
         client
             .create_topic(&NewTopic::new(&topic, a.partitions))
             .await
@@ -165,10 +165,10 @@ async fn pause() {
 async fn connect_within(addr: &str, within: Duration) -> Result<Client, String> {
     let t0 = Instant::now();
     loop {
-        match Client::connect(addr).await {
+        match crate::net::connect(addr).await {
             Ok(c) => return Ok(c),
             Err(_) if t0.elapsed() < within => pause().await,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e),
         }
     }
 }

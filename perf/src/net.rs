@@ -549,6 +549,21 @@ struct Session {
     addr: String,
 }
 
+/// A client of the broker under test, authenticated as `SHOAL_USER` with
+/// `SHOAL_PASSWORD` when those are set (a broker run with `--auth`; a
+/// spawned one gets `auth = true` and `superuser` from `--broker-config`
+/// and `SHOAL_ADMIN_PASSWORD` from this process's environment).
+pub async fn connect(addr: &str) -> Result<Client, String> {
+    let credentials = shoal_client::Credentials::from_env().map_err(|e| e.to_string())?;
+    let config = shoal_client::ClientConfig {
+        credentials,
+        ..shoal_client::ClientConfig::default()
+    };
+    Client::connect_with_config(addr, config)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// What every network mode does around its measurement: start (or find)
 /// the broker, pin the harness, then run `body` on a single-threaded
 /// runtime with a connected client and the topic (created if needed, named
@@ -564,7 +579,7 @@ where
     let rt = runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let client = Client::connect(&t.addr).await.map_err(|e| e.to_string())?;
+        let client = connect(&t.addr).await?;
         if let Some(n) = c.spawn_cluster {
             // Every broker registered before the topic is placed.
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -1085,7 +1100,7 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
         let end_ns = (end - base).as_nanos() as u64;
         // Consumers: a push subscription per partition from the current end,
         // on connections of their own, as a separate consumer would have.
-        let consumer_client = Client::connect(&addr).await.map_err(|e| e.to_string())?;
+        let consumer_client = connect(&addr).await?;
         let consumer = Consumer::new(consumer_client, ConsumerConfig::default());
         let mut subs = Vec::new();
         for p in &info.partitions {

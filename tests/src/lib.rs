@@ -233,6 +233,8 @@ pub struct Broker {
     /// (see [`netns::Net`]).
     pub host: String,
     netns: Option<String>,
+    /// More environment for the broker process (e.g. passwords).
+    env: Vec<(String, String)>,
 }
 
 impl Broker {
@@ -268,6 +270,7 @@ impl Broker {
             affinity: None,
             host: host.into(),
             netns: Some(ns.into()),
+            env: Vec::new(),
         };
         b.spawn();
         b
@@ -301,6 +304,7 @@ impl Broker {
             affinity: None,
             host: "127.0.0.1".into(),
             netns: None,
+            env: Vec::new(),
         };
         b.spawn();
         b
@@ -385,6 +389,7 @@ impl Broker {
             affinity: None,
             host: "127.0.0.1".into(),
             netns: None,
+            env: Vec::new(),
         };
         b.spawn();
         b
@@ -411,6 +416,7 @@ impl Broker {
             affinity: None,
             host: "127.0.0.1".into(),
             netns: None,
+            env: Vec::new(),
         };
         b.spawn();
         b
@@ -440,6 +446,38 @@ impl Broker {
             affinity: affinity.map(<[usize]>::to_vec),
             host: "127.0.0.1".into(),
             netns: None,
+            env: Vec::new(),
+        };
+        b.spawn();
+        b
+    }
+
+    /// A broker with `toml` as its config file, more `shoal serve` flags
+    /// `args` (`--auth`, or `--zookeeper ... --broker-id N` for a cluster
+    /// member) and more environment `env` (passwords).
+    pub fn start_env(cores: &str, toml: &str, args: &[&str], env: &[(&str, &str)]) -> Broker {
+        let data = tempfile::tempdir().expect("temp dir");
+        let config = data.path().join("shoal.toml");
+        std::fs::write(&config, toml).expect("config file");
+        let shards = cores.split(',').count();
+        let mut b = Broker {
+            port: free_ports(shards),
+            shards,
+            log: data.path().join("broker.log"),
+            data,
+            cores: cores.into(),
+            child: None,
+            relative: false,
+            config: Some(config),
+            data_dir: None,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            affinity: None,
+            host: "127.0.0.1".into(),
+            netns: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         b.spawn();
         b
@@ -488,6 +526,7 @@ impl Broker {
         if let Some(cpus) = self.affinity.clone() {
             set_affinity_on_exec(&mut cmd, cpus);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let child = cmd
             // The harness waits for the INFO line "shoal is ready".
             .env("RUST_LOG", "info")

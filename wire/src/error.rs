@@ -78,6 +78,18 @@ pub enum ErrorCode {
     UnknownGroup = 45,
     /// An empty or over-long group name.
     InvalidGroupId = 46,
+    /// The broker requires authentication (SCRAM) before this request;
+    /// the connection is closed.
+    AuthenticationRequired = 47,
+    /// The SCRAM exchange failed (unknown user, wrong password, replayed
+    /// or malformed message); the connection is closed.
+    AuthenticationFailed = 48,
+    /// The authenticated principal may not do this (no ACL allows it).
+    AuthorizationFailed = 49,
+    /// No such user.
+    UnknownUser = 50,
+    /// The user exists already (create without `replace`).
+    UserExists = 51,
 }
 
 impl ErrorCode {
@@ -117,6 +129,11 @@ impl ErrorCode {
             44 => GroupNotEmpty,
             45 => UnknownGroup,
             46 => InvalidGroupId,
+            47 => AuthenticationRequired,
+            48 => AuthenticationFailed,
+            49 => AuthorizationFailed,
+            50 => UnknownUser,
+            51 => UserExists,
             _ => Unknown,
         }
     }

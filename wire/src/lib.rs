@@ -10,6 +10,8 @@
 //! - [`error`]: codec errors and the protocol's stable [`ErrorCode`]s.
 //! - [`frame`]: length-prefixed frames (flatbuffer header + raw payload),
 //!   checked before parsing, headers verified on decode.
+//! - [`scram`]: the SCRAM-SHA-256 messages of the authentication exchange
+//!   (both ends), pure functions over bytes.
 //! - `generated`: code flatc 25.12 generated from `schema/shoal.fbs`
 //!   (regenerate with `wire/generate.sh`; CI checks it is current).
 
@@ -17,6 +19,7 @@ pub mod batch;
 pub mod error;
 pub mod frame;
 pub mod group;
+pub mod scram;
 
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic, unsafe_op_in_unsafe_fn, deprecated, unused_imports, dead_code, mismatched_lifetime_syntaxes)]

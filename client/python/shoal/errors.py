@@ -56,6 +56,11 @@ class ErrorCode(enum.IntEnum):
     GROUP_NOT_EMPTY = 44
     UNKNOWN_GROUP = 45
     INVALID_GROUP_ID = 46
+    AUTHENTICATION_REQUIRED = 47
+    AUTHENTICATION_FAILED = 48
+    AUTHORIZATION_FAILED = 49
+    UNKNOWN_USER = 50
+    USER_EXISTS = 51
 
 
 # The same set as `ErrorCode::is_retriable` in wire/src/error.rs.
@@ -325,6 +330,31 @@ InvalidGroupIdError = _code_class(
     ErrorCode.INVALID_GROUP_ID,
     "An empty or over-long group name.",
 )
+AuthenticationRequiredError = _code_class(
+    "AuthenticationRequiredError",
+    ErrorCode.AUTHENTICATION_REQUIRED,
+    "The broker requires authentication (SCRAM-SHA-256) first; the connection is closed.",
+)
+AuthenticationFailedError = _code_class(
+    "AuthenticationFailedError",
+    ErrorCode.AUTHENTICATION_FAILED,
+    "Authentication failed (user, password or exchange); the connection is closed.",
+)
+AuthorizationFailedError = _code_class(
+    "AuthorizationFailedError",
+    ErrorCode.AUTHORIZATION_FAILED,
+    "No ACL allows this request to the authenticated user.",
+)
+UnknownUserError = _code_class(
+    "UnknownUserError",
+    ErrorCode.UNKNOWN_USER,
+    "No such user.",
+)
+UserExistsError = _code_class(
+    "UserExistsError",
+    ErrorCode.USER_EXISTS,
+    "The user exists already.",
+)
 
 ERROR_CLASSES: Dict[int, Type[BrokerError]] = {
     cls.code: cls  # type: ignore[misc]
@@ -362,6 +392,11 @@ ERROR_CLASSES: Dict[int, Type[BrokerError]] = {
         GroupNotEmptyError,
         UnknownGroupError,
         InvalidGroupIdError,
+        AuthenticationRequiredError,
+        AuthenticationFailedError,
+        AuthorizationFailedError,
+        UnknownUserError,
+        UserExistsError,
     )
 }
 

@@ -38,6 +38,8 @@ from .fb import MetricsResponse as _MetricsResp
 from .fb import ProduceRequest as _Produce
 from .fb import ProduceResponse as _ProduceResp
 from .fb import Request as _Request
+from .fb import SaslAuthenticateRequest as _Sasl
+from .fb import SaslAuthenticateResponse as _SaslResp
 from .fb import Response as _Response
 from .fb.RequestBody import RequestBody
 from .fb.ResponseBody import ResponseBody
@@ -173,6 +175,21 @@ def _empty(mod, body_type: int):
         return mod.End(b)
 
     return body_type, build
+
+
+def sasl_authenticate_request(mechanism: Optional[str], auth_bytes: bytes):
+    """One step of the SCRAM exchange (``wire/PROTOCOL.md``)."""
+
+    def build(b: flatbuffers.Builder) -> int:
+        m = _s(b, mechanism)
+        data = b.CreateByteVector(auth_bytes)
+        _Sasl.Start(b)
+        if m is not None:
+            _Sasl.AddMechanism(b, m)
+        _Sasl.AddAuthBytes(b, data)
+        return _Sasl.End(b)
+
+    return RequestBody.SaslAuthenticateRequest, build
 
 
 def list_topics_request():
@@ -464,6 +481,15 @@ def decode_fetch(resp: Response, payload: bytes) -> FetchResult:
 
 
 @_guard
+@_guard
+def decode_sasl_authenticate(resp: Response) -> bytes:
+    """The server's SCRAM message."""
+    a = _body(resp, ResponseBody.SaslAuthenticateResponse, _SaslResp.SaslAuthenticateResponse)
+    if a.AuthBytesIsNone():
+        return b""
+    return bytes(a.AuthBytes(i) for i in range(a.AuthBytesLength()))
+
+
 def decode_metrics(resp: Response) -> Dict[str, int]:
     m = _body(resp, ResponseBody.MetricsResponse, _MetricsResp.MetricsResponse)
     out = {}

@@ -81,6 +81,8 @@ class Client:
         connect_timeout: float = 5.0,
         request_timeout: float = 40.0,
         reconnect_backoff_max: float = 30.0,
+        user: Optional[str] = None,
+        password: Optional[str] = None,
     ):
         self._aio = aio.Client(
             bootstrap,
@@ -88,6 +90,8 @@ class Client:
             connect_timeout=connect_timeout,
             request_timeout=request_timeout,
             reconnect_backoff_max=reconnect_backoff_max,
+            user=user,
+            password=password,
         )
         self._thread = _LoopThread()
         try:

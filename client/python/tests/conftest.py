@@ -73,7 +73,10 @@ def cores(n: int = 2) -> str:
 class Broker:
     """One ``shoal serve`` process."""
 
-    def __init__(self, cores: str = "0", extra: Sequence[str] = (), toml: str = ""):
+    def __init__(
+        self, cores: str = "0", extra: Sequence[str] = (), toml: str = "", env: Optional[dict] = None
+    ):
+        self.env = dict(env or {})
         self.cores = cores
         self.shards = len(cores.split(","))
         self.dir = Path(tempfile.mkdtemp(prefix="shoal-py-"))
@@ -122,7 +125,7 @@ class Broker:
                 cmd,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
-                env={**os.environ, "RUST_LOG": "info"},
+                env={**os.environ, "RUST_LOG": "info", **self.env},
                 preexec_fn=_raise_memlock,
             )
         deadline = time.monotonic() + 30

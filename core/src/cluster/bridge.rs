@@ -14,6 +14,10 @@ use std::rc::Rc;
 pub async fn serve(reactor: Rc<Reactor>, mut rx: mpsc::Receiver<ToShards>) {
     while let Some(msg) = rx.next().await {
         match msg {
+            ToShards::Security { state, reply } => {
+                reactor.spread_security(state).await;
+                let _ = reply.send(Ok(()));
+            }
             ToShards::View(view) => {
                 for s in (0..reactor.nshards).filter(|&s| s != reactor.id) {
                     let msg = MeshMsg::ClusterView { view: view.clone() };

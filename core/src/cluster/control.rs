@@ -125,6 +125,8 @@ struct Control {
     electing: Cell<bool>,
     /// Controller: when leadership last moved back to preferred replicas.
     last_rebalance: Cell<Option<Instant>>,
+    /// The users and ACLs as last read (links check peers against it).
+    security: RefCell<Arc<crate::auth::store::SecurityState>>,
 }
 
 /// How often the controller moves leadership back to preferred replicas
@@ -182,6 +184,7 @@ impl Control {
             tree_existed: Cell::new(true),
             electing: Cell::new(false),
             last_rebalance: Cell::new(None),
+            security: Default::default(),
         })
     }
 
@@ -260,7 +263,25 @@ impl Control {
                 c.serve_peer(from, req).await
             })
         });
-        let links = Links::new(self.cc.broker_id, self.cc.name.clone(), handler);
+        let auth = match (&self.config.auth.inter_broker, self.config.auth.enabled) {
+            (Some((user, password)), true) => {
+                let weak = Rc::downgrade(self);
+                Some(super::links::LinkAuth {
+                    user: user.clone(),
+                    password: password.clone(),
+                    broker_credential: Rc::new(move |name: &str| {
+                        let c = weak.upgrade()?;
+                        if !c.config.auth.is_privileged(name) {
+                            return None;
+                        }
+                        let state = c.security.borrow().clone();
+                        state.users.get(name)?.credential().ok()
+                    }),
+                })
+            }
+            _ => None,
+        };
+        let links = Links::new(self.cc.broker_id, self.cc.name.clone(), handler, auth);
         tokio::task::spawn_local(links.clone().accept_loop(listener));
         *self.links.borrow_mut() = Some(links);
         // The registration carries the port (set before the first one).
@@ -308,6 +329,9 @@ impl Control {
         let mut state = zk.state_watcher();
         self.register(&zk, first).await?;
         *self.zk.borrow_mut() = Some(zk.clone());
+        if first {
+            self.bootstrap_users().await?;
+        }
         self.read_all().await?;
         tracing::info!(
             broker = self.cc.broker_id,
@@ -434,7 +458,12 @@ impl Control {
             .map_err(|e| zk_err("read the cluster's tree", e))?
             .is_some();
         let opts = zkc::CreateMode::Persistent.with_acls(zkc::Acls::anyone_all());
-        for p in [self.layout.brokers(), self.layout.topics()] {
+        for p in [
+            self.layout.brokers(),
+            self.layout.topics(),
+            self.layout.users(),
+            self.layout.acls(),
+        ] {
             match zk.mkdir(&p, &opts).await {
                 Ok(()) | Err(zkc::Error::NodeExists) => {}
                 Err(e) => return Err(zk_err(&format!("create {p}"), e)),
@@ -521,6 +550,7 @@ impl Control {
     }
 
     async fn read_all(&self) -> Result<()> {
+        self.read_security().await?;
         self.read_brokers().await?;
         self.read_controller().await?;
         let zk = self.zk()?;
@@ -722,15 +752,22 @@ impl Control {
     async fn on_changes(self: &Rc<Self>, paths: Vec<String>) {
         let mut brokers = false;
         let mut controller = false;
+        let mut security = false;
         let mut topics = std::collections::BTreeSet::new();
         for p in &paths {
             match self.layout.classify(p) {
+                zk::Changed::Security => security = true,
                 zk::Changed::Brokers => brokers = true,
                 zk::Changed::Controller => controller = true,
                 zk::Changed::Topic(t) => {
                     topics.insert(t.to_string());
                 }
                 zk::Changed::Other => {}
+            }
+        }
+        if security {
+            if let Err(e) = self.read_security().await {
+                tracing::warn!(error = %e, "cannot read the users and ACLs");
             }
         }
         if brokers {
@@ -1034,6 +1071,160 @@ impl Control {
         futures::future::join_all(waits).await;
     }
 
+    // ---- security --------------------------------------------------------
+
+    /// Reads every user and ACL and installs them on this broker's shards.
+    /// A node that does not decode is skipped (and logged): one bad record
+    /// must not lock everybody out.
+    async fn read_security(&self) -> Result<()> {
+        use crate::auth::store::{SecurityState, UserRecord};
+        let zk = self.zk()?;
+        let mut state = SecurityState::default();
+        let names = zk
+            .list_children(&self.layout.users())
+            .await
+            .map_err(|e| zk_err("list users", e))?;
+        for n in names {
+            let path = self.layout.user(&n);
+            match zk.get_data(&path).await {
+                Ok((bytes, _)) => match zk::decode::<UserRecord>(&path, &bytes) {
+                    Ok(u) => {
+                        state.users.insert(n, u);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "skipping a user record"),
+                },
+                Err(zkc::Error::NoNode) => {}
+                Err(e) => return Err(zk_err(&format!("read {path}"), e)),
+            }
+        }
+        let keys = zk
+            .list_children(&self.layout.acls())
+            .await
+            .map_err(|e| zk_err("list ACLs", e))?;
+        for k in keys {
+            let path = self.layout.acl(&k);
+            match zk.get_data(&path).await {
+                Ok((bytes, _)) => match zk::decode(&path, &bytes) {
+                    Ok(rule) => {
+                        state.acls.insert(rule);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "skipping an ACL record"),
+                },
+                Err(zkc::Error::NoNode) => {}
+                Err(e) => return Err(zk_err(&format!("read {path}"), e)),
+            }
+        }
+        let state = Arc::new(state);
+        *self.security.borrow_mut() = state.clone();
+        self.to_shard0(|reply| ToShards::Security { state, reply })
+            .await
+    }
+
+    /// Writes one change to ZooKeeper, then reads the store back so this
+    /// broker applies it before answering (the others follow their watch).
+    async fn security_change(&self, change: crate::auth::store::SecurityChange) -> Result<()> {
+        use crate::auth::store::{acl_node_name, SecurityChange};
+        let zk = self.zk()?;
+        let opts = zkc::CreateMode::Persistent.with_acls(zkc::Acls::anyone_all());
+        match &change {
+            SecurityChange::PutUser {
+                name,
+                record,
+                replace,
+            } => {
+                let path = self.layout.user(name);
+                let data = zk::encode(record);
+                match zk.create(&path, &data, &opts).await {
+                    Ok(_) => {}
+                    Err(zkc::Error::NodeExists) if *replace => {
+                        zk.set_data(&path, &data, None)
+                            .await
+                            .map_err(|e| zk_err(&format!("update {path}"), e))?;
+                    }
+                    Err(zkc::Error::NodeExists) => return Err(Error::UserExists(name.clone())),
+                    Err(e) => return Err(zk_err(&format!("create {path}"), e)),
+                }
+            }
+            SecurityChange::DeleteUser(name) => {
+                let path = self.layout.user(name);
+                match zk.delete(&path, None).await {
+                    Ok(()) => {}
+                    Err(zkc::Error::NoNode) => return Err(Error::UnknownUser(name.clone())),
+                    Err(e) => return Err(zk_err(&format!("delete {path}"), e)),
+                }
+            }
+            SecurityChange::AddAcl(rule) => {
+                let path = self.layout.acl(&acl_node_name(rule));
+                match zk.create(&path, &zk::encode(rule), &opts).await {
+                    Ok(_) | Err(zkc::Error::NodeExists) => {}
+                    Err(e) => return Err(zk_err(&format!("create {path}"), e)),
+                }
+            }
+            SecurityChange::RemoveAcl(rule) => {
+                let path = self.layout.acl(&acl_node_name(rule));
+                match zk.delete(&path, None).await {
+                    Ok(()) | Err(zkc::Error::NoNode) => {}
+                    Err(e) => return Err(zk_err(&format!("delete {path}"), e)),
+                }
+            }
+        }
+        self.read_security().await
+    }
+
+    /// At start with auth on: creates the bootstrap superuser when no user
+    /// exists yet, and the inter-broker user when it is missing (a user
+    /// that exists is never changed here).
+    async fn bootstrap_users(&self) -> Result<()> {
+        use crate::auth::store::UserRecord;
+        use shoal_wire::scram::{Credential, ITERATIONS_DEFAULT};
+        let auth = &self.config.auth;
+        if !auth.enabled {
+            return Ok(());
+        }
+        let zk = self.zk()?;
+        let opts = zkc::CreateMode::Persistent.with_acls(zkc::Acls::anyone_all());
+        let users = zk
+            .list_children(&self.layout.users())
+            .await
+            .map_err(|e| zk_err("list users", e))?;
+        let mut wanted = Vec::new();
+        if users.is_empty() {
+            match &auth.bootstrap {
+                Some((name, Some(pw))) => wanted.push((name.clone(), pw.clone())),
+                Some((name, None)) => {
+                    return Err(Error::Config(format!(
+                        "no users exist yet: superuser {name:?} is created with the password in {} (not set)",
+                        crate::config::ADMIN_PASSWORD_ENV
+                    )))
+                }
+                None => tracing::warn!("auth is on and no user exists: start one broker with --superuser NAME and {} to create the first", crate::config::ADMIN_PASSWORD_ENV),
+            }
+        }
+        if let Some((name, pw)) = &auth.inter_broker {
+            if !users.contains(name) {
+                wanted.push((name.clone(), pw.clone()));
+            }
+        }
+        for (name, pw) in wanted {
+            let cred = Credential::generate(&pw.0, ITERATIONS_DEFAULT)
+                .map_err(|e| Error::Config(format!("cannot make a credential: {e}")))?;
+            let path = self.layout.user(&name);
+            match zk
+                .create(
+                    &path,
+                    &zk::encode(&UserRecord::from_credential(&cred)),
+                    &opts,
+                )
+                .await
+            {
+                Ok(_) => tracing::info!(user = %name, "created user"),
+                Err(zkc::Error::NodeExists) => {}
+                Err(e) => return Err(zk_err(&format!("create {path}"), e)),
+            }
+        }
+        Ok(())
+    }
+
     // ---- requests --------------------------------------------------------
 
     async fn serve_shard(self: Rc<Self>, req: ToControl) {
@@ -1043,6 +1234,9 @@ impl Control {
             }
             ToControl::DeleteTopic { name, reply } => {
                 let _ = reply.send(self.forward(PeerRequest::DeleteTopic(name)).await);
+            }
+            ToControl::Security { change, reply } => {
+                let _ = reply.send(self.security_change(change).await);
             }
             ToControl::AlterIsr {
                 topic,

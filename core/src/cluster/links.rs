@@ -13,6 +13,10 @@
 //! Framing: u32 little-endian length, then a JSON [`PeerMsg`]. The link
 //! carries only control traffic (small, rare); replication will use the
 //! shards' data path, not this.
+//!
+//! With auth on, a link starts with a SCRAM-SHA-256 exchange as the
+//! inter-broker user ([`LinkAuth`]) before the hello: the accepting broker
+//! serves no request from a peer that cannot prove it is a broker.
 
 use super::ClusterView;
 use crate::controller::TopicSpec;
@@ -53,6 +57,74 @@ pub enum PeerMsg {
         id: u64,
         error: Option<RemoteError>,
     },
+    /// Auth on: the SCRAM messages, in order, before the hello.
+    ScramClientFirst(String),
+    ScramServerFirst(String),
+    ScramClientFinal(String),
+    ScramServerFinal(String),
+}
+
+/// Largest message of the exchange before the hello (an unauthenticated
+/// peer must not make this broker buffer a large frame).
+const PEER_AUTH_BYTES_MAX: usize = 4096;
+
+/// How links authenticate (auth on).
+pub struct LinkAuth {
+    /// The inter-broker user and its password (dialing).
+    pub user: String,
+    pub password: crate::config::Secret,
+    /// The current credential of a user, if it is allowed to be a broker
+    /// (accepting).
+    pub broker_credential: BrokerCredential,
+}
+
+/// See [`LinkAuth::broker_credential`].
+pub type BrokerCredential = Rc<dyn Fn(&str) -> Option<shoal_wire::scram::Credential>>;
+
+fn denied(why: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::PermissionDenied, why.into())
+}
+
+impl LinkAuth {
+    async fn dial(&self, s: &mut TcpStream) -> std::io::Result<()> {
+        use shoal_wire::scram::ScramClient;
+        let (client, first) =
+            ScramClient::new(&self.user, &self.password.0).map_err(|e| denied(e.to_string()))?;
+        write_msg(s, &PeerMsg::ScramClientFirst(first)).await?;
+        let PeerMsg::ScramServerFirst(sf) = read_msg_max(s, PEER_AUTH_BYTES_MAX).await? else {
+            return Err(denied("the peer did not answer authentication"));
+        };
+        let (fin, cf) = client
+            .server_first(sf.as_bytes())
+            .map_err(|e| denied(e.to_string()))?;
+        write_msg(s, &PeerMsg::ScramClientFinal(cf)).await?;
+        let PeerMsg::ScramServerFinal(sfin) = read_msg_max(s, PEER_AUTH_BYTES_MAX).await? else {
+            return Err(denied("the peer refused authentication"));
+        };
+        fin.server_final(sfin.as_bytes())
+            .map_err(|e| denied(e.to_string()))
+    }
+
+    async fn accept(&self, s: &mut TcpStream) -> std::io::Result<()> {
+        use shoal_wire::scram::ClientFirst;
+        let PeerMsg::ScramClientFirst(first) = read_msg_max(s, PEER_AUTH_BYTES_MAX).await? else {
+            return Err(denied("no authentication from the peer"));
+        };
+        let first = ClientFirst::parse(first.as_bytes()).map_err(|e| denied(e.to_string()))?;
+        let user = first.username.clone();
+        let Some(cred) = (self.broker_credential)(&user) else {
+            return Err(denied(format!("{user:?} is not the inter-broker user")));
+        };
+        let (server, sf) = first.respond(&cred).map_err(|e| denied(e.to_string()))?;
+        write_msg(s, &PeerMsg::ScramServerFirst(sf)).await?;
+        let PeerMsg::ScramClientFinal(cf) = read_msg_max(s, PEER_AUTH_BYTES_MAX).await? else {
+            return Err(denied("the peer broke off authentication"));
+        };
+        let sfin = server
+            .client_final(cf.as_bytes())
+            .map_err(|e| denied(format!("{user:?}: {e}")))?;
+        write_msg(s, &PeerMsg::ScramServerFinal(sfin)).await
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,12 +198,14 @@ pub struct Links {
     dialing: RefCell<HashSet<u32>>,
     handler: Handler,
     next_id: Cell<u64>,
+    auth: Option<LinkAuth>,
 }
 
 impl Links {
-    pub fn new(me: u32, cluster: String, handler: Handler) -> Rc<Links> {
+    pub fn new(me: u32, cluster: String, handler: Handler, auth: Option<LinkAuth>) -> Rc<Links> {
         Rc::new(Links {
             me,
+            auth,
             cluster,
             incarnation: Cell::new(0),
             links: RefCell::new(HashMap::new()),
@@ -169,6 +243,20 @@ impl Links {
             tokio::task::spawn_local(async move {
                 let _ = stream.set_nodelay(true);
                 let mut stream = stream;
+                if let Some(auth) = &links.auth {
+                    match tokio::time::timeout(PEER_CONNECT_TIMEOUT, auth.accept(&mut stream)).await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(%addr, error = %e, "refused a peer link: authentication failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(%addr, "refused a peer link: authentication timed out");
+                            return;
+                        }
+                    }
+                }
                 let hello = tokio::time::timeout(PEER_CONNECT_TIMEOUT, read_msg(&mut stream)).await;
                 match hello {
                     Ok(Ok(PeerMsg::Hello {
@@ -229,6 +317,9 @@ impl Links {
                 let dialed = tokio::time::timeout(PEER_CONNECT_TIMEOUT, async {
                     let mut s = TcpStream::connect(&addr).await?;
                     s.set_nodelay(true)?;
+                    if let Some(auth) = &links.auth {
+                        auth.dial(&mut s).await?;
+                    }
                     write_msg(
                         &mut s,
                         &PeerMsg::Hello {
@@ -299,7 +390,13 @@ impl Links {
                                 let _ = w.send(error.map_or(Ok(()), |e| Err(e.into())));
                             }
                         }
-                        Ok(PeerMsg::Hello { .. }) => {}
+                        Ok(
+                            PeerMsg::Hello { .. }
+                            | PeerMsg::ScramClientFirst(_)
+                            | PeerMsg::ScramServerFirst(_)
+                            | PeerMsg::ScramClientFinal(_)
+                            | PeerMsg::ScramServerFinal(_),
+                        ) => {}
                         Err(e) => {
                             tracing::info!(peer, error = %e, "link to broker closed");
                             break;
@@ -364,8 +461,12 @@ impl Links {
 }
 
 async fn read_msg<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<PeerMsg> {
+    read_msg_max(r, PEER_FRAME_BYTES_MAX).await
+}
+
+async fn read_msg_max<R: AsyncReadExt + Unpin>(r: &mut R, max: usize) -> std::io::Result<PeerMsg> {
     let len = r.read_u32_le().await? as usize;
-    if len > PEER_FRAME_BYTES_MAX {
+    if len > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("peer frame of {len} bytes"),

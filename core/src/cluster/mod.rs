@@ -104,10 +104,22 @@ pub enum ToControl {
         isr: Vec<u32>,
         reply: oneshot::Sender<Result<Vec<u32>>>,
     },
+    /// Change the users or ACLs in ZooKeeper; answered once this broker's
+    /// shards have the new snapshot.
+    Security {
+        change: crate::auth::store::SecurityChange,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 /// The control thread → shard 0.
 pub enum ToShards {
+    /// The users and ACLs ZooKeeper holds now: installed on every shard
+    /// before the answer.
+    Security {
+        state: Arc<crate::auth::store::SecurityState>,
+        reply: oneshot::Sender<Result<()>>,
+    },
     View(Arc<ClusterView>),
     /// This broker lost (true) or regained (false) its ZooKeeper
     /// connection.

@@ -8,6 +8,8 @@
 //!                                controller write (a multi checks it)
 //!   topics/<name>                TopicRecord: id, settings, replicas
 //!   topics/<name>/partitions/<p> PartitionStateRec: leader, epoch, ISR
+//!   security/users/<name>        UserRecord: a SCRAM credential (no password)
+//!   security/acls/<hex>          AclRule (the name: the rule's text in hex)
 //! ```
 //! Partition state has a node per partition so that a leader changing
 //! its ISR (replication) rewrites one small node, conditioned on its
@@ -54,6 +56,19 @@ impl Layout {
         format!("{}/topics/{name}/partitions/{p}", self.root)
     }
 
+    pub fn users(&self) -> String {
+        format!("{}/security/users", self.root)
+    }
+    pub fn user(&self, name: &str) -> String {
+        format!("{}/security/users/{name}", self.root)
+    }
+    pub fn acls(&self) -> String {
+        format!("{}/security/acls", self.root)
+    }
+    pub fn acl(&self, key: &str) -> String {
+        format!("{}/security/acls/{key}", self.root)
+    }
+
     /// What a watched path is about.
     pub fn classify<'a>(&self, path: &'a str) -> Changed<'a> {
         let Some(rest) = path.strip_prefix(self.root.as_str()) else {
@@ -65,6 +80,7 @@ impl Layout {
             ["brokers", ..] => Changed::Brokers,
             ["controller"] => Changed::Controller,
             ["topics", name, ..] => Changed::Topic(name),
+            ["security", ..] => Changed::Security,
             _ => Changed::Other,
         }
     }
@@ -75,6 +91,7 @@ pub enum Changed<'a> {
     Brokers,
     Controller,
     Topic(&'a str),
+    Security,
     Other,
 }
 
@@ -229,6 +246,8 @@ mod tests {
         assert_eq!(l.classify(&l.topic("t")), Changed::Topic("t"));
         assert_eq!(l.classify("/elsewhere"), Changed::Other);
         assert_eq!(l.classify(&l.controller_epoch()), Changed::Other);
+        assert_eq!(l.classify(&l.user("alice")), Changed::Security);
+        assert_eq!(l.classify(&l.acl("00")), Changed::Security);
     }
 
     #[test]

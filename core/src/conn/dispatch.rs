@@ -33,6 +33,20 @@ impl Conn {
                 .fail(corr, Error::UnsupportedVersion(req.version()))
                 .await;
         }
+        if self.reactor.security.enabled() && req.body_type() != B::SaslAuthenticateRequest {
+            if let Err(e) = self.authorize(&req) {
+                add(&m.authorization_denials, 1);
+                let close = matches!(e, Error::AuthenticationRequired);
+                self.fail(corr, e).await?;
+                if close {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "a request before authentication",
+                    ));
+                }
+                return Ok(());
+            }
+        }
         match req.body_type() {
             B::ProduceRequest => self.produce(corr, req, payload).await,
             B::FetchRequest => self.fetch(corr, req).await,
@@ -51,6 +65,13 @@ impl Conn {
             B::ListGroupsRequest => self.list_groups(corr, req).await,
             B::DescribeGroupRequest => self.describe_group(corr, req).await,
             B::GroupCheckpointRequest => self.group_checkpoint(corr, req, payload).await,
+            B::SaslAuthenticateRequest => self.sasl_authenticate(corr, req).await,
+            B::CreateUserRequest => self.create_user(corr, req).await,
+            B::DeleteUserRequest => self.delete_user(corr, req).await,
+            B::ListUsersRequest => self.list_users(corr).await,
+            B::AddAclRequest => self.add_acl(corr, req).await,
+            B::RemoveAclRequest => self.remove_acl(corr, req).await,
+            B::ListAclsRequest => self.list_acls(corr, req).await,
             other => self.fail(corr, Error::UnsupportedApi(other.0)).await,
         }
     }

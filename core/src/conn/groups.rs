@@ -310,10 +310,11 @@ impl Conn {
         let Some(l) = req.body_as_list_groups_request() else {
             return self.fail(corr, body_mismatch()).await;
         };
-        let groups = match self.list_groups_of(l.partition()) {
+        let mut groups = match self.list_groups_of(l.partition()) {
             Ok(g) => g,
             Err(e) => return self.fail(corr, e).await,
         };
+        groups.retain(|(name, _, _)| self.may_describe_group(name));
         self.respond(corr, fb::ResponseBody::ListGroupsResponse, |fbb| {
             let items: Vec<_> = groups
                 .iter()

@@ -8,7 +8,9 @@
 //!   within `request_timeout_ms`.
 //! - [`dispatch`]: decodes a request and hands it to its API family:
 //!   [`produce`], [`fetch`], [`topics`] (create, delete, list, describe,
-//!   metadata), [`push`] (subscriptions with credit), [`admin`] (metrics).
+//!   metadata), [`push`] (subscriptions with credit), [`admin`] (metrics),
+//!   [`auth`] (the SCRAM exchange, the ACL check of every request when
+//!   auth is on, users and ACLs).
 //! - [`respond`]: Shoal's response frames, built into one reused
 //!   flatbuffer builder.
 //! - [`writer`]: the protocol-neutral writer: a frame head, then log bytes
@@ -19,6 +21,7 @@
 //! response and the connection keeps going.
 
 pub mod admin;
+pub mod auth;
 pub mod dispatch;
 pub mod fetch;
 pub mod groups;
@@ -188,6 +191,8 @@ pub struct Conn {
     pub produces_in_flight: Cell<usize>,
     /// The other end's address.
     pub peer: Option<std::net::SocketAddr>,
+    /// Who the other end is (auth on).
+    pub session: RefCell<crate::auth::Session>,
 }
 
 /// Serves a connection until the peer closes it, a framing error, a
@@ -205,6 +210,7 @@ pub async fn serve(reactor: Rc<Reactor>, stream: TcpStream) {
         fetches_in_flight: Cell::new(0),
         produces_in_flight: Cell::new(0),
         peer,
+        session: Default::default(),
     });
     add(&reactor.metrics.connections_accepted, 1);
     add(&reactor.metrics.connections_open, 1);
@@ -237,6 +243,12 @@ async fn read_loop(conn: &Rc<Conn>, r: &mut ReadHalf<TcpStream>) -> std::io::Res
     let mut filled = 0usize;
     // When the first byte of the frame now arriving was seen.
     let mut frame_started: Option<Instant> = None;
+    // With auth on, a connection must authenticate within one request
+    // timeout: an idle unauthenticated connection holds nothing for long.
+    let auth_deadline = reactor
+        .security
+        .enabled()
+        .then(|| rt::now() + request_timeout);
     loop {
         match frame::check(&buf.buf[..filled], max) {
             Err(e) => {
@@ -247,7 +259,7 @@ async fn read_loop(conn: &Rc<Conn>, r: &mut ReadHalf<TcpStream>) -> std::io::Res
             }
             Ok(Check::Incomplete { total }) => {
                 let deadline = match (filled, frame_started) {
-                    (0, _) => None,
+                    (0, _) => auth_deadline.filter(|_| conn.session.borrow().principal.is_none()),
                     (_, Some(t)) => Some(t + request_timeout),
                     (_, None) => {
                         let now = rt::now();

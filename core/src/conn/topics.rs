@@ -69,10 +69,11 @@ impl Conn {
     }
 
     pub async fn list_topics(&self, corr: u32) -> std::io::Result<()> {
-        let infos = match self.topic_infos(None).await {
+        let mut infos = match self.topic_infos(None).await {
             Ok(t) => t,
             Err(e) => return self.fail(corr, e).await,
         };
+        infos.retain(|t| self.may_describe_topic(&t.meta.name));
         let view = self.reactor.cluster.borrow().clone();
         let me = self.reactor.broker_id();
         self.respond(corr, fb::ResponseBody::ListTopicsResponse, |fbb| {
@@ -116,10 +117,11 @@ impl Conn {
             .and_then(|m| m.topics())
             .map(|t| t.iter().map(str::to_string).collect())
             .filter(|v: &Vec<String>| !v.is_empty());
-        let topics = match self.topic_infos(wanted).await {
+        let mut topics = match self.topic_infos(wanted).await {
             Ok(t) => t,
             Err(e) => return self.fail(corr, e).await,
         };
+        topics.retain(|t| self.may_describe_topic(&t.meta.name));
         let cfg = self.reactor.config.clone();
         let view = self.reactor.cluster.borrow().clone();
         let me = self.reactor.broker_id();

@@ -153,11 +153,15 @@ impl Follow {
                         .await
                     {
                         None => return,
-                        Some(Some(Ok(stream))) => {
+                        Some(Some(Ok(mut stream))) => {
                             let _ = stream.set_nodelay(true);
-                            match self.fetch_loop(stream, &mut backoff).await {
-                                Ended::Stopped => return,
-                                Ended::Retry(why) => why,
+                            if let Err(why) = self.authenticate(&mut stream).await {
+                                why
+                            } else {
+                                match self.fetch_loop(stream, &mut backoff).await {
+                                    Ended::Stopped => return,
+                                    Ended::Retry(why) => why,
+                                }
                             }
                         }
                         Some(Some(Err(e))) => format!("cannot connect to {addr}: {e}"),
@@ -175,6 +179,31 @@ impl Follow {
                 return;
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// With auth on: the SCRAM exchange as the inter-broker user, first
+    /// on a new connection to the leader.
+    async fn authenticate(&self, stream: &mut TcpStream) -> Result<(), String> {
+        let auth = &self.reactor.config.auth;
+        if !auth.enabled {
+            return Ok(());
+        }
+        let Some((user, password)) = &auth.inter_broker else {
+            return Err("auth is on but no inter_broker_user is configured".into());
+        };
+        match self
+            .stop
+            .or_stop(rt::timeout(
+                CONNECT_TIMEOUT,
+                crate::auth::client::authenticate(stream, user, password),
+            ))
+            .await
+        {
+            None => Err("stopping".into()),
+            Some(None) => Err("the leader did not answer authentication in time".into()),
+            Some(Some(Err(e))) => Err(format!("cannot authenticate to the leader: {e}")),
+            Some(Some(Ok(()))) => Ok(()),
         }
     }
 

@@ -99,12 +99,200 @@ impl<'a> ::flatbuffers::Verifiable for Acks {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for Acks {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_REQUEST_BODY: u8 = 0;
+pub const ENUM_MIN_ACL_RESOURCE_TYPE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_REQUEST_BODY: u8 = 17;
+pub const ENUM_MAX_ACL_RESOURCE_TYPE: u8 = 4;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 18] = [
+pub const ENUM_VALUES_ACL_RESOURCE_TYPE: [AclResourceType; 5] = [
+  AclResourceType::Topic,
+  AclResourceType::TopicPrefix,
+  AclResourceType::Group,
+  AclResourceType::GroupPrefix,
+  AclResourceType::Cluster,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct AclResourceType(pub u8);
+#[allow(non_upper_case_globals)]
+impl AclResourceType {
+  pub const Topic: Self = Self(0);
+  pub const TopicPrefix: Self = Self(1);
+  pub const Group: Self = Self(2);
+  pub const GroupPrefix: Self = Self(3);
+  pub const Cluster: Self = Self(4);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 4;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Topic,
+    Self::TopicPrefix,
+    Self::Group,
+    Self::GroupPrefix,
+    Self::Cluster,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Topic => Some("Topic"),
+      Self::TopicPrefix => Some("TopicPrefix"),
+      Self::Group => Some("Group"),
+      Self::GroupPrefix => Some("GroupPrefix"),
+      Self::Cluster => Some("Cluster"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for AclResourceType {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for AclResourceType {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for AclResourceType {
+    type Output = AclResourceType;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for AclResourceType {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for AclResourceType {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for AclResourceType {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_ACL_OPERATION: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_ACL_OPERATION: u8 = 3;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_ACL_OPERATION: [AclOperation; 4] = [
+  AclOperation::Produce,
+  AclOperation::Consume,
+  AclOperation::Describe,
+  AclOperation::Admin,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct AclOperation(pub u8);
+#[allow(non_upper_case_globals)]
+impl AclOperation {
+  pub const Produce: Self = Self(0);
+  pub const Consume: Self = Self(1);
+  pub const Describe: Self = Self(2);
+  pub const Admin: Self = Self(3);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 3;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Produce,
+    Self::Consume,
+    Self::Describe,
+    Self::Admin,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Produce => Some("Produce"),
+      Self::Consume => Some("Consume"),
+      Self::Describe => Some("Describe"),
+      Self::Admin => Some("Admin"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for AclOperation {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for AclOperation {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for AclOperation {
+    type Output = AclOperation;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for AclOperation {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for AclOperation {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for AclOperation {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_REQUEST_BODY: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_REQUEST_BODY: u8 = 24;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 25] = [
   RequestBody::NONE,
   RequestBody::MetadataRequest,
   RequestBody::CreateTopicRequest,
@@ -123,6 +311,13 @@ pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 18] = [
   RequestBody::ListGroupsRequest,
   RequestBody::DescribeGroupRequest,
   RequestBody::GroupCheckpointRequest,
+  RequestBody::SaslAuthenticateRequest,
+  RequestBody::CreateUserRequest,
+  RequestBody::DeleteUserRequest,
+  RequestBody::ListUsersRequest,
+  RequestBody::AddAclRequest,
+  RequestBody::RemoveAclRequest,
+  RequestBody::ListAclsRequest,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -148,9 +343,16 @@ impl RequestBody {
   pub const ListGroupsRequest: Self = Self(15);
   pub const DescribeGroupRequest: Self = Self(16);
   pub const GroupCheckpointRequest: Self = Self(17);
+  pub const SaslAuthenticateRequest: Self = Self(18);
+  pub const CreateUserRequest: Self = Self(19);
+  pub const DeleteUserRequest: Self = Self(20);
+  pub const ListUsersRequest: Self = Self(21);
+  pub const AddAclRequest: Self = Self(22);
+  pub const RemoveAclRequest: Self = Self(23);
+  pub const ListAclsRequest: Self = Self(24);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 17;
+  pub const ENUM_MAX: u8 = 24;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::MetadataRequest,
@@ -170,6 +372,13 @@ impl RequestBody {
     Self::ListGroupsRequest,
     Self::DescribeGroupRequest,
     Self::GroupCheckpointRequest,
+    Self::SaslAuthenticateRequest,
+    Self::CreateUserRequest,
+    Self::DeleteUserRequest,
+    Self::ListUsersRequest,
+    Self::AddAclRequest,
+    Self::RemoveAclRequest,
+    Self::ListAclsRequest,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -192,6 +401,13 @@ impl RequestBody {
       Self::ListGroupsRequest => Some("ListGroupsRequest"),
       Self::DescribeGroupRequest => Some("DescribeGroupRequest"),
       Self::GroupCheckpointRequest => Some("GroupCheckpointRequest"),
+      Self::SaslAuthenticateRequest => Some("SaslAuthenticateRequest"),
+      Self::CreateUserRequest => Some("CreateUserRequest"),
+      Self::DeleteUserRequest => Some("DeleteUserRequest"),
+      Self::ListUsersRequest => Some("ListUsersRequest"),
+      Self::AddAclRequest => Some("AddAclRequest"),
+      Self::RemoveAclRequest => Some("RemoveAclRequest"),
+      Self::ListAclsRequest => Some("ListAclsRequest"),
       _ => None,
     }
   }
@@ -251,10 +467,10 @@ pub struct RequestBodyUnionTableOffset {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_RESPONSE_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_RESPONSE_BODY: u8 = 18;
+pub const ENUM_MAX_RESPONSE_BODY: u8 = 25;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 19] = [
+pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 26] = [
   ResponseBody::NONE,
   ResponseBody::MetadataResponse,
   ResponseBody::CreateTopicResponse,
@@ -274,6 +490,13 @@ pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 19] = [
   ResponseBody::ListGroupsResponse,
   ResponseBody::DescribeGroupResponse,
   ResponseBody::GroupCheckpointResponse,
+  ResponseBody::SaslAuthenticateResponse,
+  ResponseBody::CreateUserResponse,
+  ResponseBody::DeleteUserResponse,
+  ResponseBody::ListUsersResponse,
+  ResponseBody::AddAclResponse,
+  ResponseBody::RemoveAclResponse,
+  ResponseBody::ListAclsResponse,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -300,9 +523,16 @@ impl ResponseBody {
   pub const ListGroupsResponse: Self = Self(16);
   pub const DescribeGroupResponse: Self = Self(17);
   pub const GroupCheckpointResponse: Self = Self(18);
+  pub const SaslAuthenticateResponse: Self = Self(19);
+  pub const CreateUserResponse: Self = Self(20);
+  pub const DeleteUserResponse: Self = Self(21);
+  pub const ListUsersResponse: Self = Self(22);
+  pub const AddAclResponse: Self = Self(23);
+  pub const RemoveAclResponse: Self = Self(24);
+  pub const ListAclsResponse: Self = Self(25);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 18;
+  pub const ENUM_MAX: u8 = 25;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::MetadataResponse,
@@ -323,6 +553,13 @@ impl ResponseBody {
     Self::ListGroupsResponse,
     Self::DescribeGroupResponse,
     Self::GroupCheckpointResponse,
+    Self::SaslAuthenticateResponse,
+    Self::CreateUserResponse,
+    Self::DeleteUserResponse,
+    Self::ListUsersResponse,
+    Self::AddAclResponse,
+    Self::RemoveAclResponse,
+    Self::ListAclsResponse,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -346,6 +583,13 @@ impl ResponseBody {
       Self::ListGroupsResponse => Some("ListGroupsResponse"),
       Self::DescribeGroupResponse => Some("DescribeGroupResponse"),
       Self::GroupCheckpointResponse => Some("GroupCheckpointResponse"),
+      Self::SaslAuthenticateResponse => Some("SaslAuthenticateResponse"),
+      Self::CreateUserResponse => Some("CreateUserResponse"),
+      Self::DeleteUserResponse => Some("DeleteUserResponse"),
+      Self::ListUsersResponse => Some("ListUsersResponse"),
+      Self::AddAclResponse => Some("AddAclResponse"),
+      Self::RemoveAclResponse => Some("RemoveAclResponse"),
+      Self::ListAclsResponse => Some("ListAclsResponse"),
       _ => None,
     }
   }
@@ -6183,6 +6427,1656 @@ impl ::core::fmt::Debug for MetricsResponse<'_> {
       ds.finish()
   }
 }
+pub enum SaslAuthenticateRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SaslAuthenticateRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SaslAuthenticateRequest<'a> {
+  type Inner = SaslAuthenticateRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SaslAuthenticateRequest<'a> {
+  pub const VT_MECHANISM: ::flatbuffers::VOffsetT = 4;
+  pub const VT_AUTH_BYTES: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SaslAuthenticateRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SaslAuthenticateRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SaslAuthenticateRequest<'bldr>> {
+    let mut builder = SaslAuthenticateRequestBuilder::new(_fbb);
+    if let Some(x) = args.auth_bytes { builder.add_auth_bytes(x); }
+    if let Some(x) = args.mechanism { builder.add_mechanism(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn mechanism(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SaslAuthenticateRequest::VT_MECHANISM, None)}
+  }
+  #[inline]
+  pub fn auth_bytes(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(SaslAuthenticateRequest::VT_AUTH_BYTES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SaslAuthenticateRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("mechanism", Self::VT_MECHANISM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("auth_bytes", Self::VT_AUTH_BYTES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SaslAuthenticateRequestArgs<'a> {
+    pub mechanism: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub auth_bytes: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for SaslAuthenticateRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SaslAuthenticateRequestArgs {
+      mechanism: None,
+      auth_bytes: None,
+    }
+  }
+}
+
+pub struct SaslAuthenticateRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SaslAuthenticateRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_mechanism(&mut self, mechanism: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SaslAuthenticateRequest::VT_MECHANISM, mechanism);
+  }
+  #[inline]
+  pub fn add_auth_bytes(&mut self, auth_bytes: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SaslAuthenticateRequest::VT_AUTH_BYTES, auth_bytes);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SaslAuthenticateRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SaslAuthenticateRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SaslAuthenticateRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SaslAuthenticateRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SaslAuthenticateRequest");
+      ds.field("mechanism", &self.mechanism());
+      ds.field("auth_bytes", &self.auth_bytes());
+      ds.finish()
+  }
+}
+pub enum SaslAuthenticateResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SaslAuthenticateResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SaslAuthenticateResponse<'a> {
+  type Inner = SaslAuthenticateResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SaslAuthenticateResponse<'a> {
+  pub const VT_AUTH_BYTES: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PRINCIPAL: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SaslAuthenticateResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SaslAuthenticateResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SaslAuthenticateResponse<'bldr>> {
+    let mut builder = SaslAuthenticateResponseBuilder::new(_fbb);
+    if let Some(x) = args.principal { builder.add_principal(x); }
+    if let Some(x) = args.auth_bytes { builder.add_auth_bytes(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn auth_bytes(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(SaslAuthenticateResponse::VT_AUTH_BYTES, None)}
+  }
+  #[inline]
+  pub fn principal(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SaslAuthenticateResponse::VT_PRINCIPAL, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SaslAuthenticateResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("auth_bytes", Self::VT_AUTH_BYTES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("principal", Self::VT_PRINCIPAL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SaslAuthenticateResponseArgs<'a> {
+    pub auth_bytes: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub principal: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for SaslAuthenticateResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SaslAuthenticateResponseArgs {
+      auth_bytes: None,
+      principal: None,
+    }
+  }
+}
+
+pub struct SaslAuthenticateResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SaslAuthenticateResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_auth_bytes(&mut self, auth_bytes: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SaslAuthenticateResponse::VT_AUTH_BYTES, auth_bytes);
+  }
+  #[inline]
+  pub fn add_principal(&mut self, principal: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SaslAuthenticateResponse::VT_PRINCIPAL, principal);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SaslAuthenticateResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SaslAuthenticateResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SaslAuthenticateResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SaslAuthenticateResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SaslAuthenticateResponse");
+      ds.field("auth_bytes", &self.auth_bytes());
+      ds.field("principal", &self.principal());
+      ds.finish()
+  }
+}
+pub enum CreateUserRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CreateUserRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CreateUserRequest<'a> {
+  type Inner = CreateUserRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CreateUserRequest<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SALT: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ITERATIONS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_STORED_KEY: ::flatbuffers::VOffsetT = 10;
+  pub const VT_SERVER_KEY: ::flatbuffers::VOffsetT = 12;
+  pub const VT_REPLACE: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CreateUserRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CreateUserRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CreateUserRequest<'bldr>> {
+    let mut builder = CreateUserRequestBuilder::new(_fbb);
+    if let Some(x) = args.server_key { builder.add_server_key(x); }
+    if let Some(x) = args.stored_key { builder.add_stored_key(x); }
+    builder.add_iterations(args.iterations);
+    if let Some(x) = args.salt { builder.add_salt(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_replace(args.replace);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CreateUserRequest::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn salt(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(CreateUserRequest::VT_SALT, None)}
+  }
+  #[inline]
+  pub fn iterations(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CreateUserRequest::VT_ITERATIONS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn stored_key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(CreateUserRequest::VT_STORED_KEY, None)}
+  }
+  #[inline]
+  pub fn server_key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(CreateUserRequest::VT_SERVER_KEY, None)}
+  }
+  #[inline]
+  pub fn replace(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(CreateUserRequest::VT_REPLACE, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CreateUserRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("salt", Self::VT_SALT, false)?
+     .visit_field::<u32>("iterations", Self::VT_ITERATIONS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("stored_key", Self::VT_STORED_KEY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("server_key", Self::VT_SERVER_KEY, false)?
+     .visit_field::<bool>("replace", Self::VT_REPLACE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CreateUserRequestArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub salt: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub iterations: u32,
+    pub stored_key: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub server_key: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub replace: bool,
+}
+impl<'a> Default for CreateUserRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CreateUserRequestArgs {
+      name: None,
+      salt: None,
+      iterations: 0,
+      stored_key: None,
+      server_key: None,
+      replace: false,
+    }
+  }
+}
+
+pub struct CreateUserRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateUserRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CreateUserRequest::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_salt(&mut self, salt: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CreateUserRequest::VT_SALT, salt);
+  }
+  #[inline]
+  pub fn add_iterations(&mut self, iterations: u32) {
+    self.fbb_.push_slot::<u32>(CreateUserRequest::VT_ITERATIONS, iterations, 0);
+  }
+  #[inline]
+  pub fn add_stored_key(&mut self, stored_key: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CreateUserRequest::VT_STORED_KEY, stored_key);
+  }
+  #[inline]
+  pub fn add_server_key(&mut self, server_key: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CreateUserRequest::VT_SERVER_KEY, server_key);
+  }
+  #[inline]
+  pub fn add_replace(&mut self, replace: bool) {
+    self.fbb_.push_slot::<bool>(CreateUserRequest::VT_REPLACE, replace, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateUserRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CreateUserRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CreateUserRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CreateUserRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CreateUserRequest");
+      ds.field("name", &self.name());
+      ds.field("salt", &self.salt());
+      ds.field("iterations", &self.iterations());
+      ds.field("stored_key", &self.stored_key());
+      ds.field("server_key", &self.server_key());
+      ds.field("replace", &self.replace());
+      ds.finish()
+  }
+}
+pub enum CreateUserResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CreateUserResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CreateUserResponse<'a> {
+  type Inner = CreateUserResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CreateUserResponse<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CreateUserResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args CreateUserResponseArgs
+  ) -> ::flatbuffers::WIPOffset<CreateUserResponse<'bldr>> {
+    let mut builder = CreateUserResponseBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for CreateUserResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CreateUserResponseArgs {
+}
+impl<'a> Default for CreateUserResponseArgs {
+  #[inline]
+  fn default() -> Self {
+    CreateUserResponseArgs {
+    }
+  }
+}
+
+pub struct CreateUserResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateUserResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateUserResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CreateUserResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CreateUserResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CreateUserResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CreateUserResponse");
+      ds.finish()
+  }
+}
+pub enum DeleteUserRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct DeleteUserRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DeleteUserRequest<'a> {
+  type Inner = DeleteUserRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DeleteUserRequest<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DeleteUserRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DeleteUserRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<DeleteUserRequest<'bldr>> {
+    let mut builder = DeleteUserRequestBuilder::new(_fbb);
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(DeleteUserRequest::VT_NAME, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DeleteUserRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DeleteUserRequestArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for DeleteUserRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DeleteUserRequestArgs {
+      name: None,
+    }
+  }
+}
+
+pub struct DeleteUserRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeleteUserRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DeleteUserRequest::VT_NAME, name);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeleteUserRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DeleteUserRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DeleteUserRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DeleteUserRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DeleteUserRequest");
+      ds.field("name", &self.name());
+      ds.finish()
+  }
+}
+pub enum DeleteUserResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct DeleteUserResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DeleteUserResponse<'a> {
+  type Inner = DeleteUserResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DeleteUserResponse<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DeleteUserResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args DeleteUserResponseArgs
+  ) -> ::flatbuffers::WIPOffset<DeleteUserResponse<'bldr>> {
+    let mut builder = DeleteUserResponseBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for DeleteUserResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DeleteUserResponseArgs {
+}
+impl<'a> Default for DeleteUserResponseArgs {
+  #[inline]
+  fn default() -> Self {
+    DeleteUserResponseArgs {
+    }
+  }
+}
+
+pub struct DeleteUserResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeleteUserResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeleteUserResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DeleteUserResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DeleteUserResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DeleteUserResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DeleteUserResponse");
+      ds.finish()
+  }
+}
+pub enum ListUsersRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ListUsersRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ListUsersRequest<'a> {
+  type Inner = ListUsersRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ListUsersRequest<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ListUsersRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args ListUsersRequestArgs
+  ) -> ::flatbuffers::WIPOffset<ListUsersRequest<'bldr>> {
+    let mut builder = ListUsersRequestBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for ListUsersRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListUsersRequestArgs {
+}
+impl<'a> Default for ListUsersRequestArgs {
+  #[inline]
+  fn default() -> Self {
+    ListUsersRequestArgs {
+    }
+  }
+}
+
+pub struct ListUsersRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListUsersRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListUsersRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ListUsersRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ListUsersRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ListUsersRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ListUsersRequest");
+      ds.finish()
+  }
+}
+pub enum UserListingOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct UserListing<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for UserListing<'a> {
+  type Inner = UserListing<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> UserListing<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MECHANISM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ITERATIONS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    UserListing { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args UserListingArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<UserListing<'bldr>> {
+    let mut builder = UserListingBuilder::new(_fbb);
+    builder.add_iterations(args.iterations);
+    if let Some(x) = args.mechanism { builder.add_mechanism(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(UserListing::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn mechanism(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(UserListing::VT_MECHANISM, None)}
+  }
+  #[inline]
+  pub fn iterations(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(UserListing::VT_ITERATIONS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for UserListing<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("mechanism", Self::VT_MECHANISM, false)?
+     .visit_field::<u32>("iterations", Self::VT_ITERATIONS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct UserListingArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub mechanism: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub iterations: u32,
+}
+impl<'a> Default for UserListingArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    UserListingArgs {
+      name: None,
+      mechanism: None,
+      iterations: 0,
+    }
+  }
+}
+
+pub struct UserListingBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> UserListingBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(UserListing::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_mechanism(&mut self, mechanism: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(UserListing::VT_MECHANISM, mechanism);
+  }
+  #[inline]
+  pub fn add_iterations(&mut self, iterations: u32) {
+    self.fbb_.push_slot::<u32>(UserListing::VT_ITERATIONS, iterations, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> UserListingBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    UserListingBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<UserListing<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for UserListing<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("UserListing");
+      ds.field("name", &self.name());
+      ds.field("mechanism", &self.mechanism());
+      ds.field("iterations", &self.iterations());
+      ds.finish()
+  }
+}
+pub enum ListUsersResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ListUsersResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ListUsersResponse<'a> {
+  type Inner = ListUsersResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ListUsersResponse<'a> {
+  pub const VT_USERS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ListUsersResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ListUsersResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ListUsersResponse<'bldr>> {
+    let mut builder = ListUsersResponseBuilder::new(_fbb);
+    if let Some(x) = args.users { builder.add_users(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn users(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<UserListing<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<UserListing>>>>(ListUsersResponse::VT_USERS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ListUsersResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<UserListing>>>>("users", Self::VT_USERS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListUsersResponseArgs<'a> {
+    pub users: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<UserListing<'a>>>>>,
+}
+impl<'a> Default for ListUsersResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ListUsersResponseArgs {
+      users: None,
+    }
+  }
+}
+
+pub struct ListUsersResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListUsersResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_users(&mut self, users: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<UserListing<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ListUsersResponse::VT_USERS, users);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListUsersResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ListUsersResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ListUsersResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ListUsersResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ListUsersResponse");
+      ds.field("users", &self.users());
+      ds.finish()
+  }
+}
+pub enum AclEntryOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct AclEntry<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for AclEntry<'a> {
+  type Inner = AclEntry<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> AclEntry<'a> {
+  pub const VT_PRINCIPAL: ::flatbuffers::VOffsetT = 4;
+  pub const VT_RESOURCE_TYPE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_RESOURCE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_OPERATION: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    AclEntry { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AclEntryArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<AclEntry<'bldr>> {
+    let mut builder = AclEntryBuilder::new(_fbb);
+    if let Some(x) = args.resource { builder.add_resource(x); }
+    if let Some(x) = args.principal { builder.add_principal(x); }
+    builder.add_operation(args.operation);
+    builder.add_resource_type(args.resource_type);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn principal(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(AclEntry::VT_PRINCIPAL, None)}
+  }
+  #[inline]
+  pub fn resource_type(&self) -> AclResourceType {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<AclResourceType>(AclEntry::VT_RESOURCE_TYPE, Some(AclResourceType::Topic)).unwrap()}
+  }
+  #[inline]
+  pub fn resource(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(AclEntry::VT_RESOURCE, None)}
+  }
+  #[inline]
+  pub fn operation(&self) -> AclOperation {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<AclOperation>(AclEntry::VT_OPERATION, Some(AclOperation::Produce)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for AclEntry<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("principal", Self::VT_PRINCIPAL, false)?
+     .visit_field::<AclResourceType>("resource_type", Self::VT_RESOURCE_TYPE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("resource", Self::VT_RESOURCE, false)?
+     .visit_field::<AclOperation>("operation", Self::VT_OPERATION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AclEntryArgs<'a> {
+    pub principal: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub resource_type: AclResourceType,
+    pub resource: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub operation: AclOperation,
+}
+impl<'a> Default for AclEntryArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    AclEntryArgs {
+      principal: None,
+      resource_type: AclResourceType::Topic,
+      resource: None,
+      operation: AclOperation::Produce,
+    }
+  }
+}
+
+pub struct AclEntryBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AclEntryBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_principal(&mut self, principal: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(AclEntry::VT_PRINCIPAL, principal);
+  }
+  #[inline]
+  pub fn add_resource_type(&mut self, resource_type: AclResourceType) {
+    self.fbb_.push_slot::<AclResourceType>(AclEntry::VT_RESOURCE_TYPE, resource_type, AclResourceType::Topic);
+  }
+  #[inline]
+  pub fn add_resource(&mut self, resource: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(AclEntry::VT_RESOURCE, resource);
+  }
+  #[inline]
+  pub fn add_operation(&mut self, operation: AclOperation) {
+    self.fbb_.push_slot::<AclOperation>(AclEntry::VT_OPERATION, operation, AclOperation::Produce);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AclEntryBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AclEntryBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<AclEntry<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for AclEntry<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("AclEntry");
+      ds.field("principal", &self.principal());
+      ds.field("resource_type", &self.resource_type());
+      ds.field("resource", &self.resource());
+      ds.field("operation", &self.operation());
+      ds.finish()
+  }
+}
+pub enum AddAclRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct AddAclRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for AddAclRequest<'a> {
+  type Inner = AddAclRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> AddAclRequest<'a> {
+  pub const VT_ACL: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    AddAclRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AddAclRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<AddAclRequest<'bldr>> {
+    let mut builder = AddAclRequestBuilder::new(_fbb);
+    if let Some(x) = args.acl { builder.add_acl(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn acl(&self) -> Option<AclEntry<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<AclEntry>>(AddAclRequest::VT_ACL, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for AddAclRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<AclEntry>>("acl", Self::VT_ACL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AddAclRequestArgs<'a> {
+    pub acl: Option<::flatbuffers::WIPOffset<AclEntry<'a>>>,
+}
+impl<'a> Default for AddAclRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    AddAclRequestArgs {
+      acl: None,
+    }
+  }
+}
+
+pub struct AddAclRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AddAclRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_acl(&mut self, acl: ::flatbuffers::WIPOffset<AclEntry<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<AclEntry>>(AddAclRequest::VT_ACL, acl);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AddAclRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AddAclRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<AddAclRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for AddAclRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("AddAclRequest");
+      ds.field("acl", &self.acl());
+      ds.finish()
+  }
+}
+pub enum AddAclResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct AddAclResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for AddAclResponse<'a> {
+  type Inner = AddAclResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> AddAclResponse<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    AddAclResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args AddAclResponseArgs
+  ) -> ::flatbuffers::WIPOffset<AddAclResponse<'bldr>> {
+    let mut builder = AddAclResponseBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for AddAclResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AddAclResponseArgs {
+}
+impl<'a> Default for AddAclResponseArgs {
+  #[inline]
+  fn default() -> Self {
+    AddAclResponseArgs {
+    }
+  }
+}
+
+pub struct AddAclResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AddAclResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AddAclResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AddAclResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<AddAclResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for AddAclResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("AddAclResponse");
+      ds.finish()
+  }
+}
+pub enum RemoveAclRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct RemoveAclRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for RemoveAclRequest<'a> {
+  type Inner = RemoveAclRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> RemoveAclRequest<'a> {
+  pub const VT_ACL: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    RemoveAclRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RemoveAclRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<RemoveAclRequest<'bldr>> {
+    let mut builder = RemoveAclRequestBuilder::new(_fbb);
+    if let Some(x) = args.acl { builder.add_acl(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn acl(&self) -> Option<AclEntry<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<AclEntry>>(RemoveAclRequest::VT_ACL, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for RemoveAclRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<AclEntry>>("acl", Self::VT_ACL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RemoveAclRequestArgs<'a> {
+    pub acl: Option<::flatbuffers::WIPOffset<AclEntry<'a>>>,
+}
+impl<'a> Default for RemoveAclRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    RemoveAclRequestArgs {
+      acl: None,
+    }
+  }
+}
+
+pub struct RemoveAclRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RemoveAclRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_acl(&mut self, acl: ::flatbuffers::WIPOffset<AclEntry<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<AclEntry>>(RemoveAclRequest::VT_ACL, acl);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RemoveAclRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RemoveAclRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<RemoveAclRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for RemoveAclRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("RemoveAclRequest");
+      ds.field("acl", &self.acl());
+      ds.finish()
+  }
+}
+pub enum RemoveAclResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct RemoveAclResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for RemoveAclResponse<'a> {
+  type Inner = RemoveAclResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> RemoveAclResponse<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    RemoveAclResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args RemoveAclResponseArgs
+  ) -> ::flatbuffers::WIPOffset<RemoveAclResponse<'bldr>> {
+    let mut builder = RemoveAclResponseBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for RemoveAclResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RemoveAclResponseArgs {
+}
+impl<'a> Default for RemoveAclResponseArgs {
+  #[inline]
+  fn default() -> Self {
+    RemoveAclResponseArgs {
+    }
+  }
+}
+
+pub struct RemoveAclResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RemoveAclResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RemoveAclResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RemoveAclResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<RemoveAclResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for RemoveAclResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("RemoveAclResponse");
+      ds.finish()
+  }
+}
+pub enum ListAclsRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ListAclsRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ListAclsRequest<'a> {
+  type Inner = ListAclsRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ListAclsRequest<'a> {
+  pub const VT_PRINCIPAL: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ListAclsRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ListAclsRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ListAclsRequest<'bldr>> {
+    let mut builder = ListAclsRequestBuilder::new(_fbb);
+    if let Some(x) = args.principal { builder.add_principal(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn principal(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ListAclsRequest::VT_PRINCIPAL, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ListAclsRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("principal", Self::VT_PRINCIPAL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListAclsRequestArgs<'a> {
+    pub principal: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for ListAclsRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ListAclsRequestArgs {
+      principal: None,
+    }
+  }
+}
+
+pub struct ListAclsRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListAclsRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_principal(&mut self, principal: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ListAclsRequest::VT_PRINCIPAL, principal);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListAclsRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ListAclsRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ListAclsRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ListAclsRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ListAclsRequest");
+      ds.field("principal", &self.principal());
+      ds.finish()
+  }
+}
+pub enum ListAclsResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ListAclsResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ListAclsResponse<'a> {
+  type Inner = ListAclsResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ListAclsResponse<'a> {
+  pub const VT_ACLS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ListAclsResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ListAclsResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ListAclsResponse<'bldr>> {
+    let mut builder = ListAclsResponseBuilder::new(_fbb);
+    if let Some(x) = args.acls { builder.add_acls(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn acls(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<AclEntry<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<AclEntry>>>>(ListAclsResponse::VT_ACLS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ListAclsResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<AclEntry>>>>("acls", Self::VT_ACLS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListAclsResponseArgs<'a> {
+    pub acls: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<AclEntry<'a>>>>>,
+}
+impl<'a> Default for ListAclsResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ListAclsResponseArgs {
+      acls: None,
+    }
+  }
+}
+
+pub struct ListAclsResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListAclsResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_acls(&mut self, acls: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<AclEntry<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ListAclsResponse::VT_ACLS, acls);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListAclsResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ListAclsResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ListAclsResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ListAclsResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ListAclsResponse");
+      ds.field("acls", &self.acls());
+      ds.finish()
+  }
+}
 pub enum RequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -6514,6 +8408,111 @@ impl<'a> Request<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_sasl_authenticate_request(&self) -> Option<SaslAuthenticateRequest<'a>> {
+    if self.body_type() == RequestBody::SaslAuthenticateRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SaslAuthenticateRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_create_user_request(&self) -> Option<CreateUserRequest<'a>> {
+    if self.body_type() == RequestBody::CreateUserRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CreateUserRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_delete_user_request(&self) -> Option<DeleteUserRequest<'a>> {
+    if self.body_type() == RequestBody::DeleteUserRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { DeleteUserRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_list_users_request(&self) -> Option<ListUsersRequest<'a>> {
+    if self.body_type() == RequestBody::ListUsersRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ListUsersRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_add_acl_request(&self) -> Option<AddAclRequest<'a>> {
+    if self.body_type() == RequestBody::AddAclRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { AddAclRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_remove_acl_request(&self) -> Option<RemoveAclRequest<'a>> {
+    if self.body_type() == RequestBody::RemoveAclRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { RemoveAclRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_list_acls_request(&self) -> Option<ListAclsRequest<'a>> {
+    if self.body_type() == RequestBody::ListAclsRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ListAclsRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -6544,6 +8543,13 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           RequestBody::ListGroupsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListGroupsRequest>>("RequestBody::ListGroupsRequest", pos),
           RequestBody::DescribeGroupRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DescribeGroupRequest>>("RequestBody::DescribeGroupRequest", pos),
           RequestBody::GroupCheckpointRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupCheckpointRequest>>("RequestBody::GroupCheckpointRequest", pos),
+          RequestBody::SaslAuthenticateRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SaslAuthenticateRequest>>("RequestBody::SaslAuthenticateRequest", pos),
+          RequestBody::CreateUserRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CreateUserRequest>>("RequestBody::CreateUserRequest", pos),
+          RequestBody::DeleteUserRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeleteUserRequest>>("RequestBody::DeleteUserRequest", pos),
+          RequestBody::ListUsersRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListUsersRequest>>("RequestBody::ListUsersRequest", pos),
+          RequestBody::AddAclRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<AddAclRequest>>("RequestBody::AddAclRequest", pos),
+          RequestBody::RemoveAclRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RemoveAclRequest>>("RequestBody::RemoveAclRequest", pos),
+          RequestBody::ListAclsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListAclsRequest>>("RequestBody::ListAclsRequest", pos),
           _ => Ok(()),
         }
      })?
@@ -6733,6 +8739,55 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         RequestBody::GroupCheckpointRequest => {
           if let Some(x) = self.body_as_group_checkpoint_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::SaslAuthenticateRequest => {
+          if let Some(x) = self.body_as_sasl_authenticate_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::CreateUserRequest => {
+          if let Some(x) = self.body_as_create_user_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::DeleteUserRequest => {
+          if let Some(x) = self.body_as_delete_user_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::ListUsersRequest => {
+          if let Some(x) = self.body_as_list_users_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::AddAclRequest => {
+          if let Some(x) = self.body_as_add_acl_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::RemoveAclRequest => {
+          if let Some(x) = self.body_as_remove_acl_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::ListAclsRequest => {
+          if let Some(x) = self.body_as_list_acls_request() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -7248,6 +9303,111 @@ impl<'a> Response<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_sasl_authenticate_response(&self) -> Option<SaslAuthenticateResponse<'a>> {
+    if self.body_type() == ResponseBody::SaslAuthenticateResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SaslAuthenticateResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_create_user_response(&self) -> Option<CreateUserResponse<'a>> {
+    if self.body_type() == ResponseBody::CreateUserResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CreateUserResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_delete_user_response(&self) -> Option<DeleteUserResponse<'a>> {
+    if self.body_type() == ResponseBody::DeleteUserResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { DeleteUserResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_list_users_response(&self) -> Option<ListUsersResponse<'a>> {
+    if self.body_type() == ResponseBody::ListUsersResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ListUsersResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_add_acl_response(&self) -> Option<AddAclResponse<'a>> {
+    if self.body_type() == ResponseBody::AddAclResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { AddAclResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_remove_acl_response(&self) -> Option<RemoveAclResponse<'a>> {
+    if self.body_type() == ResponseBody::RemoveAclResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { RemoveAclResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_list_acls_response(&self) -> Option<ListAclsResponse<'a>> {
+    if self.body_type() == ResponseBody::ListAclsResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ListAclsResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Response<'_> {
@@ -7279,6 +9439,13 @@ impl ::flatbuffers::Verifiable for Response<'_> {
           ResponseBody::ListGroupsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListGroupsResponse>>("ResponseBody::ListGroupsResponse", pos),
           ResponseBody::DescribeGroupResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DescribeGroupResponse>>("ResponseBody::DescribeGroupResponse", pos),
           ResponseBody::GroupCheckpointResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupCheckpointResponse>>("ResponseBody::GroupCheckpointResponse", pos),
+          ResponseBody::SaslAuthenticateResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SaslAuthenticateResponse>>("ResponseBody::SaslAuthenticateResponse", pos),
+          ResponseBody::CreateUserResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CreateUserResponse>>("ResponseBody::CreateUserResponse", pos),
+          ResponseBody::DeleteUserResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeleteUserResponse>>("ResponseBody::DeleteUserResponse", pos),
+          ResponseBody::ListUsersResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListUsersResponse>>("ResponseBody::ListUsersResponse", pos),
+          ResponseBody::AddAclResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<AddAclResponse>>("ResponseBody::AddAclResponse", pos),
+          ResponseBody::RemoveAclResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RemoveAclResponse>>("ResponseBody::RemoveAclResponse", pos),
+          ResponseBody::ListAclsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListAclsResponse>>("ResponseBody::ListAclsResponse", pos),
           _ => Ok(()),
         }
      })?
@@ -7482,6 +9649,55 @@ impl ::core::fmt::Debug for Response<'_> {
         },
         ResponseBody::GroupCheckpointResponse => {
           if let Some(x) = self.body_as_group_checkpoint_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::SaslAuthenticateResponse => {
+          if let Some(x) = self.body_as_sasl_authenticate_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::CreateUserResponse => {
+          if let Some(x) = self.body_as_create_user_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::DeleteUserResponse => {
+          if let Some(x) = self.body_as_delete_user_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::ListUsersResponse => {
+          if let Some(x) = self.body_as_list_users_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::AddAclResponse => {
+          if let Some(x) = self.body_as_add_acl_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::RemoveAclResponse => {
+          if let Some(x) = self.body_as_remove_acl_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::ListAclsResponse => {
+          if let Some(x) = self.body_as_list_acls_response() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -64,6 +64,20 @@ def parse_bootstrap(bootstrap: Union[str, Sequence[str]]) -> List[Addr]:
     return out
 
 
+async def _authenticate(c: Connection, user: str, password: str) -> None:
+    """The SCRAM-SHA-256 exchange, first on a new connection."""
+    from .. import protocol, scram
+
+    client = scram.ScramClient(user, password)
+    try:
+        resp, _ = await c.request(protocol.sasl_authenticate_request(scram.MECHANISM, client.first()))
+        final = client.final(protocol.decode_sasl_authenticate(resp))
+        resp, _ = await c.request(protocol.sasl_authenticate_request(None, final))
+        client.verify(protocol.decode_sasl_authenticate(resp))
+    except scram.ScramError as e:
+        raise ProtocolError(f"authentication with {c.addr}: {e}") from e
+
+
 class Client:
     """A handle to a Shoal cluster (or single broker), for one event loop.
 
@@ -80,8 +94,14 @@ class Client:
         connect_timeout: float = 5.0,
         request_timeout: float = 40.0,
         reconnect_backoff_max: float = 30.0,
+        user: Optional[str] = None,
+        password: Optional[str] = None,
     ):
         self.bootstrap = parse_bootstrap(bootstrap)
+        # SCRAM-SHA-256 on every connection when set (a broker with --auth).
+        if (user is None) != (password is None):
+            raise ValueError("give both user and password, or neither")
+        self._credentials = (user, password) if user is not None else None
         self.client_id = client_id or f"shoal-python-{os.getpid()}"
         self.connect_timeout = connect_timeout
         #: Longest wait for any answer (a produce's own broker timeout is
@@ -151,6 +171,14 @@ class Client:
                 return c
             try:
                 c = await Connection.open(addr[0], addr[1], self.client_id, self.connect_timeout)
+                if self._credentials is not None:
+                    try:
+                        await asyncio.wait_for(
+                            _authenticate(c, *self._credentials), self.connect_timeout
+                        )
+                    except BaseException:
+                        c.close(ClosedError("authentication failed"))
+                        raise
             except ConnectError:
                 failures = self._unreachable.get(addr, (0, 0.0))[0] + 1
                 backoff = min(

@@ -21,3 +21,10 @@ class RequestBody(object):
     ListGroupsRequest = 15
     DescribeGroupRequest = 16
     GroupCheckpointRequest = 17
+    SaslAuthenticateRequest = 18
+    CreateUserRequest = 19
+    DeleteUserRequest = 20
+    ListUsersRequest = 21
+    AddAclRequest = 22
+    RemoveAclRequest = 23
+    ListAclsRequest = 24

@@ -22,3 +22,10 @@ class ResponseBody(object):
     ListGroupsResponse = 16
     DescribeGroupResponse = 17
     GroupCheckpointResponse = 18
+    SaslAuthenticateResponse = 19
+    CreateUserResponse = 20
+    DeleteUserResponse = 21
+    ListUsersResponse = 22
+    AddAclResponse = 23
+    RemoveAclResponse = 24
+    ListAclsResponse = 25
