@@ -54,6 +54,9 @@ pub const PRODUCER_BATCHES_KEPT: usize = 5;
 /// Default memory per partition for the tail cache (`crate::tail`), used
 /// only while readers wait at the end of the log.
 pub const TAIL_CACHE_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
+/// Default memory a shard's tail caches may hold together: 32 partitions
+/// with readers at their end at the default `tail_cache_bytes`.
+pub const TAIL_CACHE_SHARD_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
 /// How far past a forward reader's position its partition keeps the log
 /// on its way into the page cache (`crate::readahead`), topped up in
 /// halves, so the disk works at queue depth while the socket drains what
