@@ -11,10 +11,15 @@ here=$(cd "$(dirname "$0")/../.." && pwd)
 rounds=${1:-3}
 dir=${2:-$(mktemp -d /var/tmp/shoal-read.XXXXXX)}
 cd "$here"
-cargo build --release -p shoal-core -p shoal-perf
+# BIN_DIR: measure binaries built elsewhere (another commit, for a
+# before/after pair) instead of building this tree.
+if [ -z "${BIN_DIR:-}" ]; then
+  cargo build --release -p shoal-core -p shoal-perf
+  BIN_DIR=target/release
+fi
 command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio; }
-perf=target/release/shoal-perf
-shoal=target/release/shoal
+perf=$BIN_DIR/shoal-perf
+shoal=$BIN_DIR/shoal
 port=$((20000 + RANDOM % 20000))
 py_mib='import json,sys; print(round(json.load(sys.stdin)["mib_per_s"],1))'
 py_fio='import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["read"]["bw"]/1024,1))'

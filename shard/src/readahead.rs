@@ -275,10 +275,10 @@ impl Advice {
         self.start
     }
 
-    /// Asks the kernel, from the executor's blocking thread, to read the
-    /// range into the page cache, without waiting for the reads. Runs
-    /// detached: the reader polls residency on its own (`SegmentFiles::
-    /// resident_from`), so a lost advice only costs speed.
+    /// Asks the kernel, from the shard's read-ahead thread ([`advise`]),
+    /// to read the range into the page cache, without waiting for the
+    /// reads. The reader polls residency on its own
+    /// (`SegmentFiles::resident_from`), so a lost advice only costs speed.
     pub(crate) fn issue(self) {
         let file = match self.files.file().try_clone() {
             Ok(f) => f,
@@ -287,10 +287,67 @@ impl Advice {
                 return;
             }
         };
-        let (start, end) = (self.start, self.end);
+        advise(file, self.start, self.end);
+    }
+}
+
+/// One range to advise, on the read-ahead thread.
+struct Job {
+    file: std::fs::File,
+    start: u64,
+    end: u64,
+}
+
+thread_local! {
+    /// The calling shard's read-ahead thread, started at its first advice.
+    static ADVISOR: RefCell<Option<std::sync::mpsc::Sender<Job>>> = const { RefCell::new(None) };
+}
+
+/// Advises `[start, end)` of `file` on the shard's read-ahead thread.
+///
+/// `posix_fadvise(WILLNEED)` allocates the pages and submits the reads in
+/// the calling thread (~1 ms of kernel time per 4 MiB, and it blocks while
+/// the disk's queue is full), and a reader catching up at disk speed asks
+/// for hundreds of MiB/s of it. The executor's blocking pool is one thread
+/// per shard, which also runs the produce path's blocking work (segment
+/// rolls, durable writes): queued behind a window of advice, a roll would
+/// wait for the disk to read megabytes for somebody else. So each shard
+/// has a thread of its own for advice (it inherits the shard's core).
+/// Falls back to the blocking pool if that thread cannot be started.
+fn advise(file: std::fs::File, start: u64, end: u64) {
+    let job = Job { file, start, end };
+    let job = ADVISOR.with(|a| {
+        let mut a = a.borrow_mut();
+        if a.is_none() {
+            *a = start_advisor();
+        }
+        match a.as_ref() {
+            Some(tx) => tx.send(job).err().map(|e| e.0),
+            None => Some(job),
+        }
+    });
+    if let Some(Job { file, start, end }) = job {
         rt::spawn_detached(rt::spawn_blocking(move || {
             advise_blocking(&file, start, end)
         }));
+    }
+}
+
+fn start_advisor() -> Option<std::sync::mpsc::Sender<Job>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let name = format!("{}-ra", std::thread::current().name().unwrap_or("shard"));
+    let started = std::thread::Builder::new().name(name).spawn(move || {
+        // Ends when the shard's thread (the sender's owner) ends.
+        while let Ok(j) = rx.recv() {
+            advise_blocking(&j.file, j.start, j.end);
+        }
+    });
+    match started {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "no read-ahead thread; advice runs on the blocking pool");
+            None
+        }
     }
 }
 
