@@ -31,7 +31,7 @@
 
 use crate::limits::{
     READ_AHEAD_ADVICE_BYTES, READ_AHEAD_IDLE, READ_AHEAD_SHARD_BYTES_DEFAULT,
-    READ_AHEAD_STREAMS_MAX, READ_AHEAD_WINDOW_BYTES,
+    READ_AHEAD_STEP_BYTES, READ_AHEAD_STREAMS_MAX, READ_AHEAD_WINDOW_BYTES,
 };
 use crate::rt;
 use crate::segment::{Segment, SegmentFiles};
@@ -221,8 +221,12 @@ impl ReadAhead {
         let from = s.advised_end.max(start);
         let own_end = end.min(visible);
         let target = (s.read_end + window).min(visible);
-        // Top up once half the window is used: fewer, larger advice calls.
-        let due = own_end > from || target >= s.advised_end + window / 2;
+        // Top up once a step of the window is used. Advice is read by the
+        // disk at once, queued ahead of whatever comes after it (a
+        // produce's write): small steps keep that queue short while the
+        // window stays as far ahead.
+        let step = READ_AHEAD_STEP_BYTES.min(window / 2).max(1);
+        let due = own_end > from || target >= s.advised_end + step;
         if !due || target <= from {
             s.share.set(s.advised_end.saturating_sub(s.read_end));
             return None;
@@ -448,6 +452,26 @@ mod tests {
             Some((60 * M, 64 * M))
         );
         assert_eq!(budget.bytes(), 2 * M);
+    }
+
+    /// With a window larger than two steps, a forward reader's window is
+    /// topped up a step at a time: bursts of advice stay small (the disk
+    /// reads them ahead of the writes that follow) while the window stays
+    /// as far ahead.
+    #[test]
+    fn large_windows_are_topped_up_in_steps() {
+        let (_d, seg, files) = segment(64 << 20);
+        let mut ra = ReadAhead::new(ReadAheadBudget::new(u64::MAX));
+        ra.set_window_bytes(32 << 20);
+        const M: u64 = 1 << 20;
+        let step = READ_AHEAD_STEP_BYTES;
+        assert_eq!(range(ra.on_read(&seg, &files, 0, M)), Some((0, 33 * M)));
+        assert_eq!(range(ra.on_read(&seg, &files, M, M + step - 1)), None);
+        assert_eq!(
+            range(ra.on_read(&seg, &files, M, M + step)),
+            Some((33 * M, 33 * M + step))
+        );
+        assert_eq!(ra.ahead_bytes(), 32 * M);
     }
 
     /// At most `READ_AHEAD_STREAMS_MAX` streams per partition, the least
