@@ -21,7 +21,7 @@ command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio;
 perf=$BIN_DIR/shoal-perf
 shoal=$BIN_DIR/shoal
 port=$((20000 + RANDOM % 20000))
-py_mib='import json,sys; print(round(json.load(sys.stdin)["mib_per_s"],1))'
+py_mib='import json,sys; j=json.load(sys.stdin); print("%.1f/%d" % (j["mib_per_s"], j["msgs_per_s"]))'
 py_fio='import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["read"]["bw"]/1024,1))'
 cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
@@ -44,9 +44,11 @@ for r in $(seq 1 "$rounds"); do
   fetch_warm+=("$(run)")
   cold; push_cold+=("$(run --push)")
   push_warm+=("$(run --push)")
-  echo "round $r: fio cold buffered ${fio_cold[-1]} MiB/s; shoal fetch cold ${fetch_cold[-1]}, warm ${fetch_warm[-1]}; push cold ${push_cold[-1]}, warm ${push_warm[-1]} MiB/s"
+  echo "round $r: fio cold buffered ${fio_cold[-1]} MiB/s; shoal (MiB/s/msgs/s) fetch cold ${fetch_cold[-1]}, warm ${fetch_warm[-1]}; push cold ${push_cold[-1]}, warm ${push_warm[-1]}"
 done
-f=$(med "${fio_cold[@]}"); fc=$(med "${fetch_cold[@]}"); pc=$(med "${push_cold[@]}")
+mib() { for v in "$@"; do echo "${v%%/*}"; done; }
+msgs() { for v in "$@"; do echo "${v##*/}"; done; }
+f=$(med "${fio_cold[@]}"); fc=$(med $(mib "${fetch_cold[@]}")); pc=$(med $(mib "${push_cold[@]}"))
 echo "median: fio cold buffered read $f MiB/s"
-echo "median: shoal fetch cold $fc MiB/s = $(python3 -c "print(round($fc/$f,2))")x fio (target >= 0.9); warm $(med "${fetch_warm[@]}") MiB/s"
-echo "median: shoal push cold $pc MiB/s = $(python3 -c "print(round($pc/$f,2))")x fio (target >= 0.9); warm $(med "${push_warm[@]}") MiB/s"
+echo "median: shoal fetch cold $fc MiB/s ($(med $(msgs "${fetch_cold[@]}")) msgs/s) = $(python3 -c "print(round($fc/$f,2))")x fio (target >= 0.9); warm $(med $(mib "${fetch_warm[@]}")) MiB/s"
+echo "median: shoal push cold $pc MiB/s ($(med $(msgs "${push_cold[@]}")) msgs/s) = $(python3 -c "print(round($pc/$f,2))")x fio (target >= 0.9); warm $(med $(mib "${push_warm[@]}")) MiB/s"
