@@ -42,6 +42,7 @@ pub struct FileConfig {
     pub retention_check_ms: Option<u64>,
     pub idle_spin_us: Option<u64>,
     pub tail_cache_bytes: Option<usize>,
+    pub tail_cache_shard_bytes: Option<usize>,
     pub request_timeout_ms: Option<u64>,
     pub slow_consumer_timeout_ms: Option<u64>,
     pub segment_fds_max: Option<usize>,
@@ -89,6 +90,8 @@ pub struct Config {
     /// Memory per partition for its newest bytes while readers wait at its
     /// end (0: off). See `shoal_shard::tail`.
     pub tail_cache_bytes: usize,
+    /// Per shard: memory all its partitions' tail caches may hold together.
+    pub tail_cache_shard_bytes: usize,
     /// Longest a request frame may take from its first byte to its last;
     /// a connection that is slower is closed.
     pub request_timeout: Duration,
@@ -398,6 +401,9 @@ impl Config {
                 .tail_cache_bytes
                 .unwrap_or(shoal_shard::limits::TAIL_CACHE_BYTES_DEFAULT)
                 .min(1 << 30),
+            tail_cache_shard_bytes: file
+                .tail_cache_shard_bytes
+                .unwrap_or(shoal_shard::limits::TAIL_CACHE_SHARD_BYTES_DEFAULT),
             request_timeout: file
                 .request_timeout_ms
                 .map_or(limits::REQUEST_TIMEOUT_DEFAULT, Duration::from_millis),

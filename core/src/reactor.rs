@@ -105,7 +105,7 @@ impl Reactor {
                 let r = self.fetch_local(&params).await.and_then(|ok| {
                     let data = match ok.data {
                         Some(FetchData::Local(s)) => Some(FileRange {
-                            file: s.file().try_clone().map_err(|e| {
+                            file: s.share_file().map_err(|e| {
                                 crate::error::Error::io("share a log file with another core", e)
                             })?,
                             position: s.file_position(),

@@ -176,6 +176,7 @@ async fn shard_main(
     let shard_addr = std::net::SocketAddr::new(public.ip(), config.shard_port(id));
     // The storage engine's descriptor budget is per shard (per thread).
     shoal_shard::FdBudget::shard_default().set_segments_max(config.segment_fds_max);
+    shoal_shard::TailBudget::shard_default().set_bytes_max(config.tail_cache_shard_bytes);
     let config = Rc::new(config);
     let reactor = Rc::new(Reactor::new(
         id,

@@ -128,6 +128,11 @@ pub struct ConsumeArgs {
     /// Bytes per fetch / push credit.
     #[arg(long, default_value_t = 4 << 20)]
     pub fetch_bytes: u32,
+    /// Every consumer reads every partition (instead of a share of them):
+    /// many readers of the same bytes, which the broker reads from the
+    /// disk once (the report gives the disk's reads, from /proc/vmstat).
+    #[arg(long)]
+    pub all_read_all: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -144,6 +149,16 @@ pub struct E2eArgs {
     /// all | leader | none
     #[arg(long, default_value = "leader")]
     pub acks: String,
+    /// Before measuring, fill the topic with this many bytes (of --size
+    /// messages), and have another consumer read them from the start while
+    /// the measured consumer follows the tail: its catch-up rate is in the
+    /// report's settings (`catch_up`). 0: no catch-up reader.
+    #[arg(long, default_value_t = 0)]
+    pub catch_up_bytes: u64,
+    /// How the catch-up reader reads: fetch | push | none (the fill
+    /// without a reader: the baseline for the tail consumer's latency).
+    #[arg(long, default_value = "fetch")]
+    pub catch_up_reader: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -965,14 +980,16 @@ pub fn consume(a: ConsumeArgs) -> Result<(), String> {
             let hist = Rc::new(RefCell::new(histogram()));
             let (count, bytes) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
             let prog = progress(count.clone(), bytes.clone(), c.out.json);
+            let disk_before = disk_read_bytes();
             let t0 = Instant::now();
             let consumers = a.consumers.max(1);
             let mut tasks = Vec::new();
             for k in 0..consumers {
+                let all = a.all_read_all;
                 let parts: Vec<(u32, u64, u64)> = info
                     .partitions
                     .iter()
-                    .filter(|p| p.partition as usize % consumers == k)
+                    .filter(|p| all || p.partition as usize % consumers == k)
                     .map(|p| (p.partition, p.log_start_offset, p.high_watermark))
                     .collect();
                 let (client, topic, hist, count, bytes, push, fetch_bytes) = (
@@ -993,47 +1010,20 @@ pub fn consume(a: ConsumeArgs) -> Result<(), String> {
                         },
                     );
                     for (p, start, end) in parts {
-                        if push {
-                            let mut sub = consumer
-                                .subscribe(&topic, p, start, u64::from(fetch_bytes) * 4)
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            while sub.position() < end {
-                                let s = Instant::now();
-                                let (payload, records) =
-                                    sub.next_raw().await.map_err(|e| e.to_string())?;
-                                let _ = hist
-                                    .borrow_mut()
-                                    .record(s.elapsed().as_micros().max(1) as u64);
+                        read_range(
+                            &client,
+                            &consumer,
+                            (&topic, p),
+                            (start, end),
+                            push,
+                            fetch_bytes,
+                            |payload, records, took| {
+                                let _ = hist.borrow_mut().record(took.as_micros().max(1) as u64);
                                 count.set(count.get() + records);
                                 bytes.set(bytes.get() + payload);
-                            }
-                            let _ = sub.unsubscribe().await;
-                        } else {
-                            let conn = client
-                                .partition_connection(&topic, p)
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            let mut at = start;
-                            while at < end {
-                                let s = Instant::now();
-                                let (payload, records, next) = shoal_client::consumer::fetch_raw(
-                                    &conn,
-                                    &topic,
-                                    p,
-                                    at,
-                                    fetch_bytes,
-                                )
-                                .await
-                                .map_err(|e| e.to_string())?;
-                                let _ = hist
-                                    .borrow_mut()
-                                    .record(s.elapsed().as_micros().max(1) as u64);
-                                count.set(count.get() + records);
-                                bytes.set(bytes.get() + payload);
-                                at = next;
-                            }
-                        }
+                            },
+                        )
+                        .await?;
                     }
                     Ok::<(), String>(())
                 }));
@@ -1042,6 +1032,9 @@ pub fn consume(a: ConsumeArgs) -> Result<(), String> {
                 t.await.map_err(|e| e.to_string())??;
             }
             let seconds = t0.elapsed().as_secs_f64();
+            let disk_read_mib = disk_before
+                .zip(disk_read_bytes())
+                .map(|(b, a)| a.saturating_sub(b) as f64 / 1_048_576.0);
             let h = hist.borrow().clone();
             let run = Run {
                 mode: if a.push {
@@ -1058,6 +1051,7 @@ pub fn consume(a: ConsumeArgs) -> Result<(), String> {
                 broker_produce_latency_us: None,
                 settings: serde_json::json!({
                     "consumers": consumers, "size": a.size, "fill_bytes": a.fill_bytes, "push": a.push, "fetch_bytes": a.fetch_bytes,
+                    "all_read_all": a.all_read_all, "disk_read_mib": disk_read_mib,
                     "partitions": c.partitions, "topic": topic, "spawn": c.spawn, "spawn_cluster": c.spawn_cluster, "broker_cores": c.broker_cores,
                     "latency": "per fetch request (or per push)",
                 }),
@@ -1065,6 +1059,59 @@ pub fn consume(a: ConsumeArgs) -> Result<(), String> {
             finish(&c, prog, run, &h)
         },
     )
+}
+
+/// Bytes read from block devices so far, system-wide (`pgpgin` of
+/// /proc/vmstat, in KiB): what the disk delivered, whoever asked.
+fn disk_read_bytes() -> Option<u64> {
+    let vmstat = std::fs::read_to_string("/proc/vmstat").ok()?;
+    vmstat
+        .lines()
+        .find_map(|l| l.strip_prefix("pgpgin "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}
+
+/// Reads `[start, end)` of a partition, by push subscription or by fetch,
+/// calling `on_chunk(payload bytes, records, time it took)` per push or
+/// fetch answer.
+async fn read_range(
+    client: &Client,
+    consumer: &Consumer,
+    (topic, p): (&str, u32),
+    (start, end): (u64, u64),
+    push: bool,
+    fetch_bytes: u32,
+    mut on_chunk: impl FnMut(u64, u64, Duration),
+) -> Result<(), String> {
+    if push {
+        let mut sub = consumer
+            .subscribe(topic, p, start, u64::from(fetch_bytes) * 4)
+            .await
+            .map_err(|e| e.to_string())?;
+        while sub.position() < end {
+            let s = Instant::now();
+            let (payload, records) = sub.next_raw().await.map_err(|e| e.to_string())?;
+            on_chunk(payload, records, s.elapsed());
+        }
+        let _ = sub.unsubscribe().await;
+    } else {
+        let conn = client
+            .partition_connection(topic, p)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut at = start;
+        while at < end {
+            let s = Instant::now();
+            let (payload, records, next) =
+                shoal_client::consumer::fetch_raw(&conn, topic, p, at, fetch_bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            on_chunk(payload, records, s.elapsed());
+            at = next;
+        }
+    }
+    Ok(())
 }
 
 // ---- e2e --------------------------------------------------------------------
@@ -1081,6 +1128,17 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
             topic,
             addr,
         } = session;
+        if a.catch_up_bytes > 0 {
+            fill(
+                &client,
+                &topic,
+                c.partitions,
+                a.size,
+                a.catch_up_bytes,
+                c.out.json,
+            )
+            .await?;
+        }
         let info = client
             .describe_topic(&topic)
             .await
@@ -1111,6 +1169,27 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
                     .map_err(|e| e.to_string())?,
             );
         }
+        // The catch-up reader: `shoal-perf consume` of every partition from
+        // its start to where the fill ended, as a process of its own at the
+        // lowest CPU priority, started as measuring starts. In this process
+        // it would share the harness's one thread with the measured
+        // producer and consumer and delay them itself (its 4 MiB answers
+        // take milliseconds to walk); as a nice-19 process on the harness's
+        // core it takes only the time the harness leaves, as a consumer on
+        // another machine would.
+        let push = match a.catch_up_reader.as_str() {
+            "fetch" => Some(false),
+            "push" => Some(true),
+            "none" => None,
+            other => return Err(format!("--catch-up-reader {other:?}: fetch, push or none")),
+        };
+        let catch_up = match (a.catch_up_bytes > 0, push) {
+            (true, Some(push)) => {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(measure_from)).await;
+                Some(start_catch_up(&addr, &topic, a.size, push)?)
+            }
+            _ => None,
+        };
         let measured_sent = Rc::new(Cell::new(0u64));
         let mut readers = Vec::new();
         for mut sub in subs {
@@ -1208,6 +1287,10 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
             r.abort();
         }
         let broker_after = client.metrics().await.ok();
+        let catch_up_report = match catch_up {
+            Some(child) => Some(finish_catch_up(child)?),
+            None => None,
+        };
         let missing = measured_sent.get().saturating_sub(received.get());
         let h = e2e_hist.borrow().clone();
         let run = Run {
@@ -1226,10 +1309,50 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
                 "rate": a.rate, "acks": a.acks, "replication": c.replication, "size": a.size, "linger_us": a.linger_us, "partitions": c.partitions, "sync": c.sync,
                 "topic": topic, "spawn": c.spawn, "spawn_cluster": c.spawn_cluster, "broker_cores": c.broker_cores,
                 "latency": "intended send time to delivery by push (corrected for coordinated omission)",
+                "catch_up": catch_up_report,
             }),
         };
         finish(&c, prog, run, &h)
     })
+}
+
+/// Starts `e2e`'s catch-up reader: this program's `consume` mode against
+/// the same broker and topic, at nice 19, on this (the harness's) core.
+fn start_catch_up(
+    addr: &str,
+    topic: &str,
+    size: usize,
+    push: bool,
+) -> Result<std::process::Child, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = std::process::Command::new("nice");
+    cmd.args(["-n", "19"])
+        .arg(exe)
+        .args(["consume", "--broker", addr, "--topic", topic, "--json"])
+        .args(["--size", &size.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    if push {
+        cmd.arg("--push");
+    }
+    cmd.spawn()
+        .map_err(|e| format!("start the catch-up reader: {e}"))
+}
+
+/// Waits for the catch-up reader and returns its report.
+fn finish_catch_up(child: std::process::Child) -> Result<serde_json::Value, String> {
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("catch-up reader: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("the catch-up reader failed: {}", out.status));
+    }
+    let r: NetReport = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("catch-up reader's report: {e}"))?;
+    Ok(serde_json::json!({
+        "mode": r.mode, "mib_per_s": r.mib_per_s, "msgs_per_s": r.msgs_per_s,
+        "messages": r.messages, "seconds": r.seconds,
+    }))
 }
 
 // ---- ping -------------------------------------------------------------------

@@ -54,3 +54,4 @@ pub use log::{Appended, PartitionLog, ReadSlice};
 pub use notify::Notify;
 pub use readahead::ReadAheadBudget;
 pub use segment::FdBudget;
+pub use tail::TailBudget;

@@ -54,6 +54,9 @@ pub const PRODUCER_BATCHES_KEPT: usize = 5;
 /// Default memory per partition for the tail cache (`crate::tail`), used
 /// only while readers wait at the end of the log.
 pub const TAIL_CACHE_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
+/// Default memory a shard's tail caches may hold together: 32 partitions
+/// with readers at their end at the default `tail_cache_bytes`.
+pub const TAIL_CACHE_SHARD_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
 /// How far past a forward reader's position its partition keeps the log
 /// on its way into the page cache (`crate::readahead`), topped up in
 /// halves, so the disk works at queue depth while the socket drains what
@@ -63,6 +66,9 @@ pub const TAIL_CACHE_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
 /// 16 MiB 543, 32 MiB 737, 64 MiB 750. 32 MiB is the knee; 64 doubles the
 /// page cache a reader holds for 2 %.
 pub const READ_AHEAD_WINDOW_BYTES: u64 = 32 * 1024 * 1024;
+/// How much of a reader's window is used before its read-ahead tops it up
+/// again (one burst of advice at most this large, after the first).
+pub const READ_AHEAD_STEP_BYTES: u64 = 4 * 1024 * 1024;
 /// Bytes per read-ahead advice call: the kernel reads at most
 /// `max(read_ahead_kb, max_sectors_kb)` per `posix_fadvise`, 1.25 MiB with
 /// common defaults, so larger advice would be cut short.

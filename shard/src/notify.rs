@@ -53,9 +53,20 @@ impl Slots {
 impl Notify {
     pub fn notify_all(&self) {
         self.generation.set(self.generation.get() + 1);
-        let slots = std::mem::take(&mut *self.waiters.borrow_mut());
-        for w in slots.wakers.into_iter().flatten() {
+        let mut wakers = {
+            let mut s = self.waiters.borrow_mut();
+            s.free.clear();
+            s.live = 0;
+            std::mem::take(&mut s.wakers)
+        };
+        for w in wakers.drain(..).flatten() {
             w.wake();
+        }
+        // The slab keeps its capacity: waiting again after a wake-up (a
+        // stream at the end of its log, once per append) allocates nothing.
+        let mut s = self.waiters.borrow_mut();
+        if s.wakers.is_empty() {
+            s.wakers = wakers;
         }
     }
 

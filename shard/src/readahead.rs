@@ -31,7 +31,7 @@
 
 use crate::limits::{
     READ_AHEAD_ADVICE_BYTES, READ_AHEAD_IDLE, READ_AHEAD_SHARD_BYTES_DEFAULT,
-    READ_AHEAD_STREAMS_MAX, READ_AHEAD_WINDOW_BYTES,
+    READ_AHEAD_STEP_BYTES, READ_AHEAD_STREAMS_MAX, READ_AHEAD_WINDOW_BYTES,
 };
 use crate::rt;
 use crate::segment::{Segment, SegmentFiles};
@@ -221,8 +221,12 @@ impl ReadAhead {
         let from = s.advised_end.max(start);
         let own_end = end.min(visible);
         let target = (s.read_end + window).min(visible);
-        // Top up once half the window is used: fewer, larger advice calls.
-        let due = own_end > from || target >= s.advised_end + window / 2;
+        // Top up once a step of the window is used. Advice is read by the
+        // disk at once, queued ahead of whatever comes after it (a
+        // produce's write): small steps keep that queue short while the
+        // window stays as far ahead.
+        let step = READ_AHEAD_STEP_BYTES.min(window / 2).max(1);
+        let due = own_end > from || target >= s.advised_end + step;
         if !due || target <= from {
             s.share.set(s.advised_end.saturating_sub(s.read_end));
             return None;
@@ -275,10 +279,10 @@ impl Advice {
         self.start
     }
 
-    /// Asks the kernel, from the executor's blocking thread, to read the
-    /// range into the page cache, without waiting for the reads. Runs
-    /// detached: the reader polls residency on its own (`SegmentFiles::
-    /// resident_from`), so a lost advice only costs speed.
+    /// Asks the kernel, from the shard's read-ahead thread ([`advise`]),
+    /// to read the range into the page cache, without waiting for the
+    /// reads. The reader polls residency on its own
+    /// (`SegmentFiles::resident_from`), so a lost advice only costs speed.
     pub(crate) fn issue(self) {
         let file = match self.files.file().try_clone() {
             Ok(f) => f,
@@ -287,10 +291,67 @@ impl Advice {
                 return;
             }
         };
-        let (start, end) = (self.start, self.end);
+        advise(file, self.start, self.end);
+    }
+}
+
+/// One range to advise, on the read-ahead thread.
+struct Job {
+    file: std::fs::File,
+    start: u64,
+    end: u64,
+}
+
+thread_local! {
+    /// The calling shard's read-ahead thread, started at its first advice.
+    static ADVISOR: RefCell<Option<std::sync::mpsc::Sender<Job>>> = const { RefCell::new(None) };
+}
+
+/// Advises `[start, end)` of `file` on the shard's read-ahead thread.
+///
+/// `posix_fadvise(WILLNEED)` allocates the pages and submits the reads in
+/// the calling thread (~1 ms of kernel time per 4 MiB, and it blocks while
+/// the disk's queue is full), and a reader catching up at disk speed asks
+/// for hundreds of MiB/s of it. The executor's blocking pool is one thread
+/// per shard, which also runs the produce path's blocking work (segment
+/// rolls, durable writes): queued behind a window of advice, a roll would
+/// wait for the disk to read megabytes for somebody else. So each shard
+/// has a thread of its own for advice (it inherits the shard's core).
+/// Falls back to the blocking pool if that thread cannot be started.
+fn advise(file: std::fs::File, start: u64, end: u64) {
+    let job = Job { file, start, end };
+    let job = ADVISOR.with(|a| {
+        let mut a = a.borrow_mut();
+        if a.is_none() {
+            *a = start_advisor();
+        }
+        match a.as_ref() {
+            Some(tx) => tx.send(job).err().map(|e| e.0),
+            None => Some(job),
+        }
+    });
+    if let Some(Job { file, start, end }) = job {
         rt::spawn_detached(rt::spawn_blocking(move || {
             advise_blocking(&file, start, end)
         }));
+    }
+}
+
+fn start_advisor() -> Option<std::sync::mpsc::Sender<Job>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let name = format!("{}-ra", std::thread::current().name().unwrap_or("shard"));
+    let started = std::thread::Builder::new().name(name).spawn(move || {
+        // Ends when the shard's thread (the sender's owner) ends.
+        while let Ok(j) = rx.recv() {
+            advise_blocking(&j.file, j.start, j.end);
+        }
+    });
+    match started {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "no read-ahead thread; advice runs on the blocking pool");
+            None
+        }
     }
 }
 
@@ -391,6 +452,26 @@ mod tests {
             Some((60 * M, 64 * M))
         );
         assert_eq!(budget.bytes(), 2 * M);
+    }
+
+    /// With a window larger than two steps, a forward reader's window is
+    /// topped up a step at a time: bursts of advice stay small (the disk
+    /// reads them ahead of the writes that follow) while the window stays
+    /// as far ahead.
+    #[test]
+    fn large_windows_are_topped_up_in_steps() {
+        let (_d, seg, files) = segment(64 << 20);
+        let mut ra = ReadAhead::new(ReadAheadBudget::new(u64::MAX));
+        ra.set_window_bytes(32 << 20);
+        const M: u64 = 1 << 20;
+        let step = READ_AHEAD_STEP_BYTES;
+        assert_eq!(range(ra.on_read(&seg, &files, 0, M)), Some((0, 33 * M)));
+        assert_eq!(range(ra.on_read(&seg, &files, M, M + step - 1)), None);
+        assert_eq!(
+            range(ra.on_read(&seg, &files, M, M + step)),
+            Some((33 * M, 33 * M + step))
+        );
+        assert_eq!(ra.ahead_bytes(), 32 * M);
     }
 
     /// At most `READ_AHEAD_STREAMS_MAX` streams per partition, the least

@@ -66,6 +66,14 @@ pub async fn yield_if_needed() {
     glommio::yield_if_needed().await;
 }
 
+/// Lets the executor look at its rings (new requests, completions) and
+/// run what they woke before this task goes on: for a task that keeps the
+/// core busy in bounded pieces of kernel work (sendfile of megabytes),
+/// which `yield_if_needed` would let run for its whole time slice.
+pub async fn yield_to_io() {
+    glommio::executor().yield_task_queue_now().await;
+}
+
 /// Runs blocking work (file-system calls glommio cannot issue through
 /// io_uring: `read_dir`, `create_dir_all`, `remove_file`, `statvfs`, ...)
 /// on the executor's blocking thread, so the core keeps serving meanwhile.

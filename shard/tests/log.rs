@@ -465,6 +465,40 @@ fn the_tail_cache_shows_only_written_batches() {
     });
 }
 
+/// A reader catching up within the tail cache's reach of the end (not
+/// waiting there) starts the cache filling, so once it reaches the bytes
+/// written after its read it is served from memory; a reader far behind
+/// does not.
+#[test]
+fn a_reader_near_the_end_starts_the_tail_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let config = LogConfig {
+            segment_bytes: 1 << 20,
+            tail_cache_bytes: 8 * 1024,
+            ..small(SyncMode::None)
+        };
+        let log = PartitionLog::open(&path, config).await.unwrap();
+        // 40 batches of ~1 KiB: nobody reads, nothing is cached.
+        for i in 0..40u64 {
+            log.append_acked(&batch(i, 1, 1000, 0)).await.unwrap();
+        }
+        assert!(!log.read(39, 1).unwrap().is_cached());
+        // Far behind (offset 0, ~40 KiB from the end): still nothing.
+        let far = log.read_ready(0, 1, Duration::from_secs(1)).await.unwrap();
+        assert!(!far.is_cached());
+        log.append_acked(&batch(40, 1, 1000, 0)).await.unwrap();
+        assert!(!log.read(40, 1).unwrap().is_cached());
+        // Near the end (~4 KiB behind): the next appends are cached.
+        let near = log.read_ready(37, 1, Duration::from_secs(1)).await.unwrap();
+        assert!(!near.is_cached());
+        log.append_acked(&batch(41, 1, 1000, 0)).await.unwrap();
+        assert!(log.read(41, 1).unwrap().is_cached(), "served from memory");
+        log.close().await.unwrap();
+    });
+}
+
 /// A partition with 1 GiB segments reserves one preallocation step of disk,
 /// not the whole segment, and keeps its reservation ahead of the writer as
 /// it fills (issue 9 #2: one topic could reserve a terabyte).

@@ -348,6 +348,65 @@ async fn slow_push_subscriber_never_gets_more_than_its_credit() {
     assert_eq!(p.records[0].value.as_deref(), Some(&b"live"[..]));
 }
 
+/// A push subscription streams a backlog of many slices (~20 MiB, read
+/// from the segment file) and then follows appends that arrive while it
+/// reads: every record once, in order, with no gap between the backlog and
+/// the live part (issue 16: the stream driven by the log, the next slice
+/// read while the last one is sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_stream_catches_up_then_follows_in_order() {
+    let broker = Broker::start(two_shards());
+    let client = Client::connect(&broker.addr()).await.unwrap();
+    client
+        .create_topic(&NewTopic::new("stream", 1))
+        .await
+        .unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    let value = |i: u32| format!("{i:08}{}", "v".repeat(1000)).into_bytes();
+    const BACKLOG: u32 = 20_000;
+    const LIVE: u32 = 5_000;
+    let mut ds = Vec::new();
+    for i in 0..BACKLOG {
+        ds.push(producer.send_to("stream", 0, None, &value(i)).unwrap());
+    }
+    for d in ds {
+        d.await.unwrap();
+    }
+    let consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let mut sub = consumer.subscribe("stream", 0, 0, 8 << 20).await.unwrap();
+    let live = tokio::spawn(async move {
+        for i in BACKLOG..BACKLOG + LIVE {
+            producer
+                .send_to("stream", 0, None, &value(i))
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let mut next = 0u32;
+    let mut pushes = 0;
+    while next < BACKLOG + LIVE {
+        let p = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("stalled at {next}: {}", broker.log_text()))
+            .unwrap();
+        pushes += 1;
+        for r in p.records {
+            assert_eq!(r.offset, u64::from(next), "every record once, in order");
+            assert_eq!(r.value.as_deref(), Some(&value(next)[..]));
+            next += 1;
+        }
+    }
+    live.await.unwrap();
+    assert!(
+        pushes > 5,
+        "the backlog came in several slices ({pushes} pushes)"
+    );
+    // Nothing more than what was produced.
+    let extra = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    assert!(extra.is_err(), "no record past the end");
+}
+
 fn metric(m: &[(String, u64)], name: &str) -> u64 {
     m.iter().find(|(k, _)| k == name).map(|(_, v)| *v).unwrap()
 }

@@ -11,6 +11,9 @@ use futures::io::{AsyncWrite, AsyncWriteExt};
 use std::io;
 use std::os::fd::RawFd;
 
+/// Most bytes one `sendfile` call is asked for.
+const SENDFILE_PIECE_BYTES: u64 = 256 * 1024;
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Sent {
     pub zero_copy: u64,
@@ -50,7 +53,15 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
     while len > 0 {
         let flags = set_nonblocking(sock, true)?;
         let mut off = position as libc::off_t;
-        let chunk = len.min(1 << 30) as usize;
+        // A bounded piece per call, and a look at the executor's rings
+        // between pieces: one sendfile of megabytes to a fast reader keeps
+        // the shard in the kernel for milliseconds (on loopback it also
+        // runs the receiving side's TCP processing), during which no
+        // request is read. Measured with perf/scripts/read-targets.sh (one
+        // partition, 1 KiB messages, 4 MiB fetches, 3 interleaved rounds):
+        // warm fetch 1,947 MiB/s with 256 KiB pieces against 1,375 with
+        // whole slices; cold fetch 1,059 / 988, cold push 1,239 / 1,079.
+        let chunk = len.min(SENDFILE_PIECE_BYTES) as usize;
         // SAFETY: both descriptors are open for the duration of the call;
         // `off` is a valid pointer to a local.
         let n = unsafe { libc::sendfile(sock, file, &mut off, chunk) };
@@ -62,6 +73,9 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
             len -= n as u64;
             sent.zero_copy += n as u64;
             progress_since.set(Some(std::time::Instant::now()));
+            if len > 0 {
+                crate::rt::yield_to_io().await;
+            }
             continue;
         }
         if n == 0 {

@@ -61,6 +61,14 @@ impl ReadSlice {
             Source::Segment(f) => f.file(),
         }
     }
+    /// A duplicate of [`ReadSlice::file`]'s descriptor for another core to
+    /// send from (a tail cache block is then never reused).
+    pub fn share_file(&self) -> std::io::Result<std::fs::File> {
+        match &self.source {
+            Source::Cached(b) => b.share_file(),
+            Source::Segment(f) => f.file().try_clone(),
+        }
+    }
     /// Where the slice starts in [`ReadSlice::file`].
     pub fn file_position(&self) -> u64 {
         match &self.source {
@@ -184,12 +192,21 @@ impl PartitionLog {
             .find(|s| s.base_offset <= from)?
             .clone();
         if st.tail.read(seg.base_offset, seg.len(), from, 1).is_some() {
+            // Served from memory: a reader just behind the end keeps the
+            // cache filling as much as one waiting at the end.
+            drop(st);
+            self.inner.st.borrow_mut().tail_interest = Some(rt::now());
             return None;
         }
         let files = seg.files().ok()?;
         let rel = u32::try_from(from - seg.base_offset).ok()?;
         let (_, floor) = files.index().floor_offset(rel);
         let start = u64::from(floor);
+        // A reader within the cache's reach of the end (fallen a little
+        // behind, catching up) starts the cache filling, so it is served
+        // from memory once it reaches the bytes written from now on.
+        let near_end = Rc::ptr_eq(&seg, &st.active)
+            && st.active_bytes.saturating_sub(start) <= self.inner.config.tail_cache_bytes as u64;
         // The batch holding `from` starts at most an index interval and a
         // batch past the floor entry; the slice then covers up to
         // `max_bytes` (at least one batch) and the next batch's header.
@@ -206,6 +223,9 @@ impl PartitionLog {
             None
         };
         drop(st);
+        if near_end {
+            self.inner.st.borrow_mut().tail_interest = Some(rt::now());
+        }
         let advice = ra.on_read(&seg, &files, start, end);
         let advised_from = match advice {
             Some(a) => {

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The tail consumer's latency while another consumer catches up on the same
+# partition (issue 16): shoal-perf e2e at 10k msgs/s of 1 KiB after a
+# 2 GiB fill, with no catch-up reader (the baseline), a fetching one and a
+# pushing one (a nice-19 shoal-perf consume on the harness's core), in
+# interleaved rounds; prints every run, then medians. SHOAL_BIN picks the
+# broker binary (e.g. another commit's, for a before/after pair).
+#   perf/scripts/catchup-targets.sh [ROUNDS] [READERS]
+set -euo pipefail
+here=$(cd "$(dirname "$0")/../.." && pwd)
+rounds=${1:-3}
+readers=${2:-none fetch push}
+cd "$here"
+cargo build --release -p shoal-core -p shoal-perf
+perf=target/release/shoal-perf
+py='import json,sys; j=json.load(sys.stdin); l=j["latency_us"]; c=j["settings"].get("catch_up") or {}; print(l["p50"], l["p99"], l["p999"], round(c.get("mib_per_s", 0)), round(c.get("msgs_per_s", 0)))'
+declare -A p99 p999
+for r in $(seq 1 "$rounds"); do
+  for reader in $readers; do
+    sync; sleep 3
+    read -r p50 a b mib msgs < <("$perf" e2e --spawn --rate 10000 --size 1024 --duration 8s \
+      --catch-up-bytes 2147483648 --catch-up-reader "$reader" --json 2>/dev/null | python3 -c "$py")
+    echo "round $r, catch-up $reader: tail e2e p50 $p50 us, p99 $a us, p99.9 $b us; catch-up reader $mib MiB/s, $msgs msgs/s"
+    p99[$reader]+="$a "; p999[$reader]+="$b "
+  done
+done
+med() { printf '%s\n' $1 | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+for reader in $readers; do
+  echo "median, catch-up $reader: tail p99 $(med "${p99[$reader]}") us, p99.9 $(med "${p999[$reader]}") us"
+done
