@@ -326,6 +326,47 @@ fn acls_allow_per_topic_and_changes_reach_open_connections() {
             answer_code(&mut s, &mut buf, &produce_frame(2, "orders")),
             ErrorCode::AuthorizationFailed
         );
+        // Consuming needs `consume`; produce on a topic does not give it.
+        let fetch = raw::request(9, fb::RequestBody::FetchRequest, |fbb| {
+            let t = fbb.create_string("audit");
+            fb::FetchRequest::create(
+                fbb,
+                &fb::FetchRequestArgs {
+                    topic: Some(t),
+                    replica_id: -1,
+                    max_bytes: 1024,
+                    ..Default::default()
+                },
+            )
+            .as_union_value()
+        });
+        assert_eq!(
+            answer_code(&mut s, &mut buf, &fetch),
+            ErrorCode::AuthorizationFailed
+        );
+        assert_eq!(
+            answer_code(&mut s, &mut buf, &raw::subscribe(10, "audit", 1024)),
+            ErrorCode::AuthorizationFailed
+        );
+        // A group needs `consume` on the group and its topics.
+        let join = raw::request(11, fb::RequestBody::GroupHeartbeatRequest, |fbb| {
+            let g = fbb.create_string("g1");
+            let t = fbb.create_string("audit");
+            let topics = fbb.create_vector(&[t]);
+            fb::GroupHeartbeatRequest::create(
+                fbb,
+                &fb::GroupHeartbeatRequestArgs {
+                    group: Some(g),
+                    topics: Some(topics),
+                    ..Default::default()
+                },
+            )
+            .as_union_value()
+        });
+        assert_eq!(
+            answer_code(&mut s, &mut buf, &join),
+            ErrorCode::AuthorizationFailed
+        );
         // Refused, not closed: the connection still serves.
         assert_eq!(
             answer_code(&mut s, &mut buf, &produce_frame(3, "audit")),
@@ -334,6 +375,10 @@ fn acls_allow_per_topic_and_changes_reach_open_connections() {
         // Alice may not administer.
         let alice = client(&addr, "alice", "alice-pw").await;
         let e = alice.create_user("mallory", "x", false).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::AuthorizationFailed));
+        let e = alice.metrics().await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::AuthorizationFailed));
+        let e = alice.delete_topic("orders").await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::AuthorizationFailed));
         let topics: BTreeSet<String> = alice
             .list_topics()
@@ -525,6 +570,7 @@ fn user_and_acl_commands_and_a_restart() {
     for pw in [ADMIN_PW, "bob-pw", "carol-pw"] {
         assert!(!text.contains(pw));
     }
+    assert!(b.terminate(), "a clean stop");
     b.restart();
     let (ok, out, err) = cli(&addr, &["--credentials-file", f, "topic", "list"], &[], "");
     assert!(ok, "{err}");
@@ -536,8 +582,12 @@ fn user_and_acl_commands_and_a_restart() {
         "",
     );
     assert!(ok, "{err}");
-    let (ok, _, _) = cli(&addr, &["--credentials-file", f, "topic", "list"], &[], "");
-    assert!(!ok, "a deleted user cannot log in");
+    let (ok, out, err) = cli(&addr, &["--credentials-file", f, "topic", "list"], &[], "");
+    assert!(
+        !ok,
+        "a deleted user cannot log in: {out} {err}\n{}",
+        b.log_text()
+    );
 }
 
 /// With auth on and no user yet, a broker refuses to start without the
