@@ -455,8 +455,11 @@ mod tests {
     const SERVER_FINAL: &str = "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
 
     fn rfc_credential() -> Credential {
-        let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
-        Credential::derive("pencil", &salt, 4096).unwrap()
+        static CRED: std::sync::LazyLock<Credential> = std::sync::LazyLock::new(|| {
+            let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+            Credential::derive("pencil", &salt, 4096).unwrap()
+        });
+        CRED.clone()
     }
 
     #[test]
@@ -549,6 +552,25 @@ mod tests {
             c.server_first(b"r=abcdef,s=AAAA,i=1").err(),
             Some(ScramError::Iterations(1))
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever a peer sends, each end answers with an error, never a
+        /// panic.
+        #[test]
+        fn arbitrary_messages_never_panic(msg in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = ClientFirst::parse(&msg);
+            let mut first = b"n,,n=u,r=".to_vec();
+            first.extend_from_slice(&msg);
+            let _ = ClientFirst::parse(&first);
+            let (s, _) = ClientFirst::parse(b"n,,n=u,r=abc").unwrap().respond_with_nonce(&rfc_credential(), "xyz").unwrap();
+            let _ = s.client_final(&msg);
+            let mut fin = b"c=biws,r=abcxyz,p=".to_vec();
+            fin.extend_from_slice(&msg);
+            proptest::prop_assert!(s.client_final(&fin).is_err());
+            let (c, _) = ScramClient::with_nonce("u", "p", "abc").unwrap();
+            let _ = c.server_first(&msg);
+        }
     }
 
     #[test]
