@@ -407,37 +407,38 @@ impl Conn {
     }
 
     pub async fn add_acl(&self, corr: u32, req: fb::Request<'_>) -> std::io::Result<()> {
-        let rule = req
-            .body_as_add_acl_request()
-            .ok_or_else(body_mismatch)
-            .and_then(|a| rule_of(a.acl()));
-        match rule {
-            Ok(r) => {
-                self.change_security(
-                    corr,
-                    SecurityChange::AddAcl(r),
-                    fb::ResponseBody::AddAclResponse,
-                )
-                .await
-            }
-            Err(e) => self.fail(corr, e).await,
-        }
+        let entry = req.body_as_add_acl_request().map(|a| a.acl());
+        self.change_acl(
+            corr,
+            entry,
+            SecurityChange::AddAcl,
+            fb::ResponseBody::AddAclResponse,
+        )
+        .await
     }
 
     pub async fn remove_acl(&self, corr: u32, req: fb::Request<'_>) -> std::io::Result<()> {
-        let rule = req
-            .body_as_remove_acl_request()
-            .ok_or_else(body_mismatch)
-            .and_then(|a| rule_of(a.acl()));
-        match rule {
-            Ok(r) => {
-                self.change_security(
-                    corr,
-                    SecurityChange::RemoveAcl(r),
-                    fb::ResponseBody::RemoveAclResponse,
-                )
-                .await
-            }
+        let entry = req.body_as_remove_acl_request().map(|a| a.acl());
+        self.change_acl(
+            corr,
+            entry,
+            SecurityChange::RemoveAcl,
+            fb::ResponseBody::RemoveAclResponse,
+        )
+        .await
+    }
+
+    /// Adds or removes the rule `entry` names (`None`: the request's body
+    /// was not the kind its type said).
+    async fn change_acl(
+        &self,
+        corr: u32,
+        entry: Option<Option<fb::AclEntry<'_>>>,
+        change: fn(AclRule) -> SecurityChange,
+        answer: fb::ResponseBody,
+    ) -> std::io::Result<()> {
+        match entry.ok_or_else(body_mismatch).and_then(rule_of) {
+            Ok(r) => self.change_security(corr, change(r), answer).await,
             Err(e) => self.fail(corr, e).await,
         }
     }
