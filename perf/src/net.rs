@@ -1183,10 +1183,17 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
             "none" => None,
             other => return Err(format!("--catch-up-reader {other:?}: fetch, push or none")),
         };
+        // Started by a task of its own as measuring starts: waiting for
+        // that here would hold back the producer loop below, whose warmup
+        // messages would then all go out in one burst as measuring starts
+        // and queue the first measured ones behind them.
         let catch_up = match (a.catch_up_bytes > 0, push) {
             (true, Some(push)) => {
-                tokio::time::sleep_until(tokio::time::Instant::from_std(measure_from)).await;
-                Some(start_catch_up(&addr, &topic, a.size, push)?)
+                let (addr, topic, size) = (addr.clone(), topic.clone(), a.size);
+                Some(tokio::task::spawn_local(async move {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(measure_from)).await;
+                    start_catch_up(&addr, &topic, size, push)
+                }))
             }
             _ => None,
         };
@@ -1288,7 +1295,12 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
         }
         let broker_after = client.metrics().await.ok();
         let catch_up_report = match catch_up {
-            Some(child) => Some(finish_catch_up(child)?),
+            Some(started) => {
+                let child = started
+                    .await
+                    .map_err(|e| format!("catch-up reader task: {e}"))??;
+                Some(finish_catch_up(child)?)
+            }
             None => None,
         };
         let missing = measured_sent.get().saturating_sub(received.get());
@@ -1316,6 +1328,19 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
     })
 }
 
+/// `e2e`'s catch-up reader process; killed (and reaped) if the run ends
+/// before its report is read, so an e2e that fails leaves nothing behind.
+struct CatchUpChild(Option<std::process::Child>);
+
+impl Drop for CatchUpChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Starts `e2e`'s catch-up reader: this program's `consume` mode against
 /// the same broker and topic, at nice 19, on this (the harness's) core.
 fn start_catch_up(
@@ -1323,7 +1348,7 @@ fn start_catch_up(
     topic: &str,
     size: usize,
     push: bool,
-) -> Result<std::process::Child, String> {
+) -> Result<CatchUpChild, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = std::process::Command::new("nice");
     cmd.args(["-n", "19"])
@@ -1336,12 +1361,16 @@ fn start_catch_up(
         cmd.arg("--push");
     }
     cmd.spawn()
+        .map(|c| CatchUpChild(Some(c)))
         .map_err(|e| format!("start the catch-up reader: {e}"))
 }
 
 /// Waits for the catch-up reader and returns its report.
-fn finish_catch_up(child: std::process::Child) -> Result<serde_json::Value, String> {
+fn finish_catch_up(mut child: CatchUpChild) -> Result<serde_json::Value, String> {
     let out = child
+        .0
+        .take()
+        .ok_or("the catch-up reader was already finished")?
         .wait_with_output()
         .map_err(|e| format!("catch-up reader: {e}"))?;
     if !out.status.success() {
