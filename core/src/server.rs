@@ -410,7 +410,7 @@ mod tests {
 
     /// How long a shard with `task_preempt` takes to see bytes arrive on a
     /// socket while another task is always ready (yielding between pieces
-    /// of work, as a send loop does): the mean of a few tries.
+    /// of work, as a send loop does): the worst of a few tries.
     fn read_delay_behind_a_busy_task(task_preempt: Duration) -> Duration {
         let mut config = Config::load(&crate::config::Overrides::default()).expect("defaults");
         config.task_preempt = task_preempt;
@@ -444,19 +444,19 @@ mod tests {
                     }
                 })
             };
-            let mut delays = Vec::with_capacity(5);
+            let mut worst = Duration::ZERO;
             for _ in 0..5 {
                 let mut b = [0u8; 1];
                 futures::io::AsyncReadExt::read_exact(&mut stream, &mut b)
                     .await
                     .expect("read");
                 let sent = sent_at.lock().expect("lock").expect("sent");
-                delays.push(sent.elapsed());
+                worst = worst.max(sent.elapsed());
             }
             busy.set(false);
             spinner.await;
             writer.join().expect("writer");
-            delays.iter().sum::<Duration>() / delays.len() as u32
+            worst
         })
     }
 
@@ -466,14 +466,12 @@ mod tests {
     fn a_busy_task_does_not_hold_up_socket_reads() {
         let short = read_delay_behind_a_busy_task(Duration::from_millis(1));
         assert!(
-            short < Duration::from_millis(10),
+            short < Duration::from_millis(40),
             "read waited {short:?} behind a busy task"
         );
-        // For comparison (printed, not asserted: how long depends on the
-        // phase of the writes against the timer and on the machine's load;
-        // a mean of 17-28 ms here, against 0.5-0.9 ms with 1 ms): glommio's
-        // default, the reason for the setting.
+        // The same with glommio's default: the reason for the setting.
         let long = read_delay_behind_a_busy_task(Duration::from_millis(100));
         eprintln!("read delay behind a busy task: {short:?} with 1 ms, {long:?} with 100 ms");
+        assert!(long > short, "default {long:?}, short {short:?}");
     }
 }
