@@ -22,19 +22,6 @@ use std::time::Duration;
 /// 10.2 ms for 0 vs 200 µs of spin; produce throughput unchanged.
 pub const IDLE_SPIN_US_DEFAULT: u64 = 0;
 
-/// How long a shard runs ready tasks before it looks at its io_uring rings
-/// again (glommio's preemption timer; its own default is 100 ms).
-/// Completions of the main ring (a socket read, a direct write) do not
-/// interrupt a busy shard: while a send loop is always ready (a consumer
-/// reading from the page cache as fast as the socket takes it), a produce
-/// request that arrived waits in the ring until the timer fires.
-/// `server::tests::a_busy_task_does_not_hold_up_socket_reads` shows it:
-/// bytes reach a reader behind an always-ready task in about 1 ms with
-/// 1 ms, up to tens of ms with 100 ms. In `shoal-perf e2e` with a catch-up
-/// reader on this 2-core machine the send loop often waits for a full
-/// socket, and the tail p99 did not move either way (3 interleaved rounds).
-pub const TASK_PREEMPT_US_DEFAULT: u64 = 1_000;
-
 /// Settings as read from the TOML file (all optional).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,7 +41,6 @@ pub struct FileConfig {
     pub retention_bytes: Option<u64>,
     pub retention_check_ms: Option<u64>,
     pub idle_spin_us: Option<u64>,
-    pub task_preempt_us: Option<u64>,
     pub tail_cache_bytes: Option<usize>,
     pub tail_cache_shard_bytes: Option<usize>,
     pub request_timeout_ms: Option<u64>,
@@ -101,8 +87,6 @@ pub struct Config {
     /// How long an idle shard polls before it sleeps (lower wake-up latency
     /// for a little CPU).
     pub idle_spin: Duration,
-    /// How long a shard runs ready tasks before it polls its rings again.
-    pub task_preempt: Duration,
     /// Memory per partition for its newest bytes while readers wait at its
     /// end (0: off). See `shoal_shard::tail`.
     pub tail_cache_bytes: usize,
@@ -413,11 +397,6 @@ impl Config {
                     .unwrap_or(IDLE_SPIN_US_DEFAULT)
                     .min(1_000_000),
             ),
-            task_preempt: Duration::from_micros(
-                file.task_preempt_us
-                    .unwrap_or(TASK_PREEMPT_US_DEFAULT)
-                    .clamp(100, 1_000_000),
-            ),
             tail_cache_bytes: file
                 .tail_cache_bytes
                 .unwrap_or(shoal_shard::limits::TAIL_CACHE_BYTES_DEFAULT)
@@ -578,29 +557,5 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("partial_frames_bytes_max"), "{e}");
-    }
-
-    /// The shard's preemption timer is short by default (glommio's own
-    /// 100 ms let ready tasks hold produce requests in the ring), is
-    /// configurable, and is kept within sane bounds.
-    #[test]
-    fn task_preempt_defaults_short_and_is_bounded() {
-        let dir = std::env::temp_dir().join(format!("shoal-cfg-preempt-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("shoal.toml");
-        let load = |text: &str| {
-            std::fs::write(&p, text).unwrap();
-            Config::load(&Overrides {
-                config: Some(p.clone()),
-                ..Default::default()
-            })
-            .unwrap()
-            .task_preempt
-        };
-        assert_eq!(load(""), Duration::from_millis(1));
-        assert_eq!(load("task_preempt_us = 250\n"), Duration::from_micros(250));
-        assert_eq!(load("task_preempt_us = 0\n"), Duration::from_micros(100));
-        assert_eq!(load("task_preempt_us = 99999999\n"), Duration::from_secs(1));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

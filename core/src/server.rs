@@ -84,7 +84,9 @@ pub fn run(config: Config) -> Result<()> {
         );
         let control = clustered.then(|| control_tx.clone());
         let from_control = if i == 0 { shards_rx.take() } else { None };
-        let h = shard_executor(Placement::Fixed(core), &config, &format!("shard-{i}"))
+        let h = LocalExecutorBuilder::new(Placement::Fixed(core))
+            .spin_before_park(config.idle_spin)
+            .name(&format!("shard-{i}"))
             .spawn(move || async move {
                 let links = ShardLinks {
                     control,
@@ -305,20 +307,6 @@ async fn accept_loop(reactor: Rc<Reactor>, listener: TcpListener, per_shard_max:
     }
 }
 
-/// A shard's executor: pinned by `placement`, with the configured idle spin
-/// and preemption timer. The timer bounds how long ready tasks run before
-/// the shard submits and reaps its io_uring rings again: a completion there
-/// (a produce request's bytes, a finished write) does not interrupt a busy
-/// shard by itself, so with glommio's own 100 ms a stream of sends that is
-/// always ready (a catch-up consumer reading from the page cache as fast as
-/// it can) would hold every other connection's requests for up to 100 ms.
-fn shard_executor(placement: Placement, config: &Config, name: &str) -> LocalExecutorBuilder {
-    LocalExecutorBuilder::new(placement)
-        .spin_before_park(config.idle_spin)
-        .preempt_timer(config.task_preempt)
-        .name(name)
-}
-
 /// Tells a connection over the limit why, then closes it.
 async fn refuse(stream: glommio::net::TcpStream, limit: usize) {
     use futures::io::AsyncWriteExt;
@@ -400,78 +388,4 @@ fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     // and set listening; ownership passes to the glommio listener (the
     // Socket gives it up with into_raw_fd, so it is closed once).
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sk)) })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-    use std::time::Instant;
-
-    /// How long a shard with `task_preempt` takes to see bytes arrive on a
-    /// socket while another task is always ready (yielding between pieces
-    /// of work, as a send loop does): the worst of a few tries.
-    fn read_delay_behind_a_busy_task(task_preempt: Duration) -> Duration {
-        let mut config = Config::load(&crate::config::Overrides::default()).expect("defaults");
-        config.task_preempt = task_preempt;
-        let ex = shard_executor(Placement::Unbound, &config, "preempt-test")
-            .make()
-            .expect("executor");
-        ex.run(async {
-            let listener = glommio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            let sent_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
-            let writer = {
-                let sent_at = sent_at.clone();
-                std::thread::spawn(move || {
-                    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-                    for _ in 0..5 {
-                        std::thread::sleep(Duration::from_millis(30));
-                        *sent_at.lock().expect("lock") = Some(Instant::now());
-                        s.write_all(&[1]).expect("write");
-                    }
-                })
-            };
-            let mut stream = listener.accept().await.expect("accept");
-            let busy = Rc::new(std::cell::Cell::new(true));
-            let spinner = {
-                let busy = busy.clone();
-                glommio::spawn_local(async move {
-                    while busy.get() {
-                        let t = Instant::now();
-                        while t.elapsed() < Duration::from_micros(50) {}
-                        rt::yield_to_io().await;
-                    }
-                })
-            };
-            let mut worst = Duration::ZERO;
-            for _ in 0..5 {
-                let mut b = [0u8; 1];
-                futures::io::AsyncReadExt::read_exact(&mut stream, &mut b)
-                    .await
-                    .expect("read");
-                let sent = sent_at.lock().expect("lock").expect("sent");
-                worst = worst.max(sent.elapsed());
-            }
-            busy.set(false);
-            spinner.await;
-            writer.join().expect("writer");
-            worst
-        })
-    }
-
-    /// A request's bytes reach a busy shard within a few preemption periods,
-    /// not after glommio's default 100 ms.
-    #[test]
-    fn a_busy_task_does_not_hold_up_socket_reads() {
-        let short = read_delay_behind_a_busy_task(Duration::from_millis(1));
-        assert!(
-            short < Duration::from_millis(40),
-            "read waited {short:?} behind a busy task"
-        );
-        // The same with glommio's default: the reason for the setting.
-        let long = read_delay_behind_a_busy_task(Duration::from_millis(100));
-        eprintln!("read delay behind a busy task: {short:?} with 1 ms, {long:?} with 100 ms");
-        assert!(long > short, "default {long:?}, short {short:?}");
-    }
 }

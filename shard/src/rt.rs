@@ -66,13 +66,10 @@ pub async fn yield_if_needed() {
     glommio::yield_if_needed().await;
 }
 
-/// Ends this task queue's turn: other ready tasks run before this task
-/// goes on, and once the executor's preemption timer has fired the rings
-/// are looked at too (new requests, completions; nothing else makes a busy
-/// executor look, so the shard sets a short timer: `task_preempt_us`). For
-/// a task that keeps the core busy in bounded pieces of kernel work
-/// (sendfile of megabytes), which `yield_if_needed` would let run for its
-/// whole time slice.
+/// Lets the executor look at its rings (new requests, completions) and
+/// run what they woke before this task goes on: for a task that keeps the
+/// core busy in bounded pieces of kernel work (sendfile of megabytes),
+/// which `yield_if_needed` would let run for its whole time slice.
 pub async fn yield_to_io() {
     glommio::executor().yield_task_queue_now().await;
 }
