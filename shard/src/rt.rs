@@ -66,10 +66,13 @@ pub async fn yield_if_needed() {
     glommio::yield_if_needed().await;
 }
 
-/// Lets the executor look at its rings (new requests, completions) and
-/// run what they woke before this task goes on: for a task that keeps the
-/// core busy in bounded pieces of kernel work (sendfile of megabytes),
-/// which `yield_if_needed` would let run for its whole time slice.
+/// Ends this task queue's turn: other ready tasks run before this task
+/// goes on. The rings (new requests, completions) are looked at only once
+/// glommio's preemption timer (100 ms by default) has fired or nothing is
+/// ready; a completion does not interrupt a busy executor by itself. For a
+/// task that keeps the core busy in bounded pieces of kernel work (sendfile
+/// of megabytes), which `yield_if_needed` would let run for its whole time
+/// slice.
 pub async fn yield_to_io() {
     glommio::executor().yield_task_queue_now().await;
 }

@@ -53,8 +53,9 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
     while len > 0 {
         let flags = set_nonblocking(sock, true)?;
         let mut off = position as libc::off_t;
-        // A bounded piece per call, and a look at the executor's rings
-        // between pieces: one sendfile of megabytes to a fast reader keeps
+        // A bounded piece per call, and a turn for other ready tasks
+        // between pieces (see rt::yield_to_io for when the rings are
+        // looked at): one sendfile of megabytes to a fast reader keeps
         // the shard in the kernel for milliseconds (on loopback it also
         // runs the receiving side's TCP processing), during which no
         // request is read. Measured with perf/scripts/read-targets.sh (one
