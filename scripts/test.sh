@@ -12,6 +12,8 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 command -v java >/dev/null || need_apt+=(default-jre-headless)
 # The partition test puts brokers in network namespaces (`ip netns`).
 command -v ip >/dev/null || need_apt+=(iproute2)
+# The Python client's TLS tests make their certificates with openssl.
+command -v openssl >/dev/null || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"

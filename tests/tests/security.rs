@@ -139,6 +139,27 @@ fn produce_frame(corr: u32, topic: &str) -> Vec<u8> {
     )
 }
 
+fn create_user_frame(corr: u32, name: &str, c: &shoal_wire::scram::Credential) -> Vec<u8> {
+    raw::request(corr, fb::RequestBody::CreateUserRequest, |fbb| {
+        let name = fbb.create_string(name);
+        let salt = fbb.create_vector(&c.salt);
+        let stored = fbb.create_vector(&c.stored_key);
+        let server = fbb.create_vector(&c.server_key);
+        fb::CreateUserRequest::create(
+            fbb,
+            &fb::CreateUserRequestArgs {
+                name: Some(name),
+                salt: Some(salt),
+                iterations: c.iterations,
+                stored_key: Some(stored),
+                server_key: Some(server),
+                replace: false,
+            },
+        )
+        .as_union_value()
+    })
+}
+
 fn answer_code(s: &mut TcpStream, buf: &mut Vec<u8>, frame: &[u8]) -> ErrorCode {
     s.write_all(frame).unwrap();
     let h = raw::read_header(s, buf).expect("an answer");
@@ -677,6 +698,19 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
             })
             .await
             .unwrap();
+        // A create sent again (a client retrying after ClusterUnavailable,
+        // when ZooKeeper lost the answer to a create that happened) is
+        // done, not UserExists; another credential for the name is.
+        let port: u16 = addrs[1].rsplit(':').next().unwrap().parse().unwrap();
+        let (mut s, mut buf, _) = authenticated(port, "admin", ADMIN_PW);
+        let bob = shoal_wire::scram::Credential::generate("bob-pw", 4096).unwrap();
+        for corr in [10, 11] {
+            let code = answer_code(&mut s, &mut buf, &create_user_frame(corr, "bob", &bob));
+            assert_eq!(code, ErrorCode::None, "create {corr}");
+        }
+        let other = shoal_wire::scram::Credential::generate("bob-pw", 4096).unwrap();
+        let code = answer_code(&mut s, &mut buf, &create_user_frame(12, "bob", &other));
+        assert_eq!(code, ErrorCode::UserExists);
         // Broker 3 learns of alice through ZooKeeper.
         let deadline = Instant::now() + Duration::from_secs(15);
         let alice = loop {
