@@ -190,6 +190,12 @@ impl RouteTx {
 
 type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
+/// Why a connection ended, as its waiting requests hear it.
+enum Why {
+    Broker(ErrorCode, String),
+    Tls(String),
+}
+
 /// A connection's sending half.
 enum WriteSide {
     /// Written without waiting where the socket has room
@@ -302,9 +308,16 @@ impl Connection {
             let r = read_loop(&mut r, &p2, &s2, &n2).await;
             c2.store(true, Ordering::SeqCst);
             // The broker said why it closed the connection (a plaintext
-            // client on a TLS port): every request waiting hears that.
+            // client on a TLS port), or TLS did (a client certificate the
+            // broker refused: under TLS 1.3 the client's handshake ends
+            // before the broker has checked it, so the refusal comes as an
+            // alert on the first read): every request waiting hears that.
             let why = match &r {
-                Err(Error::Broker { code, message }) => Some((*code, message.clone())),
+                Err(Error::Broker { code, message }) => Some(Why::Broker(*code, message.clone())),
+                Err(Error::Io(e)) => e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .map(|t| Why::Tls(t.to_string())),
                 _ => None,
             };
             if let Err(e) = r {
@@ -312,9 +325,16 @@ impl Connection {
             }
             for (_, w) in lock(&p2).drain() {
                 let e = match &why {
-                    Some((code, message)) => Error::Broker {
+                    Some(Why::Broker(code, message)) => Error::Broker {
                         code: *code,
                         message: message.clone(),
+                    },
+                    Some(Why::Tls(message)) => Error::Connect {
+                        addr: addr.to_string(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            format!("TLS: {message}"),
+                        ),
                     },
                     None => Error::Closed,
                 };
