@@ -49,6 +49,17 @@ fn config(user: &str, pw: &str) -> ClientConfig {
     }
 }
 
+/// [`config`] for a cluster: admin requests and metadata lookups keep
+/// trying through a failover (a leader's kill, a ZooKeeper session lost
+/// on a loaded machine) as long as the client's default allows, not the
+/// 2 s that single-node tests use to see refusals quickly.
+fn cluster_config(user: &str, pw: &str) -> ClientConfig {
+    ClientConfig {
+        admin_retry_max: Duration::from_secs(15),
+        ..config(user, pw)
+    }
+}
+
 async fn client(addr: &str, user: &str, pw: &str) -> Client {
     Client::connect_with_config(addr, config(user, pw))
         .await
@@ -674,7 +685,9 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
     let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
     let all = addrs.join(",");
     rt().block_on(async {
-        let admin = client(&addrs[0], "admin", ADMIN_PW).await;
+        let admin = Client::connect_with_config(&addrs[0], cluster_config("admin", ADMIN_PW))
+            .await
+            .unwrap();
         let mut t = NewTopic::new("safe", 1);
         t.replication_factor = 3;
         t.min_insync_replicas = Some(2);
@@ -682,6 +695,9 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
         loop {
             match admin.create_topic(&t).await {
                 Ok(()) => break,
+                // An attempt that timed out at the client may have
+                // created it.
+                Err(e) if e.code() == Some(ErrorCode::TopicExists) => break,
                 Err(e) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let _ = e;
@@ -714,7 +730,8 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
         // Broker 3 learns of alice through ZooKeeper.
         let deadline = Instant::now() + Duration::from_secs(15);
         let alice = loop {
-            match Client::connect_with_config(&addrs[2], config("alice", "alice-pw")).await {
+            match Client::connect_with_config(&addrs[2], cluster_config("alice", "alice-pw")).await
+            {
                 Ok(c) => break c,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
@@ -729,7 +746,7 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
             .unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::AuthorizationFailed));
 
-        let producer_client = Client::connect_with_config(&all, config("admin", ADMIN_PW))
+        let producer_client = Client::connect_with_config(&all, cluster_config("admin", ADMIN_PW))
             .await
             .unwrap();
         let producer = Producer::new(
@@ -753,7 +770,7 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
             .find(|(i, _)| *i != leader as usize - 1)
             .map(|(_, a)| a.clone())
             .unwrap();
-        let reader = Client::connect_with_config(&survivor, config("alice", "alice-pw"))
+        let reader = Client::connect_with_config(&survivor, cluster_config("alice", "alice-pw"))
             .await
             .unwrap();
         let mut consumer = Consumer::new(reader, ConsumerConfig::default());
