@@ -13,6 +13,7 @@
 # then medians and ratios to plain. Asserts nothing.
 #   perf/scripts/tls-targets.sh [ROUNDS] [SECONDS]
 # BIN_DIR: measure binaries built elsewhere instead of building this tree.
+# FILL_BYTES: the read fill (default 2 GiB; smaller for a quick try).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 rounds=${1:-3}
@@ -83,7 +84,7 @@ read_fill() { # MODE [consume flags...]
     --size 1024 --json "${@:2}" 2>/dev/null | python3 -c "$py_mib"
 }
 for m in "${modes[@]}"; do
-  read_fill "$m" --fill --fill-bytes 2147483648 >/dev/null
+  read_fill "$m" --fill --fill-bytes "${FILL_BYTES:-2147483648}" >/dev/null
   read_fill "$m" >/dev/null
 done
 
