@@ -101,20 +101,26 @@ def test_a_client_certificate_is_the_principal(pki, topic_name):
         with shoal.Client(b.addr, user="admin", password="pw-1", tls_ca=ca) as admin:
             admin.create_topic(topic_name, partitions=1)
         cert, key = str(pki / "writer.pem"), str(pki / "writer.key")
+
+        def acl_add(operation: str) -> None:
+            # With the CLI, over TLS.
+            subprocess.run(
+                [
+                    shoal_bin(), "--broker", b.addr, "--user", "admin", "--tls-ca", ca,
+                    "acl", "add", "--principal", "py-writer", "--topic", topic_name,
+                    "--operation", operation,
+                ],
+                check=True,
+                capture_output=True,
+                env={**os.environ, "SHOAL_PASSWORD": "pw-1", "SHOAL_DISCOVERY_CACHE": "off"},
+            )
+
+        # Metadata shows a principal only the topics it may describe.
+        acl_add("describe")
         with shoal.Client(b.addr, tls_ca=ca, tls_cert=cert, tls_key=key) as w:
             with pytest.raises(shoal.AuthorizationFailedError):
                 shoal.Producer(w).send(topic_name, b"no", partition=0).result(timeout=10)
-        # The rule, added with the CLI over TLS.
-        subprocess.run(
-            [
-                shoal_bin(), "--broker", b.addr, "--user", "admin", "--tls-ca", ca,
-                "acl", "add", "--principal", "py-writer", "--topic", topic_name,
-                "--operation", "produce",
-            ],
-            check=True,
-            capture_output=True,
-            env={**os.environ, "SHOAL_PASSWORD": "pw-1", "SHOAL_DISCOVERY_CACHE": "off"},
-        )
+        acl_add("produce")
         with shoal.Client(b.addr, tls_ca=ca, tls_cert=cert, tls_key=key) as w:
             shoal.Producer(w).send(topic_name, b"yes", partition=0).result(timeout=10)
     finally:
