@@ -12,6 +12,8 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 command -v java >/dev/null || need_apt+=(default-jre-headless)
 # The partition test puts brokers in network namespaces (`ip netns`).
 command -v ip >/dev/null || need_apt+=(iproute2)
+# The Python client's TLS tests make their certificates with openssl.
+command -v openssl >/dev/null || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
@@ -53,13 +55,14 @@ status=${PIPESTATUS[0]}
 set -e
 # The benchmark harness runs end to end so it never rots (no figure is
 # asserted here: benchmarks measure, tests check).
+bin=${CARGO_TARGET_DIR:-target}/debug
 if [ "$status" -eq 0 ]; then
-  target/debug/shoal-perf e2e --spawn --duration 2s --warmup 500ms --rate 2000 --json > /dev/null || status=$?
-  target/debug/shoal-perf ping --spawn --duration 1s --warmup 200ms --rate 2000 --json > /dev/null || status=$?
-  target/debug/shoal-perf hiccup --duration 1s --json > /dev/null || status=$?
-  target/debug/shoal-perf groups --spawn --commits 500 --members 3 --partitions 6 --rebalances 1 --session-timeout 3s --json > /dev/null || status=$?
+  "$bin"/shoal-perf e2e --spawn --duration 2s --warmup 500ms --rate 2000 --json > /dev/null || status=$?
+  "$bin"/shoal-perf ping --spawn --duration 1s --warmup 200ms --rate 2000 --json > /dev/null || status=$?
+  "$bin"/shoal-perf hiccup --duration 1s --json > /dev/null || status=$?
+  "$bin"/shoal-perf groups --spawn --commits 500 --members 3 --partitions 6 --rebalances 1 --session-timeout 3s --json > /dev/null || status=$?
 fi
-bash scripts/test-python.sh 2>&1 | tee -a "$log" || status=$?  # the Python client (client/python)
+SHOAL_BIN=${SHOAL_BIN:-$bin/shoal} bash scripts/test-python.sh 2>&1 | tee -a "$log" || status=$?  # the Python client (client/python)
 # One closing line over every test binary (the last one cargo prints is
 # often an empty doc-test run).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }

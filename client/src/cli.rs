@@ -37,6 +37,8 @@ pub struct Endpoint {
     pub discovery_cache: DiscoveryCache,
     /// Who to authenticate as (none: no authentication).
     pub credentials: Option<crate::Credentials>,
+    /// TLS (none: plaintext).
+    pub tls: Option<crate::TlsConfig>,
 }
 
 impl Endpoint {
@@ -48,7 +50,17 @@ impl Endpoint {
             discovery_cache: discovery_cache
                 .map_or(DiscoveryCache::Default, DiscoveryCache::from_setting),
             credentials: None,
+            tls: None,
         }
+    }
+
+    /// Sets TLS from `--tls-ca FILE` (else `SHOAL_TLS_CA`), with
+    /// `--tls-cert`/`--tls-key` (else `SHOAL_TLS_CERT`/`SHOAL_TLS_KEY`) and
+    /// `--tls-server-name` (else `SHOAL_TLS_SERVER_NAME`); none of them:
+    /// plaintext (see [`crate::TlsConfig::from_flags_or_env`]).
+    pub fn with_tls(mut self, flags: &crate::TlsFiles) -> Result<Endpoint, String> {
+        self.tls = crate::TlsConfig::from_flags_or_env(flags).map_err(|e| e.to_string())?;
+        Ok(self)
     }
 
     /// Sets the credentials from `--credentials-file FILE`, else `--user
@@ -136,6 +148,7 @@ async fn connect(to: &Endpoint) -> Result<Client, String> {
     let config = ClientConfig {
         discovery_cache: to.discovery_cache.clone(),
         credentials: to.credentials.clone(),
+        tls: to.tls.clone(),
         ..ClientConfig::default()
     };
     let c = Client::connect_with_config(&to.broker, config)

@@ -179,6 +179,10 @@ pub struct ClientConfig {
     /// authentication (a broker with auth on then refuses every request).
     /// See [`crate::Credentials`] for the environment and file forms.
     pub credentials: Option<crate::Credentials>,
+    /// Connect with TLS (every connection, shard ports included), verifying
+    /// the brokers with these CAs, presenting a client certificate if one
+    /// is set; `None`: plaintext. See [`crate::TlsConfig`].
+    pub tls: Option<crate::TlsConfig>,
 }
 
 impl Default for ClientConfig {
@@ -190,6 +194,7 @@ impl Default for ClientConfig {
             admin_retry_max: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             credentials: None,
+            tls: None,
         }
     }
 }
@@ -555,7 +560,8 @@ impl Client {
         }
         let timeout = self.inner.config.connect_timeout;
         let open = async {
-            let c = Connection::connect(addr, &self.inner.client_id).await?;
+            let tls = self.inner.config.tls.as_ref();
+            let c = Connection::connect_with(addr, &self.inner.client_id, tls).await?;
             if let Some(creds) = &self.inner.config.credentials {
                 c.authenticate(creds).await?;
             }

@@ -1,5 +1,5 @@
-//! One TCP connection to one broker port, with requests multiplexed by
-//! correlation id and pushes routed to their subscriptions.
+//! One TCP connection to one broker port (plaintext or TLS), with requests
+//! multiplexed by correlation id and pushes routed to their subscriptions.
 
 use crate::error::{Error, Result};
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
@@ -8,9 +8,11 @@ use shoal_wire::{fb, ErrorCode};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 
@@ -186,9 +188,54 @@ impl RouteTx {
     }
 }
 
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Why a connection ended, as its waiting requests hear it.
+enum Why {
+    Broker(ErrorCode, String),
+    Tls(String),
+}
+
+/// A connection's sending half.
+enum WriteSide {
+    /// Written without waiting where the socket has room
+    /// (`try_write_vectored`).
+    Plain(OwnedWriteHalf),
+    /// Written into rustls, which encrypts and holds what the socket does
+    /// not take until it is flushed.
+    Tls(tokio::io::WriteHalf<TlsStream>),
+}
+
+impl AsyncWrite for WriteSide {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            WriteSide::Plain(w) => Pin::new(w).poll_write(cx, buf),
+            WriteSide::Tls(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WriteSide::Plain(w) => Pin::new(w).poll_flush(cx),
+            WriteSide::Tls(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WriteSide::Plain(w) => Pin::new(w).poll_shutdown(cx),
+            WriteSide::Tls(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
 pub struct Connection {
     pub addr: SocketAddr,
-    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    writer: Arc<tokio::sync::Mutex<WriteSide>>,
     pending: Pending,
     pushes: Pushes,
     new_routes: NewRoutes,
@@ -209,7 +256,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Connection {
+    /// A plaintext connection.
     pub async fn connect(addr: SocketAddr, client_id: &str) -> Result<Arc<Connection>> {
+        Connection::connect_with(addr, client_id, None).await
+    }
+
+    /// A connection, over TLS when `tls` is given (the handshake is done
+    /// when this returns).
+    pub async fn connect_with(
+        addr: SocketAddr,
+        client_id: &str,
+        tls: Option<&crate::tls::TlsConfig>,
+    ) -> Result<Arc<Connection>> {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|source| Error::Connect {
@@ -217,7 +275,25 @@ impl Connection {
                 source,
             })?;
         stream.set_nodelay(true)?;
-        let (mut r, w) = stream.into_split();
+        match tls {
+            None => {
+                let (r, w) = stream.into_split();
+                Ok(Connection::start(addr, client_id, r, WriteSide::Plain(w)))
+            }
+            Some(tls) => {
+                let s = tls.connect(addr, stream).await?;
+                let (r, w) = tokio::io::split(s);
+                Ok(Connection::start(addr, client_id, r, WriteSide::Tls(w)))
+            }
+        }
+    }
+
+    fn start<R: AsyncRead + Unpin + Send + 'static>(
+        addr: SocketAddr,
+        client_id: &str,
+        mut r: R,
+        w: WriteSide,
+    ) -> Arc<Connection> {
         let pending: Pending = Arc::default();
         let pushes: Pushes = Arc::default();
         let new_routes: NewRoutes = Arc::default();
@@ -231,17 +307,44 @@ impl Connection {
         let reader = tokio::spawn(async move {
             let r = read_loop(&mut r, &p2, &s2, &n2).await;
             c2.store(true, Ordering::SeqCst);
+            // The broker said why it closed the connection (a plaintext
+            // client on a TLS port), or TLS did (a client certificate the
+            // broker refused: under TLS 1.3 the client's handshake ends
+            // before the broker has checked it, so the refusal comes as an
+            // alert on the first read): every request waiting hears that.
+            let why = match &r {
+                Err(Error::Broker { code, message }) => Some(Why::Broker(*code, message.clone())),
+                Err(Error::Io(e)) => e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .map(|t| Why::Tls(t.to_string())),
+                _ => None,
+            };
             if let Err(e) = r {
                 tracing::debug!(error = %e, "shoal connection closed");
             }
             for (_, w) in lock(&p2).drain() {
-                let _ = w.tx.send(Err(Error::Closed));
+                let e = match &why {
+                    Some(Why::Broker(code, message)) => Error::Broker {
+                        code: *code,
+                        message: message.clone(),
+                    },
+                    Some(Why::Tls(message)) => Error::Connect {
+                        addr: addr.to_string(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            format!("TLS: {message}"),
+                        ),
+                    },
+                    None => Error::Closed,
+                };
+                let _ = w.tx.send(Err(e));
             }
             for (_, route) in lock(&s2).drain() {
                 let _ = route.tx.send(Err(Error::Closed));
             }
         });
-        Ok(Arc::new(Connection {
+        Arc::new(Connection {
             addr,
             writer: Arc::new(tokio::sync::Mutex::new(w)),
             pending,
@@ -251,7 +354,7 @@ impl Connection {
             closed,
             reader,
             client_id: client_id.to_string(),
-        }))
+        })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -384,7 +487,7 @@ impl Connection {
         let header = fbb.finished_data();
         let closed = self.closed.clone();
         match self.writer.clone().try_lock_owned() {
-            Ok(w) => match write_now(&w, header, &[]) {
+            Ok(mut w) => match write_now(&mut w, header, &[]) {
                 Ok(None) => {}
                 Ok(Some(rest)) => {
                     tokio::spawn(async move {
@@ -453,20 +556,21 @@ pub(crate) fn response_error(resp: fb::Response<'_>) -> Error {
 /// So dropping this future never cuts a frame short, and the common case
 /// (the socket has room) costs one `writev` and no copy of the payload.
 async fn write_frame(
-    w: tokio::sync::OwnedMutexGuard<OwnedWriteHalf>,
+    mut w: tokio::sync::OwnedMutexGuard<WriteSide>,
     header: &[u8],
     payload: &[&[u8]],
 ) -> std::io::Result<()> {
-    match write_now(&w, header, payload)? {
+    match write_now(&mut w, header, payload)? {
         None => Ok(()),
         Some(rest) => finish_write(w, rest).await,
     }
 }
 
 /// Writes what the socket takes now, without waiting; returns a copy of
-/// the rest if it could not take the whole frame.
+/// the rest if it could not take the whole frame (for TLS: possibly
+/// nothing, with encrypted bytes still to flush).
 fn write_now(
-    w: &OwnedWriteHalf,
+    w: &mut WriteSide,
     header: &[u8],
     payload: &[&[u8]],
 ) -> std::io::Result<Option<Vec<u8>>> {
@@ -484,6 +588,10 @@ fn write_now(
         .collect();
     let mut left = head.len() + payload_bytes;
     let mut bufs = &mut slices[..];
+    let w = match w {
+        WriteSide::Plain(w) => w,
+        WriteSide::Tls(_) => return tls_write_now(w, bufs, left),
+    };
     while left > 0 {
         match w.try_write_vectored(bufs) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
@@ -504,19 +612,57 @@ fn write_now(
     Ok(None)
 }
 
-/// Writes the rest of a frame on a task of its own, holding the writer
-/// until it is out; awaiting the result is cancel-safe.
-async fn finish_write(
-    mut w: tokio::sync::OwnedMutexGuard<OwnedWriteHalf>,
-    rest: Vec<u8>,
-) -> std::io::Result<()> {
-    tokio::spawn(async move { w.write_all(&rest).await })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+/// [`write_now`] for TLS: polls the writes and the flush once, with a
+/// waker that wakes no one (the task that finishes the frame polls again
+/// with its own). rustls takes the plaintext into its buffer (bounded)
+/// and writes what the socket takes.
+fn tls_write_now(
+    w: &mut WriteSide,
+    mut bufs: &mut [std::io::IoSlice<'_>],
+    mut left: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+    let rest = |bufs: &[std::io::IoSlice<'_>], left: usize| {
+        let mut rest = Vec::with_capacity(left);
+        for s in bufs {
+            rest.extend_from_slice(s);
+        }
+        rest
+    };
+    while left > 0 {
+        match Pin::new(&mut *w).poll_write_vectored(&mut cx, bufs) {
+            Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                left -= n;
+                std::io::IoSlice::advance_slices(&mut bufs, n);
+            }
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok(Some(rest(bufs, left))),
+        }
+    }
+    match Pin::new(&mut *w).poll_flush(&mut cx) {
+        Poll::Ready(r) => r.map(|()| None),
+        Poll::Pending => Ok(Some(Vec::new())),
+    }
 }
 
-async fn read_loop(
-    r: &mut tokio::net::tcp::OwnedReadHalf,
+/// Writes the rest of a frame on a task of its own, holding the writer
+/// until it is out (and flushed: TLS holds bytes until then); awaiting
+/// the result is cancel-safe.
+async fn finish_write(
+    mut w: tokio::sync::OwnedMutexGuard<WriteSide>,
+    rest: Vec<u8>,
+) -> std::io::Result<()> {
+    tokio::spawn(async move {
+        w.write_all(&rest).await?;
+        w.flush().await
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    r: &mut R,
     pending: &Pending,
     pushes: &Pushes,
     new_routes: &NewRoutes,
@@ -577,6 +723,12 @@ async fn read_loop(
                         // Dropping the sender ends the route after the error.
                         routes.remove(&id);
                     }
+                } else if let Some((ErrorCode::TlsRequired, message)) = err {
+                    // The broker closes the connection after this.
+                    return Err(Error::Broker {
+                        code: ErrorCode::TlsRequired,
+                        message,
+                    });
                 } else if let Some((code, message)) = err {
                     // Connection-level errors (a push that ended without
                     // saying which, a request the broker could not parse):

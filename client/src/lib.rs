@@ -22,8 +22,10 @@
 //! - [`security`]: credentials (program, environment or file), the
 //!   SCRAM-SHA-256 exchange each connection makes first, and the user and
 //!   ACL administration calls.
-//! - [`connection`]: one TCP connection, requests multiplexed by
-//!   correlation id.
+//! - [`connection`]: one TCP connection (plaintext or TLS), requests
+//!   multiplexed by correlation id.
+//! - [`tls`]: TLS settings (CA file, optional client certificate, the
+//!   server name brokers are verified against).
 //! - `retry`: the retry policy every partition request follows through a
 //!   failover (exponential backoff with jitter, bounded by a timeout).
 //!
@@ -79,6 +81,7 @@ pub mod group;
 pub mod producer;
 pub(crate) mod retry;
 pub mod security;
+pub mod tls;
 
 pub use client::{
     BrokerInfo, Client, ClientConfig, ClusterInfo, DiscoverySource, NewTopic, PartitionInfo,
@@ -100,3 +103,4 @@ pub use producer::{
 };
 pub use security::{Acl, AclOperation, AclResource, Credentials, UserInfo};
 pub use shoal_wire::ErrorCode;
+pub use tls::{TlsConfig, TlsFiles};

@@ -62,6 +62,12 @@ pub struct FileConfig {
     pub superuser: Option<String>,
     pub superusers: Option<Vec<String>>,
     pub inter_broker_user: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub tls_client_auth: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_server_name: Option<String>,
 }
 
 /// The resolved configuration a broker runs with.
@@ -115,6 +121,8 @@ pub struct Config {
     pub group_segment_bytes: u64,
     /// Authentication and ACLs (C10); off (`enabled: false`) by default.
     pub auth: AuthConfig,
+    /// TLS on the client ports and between brokers (C10); `None`: off.
+    pub tls: Option<crate::auth::tls::Tls>,
 }
 
 /// A password read from the environment: never printed.
@@ -262,6 +270,7 @@ pub struct Overrides {
     pub rack: Option<String>,
     pub auth: bool,
     pub superuser: Option<String>,
+    pub tls: crate::auth::tls::TlsSettings,
 }
 
 impl Config {
@@ -271,6 +280,7 @@ impl Config {
             None => FileConfig::default(),
         };
         let auth = auth_config(o, &file, o.zookeeper.is_some() || file.zookeeper.is_some())?;
+        let tls = tls_config(o, &file, o.zookeeper.is_some() || file.zookeeper.is_some())?;
         let listen = o
             .listen
             .clone()
@@ -358,6 +368,7 @@ impl Config {
         };
         let config = Config {
             auth,
+            tls,
             cluster,
             listen,
             // Absolute, so logs name it unambiguously and glommio (which
@@ -500,6 +511,34 @@ fn auth_config(o: &Overrides, file: &FileConfig, clustered: bool) -> Result<Auth
         inter_broker,
         unknown_user_key,
     })
+}
+
+/// TLS settings: a flag wins over the file, each setting on its own.
+fn tls_config(
+    o: &Overrides,
+    file: &FileConfig,
+    clustered: bool,
+) -> Result<Option<crate::auth::tls::Tls>> {
+    let f = &o.tls;
+    let settings = crate::auth::tls::TlsSettings {
+        cert: f.cert.clone().or(file.tls_cert.clone()),
+        key: f.key.clone().or(file.tls_key.clone()),
+        client_ca: f.client_ca.clone().or(file.tls_client_ca.clone()),
+        client_auth: match (f.client_auth, file.tls_client_auth.as_deref()) {
+            (Some(m), _) => Some(m),
+            (None, Some(s)) => Some(s.parse()?),
+            (None, None) => None,
+        },
+        ca: f.ca.clone().or(file.tls_ca.clone()),
+        server_name: f.server_name.clone().or(file.tls_server_name.clone()),
+    };
+    if clustered && settings.enabled() && settings.ca.is_none() {
+        return Err(Error::Config(
+            "TLS in a cluster needs tls_ca: brokers verify each other's certificates with it"
+                .into(),
+        ));
+    }
+    crate::auth::tls::load(&settings)
 }
 
 fn read_file(p: &Path) -> Result<FileConfig> {

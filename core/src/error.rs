@@ -130,6 +130,10 @@ pub enum Error {
     UnknownUser(String),
     #[error("user {0:?} already exists")]
     UserExists(String),
+    #[error(
+        "this port speaks only TLS: connect with TLS (e.g. --tls-ca FILE); closing the connection"
+    )]
+    TlsRequired,
 }
 
 /// Where a partition's leader can be reached (sent with `NotLeader`).
@@ -180,6 +184,7 @@ impl Error {
             Error::AuthorizationFailed(_) => ErrorCode::AuthorizationFailed,
             Error::UnknownUser(_) => ErrorCode::UnknownUser,
             Error::UserExists(_) => ErrorCode::UserExists,
+            Error::TlsRequired => ErrorCode::TlsRequired,
         }
     }
 

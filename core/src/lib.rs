@@ -13,9 +13,11 @@
 //!   none, in order) and fetch (long-poll, zero-copy), routed to the owner.
 //! - [`controller`]: topic create/delete and placement of partitions.
 //! - [`conn`]: one client connection: bounded receive, a dispatcher, one
-//!   file per API family, the protocol-neutral writer with sendfile.
+//!   file per API family, the protocol-neutral writer with sendfile (or,
+//!   over TLS, bounded copies: no kTLS here), the TLS handshake.
 //! - [`auth`]: security (C10): SCRAM-SHA-256 users, ACLs and their
-//!   per-shard cache, the store (`security.json` or ZooKeeper).
+//!   per-shard cache, the store (`security.json` or ZooKeeper), TLS
+//!   settings and client certificates as principals.
 //! - [`metadata`]: topics, their settings and `topics.json`.
 //! - [`config`]: `shoal serve` flags and the TOML file; [`limits`]: every
 //!   bound and how they relate; [`error`]: the broker's errors and their

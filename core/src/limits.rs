@@ -52,6 +52,14 @@ pub const SLOW_CONSUMER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 /// Smallest `frame_bytes_max` a configuration may set.
 pub const FRAME_BYTES_MAX_MIN: usize = 64 * 1024;
+/// On a TLS connection, log bytes are read into memory this much at a
+/// time to be encrypted (no kTLS: see `conn::writer`); the buffer is one
+/// per connection that reads, allocated at its first read and kept, so
+/// it is sized for many connections (10,000 readers: 640 MiB) rather than
+/// for the fewest system calls: one `pread` of 64 KiB from the page cache
+/// costs a few µs next to the tens of µs of encrypting it, and rustls cuts
+/// every write into 16 KiB records anyway.
+pub const TLS_COPY_PIECE_BYTES: usize = 64 * 1024;
 
 // ---- between cores ---------------------------------------------------------
 

@@ -31,6 +31,25 @@ struct Cli {
     /// Read `user = NAME` and `password = SECRET` from this file instead.
     #[arg(long, global = true, value_name = "FILE")]
     credentials_file: Option<PathBuf>,
+    /// TLS: PEM file of the CA certificates to trust. Client commands:
+    /// connect with TLS and verify the brokers against it [default:
+    /// $SHOAL_TLS_CA]. serve: verify other brokers against it (TOML tls_ca).
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// TLS: PEM certificate (then its chain). Client commands: a client
+    /// certificate, presented when the broker asks [default:
+    /// $SHOAL_TLS_CERT]. serve: the broker's certificate; the ports then
+    /// speak only TLS (TOML tls_cert).
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: PEM private key of --tls-cert [default: $SHOAL_TLS_KEY] (TOML tls_key).
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// TLS: verify brokers' certificates against this DNS name instead of
+    /// the IP address connected to (serve: instead of the other broker's
+    /// advertised host) [default: $SHOAL_TLS_SERVER_NAME] (TOML tls_server_name).
+    #[arg(long, global = true, value_name = "NAME")]
+    tls_server_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -82,6 +101,17 @@ enum Command {
         /// the password in $SHOAL_ADMIN_PASSWORD (TOML superuser).
         #[arg(long, value_name = "NAME")]
         superuser: Option<String>,
+        /// With --tls-cert: PEM file of the CAs client certificates are
+        /// verified against; a verified certificate's subject CN (else first
+        /// DNS name) is the connection's principal, without SCRAM (TOML
+        /// tls_client_ca).
+        #[arg(long, value_name = "FILE")]
+        tls_client_ca: Option<PathBuf>,
+        /// none | requested | required: whether clients present a
+        /// certificate [default: requested with --tls-client-ca, else none]
+        /// (TOML tls_client_auth).
+        #[arg(long, value_name = "MODE")]
+        tls_client_auth: Option<String>,
     },
     /// Create, delete or list users (brokers started with --auth; needs a
     /// superuser or admin on the cluster).
@@ -332,9 +362,21 @@ fn main() {
     if !serving {
         logging::init("warn", logging::LogFormat::Text);
     }
+    let tls_files = shoal_client::TlsFiles {
+        ca: cli.tls_ca.clone().unwrap_or_default(),
+        cert: cli.tls_cert.clone(),
+        key: cli.tls_key.clone(),
+        server_name: cli.tls_server_name.clone(),
+    };
     let b = &match cli::Endpoint::new(&cli.broker, cli.discovery_cache.as_deref())
         .with_credentials(cli.user.as_deref(), cli.credentials_file.as_deref())
-    {
+        .and_then(|e| {
+            if serving {
+                Ok(e)
+            } else {
+                e.with_tls(&tls_files)
+            }
+        }) {
         Ok(b) => b,
         Err(e) if !serving => {
             eprintln!("shoal: {e}");
@@ -358,26 +400,42 @@ fn main() {
             rack,
             auth,
             superuser,
-        } => config::Config::load(&config::Overrides {
-            listen,
-            data_dir,
-            cores,
-            core_plan,
-            metrics_listen,
-            log_format,
-            config,
-            zookeeper,
-            broker_id,
-            cluster,
-            rack,
-            auth,
-            superuser,
-        })
-        .and_then(|c| {
-            logging::init("info", c.log_format);
-            server::run(c)
-        })
-        .map_err(|e| e.to_string()),
+            tls_client_ca,
+            tls_client_auth,
+        } => tls_client_auth
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .and_then(|client_auth| {
+                config::Config::load(&config::Overrides {
+                    listen,
+                    data_dir,
+                    cores,
+                    core_plan,
+                    metrics_listen,
+                    log_format,
+                    config,
+                    zookeeper,
+                    broker_id,
+                    cluster,
+                    rack,
+                    auth,
+                    superuser,
+                    tls: shoal_core::auth::tls::TlsSettings {
+                        cert: cli.tls_cert,
+                        key: cli.tls_key,
+                        client_ca: tls_client_ca,
+                        client_auth,
+                        ca: cli.tls_ca,
+                        server_name: cli.tls_server_name,
+                    },
+                })
+            })
+            .and_then(|c| {
+                logging::init("info", c.log_format);
+                server::run(c)
+            })
+            .map_err(|e| e.to_string()),
         Command::Topic { command } => match command {
             TopicCommand::Create {
                 name,

@@ -183,8 +183,9 @@ pub struct Metrics {
     pub fetch_bytes: Cell<u64>,
     /// Of those, bytes sent with sendfile (never through user space).
     pub zero_copy_bytes: Cell<u64>,
-    /// Of those, bytes pushed through a user-space write to wait for a full
-    /// socket (one byte per stall).
+    /// Of those, bytes sent through a user-space write: on a plaintext
+    /// connection one byte per stall of a full socket; on a TLS connection
+    /// every byte (read into memory to be encrypted: no kTLS here).
     pub copied_bytes: Cell<u64>,
     /// Log bytes read from the tail cache (memory) rather than the segment
     /// file, for fetches and pushes at the end of a log.
@@ -226,6 +227,9 @@ pub struct Metrics {
     /// Requests refused because no ACL allowed them (or sent before
     /// authenticating).
     pub authorization_denials: Cell<u64>,
+    /// Connections on a TLS port refused before they were served: a failed
+    /// or timed-out handshake, plaintext, an unusable client certificate.
+    pub tls_handshake_failures: Cell<u64>,
     /// Produce requests, from the decoded request to its response written
     /// (acknowledgement wait included).
     pub produce_latency: LatencyBuckets,
@@ -284,6 +288,7 @@ impl Metrics {
             ("auth_successes", self.auth_successes.get()),
             ("auth_failures", self.auth_failures.get()),
             ("authorization_denials", self.authorization_denials.get()),
+            ("tls_handshake_failures", self.tls_handshake_failures.get()),
         ];
         self.produce_latency
             .snapshot_into(&PRODUCE_LATENCY_NAMES, &mut v);

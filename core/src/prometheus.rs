@@ -84,6 +84,12 @@ const SCALARS: &[(&str, &str, &str, &str)] = &[
         "Requests refused for want of authentication or of an ACL.",
     ),
     (
+        "tls_handshake_failures",
+        "shoal_tls_handshake_failures_total",
+        "counter",
+        "Connections refused on a TLS port before being served (failed or timed-out handshake, plaintext, unusable client certificate).",
+    ),
+    (
         "produce_requests",
         "shoal_produce_requests_total",
         "counter",
@@ -117,7 +123,7 @@ const SCALARS: &[(&str, &str, &str, &str)] = &[
         "copied_bytes",
         "shoal_copied_bytes_total",
         "counter",
-        "Log bytes sent through a user-space write (a full socket).",
+        "Log bytes sent through a user-space write (a full socket's one byte; every byte on TLS connections).",
     ),
     (
         "tail_cache_bytes",

@@ -50,6 +50,8 @@ pub struct Reactor {
     pub groups: crate::group::Coordinators,
     /// Users and ACLs as this shard last heard (and its decision cache).
     pub security: crate::auth::Security,
+    /// One line per period about refused TLS handshakes.
+    pub tls_log: crate::metrics::LogLimiter,
     next_subscription: Cell<u64>,
 }
 
@@ -78,6 +80,7 @@ impl Reactor {
             replication: Rc::new(crate::replication::Replicas::new(control.is_some())),
             control,
             groups: Default::default(),
+            tls_log: crate::metrics::LogLimiter::new(std::time::Duration::from_secs(10)),
             next_subscription: Cell::new(1),
         }
     }

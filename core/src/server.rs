@@ -285,7 +285,7 @@ async fn accept_loop(reactor: Rc<Reactor>, listener: TcpListener, per_shard_max:
                             "connection limit reached; refusing with TooManyConnections"
                         );
                     }
-                    rt::spawn_detached(refuse(stream, per_shard_max));
+                    rt::spawn_detached(refuse(reactor.clone(), stream, per_shard_max));
                     continue;
                 }
                 rt::spawn_detached(conn::serve(reactor.clone(), stream));
@@ -307,13 +307,28 @@ async fn accept_loop(reactor: Rc<Reactor>, listener: TcpListener, per_shard_max:
     }
 }
 
-/// Tells a connection over the limit why, then closes it.
-async fn refuse(stream: glommio::net::TcpStream, limit: usize) {
+/// Tells a connection over the limit why (over TLS on a TLS port, so the
+/// client can read it), then closes it.
+async fn refuse(reactor: Rc<Reactor>, stream: glommio::net::TcpStream, limit: usize) {
     use futures::io::AsyncWriteExt;
     let frame = conn::respond::error_frame(0, &Error::TooManyConnections { limit });
-    let mut stream = stream;
-    // A peer that reads nothing must not hold the slot.
-    let _ = rt::timeout(Duration::from_millis(200), stream.write_all(&frame)).await;
+    // A peer that reads nothing (or never finishes its handshake) must not
+    // hold the slot.
+    let _ = rt::timeout(Duration::from_millis(500), async {
+        match &reactor.config.tls {
+            None => {
+                let mut stream = stream;
+                stream.write_all(&frame).await
+            }
+            Some(t) => {
+                let acceptor = futures_rustls::TlsAcceptor::from(t.server.clone());
+                let mut s = acceptor.accept(stream).await?;
+                s.write_all(&frame).await?;
+                s.close().await
+            }
+        }
+    })
+    .await;
 }
 
 /// Removes partition directories no recorded topic owns: what a topic

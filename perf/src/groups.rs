@@ -90,7 +90,7 @@ pub fn run(a: GroupsArgs) -> Result<(), String> {
     let run_id = std::process::id();
     let topic = format!("perf-groups-{run_id}");
     rt.block_on(async {
-        let client = crate::net::connect(&addr).await?;
+        let client = crate::net::connect(&addr, &Default::default()).await?;
         client
             .create_topic(&NewTopic::new(&topic, a.partitions))
             .await
@@ -165,7 +165,8 @@ async fn pause() {
 async fn connect_within(addr: &str, within: Duration) -> Result<Client, String> {
     let t0 = Instant::now();
     loop {
-        match crate::net::connect(addr).await {
+        // TLS, if any, from the environment (SHOAL_TLS_CA, ...).
+        match crate::net::connect(addr, &Default::default()).await {
             Ok(c) => return Ok(c),
             Err(_) if t0.elapsed() < within => pause().await,
             Err(e) => return Err(e),

@@ -84,7 +84,41 @@ pub struct Common {
     #[arg(long)]
     pub line_rate_mbit: Option<f64>,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub out: report::Outputs,
+}
+
+/// TLS to the broker under test (a spawned one gets its certificate from
+/// `--broker-config`: `tls_cert`, `tls_key`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Connect with TLS, verifying the broker against this CA (PEM)
+    /// [default: $SHOAL_TLS_CA; neither: plaintext].
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present [default: $SHOAL_TLS_CERT].
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM) [default: $SHOAL_TLS_KEY].
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Verify the broker's certificate against this DNS name instead of its
+    /// IP address [default: $SHOAL_TLS_SERVER_NAME].
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    pub fn config(&self) -> Result<Option<shoal_client::TlsConfig>, String> {
+        shoal_client::TlsConfig::from_flags_or_env(&shoal_client::TlsFiles {
+            ca: self.tls_ca.clone().unwrap_or_default(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            server_name: self.tls_server_name.clone(),
+        })
+        .map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -567,11 +601,13 @@ struct Session {
 /// A client of the broker under test, authenticated as `SHOAL_USER` with
 /// `SHOAL_PASSWORD` when those are set (a broker run with `--auth`; a
 /// spawned one gets `auth = true` and `superuser` from `--broker-config`
-/// and `SHOAL_ADMIN_PASSWORD` from this process's environment).
-pub async fn connect(addr: &str) -> Result<Client, String> {
+/// and `SHOAL_ADMIN_PASSWORD` from this process's environment), over TLS
+/// when `tls` (or the environment) names a CA.
+pub async fn connect(addr: &str, tls: &TlsArgs) -> Result<Client, String> {
     let credentials = shoal_client::Credentials::from_env().map_err(|e| e.to_string())?;
     let config = shoal_client::ClientConfig {
         credentials,
+        tls: tls.config()?,
         ..shoal_client::ClientConfig::default()
     };
     Client::connect_with_config(addr, config)
@@ -594,7 +630,7 @@ where
     let rt = runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let client = connect(&t.addr).await?;
+        let client = connect(&t.addr, &c.tls).await?;
         if let Some(n) = c.spawn_cluster {
             // Every broker registered before the topic is placed.
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -1158,7 +1194,7 @@ pub fn e2e(a: E2eArgs) -> Result<(), String> {
         let end_ns = (end - base).as_nanos() as u64;
         // Consumers: a push subscription per partition from the current end,
         // on connections of their own, as a separate consumer would have.
-        let consumer_client = connect(&addr).await?;
+        let consumer_client = connect(&addr, &c.tls).await?;
         let consumer = Consumer::new(consumer_client, ConsumerConfig::default());
         let mut subs = Vec::new();
         for p in &info.partitions {

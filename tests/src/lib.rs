@@ -1091,3 +1091,129 @@ pub mod netns {
         }
     }
 }
+
+/// Certificates for TLS tests, made at run time with rcgen into a temp
+/// dir: a CA, a broker certificate for 127.0.0.1 and localhost (usable by
+/// brokers as servers and, towards each other, as clients), client
+/// certificates by name, and a second CA that signed nothing the brokers
+/// trust.
+pub mod pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    use std::path::{Path, PathBuf};
+
+    pub struct Pki {
+        pub dir: tempfile::TempDir,
+        ca_cert: rcgen::Certificate,
+        ca_key: KeyPair,
+        /// PEM files.
+        pub ca: PathBuf,
+        pub broker_cert: PathBuf,
+        pub broker_key: PathBuf,
+        /// A CA of its own, self-signed, that signed nothing else.
+        pub other_ca: PathBuf,
+    }
+
+    fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
+        let key = KeyPair::generate().expect("CA key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        (p.self_signed(&key).expect("CA certificate"), key)
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write a PEM file");
+        p
+    }
+
+    impl Pki {
+        pub fn new() -> Pki {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (ca_cert, ca_key) = ca("shoal test CA");
+            let (other_cert, _) = ca("some other CA");
+            let ca = write(dir.path(), "ca.pem", &ca_cert.pem());
+            let other_ca = write(dir.path(), "other-ca.pem", &other_cert.pem());
+            let mut pki = Pki {
+                dir,
+                ca_cert,
+                ca_key,
+                ca,
+                broker_cert: PathBuf::new(),
+                broker_key: PathBuf::new(),
+                other_ca,
+            };
+            let (c, k) = pki.issue("broker", &["localhost"], true, "broker");
+            pki.broker_cert = c;
+            pki.broker_key = k;
+            pki
+        }
+
+        /// A certificate signed by the CA: subject CN `cn`, DNS names
+        /// `dns` (plus IP 127.0.0.1 for a server), written as
+        /// `<file>.pem` and `<file>-key.pem`.
+        pub fn issue(
+            &self,
+            cn: &str,
+            dns: &[&str],
+            server: bool,
+            file: &str,
+        ) -> (PathBuf, PathBuf) {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.distinguished_name.push(DnType::CommonName, cn);
+            for d in dns {
+                p.subject_alt_names
+                    .push(SanType::DnsName((*d).try_into().expect("a DNS name")));
+            }
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            if server {
+                p.subject_alt_names
+                    .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+                p.extended_key_usages
+                    .push(ExtendedKeyUsagePurpose::ServerAuth);
+            }
+            let cert = p
+                .signed_by(&key, &self.ca_cert, &self.ca_key)
+                .expect("sign");
+            (
+                write(self.dir.path(), &format!("{file}.pem"), &cert.pem()),
+                write(
+                    self.dir.path(),
+                    &format!("{file}-key.pem"),
+                    &key.serialize_pem(),
+                ),
+            )
+        }
+
+        /// Broker TOML lines for TLS with this CA (for clients too when
+        /// `client_auth` is `requested` or `required`).
+        pub fn broker_toml(&self, client_auth: &str) -> String {
+            let mut t = format!(
+                "tls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}\n",
+                self.broker_cert, self.broker_key, self.ca
+            );
+            if client_auth != "none" {
+                t += &format!(
+                    "tls_client_ca = {:?}\ntls_client_auth = {client_auth:?}\n",
+                    self.ca
+                );
+            }
+            t
+        }
+    }
+
+    impl Default for Pki {
+        fn default() -> Pki {
+            Pki::new()
+        }
+    }
+}

@@ -49,6 +49,17 @@ fn config(user: &str, pw: &str) -> ClientConfig {
     }
 }
 
+/// [`config`] for a cluster: admin requests and metadata lookups keep
+/// trying through a failover (a leader's kill, a ZooKeeper session lost
+/// on a loaded machine) as long as the client's default allows, not the
+/// 2 s that single-node tests use to see refusals quickly.
+fn cluster_config(user: &str, pw: &str) -> ClientConfig {
+    ClientConfig {
+        admin_retry_max: Duration::from_secs(15),
+        ..config(user, pw)
+    }
+}
+
 async fn client(addr: &str, user: &str, pw: &str) -> Client {
     Client::connect_with_config(addr, config(user, pw))
         .await
@@ -137,6 +148,27 @@ fn produce_frame(corr: u32, topic: &str) -> Vec<u8> {
         },
         &raw::batch(-1, 0, 1, 16),
     )
+}
+
+fn create_user_frame(corr: u32, name: &str, c: &shoal_wire::scram::Credential) -> Vec<u8> {
+    raw::request(corr, fb::RequestBody::CreateUserRequest, |fbb| {
+        let name = fbb.create_string(name);
+        let salt = fbb.create_vector(&c.salt);
+        let stored = fbb.create_vector(&c.stored_key);
+        let server = fbb.create_vector(&c.server_key);
+        fb::CreateUserRequest::create(
+            fbb,
+            &fb::CreateUserRequestArgs {
+                name: Some(name),
+                salt: Some(salt),
+                iterations: c.iterations,
+                stored_key: Some(stored),
+                server_key: Some(server),
+                replace: false,
+            },
+        )
+        .as_union_value()
+    })
 }
 
 fn answer_code(s: &mut TcpStream, buf: &mut Vec<u8>, frame: &[u8]) -> ErrorCode {
@@ -653,7 +685,9 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
     let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
     let all = addrs.join(",");
     rt().block_on(async {
-        let admin = client(&addrs[0], "admin", ADMIN_PW).await;
+        let admin = Client::connect_with_config(&addrs[0], cluster_config("admin", ADMIN_PW))
+            .await
+            .unwrap();
         let mut t = NewTopic::new("safe", 1);
         t.replication_factor = 3;
         t.min_insync_replicas = Some(2);
@@ -661,6 +695,9 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
         loop {
             match admin.create_topic(&t).await {
                 Ok(()) => break,
+                // An attempt that timed out at the client may have
+                // created it.
+                Err(e) if e.code() == Some(ErrorCode::TopicExists) => break,
                 Err(e) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let _ = e;
@@ -677,10 +714,24 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
             })
             .await
             .unwrap();
+        // A create sent again (a client retrying after ClusterUnavailable,
+        // when ZooKeeper lost the answer to a create that happened) is
+        // done, not UserExists; another credential for the name is.
+        let port: u16 = addrs[1].rsplit(':').next().unwrap().parse().unwrap();
+        let (mut s, mut buf, _) = authenticated(port, "admin", ADMIN_PW);
+        let bob = shoal_wire::scram::Credential::generate("bob-pw", 4096).unwrap();
+        for corr in [10, 11] {
+            let code = answer_code(&mut s, &mut buf, &create_user_frame(corr, "bob", &bob));
+            assert_eq!(code, ErrorCode::None, "create {corr}");
+        }
+        let other = shoal_wire::scram::Credential::generate("bob-pw", 4096).unwrap();
+        let code = answer_code(&mut s, &mut buf, &create_user_frame(12, "bob", &other));
+        assert_eq!(code, ErrorCode::UserExists);
         // Broker 3 learns of alice through ZooKeeper.
         let deadline = Instant::now() + Duration::from_secs(15);
         let alice = loop {
-            match Client::connect_with_config(&addrs[2], config("alice", "alice-pw")).await {
+            match Client::connect_with_config(&addrs[2], cluster_config("alice", "alice-pw")).await
+            {
                 Ok(c) => break c,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
@@ -695,7 +746,7 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
             .unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::AuthorizationFailed));
 
-        let producer_client = Client::connect_with_config(&all, config("admin", ADMIN_PW))
+        let producer_client = Client::connect_with_config(&all, cluster_config("admin", ADMIN_PW))
             .await
             .unwrap();
         let producer = Producer::new(
@@ -719,7 +770,7 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
             .find(|(i, _)| *i != leader as usize - 1)
             .map(|(_, a)| a.clone())
             .unwrap();
-        let reader = Client::connect_with_config(&survivor, config("alice", "alice-pw"))
+        let reader = Client::connect_with_config(&survivor, cluster_config("alice", "alice-pw"))
             .await
             .unwrap();
         let mut consumer = Consumer::new(reader, ConsumerConfig::default());

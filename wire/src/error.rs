@@ -90,6 +90,9 @@ pub enum ErrorCode {
     UnknownUser = 50,
     /// The user exists already (create without `replace`).
     UserExists = 51,
+    /// The port speaks only TLS and the connection began in plaintext;
+    /// this one frame is sent in plaintext, then the connection is closed.
+    TlsRequired = 52,
 }
 
 impl ErrorCode {
@@ -134,6 +137,7 @@ impl ErrorCode {
             49 => AuthorizationFailed,
             50 => UnknownUser,
             51 => UserExists,
+            52 => TlsRequired,
             _ => Unknown,
         }
     }

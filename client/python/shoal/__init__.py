@@ -54,6 +54,7 @@ from .errors import (
     AuthorizationFailedError,
     UnknownUserError,
     UserExistsError,
+    TlsRequiredError,
     UnknownMemberIdError,
     FrameTooLargeError,
     InvalidConfigError,
@@ -153,4 +154,5 @@ __all__ = [
     "AuthorizationFailedError",
     "UnknownUserError",
     "UserExistsError",
+    "TlsRequiredError",
 ]

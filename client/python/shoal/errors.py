@@ -61,6 +61,7 @@ class ErrorCode(enum.IntEnum):
     AUTHORIZATION_FAILED = 49
     UNKNOWN_USER = 50
     USER_EXISTS = 51
+    TLS_REQUIRED = 52
 
 
 # The same set as `ErrorCode::is_retriable` in wire/src/error.rs.
@@ -355,6 +356,11 @@ UserExistsError = _code_class(
     ErrorCode.USER_EXISTS,
     "The user exists already.",
 )
+TlsRequiredError = _code_class(
+    "TlsRequiredError",
+    ErrorCode.TLS_REQUIRED,
+    "The port speaks only TLS; connect with TLS (a CA file); the connection is closed.",
+)
 
 ERROR_CLASSES: Dict[int, Type[BrokerError]] = {
     cls.code: cls  # type: ignore[misc]
@@ -397,6 +403,7 @@ ERROR_CLASSES: Dict[int, Type[BrokerError]] = {
         AuthorizationFailedError,
         UnknownUserError,
         UserExistsError,
+        TlsRequiredError,
     )
 }
 

@@ -83,6 +83,10 @@ class Client:
         reconnect_backoff_max: float = 30.0,
         user: Optional[str] = None,
         password: Optional[str] = None,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+        tls_server_name: Optional[str] = None,
     ):
         self._aio = aio.Client(
             bootstrap,
@@ -92,6 +96,10 @@ class Client:
             reconnect_backoff_max=reconnect_backoff_max,
             user=user,
             password=password,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
         )
         self._thread = _LoopThread()
         try:

@@ -52,6 +52,8 @@ async fn step<S: AsyncRead + AsyncWrite + Unpin>(
     msg: &[u8],
 ) -> std::io::Result<Vec<u8>> {
     stream.write_all(&encode(corr, mechanism, msg)).await?;
+    // A TLS stream holds written bytes until flushed.
+    stream.flush().await?;
     let mut buf = vec![0u8; FRAME_PREFIX_BYTES];
     stream.read_exact(&mut buf).await?;
     let total = match frame::check_response(&buf) {

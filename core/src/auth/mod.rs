@@ -8,6 +8,8 @@
 //! - [`throttle`]: failed logins slow later ones from the same address.
 //! - [`client`]: the client side of the exchange on a glommio stream, for
 //!   the broker's own connections to other brokers (replica fetches).
+//! - [`tls`]: certificates and keys, client certificates as principals,
+//!   how brokers verify each other.
 //! - The request side lives with the connection: `conn::auth` (the SCRAM
 //!   exchange, the check of every request, user and ACL administration).
 //!
@@ -20,6 +22,7 @@ pub mod acl;
 pub mod client;
 pub mod store;
 pub mod throttle;
+pub mod tls;
 
 use crate::config::AuthConfig;
 use acl::{AclCache, Kind, Operation};
@@ -33,6 +36,9 @@ pub struct Security {
     pub config: AuthConfig,
     state: RefCell<Arc<SecurityState>>,
     cache: RefCell<AclCache>,
+    /// Decisions for principals named by client certificates: kept apart,
+    /// since such a principal needs no user of its name.
+    cert_cache: RefCell<AclCache>,
     pub throttle: RefCell<throttle::Throttle>,
     /// Shard 0 (single node): changes are applied one at a time, each on
     /// top of the one before.
@@ -45,6 +51,7 @@ impl Security {
             config,
             state: RefCell::new(state),
             cache: Default::default(),
+            cert_cache: Default::default(),
             throttle: Default::default(),
             changes: futures::lock::Mutex::new(()),
         }
@@ -63,20 +70,33 @@ impl Security {
     pub fn install(&self, state: Arc<SecurityState>) {
         *self.state.borrow_mut() = state;
         self.cache.borrow_mut().clear();
+        self.cert_cache.borrow_mut().clear();
     }
 
     /// Whether `principal` (authenticated, not privileged) may do `op` on
-    /// the resource. A principal whose user was deleted may do nothing.
-    pub fn allows(&self, principal: &str, kind: Kind, name: &str, op: Operation) -> bool {
+    /// the resource. A SCRAM principal whose user was deleted may do
+    /// nothing; a principal named by a verified client certificate
+    /// (`certified`) needs no user, only rules.
+    pub fn allows(
+        &self,
+        principal: &str,
+        certified: bool,
+        kind: Kind,
+        name: &str,
+        op: Operation,
+    ) -> bool {
         let state = self.state.borrow();
-        self.cache
-            .borrow_mut()
-            .allows(principal, kind, name, op, || {
-                if !state.users.contains_key(principal) {
-                    return 0;
-                }
-                acl::allowed_ops(&state.acls, principal, kind, name)
-            })
+        let cache = if certified {
+            &self.cert_cache
+        } else {
+            &self.cache
+        };
+        cache.borrow_mut().allows(principal, kind, name, op, || {
+            if !certified && !state.users.contains_key(principal) {
+                return 0;
+            }
+            acl::allowed_ops(&state.acls, principal, kind, name)
+        })
     }
 
     /// The credential to answer `user`'s client-first with. For a user
@@ -106,8 +126,12 @@ impl Security {
 /// Who a connection is.
 #[derive(Default)]
 pub struct Session {
-    /// Set once the exchange succeeded.
+    /// Set once the exchange succeeded, or from the verified client
+    /// certificate when the TLS handshake ends.
     pub principal: Option<String>,
+    /// The principal comes from a client certificate (a SCRAM exchange
+    /// may still replace it, e.g. a broker's as the inter-broker user).
+    pub certified: bool,
     /// A superuser or the inter-broker user: no ACL is consulted.
     pub privileged: bool,
     /// An exchange after its server-first message: the server's state, the

@@ -112,7 +112,9 @@ impl SecurityState {
                 record,
                 replace,
             } => {
-                if !replace && self.users.contains_key(name) {
+                // The same record again is the same request retried (each
+                // credential has a salt of its own): done, not a conflict.
+                if !replace && self.users.get(name).is_some_and(|u| u != record) {
                     return Err(Error::UserExists(name.clone()));
                 }
                 self.users.insert(name.clone(), record.clone());
@@ -261,7 +263,11 @@ mod tests {
             record: user("pw"),
             replace,
         };
-        s.apply(&put("alice", false)).unwrap();
+        let first = put("alice", false);
+        s.apply(&first).unwrap();
+        // A retry of the same request (same salt) succeeds; another
+        // credential for the name does not.
+        s.apply(&first).unwrap();
         assert!(matches!(
             s.apply(&put("alice", false)),
             Err(Error::UserExists(_))

@@ -281,7 +281,13 @@ impl Control {
             }
             _ => None,
         };
-        let links = Links::new(self.cc.broker_id, self.cc.name.clone(), handler, auth);
+        let links = Links::new(
+            self.cc.broker_id,
+            self.cc.name.clone(),
+            handler,
+            auth,
+            self.config.tls.clone(),
+        );
         tokio::task::spawn_local(links.clone().accept_loop(listener));
         *self.links.borrow_mut() = Some(links);
         // The registration carries the port (set before the first one).
@@ -1141,7 +1147,19 @@ impl Control {
                             .await
                             .map_err(|e| zk_err(&format!("update {path}"), e))?;
                     }
-                    Err(zkc::Error::NodeExists) => return Err(Error::UserExists(name.clone())),
+                    Err(zkc::Error::NodeExists) => {
+                        // The same record already there is this request
+                        // tried again: a create whose answer ZooKeeper lost
+                        // (ConnectionLoss) may have succeeded, and the
+                        // client retries after ClusterUnavailable. Its
+                        // credential has a salt of its own, so an equal
+                        // record is never another user's.
+                        match zk.get_data(&path).await {
+                            Ok((existing, _)) if existing == data => {}
+                            Ok(_) => return Err(Error::UserExists(name.clone())),
+                            Err(e) => return Err(zk_err(&format!("read {path}"), e)),
+                        }
+                    }
                     Err(e) => return Err(zk_err(&format!("create {path}"), e)),
                 }
             }

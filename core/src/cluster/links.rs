@@ -17,6 +17,12 @@
 //! With auth on, a link starts with a SCRAM-SHA-256 exchange as the
 //! inter-broker user ([`LinkAuth`]) before the hello: the accepting broker
 //! serves no request from a peer that cannot prove it is a broker.
+//!
+//! With TLS on (`tls_cert`), the link is TLS from its first byte: the
+//! dialing broker verifies the accepting one's certificate against
+//! `tls_ca`, for the name the accepting broker registered as its host (or
+//! `tls_server_name`), and presents its own certificate when client
+//! certificates are on; the SCRAM exchange then runs inside TLS.
 
 use super::ClusterView;
 use crate::controller::TopicSpec;
@@ -27,9 +33,11 @@ use serde::{Deserialize, Serialize};
 use shoal_wire::ErrorCode;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Largest link frame accepted (control messages are small).
@@ -86,7 +94,7 @@ fn denied(why: impl Into<String>) -> std::io::Error {
 }
 
 impl LinkAuth {
-    async fn dial(&self, s: &mut TcpStream) -> std::io::Result<()> {
+    async fn dial(&self, s: &mut LinkStream) -> std::io::Result<()> {
         use shoal_wire::scram::ScramClient;
         let (client, first) =
             ScramClient::new(&self.user, &self.password.0).map_err(|e| denied(e.to_string()))?;
@@ -105,7 +113,7 @@ impl LinkAuth {
             .map_err(|e| denied(e.to_string()))
     }
 
-    async fn accept(&self, s: &mut TcpStream) -> std::io::Result<()> {
+    async fn accept(&self, s: &mut LinkStream) -> std::io::Result<()> {
         use shoal_wire::scram::ClientFirst;
         let PeerMsg::ScramClientFirst(first) = read_msg_max(s, PEER_AUTH_BYTES_MAX).await? else {
             return Err(denied("no authentication from the peer"));
@@ -199,13 +207,21 @@ pub struct Links {
     handler: Handler,
     next_id: Cell<u64>,
     auth: Option<LinkAuth>,
+    tls: Option<crate::auth::tls::Tls>,
 }
 
 impl Links {
-    pub fn new(me: u32, cluster: String, handler: Handler, auth: Option<LinkAuth>) -> Rc<Links> {
+    pub fn new(
+        me: u32,
+        cluster: String,
+        handler: Handler,
+        auth: Option<LinkAuth>,
+        tls: Option<crate::auth::tls::Tls>,
+    ) -> Rc<Links> {
         Rc::new(Links {
             me,
             auth,
+            tls,
             cluster,
             incarnation: Cell::new(0),
             links: RefCell::new(HashMap::new()),
@@ -242,7 +258,25 @@ impl Links {
             let links = self.clone();
             tokio::task::spawn_local(async move {
                 let _ = stream.set_nodelay(true);
-                let mut stream = stream;
+                let mut stream = match &links.tls {
+                    None => LinkStream::Plain(stream),
+                    Some(tls) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+                        match tokio::time::timeout(PEER_CONNECT_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => LinkStream::Tls(Box::new(s.into())),
+                            Ok(Err(e)) => {
+                                tracing::warn!(%addr, error = %e, "refused a peer link: TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::warn!(%addr, "refused a peer link: TLS handshake timed out");
+                                return;
+                            }
+                        }
+                    }
+                };
                 if let Some(auth) = &links.auth {
                     match tokio::time::timeout(PEER_CONNECT_TIMEOUT, auth.accept(&mut stream)).await
                     {
@@ -308,15 +342,32 @@ impl Links {
                 continue;
             }
             let links = self.clone();
-            let (peer, addr, incarnation) = (
+            let (peer, addr, incarnation, host) = (
                 reg.id,
                 format!("{}:{}", reg.host, reg.peer_port),
                 reg.incarnation,
+                reg.host.clone(),
             );
             tokio::task::spawn_local(async move {
                 let dialed = tokio::time::timeout(PEER_CONNECT_TIMEOUT, async {
-                    let mut s = TcpStream::connect(&addr).await?;
+                    let s = TcpStream::connect(&addr).await?;
                     s.set_nodelay(true)?;
+                    let mut s = match &links.tls {
+                        None => LinkStream::Plain(s),
+                        Some(tls) => {
+                            let Some(config) = &tls.peer else {
+                                return Err(std::io::Error::other(
+                                    "TLS is on but tls_ca is not set: cannot verify the other broker",
+                                ));
+                            };
+                            let name = tls.peer_name(&host)?;
+                            let connector = tokio_rustls::TlsConnector::from(config.clone());
+                            let s = connector.connect(name, s).await.map_err(|e| {
+                                std::io::Error::new(e.kind(), format!("TLS handshake: {e}"))
+                            })?;
+                            LinkStream::Tls(Box::new(s.into()))
+                        }
+                    };
                     if let Some(auth) = &links.auth {
                         auth.dial(&mut s).await?;
                     }
@@ -344,7 +395,7 @@ impl Links {
         }
     }
 
-    fn install(self: &Rc<Self>, peer: u32, incarnation: i64, stream: TcpStream) {
+    fn install(self: &Rc<Self>, peer: u32, incarnation: i64, stream: LinkStream) {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<PeerMsg>(PEER_QUEUE_MAX);
         let link = Rc::new(Link {
             peer,
@@ -361,7 +412,7 @@ impl Links {
         } else {
             tracing::info!(peer, "link to broker open");
         }
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, mut wr) = tokio::io::split(stream);
         let writer = {
             let link = link.clone();
             tokio::task::spawn_local(async move {
@@ -483,5 +534,53 @@ async fn write_msg<W: AsyncWriteExt + Unpin>(w: &mut W, m: &PeerMsg) -> std::io:
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
     frame.extend_from_slice(&body);
-    w.write_all(&frame).await
+    w.write_all(&frame).await?;
+    // TLS holds written bytes until flushed.
+    w.flush().await
+}
+
+/// A link's connection: plaintext, or TLS (either end of it).
+pub enum LinkStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for LinkStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LinkStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            LinkStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for LinkStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            LinkStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            LinkStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LinkStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            LinkStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LinkStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            LinkStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }

@@ -56,7 +56,7 @@ impl Conn {
                     "{name:?} is internal to the brokers"
                 )));
             }
-            if sec.allows(principal, kind, name, op) {
+            if sec.allows(principal, session.certified, kind, name, op) {
                 Ok(())
             } else {
                 Err(Error::AuthorizationFailed(format!(
@@ -171,7 +171,7 @@ impl Conn {
         match session.principal.as_deref() {
             None => false,
             Some(_) if session.privileged => true,
-            Some(p) => sec.allows(p, kind, name, Operation::Describe),
+            Some(p) => sec.allows(p, session.certified, kind, name, Operation::Describe),
         }
     }
 
@@ -192,7 +192,11 @@ impl Conn {
             return self.fail(corr, body_mismatch()).await;
         };
         let msg = a.auth_bytes().map(|b| b.bytes()).unwrap_or_default();
-        if self.session.borrow().principal.is_some() {
+        let authenticated = {
+            let session = self.session.borrow();
+            session.principal.is_some() && !session.certified
+        };
+        if authenticated {
             return self
                 .fail(
                     corr,
@@ -237,6 +241,7 @@ impl Conn {
                 {
                     let mut session = self.session.borrow_mut();
                     session.principal = Some(user.clone());
+                    session.certified = false;
                     session.privileged = privileged;
                 }
                 add(&self.reactor.metrics.auth_successes, 1);

@@ -14,7 +14,10 @@
 //! - [`respond`]: Shoal's response frames, built into one reused
 //!   flatbuffer builder.
 //! - [`writer`]: the protocol-neutral writer: a frame head, then log bytes
-//!   with [`sendfile`] (never through user space).
+//!   with [`sendfile`] (never through user space); on a TLS connection
+//!   copied in bounded pieces and encrypted (no kTLS on these kernels).
+//! - [`tls`]: the TLS handshake (when the broker has a certificate), on
+//!   the connection's own task; a client certificate names the principal.
 //!
 //! Framing errors close the connection (after an error frame): the byte
 //! stream can no longer be trusted. Every other bad input gets an error
@@ -29,6 +32,7 @@ pub mod produce;
 pub mod push;
 pub mod respond;
 pub mod sendfile;
+pub mod tls;
 pub mod topics;
 pub mod writer;
 
@@ -37,7 +41,7 @@ use crate::limits::{RECV_BUFFER_BASE_BYTES, RECV_BUFFER_INITIAL_BYTES, RECV_BUFF
 use crate::metrics::{add, sub};
 use crate::reactor::Reactor;
 use crate::rt;
-use futures::io::{AsyncReadExt, ReadHalf};
+use futures::io::{AsyncRead, AsyncReadExt};
 use futures::lock::Mutex;
 use glommio::net::TcpStream;
 use shoal_shard::Notify;
@@ -196,46 +200,80 @@ pub struct Conn {
 }
 
 /// Serves a connection until the peer closes it, a framing error, a
-/// request timeout, or shutdown.
+/// request timeout, or shutdown. With TLS configured, the handshake comes
+/// first (within the request timeout).
 pub async fn serve(reactor: Rc<Reactor>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let sock = stream.as_raw_fd();
-    let (mut r, w) = stream.split();
-    let conn = Rc::new(Conn {
-        reactor: reactor.clone(),
-        out: Mutex::new(respond::Out::new(writer::Writer::new(w, sock, &reactor))),
-        subs: RefCell::new(HashMap::new()),
-        closed: Cell::new(false),
-        fetches_in_flight: Cell::new(0),
-        produces_in_flight: Cell::new(0),
-        peer,
-        session: Default::default(),
-    });
     add(&reactor.metrics.connections_accepted, 1);
     add(&reactor.metrics.connections_open, 1);
     // Every line logged from the read loop names its connection (the span
     // is made once per connection, never per request).
     let span = tracing::info_span!("conn", shard = reactor.id, peer = ?peer);
     let served = async {
-        if let Err(e) = read_loop(&conn, &mut r).await {
-            tracing::debug!(shard = reactor.id, error = %e, "connection ended");
+        match &reactor.config.tls {
+            None => {
+                let (r, w) = stream.split();
+                serve_stream(&reactor, r, writer::Sink::Plain(w), sock, peer, None).await;
+            }
+            Some(t) => match tls::accept(&reactor, t, stream).await {
+                Ok((s, principal)) => {
+                    let (r, w) = s.split();
+                    let sink = writer::Sink::tls(w);
+                    serve_stream(&reactor, r, sink, sock, peer, principal).await;
+                }
+                Err(why) => tls::refused(&reactor, peer, &why),
+            },
         }
     };
     tracing::Instrument::instrument(served, span).await;
+    sub(&reactor.metrics.connections_open, 1);
+}
+
+/// The connection proper, over a plaintext or TLS stream (`r` is its
+/// receiving half, `sink` its sending one). `certified`: the principal a
+/// verified client certificate named.
+async fn serve_stream<R: AsyncRead + Unpin>(
+    reactor: &Rc<Reactor>,
+    mut r: R,
+    sink: writer::Sink,
+    sock: std::os::fd::RawFd,
+    peer: Option<std::net::SocketAddr>,
+    certified: Option<String>,
+) {
+    let mut session = crate::auth::Session::default();
+    if let Some(p) = certified {
+        session.privileged = reactor.security.config.is_privileged(&p);
+        tracing::info!(principal = %p, peer = ?peer, "authenticated by client certificate");
+        session.principal = Some(p);
+        session.certified = true;
+    }
+    let conn = Rc::new(Conn {
+        reactor: reactor.clone(),
+        out: Mutex::new(respond::Out::new(writer::Writer::new(sink, sock, reactor))),
+        subs: RefCell::new(HashMap::new()),
+        closed: Cell::new(false),
+        fetches_in_flight: Cell::new(0),
+        produces_in_flight: Cell::new(0),
+        peer,
+        session: RefCell::new(session),
+    });
+    if let Err(e) = read_loop(&conn, &mut r).await {
+        tracing::debug!(shard = reactor.id, error = %e, "connection ended");
+    }
     conn.closed.set(true);
     for s in conn.subs.borrow().values() {
         s.cancelled.set(true);
         s.changed.notify_all();
     }
-    sub(&reactor.metrics.connections_open, 1);
 }
 
 fn closing(kind: std::io::ErrorKind, why: String) -> std::io::Error {
     std::io::Error::new(kind, why)
 }
 
-async fn read_loop(conn: &Rc<Conn>, r: &mut ReadHalf<TcpStream>) -> std::io::Result<()> {
+async fn read_loop<R: AsyncRead + Unpin>(conn: &Rc<Conn>, r: &mut R) -> std::io::Result<()> {
     let reactor = &*conn.reactor;
     let max = reactor.config.frame_bytes_max;
     let request_timeout = reactor.config.request_timeout;

@@ -3,6 +3,15 @@
 //! sendfile. A second protocol (a Kafka listener) encodes differently and
 //! writes through the same path.
 //!
+//! On a TLS connection the log bytes must be encrypted in user space:
+//! kernel TLS (kTLS), which would let sendfile encrypt in the kernel, is
+//! not available on the target kernels (`tcp_available_ulp` offers no
+//! `tls`). They are read (`pread`) in pieces of [`TLS_COPY_PIECE_BYTES`]
+//! into one buffer per connection, allocated at its first such write and
+//! reused, and handed to rustls piece by piece: a multi-MiB slice never
+//! sits in memory whole. The plaintext path is untouched (one `match` per
+//! response).
+//!
 //! Slow consumers (C9): every writer has a [`Watch`] that says since when
 //! its current write has been waiting. The shard's sweeper
 //! ([`Reactor::sweep_stalled_writers`]) shuts down a connection whose write
@@ -12,6 +21,8 @@
 //! write: the data path pays two `Cell` stores.
 
 use crate::conn::sendfile;
+use crate::conn::tls::TlsStream;
+use crate::limits::TLS_COPY_PIECE_BYTES;
 use crate::metrics::LogLimiter;
 use crate::metrics::{add, Metrics};
 use crate::partitions::FetchData;
@@ -33,8 +44,29 @@ pub struct Watch {
     progress_since: Cell<Option<Instant>>,
 }
 
+/// Where a connection's responses go.
+pub enum Sink {
+    /// Plaintext: log bytes by sendfile.
+    Plain(WriteHalf<TcpStream>),
+    /// TLS: log bytes copied through `copy` (empty until the first
+    /// response with log bytes) and encrypted by rustls.
+    Tls {
+        w: WriteHalf<TlsStream>,
+        copy: Vec<u8>,
+    },
+}
+
+impl Sink {
+    pub fn tls(w: WriteHalf<TlsStream>) -> Sink {
+        Sink::Tls {
+            w,
+            copy: Vec::new(),
+        }
+    }
+}
+
 pub struct Writer {
-    w: WriteHalf<TcpStream>,
+    sink: Sink,
     sock: RawFd,
     /// Reused for the encoded parts, so each response is one write (one
     /// segment, one wake-up at the client).
@@ -43,14 +75,14 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn new(w: WriteHalf<TcpStream>, sock: RawFd, reactor: &Reactor) -> Writer {
+    pub fn new(sink: Sink, sock: RawFd, reactor: &Reactor) -> Writer {
         let watch = Rc::new(Watch {
             sock,
             progress_since: Cell::new(None),
         });
         reactor.watch_writer(&watch);
         Writer {
-            w,
+            sink,
             sock,
             head: Vec::with_capacity(1024),
             watch,
@@ -80,27 +112,95 @@ impl Writer {
         for p in parts {
             self.head.extend_from_slice(p);
         }
-        self.w.write_all(&self.head).await?;
+        let w = match &mut self.sink {
+            Sink::Plain(w) => w,
+            Sink::Tls { w, copy } => {
+                match data {
+                    None => w.write_all(&self.head).await?,
+                    Some(d) => {
+                        let (file, position, len) = match d {
+                            FetchData::Local(s) => (s.file(), s.file_position(), s.len),
+                            FetchData::Remote(r) => (&r.file, r.position, r.len),
+                        };
+                        let progress = &self.watch.progress_since;
+                        copy_file(w, copy, &self.head, (file, position, len), progress).await?;
+                        add(&metrics.fetch_bytes, len);
+                        add(&metrics.copied_bytes, len);
+                    }
+                }
+                return w.flush().await;
+            }
+        };
+        w.write_all(&self.head).await?;
         if let Some(d) = data {
             let (fd, position, len) = match d {
                 FetchData::Local(s) => (s.file().as_raw_fd(), s.file_position(), s.len),
                 FetchData::Remote(r) => (r.file.as_raw_fd(), r.position, r.len),
             };
-            let sent = sendfile::send_file(
-                &mut self.w,
-                self.sock,
-                fd,
-                position,
-                len,
-                &self.watch.progress_since,
-            )
-            .await?;
+            let sent =
+                sendfile::send_file(w, self.sock, fd, position, len, &self.watch.progress_since)
+                    .await?;
             add(&metrics.fetch_bytes, len);
             add(&metrics.zero_copy_bytes, sent.zero_copy);
             add(&metrics.copied_bytes, sent.copied);
         }
-        self.w.flush().await
+        w.flush().await
     }
+}
+
+/// Writes `head`, then `len` bytes of `file` from `position`, to a TLS
+/// stream: each piece is read into `copy` (the head shares the first
+/// piece, so a small response is one TLS record) and encrypted as it is
+/// written. Each piece written sets `progress_since` (the slow-consumer
+/// sweeper reads it).
+async fn copy_file(
+    w: &mut WriteHalf<TlsStream>,
+    copy: &mut Vec<u8>,
+    head: &[u8],
+    (file, mut position, mut len): (&std::fs::File, u64, u64),
+    progress_since: &Cell<Option<Instant>>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if copy.is_empty() {
+        // Once per connection, and only for connections that read log
+        // bytes; zeroed once, then only overwritten.
+        copy.resize(TLS_COPY_PIECE_BYTES, 0);
+    }
+    let mut start = if head.len() <= copy.len() / 2 {
+        copy[..head.len()].copy_from_slice(head);
+        head.len()
+    } else {
+        w.write_all(head).await?;
+        0
+    };
+    while len > 0 {
+        let piece = (copy.len() - start).min(len as usize);
+        let mut filled = start;
+        while filled < start + piece {
+            let n = file.read_at(&mut copy[filled..start + piece], position)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "log file ended before the range sent",
+                ));
+            }
+            filled += n;
+            position += n as u64;
+        }
+        w.write_all(&copy[..filled]).await?;
+        progress_since.set(Some(rt::now()));
+        len -= piece as u64;
+        start = 0;
+        if len > 0 {
+            // As between sendfile pieces: let the shard's other work in.
+            rt::yield_to_io().await;
+        }
+    }
+    if start > 0 {
+        // No log bytes after all: the head alone.
+        w.write_all(&copy[..start]).await?;
+    }
+    Ok(())
 }
 
 /// The writers of one shard, for the sweeper.

@@ -15,13 +15,13 @@
 //! The task ends when its role does ([`Fetcher::stop`]); it is never
 //! cancelled inside a log operation.
 
+use super::dial::PeerStream;
 use super::Slot;
 use crate::limits::FETCH_BYTES_MAX;
 use crate::reactor::Reactor;
 use crate::rt;
 use flatbuffers::FlatBufferBuilder;
 use futures::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 use shoal_shard::{Notify, PartitionLog};
 use shoal_wire::batch::Batches;
 use shoal_wire::frame::{self, FRAME_PREFIX_BYTES};
@@ -146,15 +146,15 @@ impl Follow {
         while !self.stop.flag.get() {
             let why = match self.leader_addr() {
                 None => "the leader is not registered".to_string(),
-                Some(addr) => {
+                Some((host, addr)) => {
+                    let tls = self.reactor.config.tls.as_ref();
                     match self
                         .stop
-                        .or_stop(rt::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)))
+                        .or_stop(super::dial::connect(tls, &host, addr, CONNECT_TIMEOUT))
                         .await
                     {
                         None => return,
-                        Some(Some(Ok(mut stream))) => {
-                            let _ = stream.set_nodelay(true);
+                        Some(Ok(mut stream)) => {
                             if let Err(why) = self.authenticate(&mut stream).await {
                                 why
                             } else {
@@ -164,8 +164,7 @@ impl Follow {
                                 }
                             }
                         }
-                        Some(Some(Err(e))) => format!("cannot connect to {addr}: {e}"),
-                        Some(None) => format!("no connection to {addr} within 2 s"),
+                        Some(Err(why)) => why,
                     }
                 }
             };
@@ -184,7 +183,7 @@ impl Follow {
 
     /// With auth on: the SCRAM exchange as the inter-broker user, first
     /// on a new connection to the leader.
-    async fn authenticate(&self, stream: &mut TcpStream) -> Result<(), String> {
+    async fn authenticate(&self, stream: &mut PeerStream) -> Result<(), String> {
         let auth = &self.reactor.config.auth;
         if !auth.enabled {
             return Ok(());
@@ -207,7 +206,8 @@ impl Follow {
         }
     }
 
-    fn leader_addr(&self) -> Option<std::net::SocketAddr> {
+    /// The leader's advertised host and the address of its shard port.
+    fn leader_addr(&self) -> Option<(String, std::net::SocketAddr)> {
         let view = self.reactor.cluster.borrow().clone()?;
         let broker = view.brokers.get(&self.leader)?;
         let meta = self.reactor.partitions.topic(&self.topic)?;
@@ -217,12 +217,13 @@ impl Follow {
             .replica_on(self.leader)?
             .shard;
         let port = broker.shard_port(shard)?;
-        std::net::ToSocketAddrs::to_socket_addrs(&(broker.host.as_str(), port))
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(broker.host.as_str(), port))
             .ok()?
-            .next()
+            .next()?;
+        Some((broker.host.clone(), addr))
     }
 
-    async fn fetch_loop(&self, mut stream: TcpStream, backoff: &mut Duration) -> Ended {
+    async fn fetch_loop(&self, mut stream: PeerStream, backoff: &mut Duration) -> Ended {
         let me = self.reactor.broker_id().unwrap_or(0);
         let mut fbb = FlatBufferBuilder::new();
         let mut out = Vec::with_capacity(256);
@@ -254,6 +255,8 @@ impl Follow {
             );
             let exchange = async {
                 stream.write_all(&out).await?;
+                // TLS holds written bytes until flushed.
+                stream.flush().await?;
                 read_frame(&mut stream, &mut buf).await
             };
             let parts = match self
@@ -344,7 +347,7 @@ impl Follow {
     /// The leader's group checkpoint (empty if it has none).
     async fn leader_checkpoint(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut PeerStream,
         buf: &mut Vec<u8>,
         corr: &mut u32,
     ) -> Result<Vec<u8>, Ended> {
@@ -353,6 +356,7 @@ impl Follow {
         let frame = encode_checkpoint(*corr, self.partition, 0, self.epoch, me, &[]);
         let exchange = async {
             stream.write_all(&frame).await?;
+            stream.flush().await?;
             read_frame(stream, buf).await
         };
         let parts = match self.stop.or_stop(rt::timeout(ANSWER_GRACE, exchange)).await {
@@ -412,7 +416,7 @@ impl Follow {
     /// the leader on the fetch connection.
     async fn standby_step(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut PeerStream,
         buf: &mut Vec<u8>,
         corr: &mut u32,
     ) -> Option<Ended> {
@@ -451,6 +455,7 @@ impl Follow {
         let frame = encode_checkpoint(*corr, self.partition, offset, self.epoch, me, &bytes);
         let exchange = async {
             stream.write_all(&frame).await?;
+            stream.flush().await?;
             read_frame(stream, buf).await
         };
         let parts = match self.stop.or_stop(rt::timeout(ANSWER_GRACE, exchange)).await {
@@ -606,7 +611,7 @@ fn encode_checkpoint(
 /// Reads one response frame into `buf` (reused: no allocation once it has
 /// grown to the largest answer).
 async fn read_frame(
-    stream: &mut TcpStream,
+    stream: &mut PeerStream,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<frame::FrameParts> {
     buf.resize(FRAME_PREFIX_BYTES, 0);

@@ -24,6 +24,7 @@
 //! has lost ZooKeeper ([`Replicas::set_fenced`]), and for good once a
 //! follower shows it a newer epoch; ZooKeeper then brings its new role.
 
+pub mod dial;
 pub mod follower;
 pub mod leader;
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 import time
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -34,6 +35,25 @@ DEFAULT_PORT = 9400
 RECONNECT_BACKOFF_MIN_S = 0.1
 
 Addr = Tuple[str, int]
+
+
+def tls_context(
+    ca: Optional[str], cert: Optional[str] = None, key: Optional[str] = None
+) -> Optional[ssl.SSLContext]:
+    """An ``ssl.SSLContext`` that trusts the CAs in ``ca`` (PEM) and, with
+    ``cert`` and ``key``, presents that client certificate; ``None``
+    without ``ca`` (plaintext)."""
+    if ca is None:
+        if cert is not None or key is not None:
+            raise ValueError("a TLS client certificate needs tls_ca too")
+        return None
+    if (cert is None) != (key is None):
+        raise ValueError("give both tls_cert and tls_key, or neither")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 def parse_bootstrap(bootstrap: Union[str, Sequence[str]]) -> List[Addr]:
@@ -96,8 +116,21 @@ class Client:
         reconnect_backoff_max: float = 30.0,
         user: Optional[str] = None,
         password: Optional[str] = None,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+        tls_server_name: Optional[str] = None,
     ):
         self.bootstrap = parse_bootstrap(bootstrap)
+        # TLS on every connection when a CA file is given (a broker with
+        # tls_cert): the brokers' certificates are verified against it, for
+        # the address connected to or ``tls_server_name``; a client
+        # certificate, if given, is presented when the broker asks (its CN
+        # is then the principal).
+        self._tls = tls_context(tls_ca, tls_cert, tls_key)
+        if self._tls is None and tls_server_name is not None:
+            raise ValueError("tls_server_name needs tls_ca")
+        self._tls_server_name = tls_server_name
         # SCRAM-SHA-256 on every connection when set (a broker with --auth).
         if (user is None) != (password is None):
             raise ValueError("give both user and password, or neither")
@@ -170,7 +203,14 @@ class Client:
             if c is not None and not c.closed:
                 return c
             try:
-                c = await Connection.open(addr[0], addr[1], self.client_id, self.connect_timeout)
+                c = await Connection.open(
+                    addr[0],
+                    addr[1],
+                    self.client_id,
+                    self.connect_timeout,
+                    self._tls,
+                    self._tls_server_name,
+                )
                 if self._credentials is not None:
                     try:
                         await asyncio.wait_for(

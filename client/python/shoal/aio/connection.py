@@ -1,5 +1,6 @@
-"""One TCP connection to one broker port, requests multiplexed by
-correlation id (asyncio).
+"""One TCP connection to one broker port (plaintext, or TLS through the
+standard library's ``ssl``), requests multiplexed by correlation id
+(asyncio).
 
 Several requests may be outstanding; the broker answers produce and admin
 requests in order and fetches possibly out of order, so answers are matched
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import struct
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -160,13 +162,23 @@ class Connection:
 
     @classmethod
     async def open(
-        cls, host: str, port: int, client_id: str, connect_timeout: float
+        cls,
+        host: str,
+        port: int,
+        client_id: str,
+        connect_timeout: float,
+        tls: Optional[ssl.SSLContext] = None,
+        server_name: Optional[str] = None,
     ) -> "Connection":
+        """Connects (and, with ``tls``, makes the TLS handshake, verifying
+        the broker's certificate for ``server_name``, else ``host``: an IP
+        address must be among the certificate's IP SANs)."""
         c = cls(host, port, client_id)
         loop = asyncio.get_running_loop()
+        extra = {} if tls is None else {"ssl": tls, "server_hostname": server_name or host}
         try:
             transport, rx = await asyncio.wait_for(
-                loop.create_connection(lambda: _Receiver(c), host, port), connect_timeout
+                loop.create_connection(lambda: _Receiver(c), host, port, **extra), connect_timeout
             )
         except asyncio.TimeoutError as e:
             raise ConnectError(f"{host}:{port}", TimeoutError(f"no answer in {connect_timeout}s")) from e

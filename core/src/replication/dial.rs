@@ -1,0 +1,90 @@
+//! A broker's own connection to another broker's shard port (a follower
+//! to its leader): TCP, then TLS when the broker has TLS (the leader's
+//! certificate verified against `tls_ca`, for the leader's advertised host
+//! or `tls_server_name`), then the SCRAM exchange when auth is on (done by
+//! the caller, on the stream this returns).
+
+use crate::auth::tls::Tls;
+use futures::io::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// A connection to another broker, plaintext or TLS.
+pub enum PeerStream {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Opens a connection to `addr` (a broker whose advertised host is
+/// `host`), within `timeout` for the connect and again for the handshake.
+pub async fn connect(
+    tls: Option<&Tls>,
+    host: &str,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<PeerStream, String> {
+    let stream = match crate::rt::timeout(timeout, TcpStream::connect(addr)).await {
+        None => return Err(format!("no connection to {addr} within {timeout:?}")),
+        Some(Err(e)) => return Err(format!("cannot connect to {addr}: {e}")),
+        Some(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(PeerStream::Plain(stream));
+    };
+    let Some(config) = &tls.peer else {
+        return Err("TLS is on but tls_ca is not set: cannot verify the other broker".into());
+    };
+    let name = tls
+        .peer_name(host)
+        .map_err(|e| format!("cannot verify {host}: {e}"))?;
+    let connector = futures_rustls::TlsConnector::from(config.clone());
+    match crate::rt::timeout(timeout, connector.connect(name, stream)).await {
+        None => Err(format!("no TLS handshake with {addr} within {timeout:?}")),
+        Some(Err(e)) => Err(format!("TLS handshake with {host} ({addr}) failed: {e}")),
+        Some(Ok(s)) => Ok(PeerStream::Tls(Box::new(s))),
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => Pin::new(s).poll_close(cx),
+            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+        }
+    }
+}
