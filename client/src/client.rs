@@ -358,6 +358,7 @@ async fn resolve(host_port: &str) -> Result<Vec<SocketAddr>> {
             "broker address {host_port:?} resolves to nothing"
         )));
     }
+    crate::tls::remember_host(host_port, &addrs);
     Ok(addrs)
 }
 

@@ -3,22 +3,62 @@
 //! [`TlsConfig`] is loaded once (files read, certificates parsed) and
 //! shared by every connection a [`crate::Client`] opens. It trusts the CAs
 //! in one PEM file (`--tls-ca FILE`, `SHOAL_TLS_CA`) and checks each
-//! broker's certificate against the address the client connects to: an IP
-//! address must be among the certificate's IP SANs (brokers advertise
-//! addresses such as `127.0.0.1`), unless a server name is set
-//! (`--tls-server-name`, `SHOAL_TLS_SERVER_NAME`), which every broker's
-//! certificate must then carry as a DNS name. A client certificate and key
+//! broker's certificate against the host the client was given for it
+//! (a bootstrap entry, or the host a broker advertises): a DNS name must
+//! be among the certificate's DNS SANs, an IP address among its IP SANs
+//! (brokers advertise addresses such as `127.0.0.1`). A server name set
+//! with `--tls-server-name` (`SHOAL_TLS_SERVER_NAME`) replaces them all:
+//! every broker's certificate must then carry it as a DNS name. A client certificate and key
 //! (`--tls-cert`/`--tls-key`, `SHOAL_TLS_CERT`/`SHOAL_TLS_KEY`) are
 //! presented when the broker asks; signed by the CA the broker trusts for
 //! clients, its subject CN (else first DNS name) is the principal, with no
 //! SCRAM exchange.
 
 use crate::error::{Error, Result};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use std::net::SocketAddr;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
+
+/// The DNS names addresses were resolved from, so a broker reached by
+/// name has its certificate checked against that name, not the address
+/// the name resolved to. Shared by every client of the process (a name's
+/// addresses are the same for all of them); bounded by [`HOST_NAMES_MAX`].
+static HOST_NAMES: LazyLock<Mutex<HashMap<SocketAddr, ServerName<'static>>>> =
+    LazyLock::new(Default::default);
+const HOST_NAMES_MAX: usize = 4096;
+
+/// Notes that `host_port` resolved to `addrs` (nothing for an IP literal:
+/// the address is then the name).
+pub(crate) fn remember_host(host_port: &str, addrs: &[SocketAddr]) {
+    let Some((host, _)) = host_port.rsplit_once(':') else {
+        return;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<IpAddr>().is_ok() {
+        return;
+    }
+    let Ok(name @ ServerName::DnsName(_)) = ServerName::try_from(host.to_string()) else {
+        return;
+    };
+    let mut names = HOST_NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if names.len() + addrs.len() > HOST_NAMES_MAX {
+        names.clear();
+    }
+    for a in addrs {
+        names.insert(*a, name.clone());
+    }
+}
+
+/// The name a broker's certificate must carry when reached at `addr`.
+fn name_for(addr: SocketAddr) -> ServerName<'static> {
+    let names = HOST_NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    names
+        .get(&addr)
+        .cloned()
+        .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+}
 
 /// Environment variables of [`TlsConfig::from_env`].
 pub const CA_ENV: &str = "SHOAL_TLS_CA";
@@ -35,7 +75,7 @@ pub struct TlsFiles {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     /// Verify every broker's certificate against this DNS name instead of
-    /// the IP address connected to.
+    /// the host each was reached by.
     pub server_name: Option<String>,
 }
 
@@ -74,13 +114,7 @@ fn invalid(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
 
 fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path).map_err(|e| invalid(what, path, e))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| invalid(what, path, format!("not a PEM certificate file: {e}")))?;
-    if certs.is_empty() {
-        return Err(invalid(what, path, "no CERTIFICATE block in it"));
-    }
-    Ok(certs)
+    shoal_wire::pem::certificates(&pem).map_err(|e| invalid(what, path, e))
 }
 
 impl TlsConfig {
@@ -129,8 +163,8 @@ impl TlsConfig {
             (Some(cert), Some(key)) => {
                 let chain = read_certs(cert, "client certificate")?;
                 let pem = std::fs::read(key).map_err(|e| invalid("client key", key, e))?;
-                let k = PrivateKeyDer::from_pem_slice(&pem)
-                    .map_err(|e| invalid("client key", key, format!("no PEM private key: {e}")))?;
+                let k = shoal_wire::pem::private_key(&pem)
+                    .map_err(|e| invalid("client key", key, e))?;
                 builder
                     .with_client_auth_cert(chain, k)
                     .map_err(|e| invalid("client certificate", cert, e))?
@@ -160,10 +194,7 @@ impl TlsConfig {
         addr: SocketAddr,
         stream: tokio::net::TcpStream,
     ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-        let name = self
-            .server_name
-            .clone()
-            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
+        let name = self.server_name.clone().unwrap_or_else(|| name_for(addr));
         self.connector
             .connect(name, stream)
             .await
@@ -171,5 +202,27 @@ impl TlsConfig {
                 addr: addr.to_string(),
                 source: std::io::Error::new(e.kind(), format!("TLS handshake failed: {e}")),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_reached_by_name_is_checked_against_that_name_else_its_address() {
+        // Ports of their own, so other tests of this process do not meet them.
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let c: SocketAddr = "[::1]:3".parse().unwrap();
+        remember_host("broker-1.example:1", &[a]);
+        remember_host("127.0.0.1:2", &[b]);
+        remember_host("[::1]:3", &[c]);
+        assert_eq!(
+            name_for(a),
+            ServerName::try_from("broker-1.example".to_string()).unwrap()
+        );
+        assert_eq!(name_for(b), ServerName::IpAddress(b.ip().into()));
+        assert_eq!(name_for(c), ServerName::IpAddress(c.ip().into()));
     }
 }

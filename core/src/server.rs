@@ -282,10 +282,12 @@ async fn accept_loop(reactor: Rc<Reactor>, listener: TcpListener, per_shard_max:
                             shard = reactor.id,
                             limit = per_shard_max,
                             more_since_last_line = held_back,
-                            "connection limit reached; refusing with TooManyConnections"
+                            "connection limit reached; refusing connections"
                         );
                     }
-                    rt::spawn_detached(refuse(reactor.clone(), stream, per_shard_max));
+                    if reactor.config.tls.is_none() {
+                        rt::spawn_detached(refuse(stream, per_shard_max));
+                    }
                     continue;
                 }
                 rt::spawn_detached(conn::serve(reactor.clone(), stream));
@@ -307,28 +309,18 @@ async fn accept_loop(reactor: Rc<Reactor>, listener: TcpListener, per_shard_max:
     }
 }
 
-/// Tells a connection over the limit why (over TLS on a TLS port, so the
-/// client can read it), then closes it.
-async fn refuse(reactor: Rc<Reactor>, stream: glommio::net::TcpStream, limit: usize) {
+/// Tells a plaintext connection over the limit why, then closes it. On a
+/// TLS port one is closed without a word (the accept loop drops it):
+/// answering would take a handshake per refused
+/// connection, which turns a connection flood at the limit into
+/// handshake work on the shard. (The client sees the connection closed
+/// during its handshake; the broker counts it in `connections_refused`.)
+async fn refuse(stream: glommio::net::TcpStream, limit: usize) {
     use futures::io::AsyncWriteExt;
     let frame = conn::respond::error_frame(0, &Error::TooManyConnections { limit });
-    // A peer that reads nothing (or never finishes its handshake) must not
-    // hold the slot.
-    let _ = rt::timeout(Duration::from_millis(500), async {
-        match &reactor.config.tls {
-            None => {
-                let mut stream = stream;
-                stream.write_all(&frame).await
-            }
-            Some(t) => {
-                let acceptor = futures_rustls::TlsAcceptor::from(t.server.clone());
-                let mut s = acceptor.accept(stream).await?;
-                s.write_all(&frame).await?;
-                s.close().await
-            }
-        }
-    })
-    .await;
+    // A peer that reads nothing must not hold the slot.
+    let mut stream = stream;
+    let _ = rt::timeout(Duration::from_millis(500), stream.write_all(&frame)).await;
 }
 
 /// Removes partition directories no recorded topic owns: what a topic

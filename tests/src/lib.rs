@@ -1167,6 +1167,24 @@ pub mod pki {
             server: bool,
             file: &str,
         ) -> (PathBuf, PathBuf) {
+            self.sign(cn, dns, server, server, file)
+        }
+
+        /// A server certificate for DNS names only: no IP address, so a
+        /// client that connects to 127.0.0.1 and expects that address
+        /// must refuse it.
+        pub fn issue_for_names(&self, cn: &str, dns: &[&str], file: &str) -> (PathBuf, PathBuf) {
+            self.sign(cn, dns, true, false, file)
+        }
+
+        fn sign(
+            &self,
+            cn: &str,
+            dns: &[&str],
+            server: bool,
+            ip: bool,
+            file: &str,
+        ) -> (PathBuf, PathBuf) {
             let key = KeyPair::generate().expect("key");
             let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
             p.distinguished_name.push(DnType::CommonName, cn);
@@ -1175,9 +1193,11 @@ pub mod pki {
                     .push(SanType::DnsName((*d).try_into().expect("a DNS name")));
             }
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            if server {
+            if ip {
                 p.subject_alt_names
                     .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+            }
+            if server {
                 p.extended_key_usages
                     .push(ExtendedKeyUsagePurpose::ServerAuth);
             }

@@ -197,13 +197,6 @@ fn plaintext_on_a_tls_port_is_refused_and_the_broker_keeps_serving() {
         let _ = s.read_to_end(&mut rest);
         assert!(rest.is_empty(), "the connection is closed after the frame");
     }
-    // A handshake record type, then garbage.
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 6, 7])
-        .unwrap();
-    let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
     rt().block_on(async {
         let e = Client::connect_with_config(&broker.addr(), config(None, None))
             .await
@@ -214,15 +207,32 @@ fn plaintext_on_a_tls_port_is_refused_and_the_broker_keeps_serving() {
             Client::connect_with_config(&broker.addr(), config(Some(tls(&pki.ca, None)), None))
                 .await
                 .unwrap();
+        let before = metric(&client.metrics().await.unwrap(), "tls_handshake_failures");
+        assert!(
+            before >= 3,
+            "two plaintext frames and the plaintext client: {before}"
+        );
+
+        // A handshake record header, then garbage: rustls refuses it with
+        // an alert (a record of type 21) and the connection is closed.
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 6, 7])
+            .unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .expect("the broker closes the connection");
+        assert!(
+            rest.is_empty() || rest[0] == 0x15,
+            "nothing or a TLS alert, not a frame: {rest:?}"
+        );
+        let after = metric(&client.metrics().await.unwrap(), "tls_handshake_failures");
+        assert_eq!(after, before + 1, "the garbage handshake is counted");
+
         client
             .create_topic(&NewTopic::new("after", 2))
             .await
             .unwrap();
-        let m = client.metrics().await.unwrap();
-        assert!(
-            metric(&m, "tls_handshake_failures") >= 4,
-            "two plaintext frames, the garbage, the plaintext client: {m:?}"
-        );
     });
     assert!(!broker.log_text().contains("panicked"));
 }
@@ -243,14 +253,17 @@ async fn produce_once(client: &Client, topic: &str) -> shoal_client::Result<()> 
 /// With auth on and client certificates requested, a certificate's CN is
 /// the principal (no SCRAM): ACLs allow it one topic and not another; a
 /// certificate without rules may do nothing; a client without certificate
-/// or credentials must authenticate; a certificate from another CA fails
-/// the handshake. With certificates required, a client without one cannot
-/// connect at all, and the broker's own connections still work.
+/// or credentials must authenticate, and so must one whose certificate
+/// names no valid user; a certificate from another CA fails the
+/// handshake. With certificates required, a client without one, or with
+/// one naming no valid user, cannot connect at all, and the broker's own
+/// connections still work.
 #[test]
 fn a_client_certificate_is_the_principal_for_acls() {
     let pki = Pki::new();
     let (writer_cert, writer_key) = pki.issue("writer", &[], false, "writer");
     let (idle_cert, idle_key) = pki.issue("idle", &[], false, "idle");
+    let (john_cert, john_key) = pki.issue("John Smith", &[], false, "john");
     let toml = pki.broker_toml("requested");
     let broker = Broker::start_env(
         shoal_tests::two_shards(),
@@ -306,6 +319,21 @@ fn a_client_certificate_is_the_principal_for_acls() {
         let e = produce_once(&idle, "allowed").await.unwrap_err();
         assert!(e.to_string().contains("AuthorizationFailed"), "{e}");
 
+        // A certificate whose CN is no valid user name counts as none where
+        // certificates are only requested: the client must log in with
+        // SCRAM (and can, inside the same TLS).
+        let john = tls(&pki.ca, Some((&john_cert, &john_key)));
+        let e = match Client::connect_with_config(&addr, config(Some(john.clone()), None)).await {
+            Ok(c) => produce_once(&c, "allowed").await.unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(e.to_string().contains("AuthenticationRequired"), "{e}");
+        let john_as_admin =
+            Client::connect_with_config(&addr, config(Some(john), Some(("admin", ADMIN_PW))))
+                .await
+                .unwrap();
+        produce_once(&john_as_admin, "allowed").await.unwrap();
+
         // The rule removed: the open connection loses the right at once.
         admin
             .remove_acl(&Acl {
@@ -351,6 +379,24 @@ fn a_client_certificate_is_the_principal_for_acls() {
         .await;
         let e = r.err().expect("no certificate, no connection");
         assert!(e.to_string().contains("TLS: received fatal alert"), "{e}");
+        // Where certificates are required, one must name a valid principal:
+        // refused in the handshake, with an alert, SCRAM or not.
+        let r = Client::connect_with_config(
+            &required.addr(),
+            config(
+                Some(tls(&pki.ca, Some((&john_cert, &john_key)))),
+                Some(("admin", ADMIN_PW)),
+            ),
+        )
+        .await;
+        let e = r
+            .err()
+            .expect("a certificate naming no principal is refused");
+        assert!(
+            e.to_string()
+                .contains("TLS: received fatal alert: CertificateUnknown"),
+            "{e}"
+        );
         let (admin_cert, admin_key) = pki.issue("admin", &[], false, "admin");
         let admin = Client::connect_with_config(
             &required.addr(),
@@ -361,6 +407,70 @@ fn a_client_certificate_is_the_principal_for_acls() {
         // `admin` is a superuser: its certificate may do everything.
         admin.create_topic(&NewTopic::new("t", 1)).await.unwrap();
         produce_once(&admin, "t").await.unwrap();
+    });
+}
+
+/// A broker's certificate is checked against the name the client expects:
+/// one for `localhost` only (no IP address) fails the handshake of a client
+/// that connects to 127.0.0.1 and expects that address, and passes when
+/// the client is told to expect `localhost` (`--tls-server-name`); the
+/// broker serves on after the refusal. A stalled handshake is closed when
+/// its time is up.
+#[test]
+fn a_certificate_for_another_name_fails_unless_that_name_is_expected() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue_for_names("named", &["localhost"], "named");
+    let toml = format!("tls_cert = {cert:?}\ntls_key = {key:?}\nrequest_timeout_ms = 1500\n");
+    let broker = Broker::start_with_config(shoal_tests::two_shards(), &toml);
+    let addr = broker.addr();
+    // A peer that connects and sends nothing, or half a hello, is closed
+    // once the handshake's time (here the request timeout) is up.
+    for hello in [&[][..], &[0x16, 0x03, 0x01][..]] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(hello).unwrap();
+        let t = Instant::now();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .expect("the broker closes a stalled handshake");
+        assert!(
+            t.elapsed() >= Duration::from_millis(1000),
+            "closed after {:?}, before its time",
+            t.elapsed()
+        );
+    }
+    rt().block_on(async {
+        let e = Client::connect_with_config(&addr, config(Some(tls(&pki.ca, None)), None))
+            .await
+            .err()
+            .expect("a certificate without the address connected to is refused");
+        let text = e.to_string();
+        assert!(
+            text.contains("TLS handshake failed") && text.contains("not valid for name"),
+            "{text}"
+        );
+        let named = TlsConfig::load(&TlsFiles {
+            ca: pki.ca.clone(),
+            cert: None,
+            key: None,
+            server_name: Some("localhost".into()),
+        })
+        .unwrap();
+        let client = Client::connect_with_config(&addr, config(Some(named), None))
+            .await
+            .unwrap();
+        client
+            .create_topic(&NewTopic::new("named", 2))
+            .await
+            .unwrap();
+        // Both shard ports: metadata sends the client to each.
+        for p in 0..2 {
+            Producer::new(client.clone(), ProducerConfig::default())
+                .send_to("named", p, None, b"x")
+                .unwrap()
+                .await
+                .unwrap();
+        }
     });
 }
 

@@ -10,6 +10,7 @@
 //! - [`error`]: codec errors and the protocol's stable [`ErrorCode`]s.
 //! - [`frame`]: length-prefixed frames (flatbuffer header + raw payload),
 //!   checked before parsing, headers verified on decode.
+//! - [`pem`]: certificates and keys in PEM files (TLS), parsed.
 //! - [`scram`]: the SCRAM-SHA-256 messages of the authentication exchange
 //!   (both ends), pure functions over bytes.
 //! - `generated`: code flatc 25.12 generated from `schema/shoal.fbs`
@@ -19,6 +20,7 @@ pub mod batch;
 pub mod error;
 pub mod frame;
 pub mod group;
+pub mod pem;
 pub mod scram;
 
 #[rustfmt::skip]

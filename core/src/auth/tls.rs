@@ -23,13 +23,14 @@
 //!
 //! Log bytes on a TLS connection are copied through user space to be
 //! encrypted (see `conn::writer`): kernel TLS (kTLS), which would let
-//! sendfile encrypt in the kernel, is not available on the target kernels
-//! (`/proc/sys/net/ipv4/tcp_available_ulp` lists no `tls`).
+//! sendfile encrypt in the kernel, is not used, as the kernel Shoal is
+//! tested on is built without it (`CONFIG_TLS` unset; `setsockopt(TCP_ULP,
+//! "tls")` fails with `ENOENT`), so such a path could not be tested here.
 
 use crate::error::{Error, Result};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use std::path::{Path, PathBuf};
@@ -142,25 +143,13 @@ fn tls_err(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
 pub fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
     // Read first, so a missing file says so rather than "no certificate".
     let pem = std::fs::read(path).map_err(|e| tls_err(what, path, e))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| tls_err(what, path, format!("not a PEM certificate file: {e}")))?;
-    if certs.is_empty() {
-        return Err(tls_err(what, path, "no CERTIFICATE block in it"));
-    }
-    Ok(certs)
+    shoal_wire::pem::certificates(&pem).map_err(|e| tls_err(what, path, e))
 }
 
 /// The private key of a PEM file.
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     let pem = std::fs::read(path).map_err(|e| tls_err("tls_key", path, e))?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-        tls_err(
-            "tls_key",
-            path,
-            format!("no PEM private key (PKCS#8, PKCS#1 or SEC1) in it: {e}"),
-        )
-    })
+    shoal_wire::pem::private_key(&pem).map_err(|e| tls_err("tls_key", path, e))
 }
 
 /// A store of the CA certificates in a PEM file.
@@ -216,6 +205,11 @@ pub fn load(s: &TlsSettings) -> Result<Option<Tls>> {
                 v
             };
             let verifier = v.build().map_err(|e| tls_err("tls_client_ca", ca, e))?;
+            let verifier: Arc<dyn ClientCertVerifier> = if client_auth == ClientAuth::Required {
+                Arc::new(NamesAPrincipal(verifier))
+            } else {
+                verifier
+            };
             builder.with_client_cert_verifier(verifier)
         }
         _ => builder.with_no_client_auth(),
@@ -256,6 +250,67 @@ pub fn load(s: &TlsSettings) -> Result<Option<Tls>> {
         client_auth,
         peer_server_name,
     }))
+}
+
+/// Where client certificates are required, one must also name a usable
+/// principal ([`principal_of`]): checked in the handshake, so the client
+/// gets an alert (`CertificateUnknown`) that says its certificate was refused,
+/// not a connection closed after a handshake that seemed to succeed.
+#[derive(Debug)]
+struct NamesAPrincipal(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for NamesAPrincipal {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        match principal_of(end_entity) {
+            Ok(_) => Ok(verified),
+            // The reason travels in the handshake error the broker logs.
+            Err(e) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+                    std::io::Error::other(e),
+                ))),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// The principal a verified client certificate names: its subject's

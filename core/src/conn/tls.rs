@@ -1,12 +1,17 @@
 //! The TLS handshake of a client connection, on the shard that accepted
 //! it (never in the accept loop, so a slow handshake holds up no one else).
 //!
-//! Before the handshake the first byte is peeked at: a TLS connection
-//! starts with a handshake record (content type 22). Anything else is a
-//! plaintext client on a TLS-only port: it gets one `TlsRequired` error
-//! frame, in plaintext so it can read why, and is closed.
+//! Before the handshake the first bytes are peeked at: a TLS connection
+//! starts with a handshake record (content type 22, then major version 3).
+//! Anything else is a plaintext client on a TLS-only port: it gets one
+//! `TlsRequired` error frame, in plaintext so it can read why, and is
+//! closed.
+//!
+//! The peek and the handshake share one deadline ([`HANDSHAKE_TIMEOUT`],
+//! or the request timeout if shorter), so a peer that trickles its hello
+//! holds a connection slot for at most that long.
 
-use crate::auth::tls::{principal_of, Tls};
+use crate::auth::tls::{principal_of, ClientAuth, Tls};
 use crate::error::Error;
 use crate::metrics::add;
 use crate::reactor::Reactor;
@@ -20,6 +25,25 @@ pub type TlsStream = futures_rustls::server::TlsStream<TcpStream>;
 
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// The second: the record's major protocol version (3 for SSL 3.0 up to
+/// TLS 1.3).
+const TLS_MAJOR_VERSION: u8 = 0x03;
+
+/// The longest a connection may take from accept to a finished TLS
+/// handshake (a real one takes a few milliseconds).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether the first bytes a peer sent (at least one) open a TLS
+/// connection. A Shoal frame starts with its little-endian length, so a
+/// plaintext frame whose length's low byte is 22 matches the first byte;
+/// the second (the length's next byte, 3 only for frames of 790 bytes or
+/// more) tells them apart when it has arrived.
+fn looks_like_tls(first: &[u8]) -> bool {
+    matches!(
+        first,
+        [TLS_HANDSHAKE_RECORD] | [TLS_HANDSHAKE_RECORD, TLS_MAJOR_VERSION, ..]
+    )
+}
 
 /// Why a connection ended before it was served.
 #[derive(Debug)]
@@ -46,23 +70,26 @@ impl std::fmt::Display for Refused {
     }
 }
 
-/// Runs the server side of the handshake within the request timeout.
-/// Returns the stream and the principal the client's certificate names,
-/// if it presented one.
+/// Runs the server side of the handshake within [`HANDSHAKE_TIMEOUT`]
+/// (or the request timeout if shorter). Returns the stream and the
+/// principal the client's certificate names, if it presented one that
+/// names a usable principal (see [`principal_of`]).
 pub async fn accept(
     reactor: &Reactor,
     tls: &Tls,
     stream: TcpStream,
 ) -> Result<(TlsStream, Option<String>), Refused> {
-    let timeout = reactor.config.request_timeout;
-    let mut first = [0u8; 1];
-    match rt::timeout(timeout, stream.peek(&mut first)).await {
+    let limit = HANDSHAKE_TIMEOUT.min(reactor.config.request_timeout);
+    let deadline = rt::now() + limit;
+    let left = || deadline.saturating_duration_since(rt::now());
+    let mut first = [0u8; 2];
+    let n = match rt::timeout(left(), stream.peek(&mut first)).await {
         None => return Err(Refused::TimedOut),
         Some(Err(e)) => return Err(Refused::Handshake(e.to_string())),
         Some(Ok(0)) => return Err(Refused::Closed),
-        Some(Ok(_)) => {}
-    }
-    if first[0] != TLS_HANDSHAKE_RECORD {
+        Some(Ok(n)) => n,
+    };
+    if !looks_like_tls(&first[..n]) {
         let frame = crate::conn::respond::error_frame(0, &Error::TlsRequired);
         let mut stream = stream;
         // A peer that reads nothing must not hold the connection. The
@@ -81,7 +108,7 @@ pub async fn accept(
         return Err(Refused::Plaintext);
     }
     let acceptor = futures_rustls::TlsAcceptor::from(tls.server.clone());
-    let s = match rt::timeout(timeout, acceptor.accept(stream)).await {
+    let s = match rt::timeout(left(), acceptor.accept(stream)).await {
         None => return Err(Refused::TimedOut),
         Some(Err(e)) => return Err(Refused::Handshake(e.to_string())),
         Some(Ok(s)) => s,
@@ -93,9 +120,23 @@ pub async fn accept(
         .peer_certificates()
         .and_then(|c| c.first())
         .cloned();
-    let principal = match leaf {
+    let principal = match leaf.map(|c| principal_of(&c)) {
         None => None,
-        Some(c) => Some(principal_of(&c).map_err(Refused::Principal)?),
+        Some(Ok(p)) => Some(p),
+        // Where a certificate is only requested, one that names no usable
+        // principal is as good as none: the client may still log in with
+        // SCRAM (and a request before that is refused as unauthenticated).
+        Some(Err(e)) if tls.client_auth == ClientAuth::Requested => {
+            if let Some(held_back) = reactor.tls_log.allow() {
+                tracing::warn!(
+                    shard = reactor.id,
+                    more_since_last_line = held_back,
+                    "client certificate names no usable principal ({e}); the client must log in with SCRAM"
+                );
+            }
+            None
+        }
+        Some(Err(e)) => return Err(Refused::Principal(e)),
     };
     Ok((s, principal))
 }
@@ -114,5 +155,22 @@ pub fn refused(reactor: &Reactor, peer: Option<std::net::SocketAddr>, why: &Refu
             more_since_last_line = held_back,
             "refused a connection: {why}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_tls;
+
+    #[test]
+    fn a_client_hello_looks_like_tls_and_plaintext_frames_do_not() {
+        // A TLS 1.2/1.3 ClientHello record header, whole or cut short.
+        assert!(looks_like_tls(&[0x16, 0x03]));
+        assert!(looks_like_tls(&[0x16]));
+        // Shoal frames: little-endian lengths, 22 bytes and 0x0116 bytes.
+        assert!(!looks_like_tls(&[0x16, 0x00]));
+        assert!(!looks_like_tls(&[0x16, 0x01]));
+        assert!(!looks_like_tls(&[0x20, 0x00]));
+        assert!(!looks_like_tls(&[0x00]));
     }
 }
