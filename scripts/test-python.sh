@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 export SHOAL_BIN="${SHOAL_BIN:-$root/target/debug/shoal}"
+# The tests run from client/python: a relative path must not change meaning.
+SHOAL_BIN=$(realpath -m "$SHOAL_BIN")
 if [ ! -x "$SHOAL_BIN" ]; then
   echo "test-python: $SHOAL_BIN not found (cargo build -p shoal-core --bin shoal, or set SHOAL_BIN)" >&2
   exit 1
