@@ -73,6 +73,14 @@ pub const READ_AHEAD_STEP_BYTES: u64 = 4 * 1024 * 1024;
 /// `max(read_ahead_kb, max_sectors_kb)` per `posix_fadvise`, 1.25 MiB with
 /// common defaults, so larger advice would be cut short.
 pub const READ_AHEAD_ADVICE_BYTES: u64 = 1024 * 1024;
+/// Read-ahead of a shard still being read from the disk, at most (one
+/// advice piece: the next is advised when it has arrived). The disk serves
+/// queued reads before a write that arrives after them (mq-deadline even
+/// prefers reads), so this bounds how long an append's write can wait
+/// behind another consumer's catch-up: with the whole window advised at
+/// once, the tail consumer's p99.9 during a catch-up was 62-66 ms against
+/// 26 ms without one; with this bound 19-23 ms (issue 16's closing note).
+pub const READ_AHEAD_INFLIGHT_BYTES: u64 = READ_AHEAD_ADVICE_BYTES;
 /// Read-ahead streams per partition: forward readers far enough apart
 /// not to share one (readers close together share one stream).
 pub const READ_AHEAD_STREAMS_MAX: usize = 4;
@@ -102,3 +110,4 @@ const _: () = assert!(READ_AHEAD_ADVICE_BYTES.is_multiple_of(DIRECT_IO_ALIGN));
 const _: () = assert!(READ_AHEAD_WINDOW_BYTES >= 2 * READ_AHEAD_ADVICE_BYTES);
 const _: () = assert!(READ_AHEAD_SHARD_BYTES_DEFAULT >= READ_AHEAD_WINDOW_BYTES);
 const _: () = assert!(READ_AHEAD_STREAMS_MAX >= 1);
+const _: () = assert!(READ_AHEAD_INFLIGHT_BYTES >= READ_AHEAD_ADVICE_BYTES);

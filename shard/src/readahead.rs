@@ -15,12 +15,16 @@
 //! the page cache: `posix_fadvise(WILLNEED)` of the next range, in pieces
 //! of [`READ_AHEAD_ADVICE_BYTES`] (the kernel reads at most
 //! `max(read_ahead_kb, max_sectors_kb)` per call), issued on the executor's
-//! blocking thread because the call allocates the pages and submits the
+//! read-ahead thread because the call allocates the pages and submits the
 //! reads itself (~1 ms for 4 MiB, measured), which would stall every task
-//! of the core. Many pieces in flight keep the disk at queue depth while
-//! the socket drains what already arrived.
+//! of the core. That thread advises the next piece as soon as the one
+//! before it has arrived, so the disk reads without pause while the socket
+//! drains what already arrived, but never has more than
+//! [`READ_AHEAD_INFLIGHT_BYTES`] of read-ahead queued: the disk serves
+//! queued reads first, and an append's write must not wait behind a
+//! window of reads for somebody else's catch-up.
 //!
-//! Bounded twice: a partition holds at most [`READ_AHEAD_STREAMS_MAX`]
+//! Bounded three times (the reads in flight, above; and): a partition holds at most [`READ_AHEAD_STREAMS_MAX`]
 //! streams, and a shard's streams together keep at most its
 //! [`ReadAheadBudget`] advised ahead of their readers (a stream idle for
 //! [`READ_AHEAD_IDLE`] gives its share back). Advised pages are ordinary
@@ -30,8 +34,9 @@
 //! shared.
 
 use crate::limits::{
-    READ_AHEAD_ADVICE_BYTES, READ_AHEAD_IDLE, READ_AHEAD_SHARD_BYTES_DEFAULT,
-    READ_AHEAD_STEP_BYTES, READ_AHEAD_STREAMS_MAX, READ_AHEAD_WINDOW_BYTES,
+    READ_AHEAD_ADVICE_BYTES, READ_AHEAD_IDLE, READ_AHEAD_INFLIGHT_BYTES,
+    READ_AHEAD_SHARD_BYTES_DEFAULT, READ_AHEAD_STEP_BYTES, READ_AHEAD_STREAMS_MAX,
+    READ_AHEAD_WINDOW_BYTES,
 };
 use crate::rt;
 use crate::segment::{Segment, SegmentFiles};
@@ -356,12 +361,47 @@ fn start_advisor() -> Option<std::sync::mpsc::Sender<Job>> {
 }
 
 /// `posix_fadvise(WILLNEED)` of `[start, end)` in pieces the kernel reads
-/// whole.
+/// whole, at most [`READ_AHEAD_INFLIGHT_BYTES`] of them still being read:
+/// before advising more, the thread waits for the oldest piece's last page.
+///
+/// The bound is for the writes. Advice only queues reads, and the disk's
+/// scheduler serves what is queued (mq-deadline even prefers reads over
+/// writes), so a whole window advised at once puts the next append's write
+/// behind tens of megabytes of reads for somebody else's catch-up.
 fn advise_blocking(file: &std::fs::File, start: u64, end: u64) {
     let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    // The pieces advised and maybe still being read, oldest first.
+    let mut inflight = std::collections::VecDeque::new();
+    // Waiting reads one byte of a piece's last page through a description
+    // of the file of its own, marked random access: a page the advice did
+    // not bring in (memory was short) is then read alone, instead of
+    // starting the kernel's own read-ahead.
+    let waiter = std::fs::File::open(format!("/proc/self/fd/{fd}")).ok();
+    if let Some(w) = &waiter {
+        // SAFETY: advice on a descriptor this function owns; no memory
+        // is passed.
+        unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(w),
+                0,
+                0,
+                libc::POSIX_FADV_RANDOM,
+            )
+        };
+    }
+    let wait_for = |piece_end: u64| {
+        if let Some(w) = &waiter {
+            let mut b = [0u8; 1];
+            let _ = std::os::unix::fs::FileExt::read_at(w, &mut b, piece_end - 1);
+        }
+    };
     let mut at = start;
     while at < end {
         let n = (end - at).min(READ_AHEAD_ADVICE_BYTES);
+        while inflight.len() as u64 * READ_AHEAD_ADVICE_BYTES >= READ_AHEAD_INFLIGHT_BYTES {
+            let Some(e) = inflight.pop_front() else { break };
+            wait_for(e);
+        }
         // SAFETY: advice on a descriptor this closure owns (a duplicate);
         // no memory is passed.
         unsafe {
@@ -373,6 +413,11 @@ fn advise_blocking(file: &std::fs::File, start: u64, end: u64) {
             )
         };
         at += n;
+        inflight.push_back(at);
+    }
+    // Nothing left in flight for the next range to queue behind.
+    for e in inflight {
+        wait_for(e);
     }
     // The kernel's read-ahead stops before a partial page at the end of
     // the file (a closed segment ends wherever its last batch does), so
@@ -397,6 +442,28 @@ mod tests {
         seg.set_visible(len, 1);
         let files = seg.files().unwrap();
         (dir, seg, files)
+    }
+
+    /// The advice thread's work ends with its range in the page cache,
+    /// however many pieces it took (more than the bound in flight), so a
+    /// range queued after it never waits behind its reads.
+    #[test]
+    fn advice_returns_with_its_whole_range_read_in() {
+        // On the disk (not a tmpfs /tmp, where everything is resident).
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("00000000000000000000.log");
+        let len = 5 * READ_AHEAD_ADVICE_BYTES + 4096;
+        std::fs::write(&path, vec![7u8; len as usize]).unwrap();
+        let seg = Rc::new(Segment::open(path, 0, len).unwrap());
+        seg.set_visible(len, 1);
+        let files = seg.files().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(files.file());
+        files.file().sync_all().unwrap();
+        // SAFETY: advice on a descriptor the segment owns; no memory.
+        unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert!(!files.resident(0, len), "the written pages were dropped");
+        advise_blocking(files.file(), 0, len);
+        assert!(files.resident(0, len));
     }
 
     fn range(a: Option<Advice>) -> Option<(u64, u64)> {
