@@ -204,6 +204,67 @@ pub fn three_brokers(zk: &ZooKeeper, racks: &[&str]) -> Vec<Broker> {
 
 /// Polls `f` until it holds or `within` passes (then panics naming
 /// `what`); returns the time it took.
+/// The failover check of the cluster tests: 50 acks=all records
+/// (`m0`..`m49`) written to `topic` through a client with `writer`, a
+/// kill -9 of the leader of its partition 0, then every record read back
+/// from a surviving broker through a client with `reader`. An
+/// acknowledged record that did not survive fails the test.
+pub async fn acks_all_records_survive_the_leaders_kill(
+    brokers: &mut [Broker],
+    addrs: &[String],
+    topic: &str,
+    writer: shoal_client::ClientConfig,
+    reader: shoal_client::ClientConfig,
+) {
+    use shoal_client::{Acks, Client, Consumer, ConsumerConfig, Producer, ProducerConfig, StartAt};
+    let client = Client::connect_with_config(&addrs.join(","), writer)
+        .await
+        .expect("the writer connects");
+    let producer = Producer::new(
+        client.clone(),
+        ProducerConfig {
+            acks: Acks::All,
+            ..ProducerConfig::default()
+        },
+    );
+    for i in 0..50u32 {
+        producer
+            .send(topic, None, format!("m{i}").as_bytes())
+            .await
+            .expect("an acks=all record is acknowledged");
+    }
+    let leader = client
+        .describe_topic(topic)
+        .await
+        .expect("describe")
+        .partitions[0]
+        .leader_broker as usize;
+    brokers[leader - 1].kill9();
+    let survivor = &addrs[if leader == 1 { 1 } else { 0 }];
+    let reader = Client::connect_with_config(survivor, reader)
+        .await
+        .expect("the reader connects to a survivor");
+    let mut consumer = Consumer::new(reader, ConsumerConfig::default());
+    consumer
+        .assign_all(topic, StartAt::Beginning)
+        .await
+        .expect("assign");
+    let mut got = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < 50 && Instant::now() < deadline {
+        for r in consumer.poll().await.expect("poll") {
+            got.insert(
+                String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned(),
+            );
+        }
+    }
+    assert_eq!(
+        got.len(),
+        50,
+        "every acks=all record after the leader's kill"
+    );
+}
+
 pub fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     while t0.elapsed() < within {

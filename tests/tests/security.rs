@@ -5,8 +5,7 @@
 
 use flatbuffers::FlatBufferBuilder;
 use shoal_client::{
-    Acks, Acl, AclOperation, AclResource, Client, ClientConfig, Consumer, ConsumerConfig,
-    Credentials, DiscoveryCache, NewTopic, Producer, ProducerConfig, StartAt,
+    Acl, AclOperation, AclResource, Client, ClientConfig, Credentials, DiscoveryCache, NewTopic,
 };
 use shoal_tests::raw;
 use shoal_tests::{shoal_bin, Broker, ZooKeeper};
@@ -683,7 +682,6 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
         })
         .collect();
     let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
-    let all = addrs.join(",");
     rt().block_on(async {
         let admin = Client::connect_with_config(&addrs[0], cluster_config("admin", ADMIN_PW))
             .await
@@ -746,50 +744,14 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
             .unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::AuthorizationFailed));
 
-        let producer_client = Client::connect_with_config(&all, cluster_config("admin", ADMIN_PW))
-            .await
-            .unwrap();
-        let producer = Producer::new(
-            producer_client,
-            ProducerConfig {
-                acks: Acks::All,
-                ..ProducerConfig::default()
-            },
-        );
-        for i in 0..50u32 {
-            producer
-                .send("safe", None, format!("m{i}").as_bytes())
-                .await
-                .unwrap();
-        }
-        let leader = admin.describe_topic("safe").await.unwrap().partitions[0].leader_broker;
-        brokers[leader as usize - 1].kill9();
-        let survivor = addrs
-            .iter()
-            .enumerate()
-            .find(|(i, _)| *i != leader as usize - 1)
-            .map(|(_, a)| a.clone())
-            .unwrap();
-        let reader = Client::connect_with_config(&survivor, cluster_config("alice", "alice-pw"))
-            .await
-            .unwrap();
-        let mut consumer = Consumer::new(reader, ConsumerConfig::default());
-        consumer
-            .assign_all("safe", StartAt::Beginning)
-            .await
-            .unwrap();
-        let mut got = BTreeSet::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while got.len() < 50 && Instant::now() < deadline {
-            for r in consumer.poll().await.unwrap() {
-                got.insert(String::from_utf8(r.value.unwrap_or_default().to_vec()).unwrap());
-            }
-        }
-        assert_eq!(
-            got.len(),
-            50,
-            "every acks=all record after the leader's kill"
-        );
+        shoal_tests::acks_all_records_survive_the_leaders_kill(
+            &mut brokers,
+            &addrs,
+            "safe",
+            cluster_config("admin", ADMIN_PW),
+            cluster_config("alice", "alice-pw"),
+        )
+        .await;
     });
     for b in &brokers {
         assert!(!b.log_text().contains("broker-secret"));

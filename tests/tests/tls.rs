@@ -8,14 +8,12 @@
 //! with TLS and auth replicates acks=all data through its leader's kill -9.
 
 use shoal_client::{
-    Acks, Acl, AclOperation, AclResource, Client, ClientConfig, Consumer, ConsumerConfig,
-    Credentials, DiscoveryCache, ErrorCode, NewTopic, Producer, ProducerConfig, StartAt, TlsConfig,
-    TlsFiles,
+    Acl, AclOperation, AclResource, Client, ClientConfig, Consumer, ConsumerConfig, Credentials,
+    DiscoveryCache, ErrorCode, NewTopic, Producer, ProducerConfig, StartAt, TlsConfig, TlsFiles,
 };
 use shoal_tests::pki::Pki;
 use shoal_tests::{raw, Broker, ZooKeeper};
 use shoal_wire::{fb, frame};
-use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -591,50 +589,14 @@ fn a_cluster_with_tls_and_auth_replicates_and_survives_its_leaders_kill() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let producer_client = Client::connect_with_config(&addrs.join(","), admin_config())
-            .await
-            .unwrap();
-        let producer = Producer::new(
-            producer_client,
-            ProducerConfig {
-                acks: Acks::All,
-                ..ProducerConfig::default()
-            },
-        );
-        for i in 0..50u32 {
-            producer
-                .send("safe", None, format!("m{i}").as_bytes())
-                .await
-                .unwrap();
-        }
-        let leader = admin.describe_topic("safe").await.unwrap().partitions[0].leader_broker;
-        brokers[leader as usize - 1].kill9();
-        let survivor = addrs
-            .iter()
-            .enumerate()
-            .find(|(i, _)| *i != leader as usize - 1)
-            .map(|(_, a)| a.clone())
-            .unwrap();
-        let reader = Client::connect_with_config(&survivor, admin_config())
-            .await
-            .unwrap();
-        let mut consumer = Consumer::new(reader, ConsumerConfig::default());
-        consumer
-            .assign_all("safe", StartAt::Beginning)
-            .await
-            .unwrap();
-        let mut got = BTreeSet::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while got.len() < 50 && Instant::now() < deadline {
-            for r in consumer.poll().await.unwrap() {
-                got.insert(String::from_utf8(r.value.unwrap_or_default()).unwrap());
-            }
-        }
-        assert_eq!(
-            got.len(),
-            50,
-            "every acks=all record after the leader's kill"
-        );
+        shoal_tests::acks_all_records_survive_the_leaders_kill(
+            &mut brokers,
+            &addrs,
+            "safe",
+            admin_config(),
+            admin_config(),
+        )
+        .await;
     });
     for b in &brokers {
         let log = b.log_text();

@@ -33,12 +33,11 @@ use serde::{Deserialize, Serialize};
 use shoal_wire::ErrorCode;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::either::Either;
 
 /// Largest link frame accepted (control messages are small).
 const PEER_FRAME_BYTES_MAX: usize = 16 << 20;
@@ -259,13 +258,13 @@ impl Links {
             tokio::task::spawn_local(async move {
                 let _ = stream.set_nodelay(true);
                 let mut stream = match &links.tls {
-                    None => LinkStream::Plain(stream),
+                    None => Either::Left(stream),
                     Some(tls) => {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
                         match tokio::time::timeout(PEER_CONNECT_TIMEOUT, acceptor.accept(stream))
                             .await
                         {
-                            Ok(Ok(s)) => LinkStream::Tls(Box::new(s.into())),
+                            Ok(Ok(s)) => Either::Right(Box::new(s.into())),
                             Ok(Err(e)) => {
                                 tracing::warn!(%addr, error = %e, "refused a peer link: TLS handshake failed");
                                 return;
@@ -353,7 +352,7 @@ impl Links {
                     let s = TcpStream::connect(&addr).await?;
                     s.set_nodelay(true)?;
                     let mut s = match &links.tls {
-                        None => LinkStream::Plain(s),
+                        None => Either::Left(s),
                         Some(tls) => {
                             let Some(config) = &tls.peer else {
                                 return Err(std::io::Error::other(
@@ -365,7 +364,7 @@ impl Links {
                             let s = connector.connect(name, s).await.map_err(|e| {
                                 std::io::Error::new(e.kind(), format!("TLS handshake: {e}"))
                             })?;
-                            LinkStream::Tls(Box::new(s.into()))
+                            Either::Right(Box::new(s.into()))
                         }
                     };
                     if let Some(auth) = &links.auth {
@@ -539,48 +538,5 @@ async fn write_msg<W: AsyncWriteExt + Unpin>(w: &mut W, m: &PeerMsg) -> std::io:
     w.flush().await
 }
 
-/// A link's connection: plaintext, or TLS (either end of it).
-pub enum LinkStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for LinkStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            LinkStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            LinkStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for LinkStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            LinkStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            LinkStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            LinkStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            LinkStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            LinkStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            LinkStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// A link's connection: plaintext (left) or TLS, either end of it (right).
+pub type LinkStream = Either<TcpStream, Box<tokio_rustls::TlsStream<TcpStream>>>;

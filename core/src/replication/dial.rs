@@ -5,18 +5,12 @@
 //! the caller, on the stream this returns).
 
 use crate::auth::tls::Tls;
-use futures::io::{AsyncRead, AsyncWrite};
+use futures::future::Either;
 use glommio::net::TcpStream;
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// A connection to another broker, plaintext or TLS.
-pub enum PeerStream {
-    Plain(TcpStream),
-    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
-}
+/// A connection to another broker: plaintext (left) or TLS (right).
+pub type PeerStream = Either<TcpStream, Box<futures_rustls::client::TlsStream<TcpStream>>>;
 
 /// Opens a connection to `addr` (a broker whose advertised host is
 /// `host`), within `timeout` for the connect and again for the handshake.
@@ -33,7 +27,7 @@ pub async fn connect(
     };
     let _ = stream.set_nodelay(true);
     let Some(tls) = tls else {
-        return Ok(PeerStream::Plain(stream));
+        return Ok(Either::Left(stream));
     };
     let Some(config) = &tls.peer else {
         return Err("TLS is on but tls_ca is not set: cannot verify the other broker".into());
@@ -45,46 +39,6 @@ pub async fn connect(
     match crate::rt::timeout(timeout, connector.connect(name, stream)).await {
         None => Err(format!("no TLS handshake with {addr} within {timeout:?}")),
         Some(Err(e)) => Err(format!("TLS handshake with {host} ({addr}) failed: {e}")),
-        Some(Ok(s)) => Ok(PeerStream::Tls(Box::new(s))),
-    }
-}
-
-impl AsyncRead for PeerStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            PeerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for PeerStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            PeerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            PeerStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            PeerStream::Plain(s) => Pin::new(s).poll_close(cx),
-            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
-        }
+        Some(Ok(s)) => Ok(Either::Right(Box::new(s))),
     }
 }
