@@ -46,7 +46,7 @@ struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     tls_key: Option<PathBuf>,
     /// TLS: verify brokers' certificates against this DNS name instead of
-    /// the IP address connected to (serve: instead of the other broker's
+    /// the host each was reached by (serve: instead of the other broker's
     /// advertised host) [default: $SHOAL_TLS_SERVER_NAME] (TOML tls_server_name).
     #[arg(long, global = true, value_name = "NAME")]
     tls_server_name: Option<String>,

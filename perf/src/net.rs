@@ -103,8 +103,8 @@ pub struct TlsArgs {
     /// Its private key (PEM) [default: $SHOAL_TLS_KEY].
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
-    /// Verify the broker's certificate against this DNS name instead of its
-    /// IP address [default: $SHOAL_TLS_SERVER_NAME].
+    /// Verify the broker's certificate against this DNS name instead of the
+    /// host it was reached by [default: $SHOAL_TLS_SERVER_NAME].
     #[arg(long, value_name = "NAME")]
     pub tls_server_name: Option<String>,
 }
