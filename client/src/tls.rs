@@ -23,31 +23,36 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 /// The DNS names addresses were resolved from, so a broker reached by
 /// name has its certificate checked against that name, not the address
-/// the name resolved to. Shared by every client of the process (a name's
-/// addresses are the same for all of them); bounded by [`HOST_NAMES_MAX`].
-static HOST_NAMES: LazyLock<Mutex<HashMap<SocketAddr, ServerName<'static>>>> =
+/// the name resolved to. Keyed by IP address, not port: a broker's shard
+/// ports are reached at the address its advertised host resolved to.
+/// Shared by every client of the process (a name's addresses are the same
+/// for all of them); the latest word on an address wins (an IP literal
+/// clears its entry), and at most [`HOST_NAMES_MAX`] addresses are held
+/// (past that, new names are not remembered and those addresses are
+/// checked as addresses).
+static HOST_NAMES: LazyLock<Mutex<HashMap<IpAddr, ServerName<'static>>>> =
     LazyLock::new(Default::default);
 const HOST_NAMES_MAX: usize = 4096;
 
-/// Notes that `host_port` resolved to `addrs` (nothing for an IP literal:
-/// the address is then the name).
+/// Notes that `host_port` resolved to `addrs`.
 pub(crate) fn remember_host(host_port: &str, addrs: &[SocketAddr]) {
     let Some((host, _)) = host_port.rsplit_once(':') else {
         return;
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.parse::<IpAddr>().is_ok() {
+    let mut names = HOST_NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        // The address is its own name.
+        names.remove(&ip);
         return;
     }
     let Ok(name @ ServerName::DnsName(_)) = ServerName::try_from(host.to_string()) else {
         return;
     };
-    let mut names = HOST_NAMES.lock().unwrap_or_else(|e| e.into_inner());
-    if names.len() + addrs.len() > HOST_NAMES_MAX {
-        names.clear();
-    }
     for a in addrs {
-        names.insert(*a, name.clone());
+        if names.len() < HOST_NAMES_MAX || names.contains_key(&a.ip()) {
+            names.insert(a.ip(), name.clone());
+        }
     }
 }
 
@@ -55,7 +60,7 @@ pub(crate) fn remember_host(host_port: &str, addrs: &[SocketAddr]) {
 fn name_for(addr: SocketAddr) -> ServerName<'static> {
     let names = HOST_NAMES.lock().unwrap_or_else(|e| e.into_inner());
     names
-        .get(&addr)
+        .get(&addr.ip())
         .cloned()
         .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
 }
@@ -211,18 +216,22 @@ mod tests {
 
     #[test]
     fn a_broker_reached_by_name_is_checked_against_that_name_else_its_address() {
-        // Ports of their own, so other tests of this process do not meet them.
-        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        // Addresses of their own, so other tests of this process do not
+        // meet them.
+        let a: SocketAddr = "127.0.0.11:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.12:2".parse().unwrap();
         let c: SocketAddr = "[::1]:3".parse().unwrap();
         remember_host("broker-1.example:1", &[a]);
-        remember_host("127.0.0.1:2", &[b]);
+        remember_host("127.0.0.12:2", &[b]);
         remember_host("[::1]:3", &[c]);
-        assert_eq!(
-            name_for(a),
-            ServerName::try_from("broker-1.example".to_string()).unwrap()
-        );
+        let named = ServerName::try_from("broker-1.example".to_string()).unwrap();
+        assert_eq!(name_for(a), named);
+        // The broker's shard ports: same address, another port.
+        assert_eq!(name_for(SocketAddr::new(a.ip(), 9)), named);
         assert_eq!(name_for(b), ServerName::IpAddress(b.ip().into()));
         assert_eq!(name_for(c), ServerName::IpAddress(c.ip().into()));
+        // The address given as such later: checked as the address.
+        remember_host("127.0.0.11:1", &[a]);
+        assert_eq!(name_for(a), ServerName::IpAddress(a.ip().into()));
     }
 }

@@ -10,6 +10,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 rounds=${1:-3}
 readers=${2:-none fetch push}
+# Paths given relative to where the script was started from.
+[ -n "${BASE_BIN:-}" ] && BASE_BIN=$(realpath -m "$BASE_BIN")
+[ -n "${SHOAL_BIN:-}" ] && SHOAL_BIN=$(realpath -m "$SHOAL_BIN")
 cd "$here"
 cargo build --release -p shoal-core -p shoal-perf
 perf=target/release/shoal-perf

@@ -24,8 +24,9 @@
 //! queued reads first, and an append's write must not wait behind a
 //! window of reads for somebody else's catch-up.
 //!
-//! Bounded three times (the reads in flight, above; and): a partition holds at most [`READ_AHEAD_STREAMS_MAX`]
-//! streams, and a shard's streams together keep at most its
+//! Also bounded twice over: a partition holds at most
+//! [`READ_AHEAD_STREAMS_MAX`] streams, and a shard's streams together keep
+//! at most its
 //! [`ReadAheadBudget`] advised ahead of their readers (a stream idle for
 //! [`READ_AHEAD_IDLE`] gives its share back). Advised pages are ordinary
 //! clean page cache: the kernel reclaims them under memory pressure.
@@ -337,7 +338,9 @@ fn advise(file: std::fs::File, start: u64, end: u64) {
     });
     if let Some(Job { file, start, end }) = job {
         rt::spawn_detached(rt::spawn_blocking(move || {
-            advise_blocking(&file, start, end)
+            // The blocking pool also runs the produce path's file work:
+            // advice there never waits for the disk (unpaced).
+            advise_blocking(&file, start, end, false)
         }));
     }
 }
@@ -348,7 +351,7 @@ fn start_advisor() -> Option<std::sync::mpsc::Sender<Job>> {
     let started = std::thread::Builder::new().name(name).spawn(move || {
         // Ends when the shard's thread (the sender's owner) ends.
         while let Ok(j) = rx.recv() {
-            advise_blocking(&j.file, j.start, j.end);
+            advise_blocking(&j.file, j.start, j.end, true);
         }
     });
     match started {
@@ -368,7 +371,10 @@ fn start_advisor() -> Option<std::sync::mpsc::Sender<Job>> {
 /// scheduler serves what is queued (mq-deadline even prefers reads over
 /// writes), so a whole window advised at once puts the next append's write
 /// behind tens of megabytes of reads for somebody else's catch-up.
-fn advise_blocking(file: &std::fs::File, start: u64, end: u64) {
+///
+/// `paced = false` advises the whole range at once and returns (the
+/// fallback on the blocking pool, which must not wait for the disk).
+fn advise_blocking(file: &std::fs::File, start: u64, end: u64, paced: bool) {
     let fd = std::os::fd::AsRawFd::as_raw_fd(file);
     // The pieces advised and maybe still being read, oldest first.
     let mut inflight = std::collections::VecDeque::new();
@@ -376,7 +382,22 @@ fn advise_blocking(file: &std::fs::File, start: u64, end: u64) {
     // of the file of its own, marked random access: a page the advice did
     // not bring in (memory was short) is then read alone, instead of
     // starting the kernel's own read-ahead.
-    let waiter = std::fs::File::open(format!("/proc/self/fd/{fd}")).ok();
+    let waiter = if paced {
+        match std::fs::File::open(format!("/proc/self/fd/{fd}")) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                // Unpaced then: the reads queue up as they did before the
+                // bound, which costs the writes latency, not correctness.
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::warn!(error = %e, "read-ahead cannot reopen a segment to pace its reads; advising unpaced")
+                });
+                None
+            }
+        }
+    } else {
+        None
+    };
     if let Some(w) = &waiter {
         // SAFETY: advice on a descriptor this function owns; no memory
         // is passed.
@@ -462,7 +483,7 @@ mod tests {
         // SAFETY: advice on a descriptor the segment owns; no memory.
         unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
         assert!(!files.resident(0, len), "the written pages were dropped");
-        advise_blocking(files.file(), 0, len);
+        advise_blocking(files.file(), 0, len, true);
         assert!(files.resident(0, len));
     }
 

@@ -36,8 +36,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Whether the first bytes a peer sent (at least one) open a TLS
 /// connection. A Shoal frame starts with its little-endian length, so a
 /// plaintext frame whose length's low byte is 22 matches the first byte;
-/// the second (the length's next byte, 3 only for frames of 790 bytes or
-/// more) tells them apart when it has arrived.
+/// the second tells them apart when it has arrived (only lengths of
+/// 0x0316 + k * 65536 bytes match both, and no first request of a client
+/// is that large). A client whose first write is that one byte alone is
+/// taken for TLS and gets a TLS alert instead of `TlsRequired`.
 fn looks_like_tls(first: &[u8]) -> bool {
     matches!(
         first,
