@@ -24,9 +24,8 @@
 //! queued reads first, and an append's write must not wait behind a
 //! window of reads for somebody else's catch-up.
 //!
-//! Also bounded twice over: a partition holds at most
-//! [`READ_AHEAD_STREAMS_MAX`] streams, and a shard's streams together keep
-//! at most its
+//! Bounded twice more: a partition holds at most [`READ_AHEAD_STREAMS_MAX`]
+//! streams, and a shard's streams together keep at most its
 //! [`ReadAheadBudget`] advised ahead of their readers (a stream idle for
 //! [`READ_AHEAD_IDLE`] gives its share back). Advised pages are ordinary
 //! clean page cache: the kernel reclaims them under memory pressure.
