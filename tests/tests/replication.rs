@@ -106,28 +106,29 @@ fn produce_at(
     Ok(r.body_as_produce_response().expect("produce").base_offset())
 }
 
-/// Every record of partition 0 readable from the leader at `port`, as
-/// (offset, the sequence number its value starts with), and the high
-/// watermark.
-/// The high watermark a broker answers a fetch of `topic` with, if it
-/// answers as the leader.
-fn high_watermark(port: u16, topic: &str) -> Option<u64> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let frame = raw::request(1, fb::RequestBody::FetchRequest, |fbb| {
+/// A fetch of partition 0 of `topic` from `offset`.
+fn fetch_request(topic: &str, offset: u64, max_bytes: u32) -> Vec<u8> {
+    raw::request(1, fb::RequestBody::FetchRequest, |fbb| {
         let t = fbb.create_string(topic);
         fb::FetchRequest::create(
             fbb,
             &fb::FetchRequestArgs {
                 topic: Some(t),
-                offset: 0,
-                max_bytes: 1,
+                offset,
+                max_bytes,
                 ..Default::default()
             },
         )
         .as_union_value()
-    });
-    s.write_all(&frame).ok()?;
+    })
+}
+
+/// The high watermark a broker answers a fetch of `topic` with, if it
+/// answers as the leader.
+fn high_watermark(port: u16, topic: &str) -> Option<u64> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(&fetch_request(topic, 0, 1)).ok()?;
     let mut buf = Vec::new();
     let (h, _) = raw::read_frame(&mut s, &mut buf)?;
     let r = flatbuffers::root::<fb::Response>(&h).ok()?;
@@ -137,6 +138,9 @@ fn high_watermark(port: u16, topic: &str) -> Option<u64> {
     (r.error_code() == 0).then(|| f.high_watermark())
 }
 
+/// Every record of partition 0 readable from the leader at `port`, as
+/// (offset, the sequence number its value starts with), and the high
+/// watermark.
 fn read_all(port: u16, topic: &str) -> (Vec<(u64, u64)>, u64) {
     read_all_at("127.0.0.1", port, topic)
 }
@@ -147,20 +151,7 @@ fn read_all_at(host: &str, port: u16, topic: &str) -> (Vec<(u64, u64)>, u64) {
     let mut out = Vec::new();
     let mut offset = 0u64;
     loop {
-        let frame = raw::request(1, fb::RequestBody::FetchRequest, |fbb| {
-            let t = fbb.create_string(topic);
-            fb::FetchRequest::create(
-                fbb,
-                &fb::FetchRequestArgs {
-                    topic: Some(t),
-                    offset,
-                    max_bytes: 1 << 20,
-                    ..Default::default()
-                },
-            )
-            .as_union_value()
-        });
-        s.write_all(&frame).unwrap();
+        s.write_all(&fetch_request(topic, offset, 1 << 20)).unwrap();
         let mut buf = Vec::new();
         let (h, payload) = raw::read_frame(&mut s, &mut buf).expect("fetch answer");
         let r = flatbuffers::root::<fb::Response>(&h).expect("response");
