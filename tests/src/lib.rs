@@ -63,6 +63,14 @@ fn free_ports(shards: usize) -> u16 {
     panic!("no free port range found");
 }
 
+/// A current-thread tokio runtime for a test's client calls.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
 /// One free 127.0.0.1 port, leased like a broker's (see [`free_ports`]).
 pub fn free_port() -> u16 {
     free_ports(0)

@@ -8,16 +8,9 @@ use shoal_client::{
     Client, ClientConfig, Consumer, ConsumerConfig, DiscoveryCache, NewTopic, Producer,
     ProducerConfig, StartAt,
 };
-use shoal_tests::{eventually, shoal_bin, three_brokers, ZooKeeper};
+use shoal_tests::{eventually, rt, shoal_bin, three_brokers, ZooKeeper};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn cluster_status(addr: &str) -> serde_json::Value {
     let out = std::process::Command::new(shoal_bin())

@@ -126,11 +126,7 @@ fn fetch_request(topic: &str, offset: u64, max_bytes: u32) -> Vec<u8> {
 /// The high watermark a broker answers a fetch of `topic` with, if it
 /// answers as the leader.
 fn high_watermark(port: u16, topic: &str) -> Option<u64> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(&fetch_request(topic, 0, 1)).ok()?;
-    let mut buf = Vec::new();
-    let (h, _) = raw::read_frame(&mut s, &mut buf)?;
+    let h = shoal_tests::meta::try_call(port, fetch_request(topic, 0, 1))?;
     let r = flatbuffers::root::<fb::Response>(&h).ok()?;
     let f = r.body_as_fetch_response()?;
     // Any error (NotLeader from a broker that is no longer the leader) is

@@ -8,7 +8,7 @@ use shoal_client::{
     Acl, AclOperation, AclResource, Client, ClientConfig, Credentials, DiscoveryCache, NewTopic,
 };
 use shoal_tests::raw;
-use shoal_tests::{shoal_bin, Broker, ZooKeeper};
+use shoal_tests::{rt, shoal_bin, Broker, ZooKeeper};
 use shoal_wire::frame;
 use shoal_wire::scram::{ClientFirst, ScramClient};
 use shoal_wire::{fb, ErrorCode};
@@ -18,13 +18,6 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 const ADMIN_PW: &str = "admin-secret";
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// A single node with auth on and superuser `admin`.
 fn secure_broker() -> Broker {

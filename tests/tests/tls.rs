@@ -12,20 +12,13 @@ use shoal_client::{
     DiscoveryCache, ErrorCode, NewTopic, Producer, ProducerConfig, StartAt, TlsConfig, TlsFiles,
 };
 use shoal_tests::pki::Pki;
-use shoal_tests::{raw, Broker, ZooKeeper};
+use shoal_tests::{raw, rt, Broker, ZooKeeper};
 use shoal_wire::{fb, frame};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const ADMIN_PW: &str = "admin-secret";
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn tls(ca: &Path, cert: Option<(&Path, &Path)>) -> TlsConfig {
     TlsConfig::load(&TlsFiles {
