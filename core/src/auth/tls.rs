@@ -111,14 +111,26 @@ impl std::fmt::Debug for Tls {
 }
 
 impl Tls {
-    /// The name a peer broker's certificate must carry: `tls_server_name`,
-    /// else its advertised host.
-    pub fn peer_name(&self, host: &str) -> std::io::Result<ServerName<'static>> {
-        match &self.peer_server_name {
-            Some(n) => Ok(n.clone()),
-            None => server_name(host)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())),
-        }
+    /// What dialing a peer broker whose advertised host is `host` needs:
+    /// the client configuration (trusting `tls_ca`) and the name its
+    /// certificate must carry (`tls_server_name`, else `host`). For the
+    /// links (tokio) and the followers (glommio) alike.
+    pub fn dial_params(
+        &self,
+        host: &str,
+    ) -> std::io::Result<(Arc<rustls::ClientConfig>, ServerName<'static>)> {
+        let Some(config) = &self.peer else {
+            return Err(std::io::Error::other(
+                "TLS is on but tls_ca is not set: cannot verify the other broker",
+            ));
+        };
+        let name = match &self.peer_server_name {
+            Some(n) => n.clone(),
+            None => server_name(host).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+            })?,
+        };
+        Ok((config.clone(), name))
     }
 }
 

@@ -354,13 +354,8 @@ impl Links {
                     let mut s = match &links.tls {
                         None => Either::Left(s),
                         Some(tls) => {
-                            let Some(config) = &tls.peer else {
-                                return Err(std::io::Error::other(
-                                    "TLS is on but tls_ca is not set: cannot verify the other broker",
-                                ));
-                            };
-                            let name = tls.peer_name(&host)?;
-                            let connector = tokio_rustls::TlsConnector::from(config.clone());
+                            let (config, name) = tls.dial_params(&host)?;
+                            let connector = tokio_rustls::TlsConnector::from(config);
                             let s = connector.connect(name, s).await.map_err(|e| {
                                 std::io::Error::new(e.kind(), format!("TLS handshake: {e}"))
                             })?;

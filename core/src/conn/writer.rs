@@ -5,8 +5,8 @@
 //!
 //! On a TLS connection the log bytes must be encrypted in user space:
 //! kernel TLS (kTLS), which would let sendfile encrypt in the kernel, is
-//! not available on the target kernels (`tcp_available_ulp` offers no
-//! `tls`). They are read (`pread`) in pieces of [`TLS_COPY_PIECE_BYTES`]
+//! not used (the kernel Shoal is tested on is built without it; see
+//! `auth::tls`). They are read (`pread`) in pieces of [`TLS_COPY_PIECE_BYTES`]
 //! into one buffer per connection, allocated at its first such write and
 //! reused, and handed to rustls piece by piece: a multi-MiB slice never
 //! sits in memory whole. The plaintext path is untouched (one `match` per
@@ -118,10 +118,7 @@ impl Writer {
                 match data {
                     None => w.write_all(&self.head).await?,
                     Some(d) => {
-                        let (file, position, len) = match d {
-                            FetchData::Local(s) => (s.file(), s.file_position(), s.len),
-                            FetchData::Remote(r) => (&r.file, r.position, r.len),
-                        };
+                        let (file, position, len) = d.file_range();
                         let progress = &self.watch.progress_since;
                         copy_file(w, copy, &self.head, (file, position, len), progress).await?;
                         add(&metrics.fetch_bytes, len);
@@ -133,13 +130,16 @@ impl Writer {
         };
         w.write_all(&self.head).await?;
         if let Some(d) = data {
-            let (fd, position, len) = match d {
-                FetchData::Local(s) => (s.file().as_raw_fd(), s.file_position(), s.len),
-                FetchData::Remote(r) => (r.file.as_raw_fd(), r.position, r.len),
-            };
-            let sent =
-                sendfile::send_file(w, self.sock, fd, position, len, &self.watch.progress_since)
-                    .await?;
+            let (file, position, len) = d.file_range();
+            let sent = sendfile::send_file(
+                w,
+                self.sock,
+                file.as_raw_fd(),
+                position,
+                len,
+                &self.watch.progress_since,
+            )
+            .await?;
             add(&metrics.fetch_bytes, len);
             add(&metrics.zero_copy_bytes, sent.zero_copy);
             add(&metrics.copied_bytes, sent.copied);

@@ -60,6 +60,14 @@ impl FetchData {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The file the bytes are in, where they start in it, and how many.
+    pub fn file_range(&self) -> (&std::fs::File, u64, u64) {
+        match self {
+            FetchData::Local(s) => (s.file(), s.file_position(), s.len),
+            FetchData::Remote(r) => (&r.file, r.position, r.len),
+        }
+    }
 }
 
 pub struct FetchOk {

@@ -29,13 +29,10 @@ pub async fn connect(
     let Some(tls) = tls else {
         return Ok(Either::Left(stream));
     };
-    let Some(config) = &tls.peer else {
-        return Err("TLS is on but tls_ca is not set: cannot verify the other broker".into());
-    };
-    let name = tls
-        .peer_name(host)
+    let (config, name) = tls
+        .dial_params(host)
         .map_err(|e| format!("cannot verify {host}: {e}"))?;
-    let connector = futures_rustls::TlsConnector::from(config.clone());
+    let connector = futures_rustls::TlsConnector::from(config);
     match crate::rt::timeout(timeout, connector.connect(name, stream)).await {
         None => Err(format!("no TLS handshake with {addr} within {timeout:?}")),
         Some(Err(e)) => Err(format!("TLS handshake with {host} ({addr}) failed: {e}")),
