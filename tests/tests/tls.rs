@@ -401,6 +401,19 @@ fn a_client_certificate_is_the_principal_for_acls() {
     });
 }
 
+/// Creates `topic` with a partition on each of the two shards and
+/// produces to both: metadata sends the client to each shard port.
+async fn produce_to_both_shards(client: &Client, topic: &str) {
+    client.create_topic(&NewTopic::new(topic, 2)).await.unwrap();
+    for p in 0..2 {
+        Producer::new(client.clone(), ProducerConfig::default())
+            .send_to(topic, p, None, b"x")
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
 /// A broker's certificate is checked against the name the client expects:
 /// one for `localhost` only (no IP address) fails the handshake of a client
 /// that connects to 127.0.0.1 and expects that address, and passes when
@@ -451,18 +464,7 @@ fn a_certificate_for_another_name_fails_unless_that_name_is_expected() {
         let client = Client::connect_with_config(&addr, config(Some(named), None))
             .await
             .unwrap();
-        client
-            .create_topic(&NewTopic::new("named", 2))
-            .await
-            .unwrap();
-        // Both shard ports: metadata sends the client to each.
-        for p in 0..2 {
-            Producer::new(client.clone(), ProducerConfig::default())
-                .send_to("named", p, None, b"x")
-                .unwrap()
-                .await
-                .unwrap();
-        }
+        produce_to_both_shards(&client, "named").await;
     });
     drop(broker);
 
@@ -486,17 +488,7 @@ fn a_certificate_for_another_name_fails_unless_that_name_is_expected() {
         let client = Client::connect_with_config(&by_name, config(Some(tls(&pki.ca, None)), None))
             .await
             .unwrap();
-        client
-            .create_topic(&NewTopic::new("by-name", 2))
-            .await
-            .unwrap();
-        for p in 0..2 {
-            Producer::new(client.clone(), ProducerConfig::default())
-                .send_to("by-name", p, None, b"x")
-                .unwrap()
-                .await
-                .unwrap();
-        }
+        produce_to_both_shards(&client, "by-name").await;
         // The client falls back to the public port when a shard port
         // fails, so the produces alone would not tell: no handshake failed.
         let m = client.metrics().await.unwrap();
