@@ -210,6 +210,52 @@ pub fn three_brokers(zk: &ZooKeeper, racks: &[&str]) -> Vec<Broker> {
         .collect()
 }
 
+/// Three cluster members with auth on (superuser `admin`), on alternating
+/// cores, each with `toml` and the environment `env` (the passwords).
+pub fn three_auth_brokers(zk: &ZooKeeper, toml: &str, env: &[(&str, &str)]) -> Vec<Broker> {
+    (1..=3u32)
+        .map(|id| {
+            let cores = if id % 2 == 0 { "1" } else { "0" };
+            let id = id.to_string();
+            Broker::start_env(
+                cores,
+                toml,
+                &[
+                    "--zookeeper",
+                    &zk.connect(),
+                    "--broker-id",
+                    &id,
+                    "--auth",
+                    "--superuser",
+                    "admin",
+                ],
+                env,
+            )
+        })
+        .collect()
+}
+
+/// Creates `topic` with one partition, three replicas and at least two in
+/// sync for acks=all, trying again for `within` (a cluster still forming
+/// answers ClusterUnavailable; an attempt that timed out at the client may
+/// have created it, so TopicExists is done).
+pub async fn create_replicated_topic(admin: &shoal_client::Client, topic: &str, within: Duration) {
+    let mut t = shoal_client::NewTopic::new(topic, 1);
+    t.replication_factor = 3;
+    t.min_insync_replicas = Some(2);
+    let deadline = Instant::now() + within;
+    loop {
+        match admin.create_topic(&t).await {
+            Ok(()) => return,
+            Err(e) if e.code() == Some(shoal_client::ErrorCode::TopicExists) => return,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("create {topic}: {e}"),
+        }
+    }
+}
+
 /// The failover check of the cluster tests: 50 acks=all records
 /// (`m0`..`m49`) written to `topic` through a client with `writer`, a
 /// kill -9 of the leader of its partition 0, then every record read back

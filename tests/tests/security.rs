@@ -654,48 +654,13 @@ fn a_cluster_with_auth_replicates_and_survives_its_leaders_kill() {
         ("SHOAL_ADMIN_PASSWORD", ADMIN_PW),
         ("SHOAL_INTER_BROKER_PASSWORD", "broker-secret"),
     ];
-    let mut brokers: Vec<Broker> = (1..=3u32)
-        .map(|id| {
-            let cores = if id % 2 == 0 { "1" } else { "0" };
-            let id = id.to_string();
-            Broker::start_env(
-                cores,
-                toml,
-                &[
-                    "--zookeeper",
-                    &zk.connect(),
-                    "--broker-id",
-                    &id,
-                    "--auth",
-                    "--superuser",
-                    "admin",
-                ],
-                &env,
-            )
-        })
-        .collect();
+    let mut brokers = shoal_tests::three_auth_brokers(&zk, toml, &env);
     let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
     rt().block_on(async {
         let admin = Client::connect_with_config(&addrs[0], cluster_config("admin", ADMIN_PW))
             .await
             .unwrap();
-        let mut t = NewTopic::new("safe", 1);
-        t.replication_factor = 3;
-        t.min_insync_replicas = Some(2);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match admin.create_topic(&t).await {
-                Ok(()) => break,
-                // An attempt that timed out at the client may have
-                // created it.
-                Err(e) if e.code() == Some(ErrorCode::TopicExists) => break,
-                Err(e) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    let _ = e;
-                }
-                Err(e) => panic!("create: {e}"),
-            }
-        }
+        shoal_tests::create_replicated_topic(&admin, "safe", Duration::from_secs(20)).await;
         admin.create_user("alice", "alice-pw", false).await.unwrap();
         admin
             .add_acl(&Acl {

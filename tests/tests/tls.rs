@@ -555,26 +555,7 @@ fn a_cluster_with_tls_and_auth_replicates_and_survives_its_leaders_kill() {
         ("SHOAL_ADMIN_PASSWORD", ADMIN_PW),
         ("SHOAL_INTER_BROKER_PASSWORD", "broker-secret"),
     ];
-    let mut brokers: Vec<Broker> = (1..=3u32)
-        .map(|id| {
-            let cores = if id % 2 == 0 { "1" } else { "0" };
-            let id = id.to_string();
-            Broker::start_env(
-                cores,
-                &toml,
-                &[
-                    "--zookeeper",
-                    &zk.connect(),
-                    "--broker-id",
-                    &id,
-                    "--auth",
-                    "--superuser",
-                    "admin",
-                ],
-                &env,
-            )
-        })
-        .collect();
+    let mut brokers = shoal_tests::three_auth_brokers(&zk, &toml, &env);
     let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
     let admin_config = || {
         let mut c = config(Some(tls(&pki.ca, None)), Some(("admin", ADMIN_PW)));
@@ -585,21 +566,7 @@ fn a_cluster_with_tls_and_auth_replicates_and_survives_its_leaders_kill() {
         let admin = Client::connect_with_config(&addrs[0], admin_config())
             .await
             .unwrap();
-        let mut t = NewTopic::new("safe", 1);
-        t.replication_factor = 3;
-        t.min_insync_replicas = Some(2);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match admin.create_topic(&t).await {
-                Ok(()) => break,
-                Err(e) if e.code() == Some(ErrorCode::TopicExists) => break,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("create: {e}"),
-            }
-        }
+        shoal_tests::create_replicated_topic(&admin, "safe", Duration::from_secs(30)).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let p = admin.describe_topic("safe").await.unwrap().partitions[0].clone();
